@@ -1,0 +1,274 @@
+"""Readers that turn interaction logs on disk into one in-memory table.
+
+Three formats, chosen by ``dataset.format``:
+
+* ``grouplens_csv``: GroupLens ``ratings.csv`` (userId,movieId,rating,timestamp) plus an
+  optional ``movies.csv`` (movieId,title,genres), e.g. MovieLens latest-small.
+* ``recbole_atomic``: RecBole atomic files ``NAME.inter`` (+ optional ``NAME.item``), typed
+  ``name:type`` headers, tab separated, LF or CRLF line ends.
+* ``sequence_text``: one user per line, ``user item item ...`` already in time order.
+
+Readers only parse: every malformed row is an error naming file, line number and content,
+so nothing is silently dropped. Filtering happens later, in ``preprocess``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataFormatError(ValueError):
+    """A data file is missing or does not follow its format."""
+
+
+@dataclass
+class ItemInfo:
+    """What we know about an item beyond its id; any field may be missing."""
+
+    title: str | None = None
+    year: str | None = None
+    genres: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        """Natural-language description used by text-initialised and representation models."""
+        parts = []
+        if self.title:
+            title = self.title
+            # GroupLens titles already carry "(1995)"; do not repeat the year.
+            if self.year and f"({self.year})" not in title:
+                title = f"{title} ({self.year})"
+            parts.append(title)
+        elif self.year:
+            parts.append(f"({self.year})")
+        if self.genres:
+            parts.append("Genres: " + ", ".join(self.genres))
+        return ". ".join(parts)
+
+
+@dataclass
+class RawInteractions:
+    """Interaction log in file order, with raw (string) ids."""
+
+    users: list[str]
+    items: list[str]
+    ratings: list[float] | None
+    timestamps: list[float] | None
+    item_info: dict[str, ItemInfo]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def _require(path: Path, expected: str) -> Path:
+    if not path.is_file():
+        folder = path.parent
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise DataFormatError(
+            f"data file not found: {path}\n  expected: {expected}\n"
+            f"  folder {('contains: ' + (', '.join(present) or '(nothing)')) if folder.is_dir() else 'does not exist'}"
+        )
+    return path
+
+
+def _to_float(value: str, path: Path, lineno: int, line: str, column: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DataFormatError(
+            f"{path}:{lineno}: column '{column}' is not a number ({value!r}); line: {line!r}"
+        ) from None
+
+
+_YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+
+
+def read_grouplens_csv(folder: str | Path) -> RawInteractions:
+    """Read ``ratings.csv`` (required) and ``movies.csv`` (optional) from ``folder``."""
+    folder = Path(folder)
+    ratings_path = _require(
+        folder / "ratings.csv", "ratings.csv (userId,movieId,rating,timestamp) [+ movies.csv]"
+    )
+    users, items, ratings, timestamps = [], [], [], []
+    with open(ratings_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        expected = ["userId", "movieId", "rating", "timestamp"]
+        if header is None or [h.strip() for h in header[:4]] != expected:
+            raise DataFormatError(
+                f"{ratings_path}:1: header must start with {','.join(expected)}; got {header!r}"
+            )
+        for row in reader:
+            lineno = reader.line_num
+            if not row:
+                continue
+            line = ",".join(row)
+            if len(row) < 4:
+                raise DataFormatError(
+                    f"{ratings_path}:{lineno}: expected 4 fields, got {len(row)}; line: {line!r}"
+                )
+            users.append(row[0].strip())
+            items.append(row[1].strip())
+            ratings.append(_to_float(row[2], ratings_path, lineno, line, "rating"))
+            timestamps.append(_to_float(row[3], ratings_path, lineno, line, "timestamp"))
+
+    item_info: dict[str, ItemInfo] = {}
+    movies_path = folder / "movies.csv"
+    if movies_path.is_file():
+        with open(movies_path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) < 3:
+                    raise DataFormatError(
+                        f"{movies_path}:{reader.line_num}: expected movieId,title,genres; "
+                        f"line: {','.join(row)!r}"
+                    )
+                title = row[1].strip()
+                year = _YEAR_IN_TITLE.search(title)
+                genres = [g for g in row[2].split("|") if g and g != "(no genres listed)"]
+                item_info[row[0].strip()] = ItemInfo(title, year.group(1) if year else None, genres)
+    return RawInteractions(users, items, ratings, timestamps, item_info, str(folder))
+
+
+def _read_atomic_table(path: Path) -> tuple[list[str], list[str], list[tuple[int, str, list[str]]]]:
+    """Parse a RecBole atomic file: returns names, types and (lineno, line, fields) rows."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines()  # handles \n, \r\n and a final newline alike
+    if not lines:
+        raise DataFormatError(f"{path}: file is empty (expected a typed 'name:type' header)")
+    names, types = [], []
+    for col in lines[0].split("\t"):
+        if ":" not in col:
+            raise DataFormatError(
+                f"{path}:1: header column {col!r} is not 'name:type'; header: {lines[0]!r}"
+            )
+        name, typ = col.rsplit(":", 1)
+        if typ not in {"token", "token_seq", "float", "float_seq"}:
+            raise DataFormatError(
+                f"{path}:1: column {name!r} has unknown type {typ!r}; "
+                "allowed: token, token_seq, float, float_seq"
+            )
+        names.append(name)
+        types.append(typ)
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(names):
+            raise DataFormatError(
+                f"{path}:{lineno}: expected {len(names)} tab-separated fields "
+                f"({', '.join(names)}), got {len(fields)}; line: {line!r}"
+            )
+        rows.append((lineno, line, fields))
+    return names, types, rows
+
+
+def _find_column(names: list[str], *candidates: str, contains: str | None = None) -> int | None:
+    for c in candidates:
+        if c in names:
+            return names.index(c)
+    if contains is not None:
+        for i, n in enumerate(names):
+            if contains in n:
+                return i
+    return None
+
+
+def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInteractions:
+    """Read ``NAME.inter`` (required) and ``NAME.item`` (optional) from ``folder``.
+
+    ``name`` defaults to the folder name, as RecBole does.
+    """
+    folder = Path(folder)
+    name = name or folder.name
+    inter_path = _require(
+        folder / f"{name}.inter",
+        f"{name}.inter with typed header containing user_id:token and item_id:token "
+        f"[+ {name}.item]",
+    )
+    names, _types, rows = _read_atomic_table(inter_path)
+    iu, ii = _find_column(names, "user_id"), _find_column(names, "item_id")
+    if iu is None or ii is None:
+        raise DataFormatError(
+            f"{inter_path}:1: header must contain user_id and item_id; got {', '.join(names)}"
+        )
+    ir, it = _find_column(names, "rating"), _find_column(names, "timestamp")
+    users = [r[2][iu] for r in rows]
+    items = [r[2][ii] for r in rows]
+    ratings = (
+        [_to_float(f[ir], inter_path, n, line, "rating") for n, line, f in rows]
+        if ir is not None
+        else None
+    )
+    timestamps = (
+        [_to_float(f[it], inter_path, n, line, "timestamp") for n, line, f in rows]
+        if it is not None
+        else None
+    )
+
+    item_info: dict[str, ItemInfo] = {}
+    item_path = folder / f"{name}.item"
+    if item_path.is_file():
+        inames, _, irows = _read_atomic_table(item_path)
+        iid = _find_column(inames, "item_id")
+        if iid is None:
+            raise DataFormatError(f"{item_path}:1: header must contain item_id; got {inames}")
+        ititle = _find_column(inames, "movie_title", "title", contains="title")
+        iyear = _find_column(inames, "release_year", "year", contains="year")
+        igenre = _find_column(inames, "genre", "genres", "class", "categories")
+        for _, _, f in irows:
+            year = f[iyear].strip() if iyear is not None else ""
+            if year.endswith(".0"):
+                year = year[:-2]
+            item_info[f[iid]] = ItemInfo(
+                title=f[ititle].strip() or None if ititle is not None else None,
+                year=year or None,
+                genres=f[igenre].split() if igenre is not None else [],
+            )
+    return RawInteractions(users, items, ratings, timestamps, item_info, str(folder))
+
+
+def read_sequence_text(path: str | Path) -> RawInteractions:
+    """Read ``user item item ...`` lines; the position in the line is the time order."""
+    path = _require(Path(path), "a text file with one 'user item item ...' line per user")
+    users, items, timestamps = [], [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for lineno, line in enumerate(f.read().splitlines(), start=1):
+            if not line.strip():
+                continue
+            tokens = line.split()
+            if len(tokens) < 2:
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected 'user item [item ...]', got only {len(tokens)} "
+                    f"token(s); line: {line!r}"
+                )
+            user = tokens[0]
+            for item in tokens[1:]:
+                # A global counter keeps file order even when a user spans several lines.
+                timestamps.append(float(len(items)))
+                users.append(user)
+                items.append(item)
+    return RawInteractions(users, items, None, timestamps, {}, str(path))
+
+
+READERS = {
+    "grouplens_csv": read_grouplens_csv,
+    "recbole_atomic": read_recbole_atomic,
+    "sequence_text": read_sequence_text,
+}
+
+
+def read_interactions(fmt: str, path: str | Path, name: str | None = None) -> RawInteractions:
+    """Dispatch on ``fmt`` (one of ``READERS``)."""
+    if fmt not in READERS:
+        raise ValueError(f"dataset.format={fmt!r} is not supported; allowed: {', '.join(READERS)}")
+    if fmt == "recbole_atomic":
+        return read_recbole_atomic(path, name)
+    return READERS[fmt](path)

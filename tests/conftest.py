@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RECSYS_DATA_ROOT", REPO.parent / "shared" / "data"))
+SMALL = REPO / "data" / "ml-latest-small"
+SHARED_MODELS = SHARED_DATA.parent / "models"
+
+
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    """Copy the first ``n`` lines of ``src`` byte for byte (CRLF stays CRLF)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        for _ in range(n):
+            line = f.readline()
+            if not line:
+                break
+            g.write(line)
+    return dst
+
+
+@pytest.fixture
+def ml100k_slice(tmp_path: Path) -> Path:
+    folder = tmp_path / "ml-100k"
+    head_lines(SHARED_DATA / "ml-100k" / "ml-100k.inter", folder / "ml-100k.inter", 3001)
+    head_lines(SHARED_DATA / "ml-100k" / "ml-100k.item", folder / "ml-100k.item", 2000)
+    return folder
+
+
+@pytest.fixture
+def ml1m_slice(tmp_path: Path) -> Path:
+    folder = tmp_path / "ml-1m"
+    head_lines(SHARED_DATA / "ml-1m" / "ml-1m.inter", folder / "ml-1m.inter", 3001)
+    head_lines(SHARED_DATA / "ml-1m" / "ml-1m.item", folder / "ml-1m.item", 5000)
+    return folder

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, SMALL, head_lines
+from recsys_compress.data.readers import (
+    DataFormatError,
+    read_grouplens_csv,
+    read_interactions,
+    read_recbole_atomic,
+    read_sequence_text,
+)
+
+
+def test_grouplens_reads_vendored_ml_latest_small():
+    raw = read_grouplens_csv(SMALL)
+    assert len(raw) == 100_836
+    assert len(set(raw.users)) == 610 and len(set(raw.items)) == 9_724
+    assert (raw.users[0], raw.items[0], raw.ratings[0], raw.timestamps[0]) == ("1", "1", 4.0, 964982703.0)
+    toy = raw.item_info["1"]
+    assert toy.title == "Toy Story (1995)" and toy.year == "1995"
+    assert toy.genres == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+    assert toy.text() == "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy"
+
+
+def test_grouplens_title_with_comma_is_one_field():
+    raw = read_grouplens_csv(SMALL)
+    # movies.csv quotes titles that contain commas
+    assert raw.item_info["11"].title == "American President, The (1995)"
+
+
+def test_grouplens_malformed_line_names_file_line_and_content(tmp_path):
+    folder = tmp_path / "gl"
+    head_lines(SMALL / "ratings.csv", folder / "ratings.csv", 5)
+    with open(folder / "ratings.csv", "a") as f:
+        f.write("7,42,four,964982703\n")
+    with pytest.raises(DataFormatError, match=r"ratings.csv:6: column 'rating'.*'7,42,four,964982703'"):
+        read_grouplens_csv(folder)
+
+
+def test_missing_file_names_path_and_expected_files(tmp_path):
+    with pytest.raises(DataFormatError, match=r"(?s)ratings.csv.*expected: ratings.csv \(userId"):
+        read_grouplens_csv(tmp_path)
+    with pytest.raises(DataFormatError, match=r"(?s)foo.inter.*expected: foo.inter.*does not exist"):
+        read_recbole_atomic(tmp_path / "foo")
+
+
+def test_recbole_ml100k_typed_header_and_item_text(ml100k_slice):
+    raw = read_recbole_atomic(ml100k_slice, "ml-100k")
+    assert len(raw) == 3000
+    assert (raw.users[0], raw.items[0], raw.ratings[0], raw.timestamps[0]) == ("196", "242", 3.0, 881250949.0)
+    toy = raw.item_info["1"]
+    assert toy.title == "Toy Story" and toy.year == "1995"
+    assert toy.text() == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+
+
+def test_recbole_ml1m_crlf_and_title_ids(ml1m_slice):
+    assert b"\r\n" in (ml1m_slice / "ml-1m.inter").read_bytes()[:200]
+    raw = read_recbole_atomic(ml1m_slice)  # name defaults to the folder name
+    assert len(raw) == 3000
+    assert raw.users[0] == "1m_1"
+    assert raw.items[0] == "One Flew Over the Cuckoo's Nest (1975)"
+    assert not any("\r" in x for x in raw.users + raw.items)
+    assert raw.ratings[0] == 5.0
+    info = raw.item_info["Toy Story (1995)"]
+    assert info.year == "1995" and info.genres == ["Animation", "Children's", "Comedy"]
+    assert info.text() == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+
+
+def test_recbole_bad_header_and_short_row(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "x.inter").write_text("user_id\titem_id:token\n1\t2\n")
+    with pytest.raises(DataFormatError, match=r"x.inter:1: header column 'user_id' is not 'name:type'"):
+        read_recbole_atomic(folder)
+    (folder / "x.inter").write_text("user_id:token\titem_id:token\n1\t2\n3\n")
+    with pytest.raises(DataFormatError, match=r"x.inter:3: expected 2 tab-separated fields.*'3'"):
+        read_recbole_atomic(folder)
+    (folder / "x.inter").write_text("user_id:token\titem_id:blob\n")
+    with pytest.raises(DataFormatError, match="unknown type 'blob'"):
+        read_recbole_atomic(folder)
+
+
+def test_sequence_text_keeps_order_across_lines(tmp_path):
+    path = tmp_path / "seq.txt"
+    path.write_text("u1 a b c\r\nu2 c a\n\nu1 d\n")
+    raw = read_sequence_text(path)
+    assert raw.users == ["u1", "u1", "u1", "u2", "u2", "u1"]
+    assert raw.items == ["a", "b", "c", "c", "a", "d"]
+    assert raw.timestamps == sorted(raw.timestamps)
+    assert raw.ratings is None
+
+
+def test_sequence_text_malformed_line(tmp_path):
+    path = tmp_path / "seq.txt"
+    path.write_text("u1 a b\nu2\n")
+    with pytest.raises(DataFormatError, match=r"seq.txt:2: expected 'user item \[item \.\.\.\]'.*'u2'"):
+        read_sequence_text(path)
+
+
+def test_unknown_format_lists_allowed():
+    with pytest.raises(ValueError, match="allowed: grouplens_csv, recbole_atomic, sequence_text"):
+        read_interactions("parquet", SMALL)
+
+
+def test_shared_data_is_present():
+    # The RecBole tests read slices of ../shared/data; fail loudly if it is not beside the repo.
+    assert (SHARED_DATA / "ml-100k" / "ml-100k.inter").is_file(), f"expected shared data at {SHARED_DATA}"
