@@ -1,0 +1,106 @@
+"""Full-ranking next-item metrics: HR@K, NDCG@K and MRR over the whole catalogue.
+
+With one relevant item per user, every metric is a function of the target's rank, so we
+keep only ranks (not B x n_items score matrices, as torchmetrics' retrieval metrics would)
+and reduce sums across processes through ``torchmetrics.Metric``. ``tests/test_metrics.py``
+checks these numbers against torchmetrics' retrieval metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+def mask_scores(
+    scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """Exclude padding item 0 and (if given) every seen item, but never the target itself.
+
+    Keeping the target rankable matters only for datasets with repeat consumption; there,
+    turn ``evaluation.exclude_seen`` off to rank repeats fairly.
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    target_score = scores[rows, target]
+    scores = scores.clone()
+    if seen is not None:
+        scores.scatter_(1, seen, float("-inf"))
+    scores[:, 0] = float("-inf")
+    scores[rows, target] = target_score
+    return scores
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items scored strictly above the target, and other items tied with it, per row."""
+    target_score = scores.gather(1, target[:, None])
+    ahead = (scores > target_score).sum(1)
+    ties = (scores == target_score).sum(1) - 1
+    return ahead, ties
+
+
+def metrics_from_ranks(
+    ahead: torch.Tensor, ks: Sequence[int], ties: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-example HR@K, NDCG@K (K in ``ks``) and MRR of one relevant item.
+
+    With ``ties`` other items scored exactly like the target, its 0-based rank is uniform on
+    ``ahead .. ahead + ties`` (random tie-breaking) and we return the exact expectation, so a
+    constant model scores like random ranking instead of perfectly (optimistic ties) or
+    worst (pessimistic ties). Without ties this is the usual rank-based formula.
+    """
+    ahead = ahead.double()
+    ties = torch.zeros_like(ahead) if ties is None else ties.double()
+    n = ties + 1.0
+    out = {}
+    for k in ks:
+        # D(j) = sum of discounts 1/log2(r + 2) over ranks r < j, for j in 0..k.
+        discounts = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=ahead.device) + 2.0)
+        cum = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])
+        lo = ahead.clamp(max=k).long()
+        hi = (ahead + n).clamp(max=k).long()
+        out[f"hr@{k}"] = (hi - lo).double() / n
+        out[f"ndcg@{k}"] = (cum[hi] - cum[lo]) / n
+    # sum_{r=a}^{a+t} 1/(r+1) = H(a+t+1) - H(a), with H(m) = digamma(m+1) + Euler's gamma.
+    out["mrr"] = (torch.digamma(ahead + n + 1.0) - torch.digamma(ahead + 1.0)) / n
+    return out
+
+
+class FullRankingMetrics(Metric):
+    """Accumulates HR@K, NDCG@K and MRR over batches of full-catalogue scores."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(
+        self,
+        hr_ks: Sequence[int] = (1, 5, 10, 20),
+        ndcg_ks: Sequence[int] = (5, 10, 20),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hr_ks, self.ndcg_ks = tuple(hr_ks), tuple(ndcg_ks)
+        self.names = [f"hr@{k}" for k in self.hr_ks] + [f"ndcg@{k}" for k in self.ndcg_ks] + ["mrr"]
+        for name in self.names:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(
+        self, scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> None:
+        ahead, ties = target_ranks(mask_scores(scores.float(), target, seen), target)
+        per_example = metrics_from_ranks(ahead, sorted(set(self.hr_ks) | set(self.ndcg_ks)), ties)
+        for name in self.names:
+            setattr(self, name, getattr(self, name) + per_example[name].sum())
+        self.count += ahead.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1)
+        return {name: (getattr(self, name) / n).float() for name in self.names}
+
+
+def ndcg_at_k_single(rank: int, k: int) -> float:
+    """NDCG@K for one relevant item at 0-based ``rank`` (reference for tests and docs)."""
+    return 1.0 / math.log2(rank + 2) if rank < k else 0.0

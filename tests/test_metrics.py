@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
+
+from recsys_compress.evaluation.ranking import FullRankingMetrics, mask_scores, metrics_from_ranks, target_ranks
+
+
+def test_hand_computed_example():
+    # item 0 is padding; target item 3 has two items (1 and 4) above it -> rank 2 (0-based)
+    scores = torch.tensor([[9.0, 0.9, 0.1, 0.5, 0.7, 0.2]])
+    m = FullRankingMetrics()
+    m.update(scores, torch.tensor([3]))
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["hr@1"] == 0.0 and out["hr@5"] == 1.0 and out["hr@10"] == 1.0
+    assert out["ndcg@5"] == pytest.approx(1 / math.log2(4))  # 0.5
+    assert out["mrr"] == pytest.approx(1 / 3)
+
+
+def test_seen_items_are_excluded_but_never_the_target():
+    scores = torch.tensor([[9.0, 0.9, 0.1, 0.5, 0.7, 0.2]])
+    # items 1 and 4 were seen: the target (3) moves to rank 0; the target itself is in seen too
+    masked = mask_scores(scores, torch.tensor([3]), torch.tensor([[1, 4, 3, 0]]))
+    assert masked[0, 3] == 0.5 and torch.isinf(masked[0, [0, 1, 4]]).all()
+    m = FullRankingMetrics()
+    m.update(scores, torch.tensor([3]), torch.tensor([[1, 4, 3, 0]]))
+    assert float(m.compute()["hr@1"]) == 1.0
+
+
+def test_constant_scores_give_the_random_ranking_expectation():
+    n = 100
+    m = FullRankingMetrics()
+    m.update(torch.zeros(4, n + 1), torch.tensor([1, 2, 3, 4]))
+    out = m.compute()
+    # target uniform over n ranks (padding excluded)
+    assert float(out["hr@10"]) == pytest.approx(10 / n)
+    assert float(out["ndcg@10"]) == pytest.approx(sum(1 / math.log2(r + 2) for r in range(10)) / n)
+    assert float(out["mrr"]) == pytest.approx(sum(1 / (r + 1) for r in range(n)) / n, rel=1e-6)
+
+
+def test_tie_expectation_matches_enumeration():
+    ahead, ties = torch.tensor([3, 0, 8]), torch.tensor([4, 0, 5])
+    out = metrics_from_ranks(ahead, [5, 10], ties)
+    for row in range(3):
+        ranks = range(int(ahead[row]), int(ahead[row] + ties[row]) + 1)
+        for k in (5, 10):
+            assert float(out[f"hr@{k}"][row]) == pytest.approx(sum(r < k for r in ranks) / len(ranks))
+            assert float(out[f"ndcg@{k}"][row]) == pytest.approx(
+                sum(1 / math.log2(r + 2) for r in ranks if r < k) / len(ranks))
+        assert float(out["mrr"][row]) == pytest.approx(sum(1 / (r + 1) for r in ranks) / len(ranks))
+
+
+def test_matches_torchmetrics_retrieval_metrics():
+    torch.manual_seed(0)
+    users, n_items = 64, 300
+    # Positive scores: torchmetrics' reciprocal rank treats a relevant item with a score <= 0
+    # as not retrieved, which full ranking never does.
+    scores = torch.rand(users, n_items + 1) + 0.01
+    target = torch.randint(1, n_items + 1, (users,))
+    seen = torch.randint(1, n_items + 1, (users, 20))
+    ours = FullRankingMetrics(hr_ks=(1, 5, 10, 20), ndcg_ks=(5, 10, 20))
+    ours.update(scores, target, seen)
+    ours = {k: float(v) for k, v in ours.compute().items()}
+
+    # torchmetrics on the same candidates: every item except padding and seen non-targets
+    masked = mask_scores(scores, target, seen)
+    keep = torch.isfinite(masked)
+    preds = masked[keep]
+    relevance = torch.zeros_like(scores, dtype=torch.bool)
+    relevance[torch.arange(users), target] = True
+    indexes = torch.arange(users)[:, None].expand_as(scores)[keep]
+    rel = relevance[keep]
+    for k in (1, 5, 10, 20):
+        assert ours[f"hr@{k}"] == pytest.approx(float(RetrievalHitRate(top_k=k)(preds, rel, indexes)), abs=1e-6)
+    for k in (5, 10, 20):
+        assert ours[f"ndcg@{k}"] == pytest.approx(float(RetrievalNormalizedDCG(top_k=k)(preds, rel, indexes)), abs=1e-6)
+    assert ours["mrr"] == pytest.approx(float(RetrievalMRR()(preds, rel, indexes)), abs=1e-6)
+
+
+def test_target_ranks_counts_ahead_and_ties():
+    ahead, ties = target_ranks(torch.tensor([[0.0, 2.0, 1.0, 2.0, 3.0]]), torch.tensor([1]))
+    assert ahead.tolist() == [1] and ties.tolist() == [1]
