@@ -1,0 +1,125 @@
+"""LightningModule around an item-vocabulary causal LM: training, validation and test."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from recsys_compress.evaluation.ranking import FullRankingMetrics
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count from each sequence's first real item, so left padding is invisible."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class SeqRecLitModule(L.LightningModule):
+    """Causal next-item cross-entropy at every position; full-ranking evaluation.
+
+    The wrapped ``model`` knows nothing about Lightning; this module adds only the input
+    dropout (LLaMA has none on embeddings, SASRec-style models need it), the loss, the
+    optimiser and the metrics.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 0,
+        scheduler: str = "constant",
+        embedding_dropout: float = 0.0,
+        exclude_seen: bool = True,
+        hr_ks: tuple[int, ...] = (1, 5, 10, 20),
+        ndcg_ks: tuple[int, ...] = (5, 10, 20),
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.embedding_dropout = torch.nn.Dropout(embedding_dropout)
+        self.val_metrics = FullRankingMetrics(hr_ks, ndcg_ks)
+        self.test_metrics = FullRankingMetrics(hr_ks, ndcg_ks)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden state at every position."""
+        embeds = self.embedding_dropout(self.model.get_input_embeddings()(input_ids))
+        return self.model.base_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores of every item (index 0 = padding) as the next item after each sequence."""
+        last = self.hidden_states(input_ids, attention_mask)[:, -1]
+        return self.model.get_output_embeddings()(last)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = self.hidden_states(ids, mask)[:, :-1]
+        # Score the catalogue only where there is a next item: the full softmax dominates
+        # the step, and padding is often half the positions.
+        has_target = mask[:, :-1].bool()
+        logits = self.model.get_output_embeddings()(hidden[has_target])
+        loss = F.cross_entropy(logits.float(), ids[:, 1:][has_target])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: lower the learning rate or check the data"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=ids.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: FullRankingMetrics) -> None:
+        scores = self(batch["input_ids"], batch["attention_mask"])
+        seen = batch["seen"] if self.hparams.exclude_seen else None
+        metrics.update(scores, batch["target"], seen)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        for k, v in values.items():
+            self.log(f"val/{k}", v, prog_bar=k == "ndcg@10")
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                # Norm gains and item embeddings are not weight-decayed (standard for LMs).
+                (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        if hp.scheduler == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.scheduler == "cosine":
+                progress = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

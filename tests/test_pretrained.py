@@ -1,0 +1,62 @@
+"""The real SmolLM2-135M from ../shared/models: GGUF -> cached safetensors -> item LLM."""
+
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import SHARED_MODELS
+from recsys_compress.models.gguf_cache import convert_gguf
+from recsys_compress.models.item_llm import load_item_llm
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
+
+GGUF = SHARED_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(tmp_path_factory):
+    return convert_gguf(GGUF, tmp_path_factory.mktemp("cache"))
+
+
+def test_conversion_is_cached(smollm2_folder):
+    assert (smollm2_folder / "model.safetensors").is_file()
+    t0 = time.perf_counter()
+    again = convert_gguf(GGUF, smollm2_folder.parent)
+    assert again == smollm2_folder and time.perf_counter() - t0 < 1.0  # no second conversion
+
+
+def test_missing_gguf_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF model not found: .*nope.gguf"):
+        convert_gguf(tmp_path / "nope.gguf", tmp_path)
+
+
+def test_text_initialised_item_llm(smollm2_folder):
+    texts = ["", "Toy Story (1995). Genres: Animation, Children's, Comedy", "Heat (1995). Genres: Action, Crime"]
+    model = load_item_llm(smollm2_folder, n_items=2, item_texts=texts, item_init="text")
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    emb = model.get_input_embeddings().weight
+    assert emb.shape == (3, 576)
+    assert model.get_output_embeddings().weight is emb  # SmolLM2 ties its head
+
+    # item 1 starts exactly at the mean of the LLM's token embeddings of its text
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(smollm2_folder).get_input_embeddings().weight
+    ids = AutoTokenizer.from_pretrained(smollm2_folder)(texts[1], add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(emb[1], original[ids].mean(0))
+    assert torch.count_nonzero(emb[0]) == 0
+
+    lit = SeqRecLitModule(model).eval()
+    with torch.no_grad():
+        scores = lit(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
+    assert scores.shape == (1, 3) and torch.isfinite(scores).all()
+
+
+def test_random_init_and_bad_init(smollm2_folder):
+    model = load_item_llm(smollm2_folder, n_items=4, item_init="random")
+    assert model.get_input_embeddings().weight.shape == (5, 576)
+    with pytest.raises(ValueError, match="allowed: text, random"):
+        load_item_llm(smollm2_folder, n_items=4, item_init="bert")
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
+        load_item_llm(smollm2_folder.parent, n_items=4)
