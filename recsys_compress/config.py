@@ -1,0 +1,212 @@
+"""Typed, validated views of the Hydra config groups that our own code consumes.
+
+Hydra composes YAML; these dataclasses check it before any work starts: unknown keys,
+wrong types, values outside their allowed set or range all fail with the full key name
+and what is allowed. Groups that configure third-party objects through ``_target_``
+(trainer, logger, callbacks) are validated by those objects' own constructors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: " + "; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return from_mapping(hint, value, key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    return value
+
+
+T = typing.TypeVar("T")
+
+
+def from_mapping(cls: type[T], mapping: dict[str, Any], prefix: str) -> T:
+    """Build dataclass ``cls`` from ``mapping``, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}.{unknown[0]}; allowed keys in {prefix}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        if f.name not in mapping:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {key}")
+            continue
+        kwargs[f.name] = _check_type(mapping[f.name], hints[f.name], key)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    format: Literal["grouplens_csv", "recbole_atomic", "sequence_text"]
+    path: str
+    file_name: str | None = None  # RecBole NAME of NAME.inter; defaults to the folder name
+    min_rating: float | None = None  # None: every rating is an interaction
+    k_core: int = 0
+    max_len: int = 50
+    train_windows: Literal["recent", "all"] = "recent"
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+    def check(self, p: str) -> None:
+        _require(self.k_core >= 0, f"{p}.k_core", self.k_core, ">= 0 (0 or 1: off)")
+        _require(self.max_len >= 1, f"{p}.max_len", self.max_len, ">= 1")
+        _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+        _require(self.eval_batch_size >= 1, f"{p}.eval_batch_size", self.eval_batch_size, ">= 1")
+        _require(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, ">= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 0
+    scheduler: Literal["constant", "cosine"] = "constant"
+
+    def check(self, p: str) -> None:
+        _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+                 self.betas, "two numbers in [0, 1)")
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, ">= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    source: Literal["scratch", "pretrained"] = "scratch"
+    # scratch LLaMA
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    dropout: float = 0.1
+    tie_embeddings: bool = True
+    # pretrained: a local Hugging Face folder, or a GGUF file converted once into the cache
+    pretrained_path: str | None = None
+    gguf_path: str | None = None
+    item_init: Literal["text", "random"] = "text"
+    embedding_dropout: float = 0.1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self, p: str) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads"):
+            _require(getattr(self, key) >= 1, f"{p}.{key}", getattr(self, key), ">= 1")
+        _require(self.hidden_size % self.num_heads == 0, f"{p}.hidden_size", self.hidden_size,
+                 f"a multiple of {p}.num_heads={self.num_heads}")
+        if self.num_kv_heads is not None:
+            _require(self.num_heads % self.num_kv_heads == 0, f"{p}.num_kv_heads",
+                     self.num_kv_heads, f"a divisor of {p}.num_heads={self.num_heads}")
+        for key in ("dropout", "embedding_dropout"):
+            _require(0 <= getattr(self, key) < 1, f"{p}.{key}", getattr(self, key), "[0, 1)")
+        if self.source == "pretrained" and not (self.pretrained_path or self.gguf_path):
+            raise ConfigError(
+                f"{p}.source=pretrained needs {p}.pretrained_path (a Hugging Face folder) "
+                f"or {p}.gguf_path (a GGUF file)"
+            )
+
+
+@dataclass
+class EvaluationConfig:
+    exclude_seen: bool = True
+    hr_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    ndcg_ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    popularity_baseline: bool = True
+
+    def check(self, p: str) -> None:
+        for key in ("hr_ks", "ndcg_ks"):
+            ks = getattr(self, key)
+            _require(bool(ks) and all(k >= 1 for k in ks), f"{p}.{key}", ks, "non-empty, each >= 1")
+        # metrics.json promises these keys; a run without them would break reports.
+        _require({1, 5, 10, 20} <= set(self.hr_ks), f"{p}.hr_ks", self.hr_ks, "must include 1, 5, 10, 20")
+        _require({5, 10, 20} <= set(self.ndcg_ks), f"{p}.ndcg_ks", self.ndcg_ks, "must include 5, 10, 20")
+
+
+@dataclass
+class RunConfig:
+    """The parts of the composed config that the training task reads directly."""
+
+    seed: int
+    dataset: DatasetConfig
+    model: ModelConfig
+    evaluation: EvaluationConfig
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Validate the composed config; raises ``ConfigError`` naming the offending key."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    for group in ("dataset", "model"):
+        if group not in container:
+            raise ConfigError(f"missing config group '{group}' (choose one with {group}=NAME)")
+    return RunConfig(
+        seed=_check_type(container.get("seed", 0), int, "seed"),
+        dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
+        model=from_mapping(ModelConfig, container["model"], "model"),
+        evaluation=from_mapping(EvaluationConfig, container.get("evaluation", {}), "evaluation"),
+    )

@@ -1,0 +1,169 @@
+"""Train and evaluate the sequential-recommendation LLM: the `task=train` pipeline."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from transformers import PreTrainedModel
+
+from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, validate
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.evaluation.baselines import evaluate_popularity
+from recsys_compress.models.gguf_cache import convert_gguf
+from recsys_compress.models.item_llm import build_llama, count_parameters, load_item_llm
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.utils.callbacks import TrainingThroughput
+from recsys_compress.utils.run_outputs import write_metrics_json
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
+    dm = NextItemDataModule(
+        format=cfg.format,
+        path=cfg.path,
+        name=cfg.file_name,
+        min_rating=cfg.min_rating,
+        k_core=cfg.k_core,
+        max_len=cfg.max_len,
+        train_windows=cfg.train_windows,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        seed=seed,
+    )
+    dm.setup()
+    return dm
+
+
+def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path) -> PreTrainedModel:
+    assert dm.data is not None
+    if cfg.source == "scratch":
+        return build_llama(
+            dm.n_items,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_len=dm.max_len,
+            dropout=cfg.dropout,
+            tie_embeddings=cfg.tie_embeddings,
+        )
+    path = cfg.pretrained_path or convert_gguf(cfg.gguf_path, Path(cache_dir) / "models")
+    texts = dm.data.item_texts() if cfg.item_init == "text" else None
+    return load_item_llm(path, dm.n_items, texts, cfg.item_init)
+
+
+def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
+    o, e = run.model.optim, run.evaluation
+    return SeqRecLitModule(
+        model,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        warmup_steps=o.warmup_steps,
+        scheduler=o.scheduler,
+        embedding_dropout=run.model.embedding_dropout,
+        exclude_seen=e.exclude_seen,
+        hr_ks=tuple(e.hr_ks),
+        ndcg_ks=tuple(e.ndcg_ks),
+    )
+
+
+def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
+    table = Table(title=f"dataset {name}", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a logger/callbacks group (none: [])."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
+    """Train, select on validation, test; returns the metrics written to ``metrics.json``."""
+    run = validate(cfg)  # fail before any work on a bad value
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(run.seed, workers=True)
+
+    dm = build_datamodule(run.dataset, run.seed)
+    assert dm.data is not None
+    stats = dm.data.stats
+    print_dataset_stats(run.dataset.name, stats)
+
+    model = build_model(run.model, dm, cfg.paths.cache_dir)
+    lit = build_lit_module(run, model)
+
+    loggers = instantiate_group(cfg.get("logger"))
+    throughput = TrainingThroughput()
+    callbacks = instantiate_group(cfg.get("callbacks")) + [throughput]
+    if not loggers:  # logger=none: callbacks that only feed loggers would refuse to start
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams({**hparams, "data": stats})
+        lg.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=0)
+
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    train_s = time.perf_counter() - t0
+
+    ckpt = trainer.checkpoint_callback
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "best" and not (ckpt is not None and ckpt.best_model_path):
+        ckpt_path = None  # fast_dev_run or no checkpointing: test the final weights
+    t0 = time.perf_counter()
+    test = trainer.test(lit, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
+    test_s = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = dict(test)
+    metrics.update(
+        {
+            "params/total": count_parameters(model),
+            "time/train_s": train_s,
+            "time/test_s": test_s,
+            "time/train_step_s": throughput.step_s,
+            "train/tokens_per_s": throughput.tokens_per_s,
+            "train/epochs": trainer.current_epoch,
+            "data/n_users": dm.data.n_users,
+            "data/n_items": dm.data.n_items,
+            "data/n_interactions": dm.data.n_interactions,
+        }
+    )
+    if ckpt is not None and ckpt.best_model_score is not None:
+        metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)
+    if run.evaluation.popularity_baseline:
+        pop = evaluate_popularity(
+            dm.item_counts("test"), dm.test_dataloader(), run.evaluation.exclude_seen,
+            tuple(run.evaluation.hr_ks), tuple(run.evaluation.ndcg_ks),
+        )
+        metrics.update({f"baseline/popularity/test/{k}": v for k, v in pop.items()})
+
+    path = write_metrics_json(output_dir, metrics)
+    for lg in loggers:
+        lg.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+        lg.finalize("success")
+    log.info("metrics written to %s", path)
+    Console().print(
+        f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"
+        + (f"  (popularity ndcg@10 {metrics['baseline/popularity/test/ndcg@10']:.4f})"
+           if run.evaluation.popularity_baseline else "")
+        + f"  train {train_s:.1f}s  -> {path}"
+    )
+    return metrics

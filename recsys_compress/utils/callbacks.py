@@ -1,0 +1,32 @@
+"""Small Lightning callbacks the pipelines share."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class TrainingThroughput(L.Callback):
+    """Times training steps only (no validation, no data loading) and counts target tokens.
+
+    ``tokens_per_s`` is the number of next-item targets trained on per second of
+    forward + backward + optimiser time, the figure BENCHMARKS.md reports.
+    """
+
+    def __init__(self) -> None:
+        self.step_s = 0.0
+        self.tokens = 0
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_s += time.perf_counter() - self._t0
+        # Left-padded windows: every real position except the last has a target.
+        self.tokens += int(batch["attention_mask"][:, :-1].sum())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_s if self.step_s else 0.0

@@ -1,0 +1,75 @@
+import itertools
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from recsys_compress.config import ConfigError, validate
+from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.utils.compose import compose_config
+
+CONF = REPO / "conf"
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides=(), tmp_path=None):
+    return compose_config(overrides, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "dataset,model", list(itertools.product(options("dataset"), options("model")))
+)
+def test_every_dataset_and_model_composes_and_validates(dataset, model, tmp_path):
+    overrides = [f"dataset={dataset}", f"model={model}"]
+    if dataset == "sequence_text":
+        overrides.append("dataset.path=/some/file.txt")
+    run = validate(compose_train(overrides, tmp_path))
+    assert run.dataset.name == dataset and run.model.name == model
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_path):
+    from hydra.utils import instantiate
+
+    for logger in options("logger"):
+        cfg = compose_train([f"trainer={trainer}", f"logger={logger}"], tmp_path)
+        OmegaConf.resolve(cfg)
+        loggers = instantiate_group(cfg.get("logger"))
+        assert len(loggers) == {"default": 2, "wandb": 1, "csv": 1, "none": 0}[logger]
+    callbacks = instantiate_group(cfg.callbacks)
+    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "RichProgressBar"}
+    if trainer != "gpu":  # no GPU here; the gpu option is checked to compose above
+        assert instantiate(cfg.trainer, logger=False, callbacks=callbacks).max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("dataset.max_len=0", r"dataset.max_len=0 is out of range; allowed: >= 1"),
+        ("dataset.train_windows=some", r"dataset.train_windows='some' is not allowed; allowed: recent, all"),
+        ("model=smollm2_135m model.item_init=zeros", r"model.item_init='zeros' is not allowed; allowed: text, random"),
+        ("model.hidden_size=63", r"model.hidden_size=63 is out of range; allowed: a multiple of model.num_heads=2"),
+        ("model.optim.lr=-1", r"model.optim.lr=-1.0 is out of range; allowed: > 0"),
+        ("model.dropout=high", r"model.dropout='high' must be a number"),
+        ("+dataset.shuffle=true", r"unknown key dataset.shuffle; allowed keys in dataset: name, format"),
+        ("evaluation.hr_ks=[1,5]", r"evaluation.hr_ks=\[1, 5\] is out of range; allowed: must include 1, 5, 10, 20"),
+        ("model=smollm2_135m model.gguf_path=null", r"model.source=pretrained needs model.pretrained_path"),
+    ],
+)
+def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train(override.split(), tmp_path))
+
+
+def test_unknown_group_option_lists_the_available_ones():
+    out = subprocess.run(
+        [sys.executable, "train.py", "dataset=ml_10m"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "Could not find 'dataset/ml_10m'" in out.stderr
+    assert "ml_100k" in out.stderr and "ml_1m" in out.stderr and "ml_latest_small" in out.stderr

@@ -1,0 +1,23 @@
+"""Entry point: `python train.py [group=option ...] [key=value ...]` (see README.md)."""
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+# W&B is offline unless the user opts in (WANDB_MODE=online); no account or network needed.
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from recsys_compress.tasks.runner import run_task
+
+    metrics = run_task(cfg)
+    # Sweepers (Optuna) optimise the value returned here.
+    return metrics.get("val/best_ndcg@10", metrics.get("test/ndcg@10"))
+
+
+if __name__ == "__main__":
+    main()
