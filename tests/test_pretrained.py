@@ -35,6 +35,7 @@ def test_text_initialised_item_llm(smollm2_folder):
     texts = ["", "Toy Story (1995). Genres: Animation, Children's, Comedy", "Heat (1995). Genres: Action, Crime"]
     model = load_item_llm(smollm2_folder, n_items=2, item_texts=texts, item_init="text")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert all(m.training for m in model.modules())  # ready to fine-tune
     emb = model.get_input_embeddings().weight
     assert emb.shape == (3, 576)
     assert model.get_output_embeddings().weight is emb  # SmolLM2 ties its head

@@ -105,7 +105,9 @@ def load_item_llm(
         head = torch.nn.Linear(old.embedding_dim, n_items + 1, bias=False, dtype=new.weight.dtype)
         head.weight.data.copy_(new.weight.data)
         model.set_output_embeddings(head)
-    return model
+    # from_pretrained returns eval mode; Lightning keeps module modes, so fine-tuning would
+    # silently run without the model's dropout.
+    return model.train()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
