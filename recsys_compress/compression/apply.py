@@ -1,0 +1,93 @@
+"""Replace targeted ``nn.Linear`` layers by ``LowRankLinear`` and report what it cost."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from recsys_compress.compression.calibration import InputStats
+from recsys_compress.compression.low_rank import (
+    LowRankLinear,
+    activation_aware_svd,
+    plain_svd,
+    rank_for_ratio,
+    whitened_svd,
+)
+
+LOW_RANK_METHODS = ("svd", "asvd", "odllm")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    energy_kept: float  # of the singular values of W S (S = I for plain SVD)
+    rel_output_error: float  # ||(W - W') X||_F / ||W X||_F on the calibration tokens
+    params_before: int
+    params_after: int
+    jitter: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(W - W') X||_F / ||W X||_F computed exactly from the Gram matrix C = X X^T."""
+    D = (W.double() - W_hat.double())
+    num = torch.einsum("ij,jk,ik->", D, gram, D)
+    den = torch.einsum("ij,jk,ik->", W.double(), gram, W.double())
+    return float((num.clamp(min=0) / den.clamp(min=1e-300)).sqrt())
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def compress_low_rank(
+    model: nn.Module,
+    layer_names: list[str],
+    method: str,
+    ratio: float,
+    stats: dict[str, InputStats],
+    asvd_alpha: float = 0.5,
+) -> list[LayerReport]:
+    """Factorise every layer in ``layer_names`` in place; returns one report per layer."""
+    if method not in LOW_RANK_METHODS:
+        raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
+    reports = []
+    for name in layer_names:
+        t0 = time.perf_counter()
+        linear = model.get_submodule(name)
+        W = linear.weight
+        if not torch.isfinite(W).all():
+            raise FloatingPointError(f"non-finite weight in layer {name}")
+        m, n = W.shape  # from the layer itself: k/v are narrower under grouped-query attention
+        rank = rank_for_ratio(m, n, ratio)
+        if rank < 1:
+            raise ValueError(
+                f"ratio={ratio} gives rank 0 for layer {name} ({m} x {n}); the smallest ratio that "
+                f"keeps rank 1 there is {(m + n) / (m * n):.4f}"
+            )
+        s = stats[name]
+        if method == "svd":
+            fac = plain_svd(W, rank)
+        elif method == "asvd":
+            fac = activation_aware_svd(W, rank, s.abs_mean, asvd_alpha)
+        else:
+            fac = whitened_svd(W, rank, s.gram)
+        low = LowRankLinear.from_factors(fac.A, fac.B, linear.bias)
+        error = relative_output_error(W, fac.A @ fac.B, s.gram) if s.gram is not None else float("nan")
+        _set_module(model, name, low)
+        reports.append(LayerReport(
+            name, m, n, rank, fac.energy_kept, error, m * n, rank * (m + n), fac.jitter,
+            time.perf_counter() - t0,
+        ))
+    return reports

@@ -1,0 +1,104 @@
+"""Which linear layers to compress, and the input statistics of each on calibration data.
+
+Calibration runs the model over training sequences of the recommendation data itself
+(OD-LLM's "task-adaptive" part) with forward hooks that accumulate, per targeted layer,
+the Gram matrix sum_t x_t x_t^T (float64, uncentred) and sum_t |x_t|, over real (non-padding)
+tokens only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# q/k/v/o and gate/up/down of every decoder block (LLaMA naming).
+DEFAULT_TARGETS = (
+    "*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj",
+    "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj",
+)
+
+
+def select_linear_layers(
+    model: nn.Module, include: Sequence[str] = DEFAULT_TARGETS, exclude: Sequence[str] = ()
+) -> list[str]:
+    """Names of ``nn.Linear`` modules matching any ``include`` glob and no ``exclude`` glob.
+
+    A pattern that matches nothing is an error listing the candidate names: a typo must not
+    silently compress nothing.
+    """
+    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in list(include) + list(exclude):
+        if not fnmatch.filter(candidates, pattern):
+            shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+            raise ValueError(f"compression pattern {pattern!r} matches no linear layer; candidates: {shown}")
+    return [
+        n for n in candidates
+        if any(fnmatch.fnmatch(n, p) for p in include) and not any(fnmatch.fnmatch(n, p) for p in exclude)
+    ]
+
+
+@dataclass
+class InputStats:
+    gram: torch.Tensor | None  # n x n float64, sum_t x_t x_t^T
+    abs_sum: torch.Tensor  # n float64, sum_t |x_t|
+    tokens: int
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Iterable[dict[str, torch.Tensor]],
+    forward,
+    max_batches: int,
+    gram: bool = True,
+) -> dict[str, InputStats]:
+    """Run ``forward(batch)`` over up to ``max_batches`` batches and return per-layer stats.
+
+    Only positions where ``batch['attention_mask']`` is 1 count, so padding never enters
+    the statistics. NaN or Inf in an activation fails naming the layer.
+    """
+    modules = dict(model.named_modules())
+    stats = {
+        name: InputStats(
+            torch.zeros(modules[name].in_features, modules[name].in_features, dtype=torch.float64) if gram else None,
+            torch.zeros(modules[name].in_features, dtype=torch.float64),
+            0,
+        )
+        for name in layer_names
+    }
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            x = x[mask_holder["mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+            x = x.double().cpu()
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite input activation in layer {name}")
+            s = stats[name]
+            if s.gram is not None:
+                s.gram += x.T @ x
+            s.abs_sum += x.abs().sum(0)
+            s.tokens += x.shape[0]
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layer_names]
+    try:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            mask_holder["mask"] = batch["attention_mask"]
+            forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,111 @@
+"""``SVDCompressionCallback``: low-rank compression of the wrapped LLM as a Lightning callback.
+
+Attached to a Trainer, it compresses the LightningModule's model once, at the start of the
+first stage it sees (``setup``), so ``trainer.test(...)`` evaluates the compressed model and
+a later ``trainer.fit(...)`` (progressive alignment) trains it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from recsys_compress.compression.apply import LOW_RANK_METHODS, LayerReport, compress_low_rank
+from recsys_compress.compression.calibration import DEFAULT_TARGETS, collect_input_stats, select_linear_layers
+
+log = logging.getLogger(__name__)
+
+
+class SVDCompressionCallback(L.Callback):
+    def __init__(
+        self,
+        method: str = "odllm",
+        ratio: float = 0.5,
+        include: Sequence[str] = DEFAULT_TARGETS,
+        exclude: Sequence[str] = (),
+        calib_batches: int = 16,
+        asvd_alpha: float = 0.5,
+        report_dir: str | Path | None = None,
+    ):
+        if method not in LOW_RANK_METHODS:
+            raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio={ratio} is out of range; allowed: (0, 1]")
+        self.method, self.ratio = method, ratio
+        self.include, self.exclude = tuple(include), tuple(exclude)
+        self.calib_batches, self.asvd_alpha = calib_batches, asvd_alpha
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.reports: list[LayerReport] | None = None
+        self.seconds = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reports is not None:
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("SVDCompressionCallback needs a datamodule for calibration batches")
+        datamodule.setup(stage)
+        self.compress(pl_module, datamodule.train_dataloader())
+        self._log(trainer)
+
+    def compress(self, pl_module: L.LightningModule, batches) -> list[LayerReport]:
+        """Calibrate on ``batches`` (training sequences) and factorise the targeted layers."""
+        t0 = time.perf_counter()
+        model = pl_module.model
+        names = select_linear_layers(model, self.include, self.exclude)
+        if not names:
+            raise ValueError(f"compression include={self.include} minus exclude={self.exclude} selects no layer")
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout in the statistics
+        stats = collect_input_stats(
+            model, names, batches,
+            forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
+                                                      b["attention_mask"].to(pl_module.device)),
+            max_batches=self.calib_batches,
+        )
+        self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha)
+        pl_module.train(was_training)
+        self.seconds = time.perf_counter() - t0
+        jittered = sum(r.jitter > 0 for r in self.reports)
+        if jittered:
+            log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
+        return self.reports
+
+    def summary(self) -> dict[str, float]:
+        """Aggregates for metrics.json and the loggers."""
+        assert self.reports is not None
+        before = sum(r.params_before for r in self.reports)
+        after = sum(r.params_after for r in self.reports)
+        errors = torch.tensor([r.rel_output_error for r in self.reports])
+        return {
+            "compression/layers": len(self.reports),
+            "compression/kept_ratio": after / before,
+            "compression/targeted_params_before": before,
+            "compression/targeted_params_after": after,
+            "compression/mean_rel_output_error": float(errors.mean()),
+            "compression/max_rel_output_error": float(errors.max()),
+            "compression/mean_energy_kept": sum(r.energy_kept for r in self.reports) / len(self.reports),
+            "compression/jittered_layers": sum(r.jitter > 0 for r in self.reports),
+            "time/compress_s": self.seconds,
+        }
+
+    def _log(self, trainer: L.Trainer) -> None:
+        assert self.reports is not None
+        rows = [r.as_dict() for r in self.reports]
+        columns = list(rows[0])
+        if self.report_dir is not None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.report_dir / "compression_layers.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):  # W&B: one table row per layer
+                logger.log_table("compression/layers_table", columns=columns, data=[list(r.values()) for r in rows])
+            logger.log_metrics(self.summary())

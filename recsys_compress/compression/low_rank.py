@@ -1,0 +1,140 @@
+"""Low-rank factorisation of linear layers: plain SVD, activation-aware SVD, whitened SVD.
+
+A linear layer y = W x + b (W: m x n, out x in) becomes y = A (B x) + b with A: m x k and
+B: k x n. The three methods differ only in the input-space transform S applied before the
+SVD (``../shared/DESIGN.md``, OD-LLM steps 1-2):
+
+* plain SVD: S = I, minimises ||W - W'||_F.
+* activation-aware (ASVD): S = diag(s), s_j = mean |x_j| ** alpha over calibration tokens,
+  so channels with large activations are preserved.
+* whitened (OD-LLM token-covariance normalisation): C = sum_t x_t x_t^T = S S^T (Cholesky,
+  float64). Since ||(W - W') X||_F = ||(W - W') S||_F, truncating the SVD of W S minimises
+  the output error on the calibration activations themselves.
+
+Then W S = U Sigma V^T, A = U_k Sigma_k^(1/2), B = Sigma_k^(1/2) V_k^T S^-1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """y = A (B x) + b: two skinny matmuls instead of one m x n matmul."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.B = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.A = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+        layer = cls(B.shape[1], A.shape[0], A.shape[1], bias is not None, dtype=A.dtype, device=A.device)
+        with torch.no_grad():
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.B), self.A, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.A @ self.B
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """k = floor(m n rho / (m + n)): the rank whose two factors keep a ``ratio`` of m n params."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio} is out of range; allowed: (0, 1]")
+    return math.floor(out_features * in_features * ratio / (out_features + in_features))
+
+
+@dataclass
+class Factorization:
+    A: torch.Tensor  # m x k
+    B: torch.Tensor  # k x n
+    singular_values: torch.Tensor  # all of them, of W S
+    energy_kept: float  # sum of kept sigma^2 / total
+    jitter: float  # added to the Gram diagonal to make it positive definite (0: none)
+
+
+def cholesky_with_jitter(gram: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """Lower-triangular S with S S^T = gram (+ jitter I), in float64.
+
+    If ``gram`` is not positive definite (dead input channels, fewer tokens than features),
+    add (|lambda_min| + eps * mean diagonal) I and retry, as OD-LLM does.
+    """
+    gram = gram.double()
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return chol, 0.0
+    lam_min = float(torch.linalg.eigvalsh(gram)[0])
+    scale = float(gram.diagonal().mean().abs()) or 1.0
+    jitter = abs(lam_min) + eps * scale
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(gram + jitter * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+        if int(info) == 0:
+            return chol, jitter
+        jitter *= 10
+    raise torch.linalg.LinAlgError("Gram matrix stays non positive definite after jitter")
+
+
+def _factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None, S_inv_apply) -> Factorization:
+    W64 = W.double()
+    WS = W64 if S is None else W64 @ S
+    U, sigma, Vh = torch.linalg.svd(WS, full_matrices=False)
+    k = min(rank, sigma.numel())
+    root = sigma[:k].sqrt()
+    A = U[:, :k] * root
+    B = root[:, None] * Vh[:k]
+    if S is not None:
+        B = S_inv_apply(B)
+    energy = float((sigma[:k] ** 2).sum() / (sigma ** 2).sum().clamp(min=1e-300))
+    return Factorization(A.to(W.dtype), B.to(W.dtype), sigma, energy, 0.0)
+
+
+def plain_svd(W: torch.Tensor, rank: int) -> Factorization:
+    """Truncated SVD of W itself."""
+    return _factorize(W, rank, None, None)
+
+
+def activation_aware_svd(W: torch.Tensor, rank: int, abs_mean: torch.Tensor, alpha: float = 0.5) -> Factorization:
+    """ASVD: scale input channel j by s_j = mean|x_j|^alpha before the SVD, undo it in B."""
+    s = abs_mean.double().clamp(min=1e-8) ** alpha
+    return _factorize(W, rank, torch.diag(s), lambda B: B / s)
+
+
+def whitened_svd(W: torch.Tensor, rank: int, gram: torch.Tensor) -> Factorization:
+    """OD-LLM: SVD of W S with S S^T = sum_t x_t x_t^T; B = Sigma^(1/2) V^T S^-1."""
+    S, jitter = cholesky_with_jitter(gram)
+    # B S^-1 via a triangular solve (S^T Y^T = B^T), never forming the inverse.
+    fac = _factorize(
+        W, rank, S, lambda B: torch.linalg.solve_triangular(S.T, B.T, upper=True).T
+    )
+    fac.jitter = jitter
+    if jitter:
+        warnings.warn(f"Gram matrix not positive definite: added {jitter:.3g} * I", stacklevel=2)
+    return fac

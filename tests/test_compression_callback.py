@@ -1,0 +1,77 @@
+"""SVDCompressionCallback on a tiny model trained briefly on real MovieLens sequences."""
+
+import lightning as L
+import pytest
+
+from conftest import SMALL
+from recsys_compress.compression.callback import SVDCompressionCallback
+from recsys_compress.compression.calibration import select_linear_layers
+from recsys_compress.compression.low_rank import LowRankLinear, rank_for_ratio
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.models.item_llm import build_llama, count_parameters
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
+
+HIDDEN, INTER, LAYERS = 32, 64, 2
+
+
+@pytest.fixture(scope="module")
+def trained():
+    L.seed_everything(0)
+    dm = NextItemDataModule("grouplens_csv", SMALL, max_len=20, batch_size=64)
+    dm.setup()
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=INTER, max_len=20), lr=3e-3)
+    L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(lit, datamodule=dm)
+    return dm, lit.state_dict()
+
+
+def compressed(trained, method, ratio, **kw):
+    dm, state = trained
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=INTER, max_len=20))
+    lit.load_state_dict(state)
+    cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=4, **kw)
+    before = count_parameters(lit.model)
+    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False)
+    test = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    return lit, cb, before, test
+
+
+def test_callback_reaches_the_expected_parameter_count(trained):
+    lit, cb, before, _ = compressed(trained, "odllm", 0.5)
+    # grouped-query attention: k/v are HIDDEN x HIDDEN/2, sized from weight.shape
+    shapes = [(HIDDEN, HIDDEN), (HIDDEN // 2, HIDDEN), (HIDDEN // 2, HIDDEN), (HIDDEN, HIDDEN),
+              (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS
+    removed = sum(m * n - rank_for_ratio(m, n, 0.5) * (m + n) for m, n in shapes)
+    assert count_parameters(lit.model) == before - removed
+    assert len(cb.reports) == 7 * LAYERS
+    assert all(isinstance(lit.model.get_submodule(r.name), LowRankLinear) for r in cb.reports)
+    summary = cb.summary()
+    assert summary["compression/kept_ratio"] <= 0.5
+    assert summary["compression/layers"] == 14
+
+
+def test_whitened_beats_plain_svd_on_real_activations(trained):
+    _, plain, _, plain_test = compressed(trained, "svd", 0.3)
+    _, whitened, _, white_test = compressed(trained, "odllm", 0.3)
+    for p, w in zip(plain.reports, whitened.reports):
+        assert p.name == w.name and p.rank == w.rank
+        assert w.rel_output_error <= p.rel_output_error + 1e-9, p.name
+    mean_plain = sum(r.rel_output_error for r in plain.reports) / len(plain.reports)
+    mean_white = sum(r.rel_output_error for r in whitened.reports) / len(whitened.reports)
+    assert mean_white < 0.8 * mean_plain
+
+
+def test_pattern_matching_nothing_lists_candidates(trained):
+    dm, _ = trained
+    model = build_llama(dm.n_items, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    with pytest.raises(ValueError, match=r"'\*.attn.qkv' matches no linear layer; candidates: model.layers.0.self_attn.q_proj"):
+        select_linear_layers(model, ["*.attn.qkv"])
+    assert select_linear_layers(model, ["*.mlp.*"], ["*.down_proj"]) == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+
+
+def test_rank_zero_names_the_layer(trained):
+    with pytest.raises(ValueError, match=r"gives rank 0 for layer model.layers.0.self_attn.q_proj \(32 x 32\)"):
+        compressed(trained, "svd", 0.01)
