@@ -188,6 +188,21 @@ class EvaluationConfig:
 
 
 @dataclass
+class CompressionConfig:
+    method: Literal["none", "svd", "asvd", "odllm"] = "none"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    calib_batches: int = 16
+    asvd_alpha: float = 0.5
+
+    def check(self, p: str) -> None:
+        _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")
+        _require(self.asvd_alpha >= 0, f"{p}.asvd_alpha", self.asvd_alpha, ">= 0")
+        if self.method != "none" and not self.include:
+            raise ConfigError(f"{p}.include is empty: compression.method={self.method} needs layers to compress")
+
+
+@dataclass
 class RunConfig:
     """The parts of the composed config that the training task reads directly."""
 
@@ -195,6 +210,8 @@ class RunConfig:
     dataset: DatasetConfig
     model: ModelConfig
     evaluation: EvaluationConfig
+    compression: CompressionConfig
+    ratio: float
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -209,4 +226,12 @@ def validate(cfg: DictConfig) -> RunConfig:
         dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
         model=from_mapping(ModelConfig, container["model"], "model"),
         evaluation=from_mapping(EvaluationConfig, container.get("evaluation", {}), "evaluation"),
+        compression=from_mapping(CompressionConfig, container.get("compression", {}), "compression"),
+        ratio=_check_ratio(container.get("ratio", 1.0)),
     )
+
+
+def _check_ratio(value: Any) -> float:
+    ratio = _check_type(value, float, "ratio")
+    _require(0 < ratio <= 1, "ratio", value, "(0, 1] (the fraction of targeted parameters kept)")
+    return ratio

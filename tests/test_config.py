@@ -32,6 +32,20 @@ def test_every_dataset_and_model_composes_and_validates(dataset, model, tmp_path
     assert run.dataset.name == dataset and run.model.name == model
 
 
+@pytest.mark.parametrize("compression", options("compression"))
+def test_every_compression_option_composes(compression, tmp_path):
+    run = validate(compose_train([f"compression={compression}", "ratio=0.3"], tmp_path))
+    assert run.compression.method == compression and run.ratio == 0.3
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_validates(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    run = validate(cfg)
+    assert cfg.task_name == experiment
+    assert run.dataset.name in options("dataset") and run.model.name in options("model")
+
+
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_path):
     from hydra.utils import instantiate
@@ -58,10 +72,19 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         ("model.dropout=high", r"model.dropout='high' must be a number"),
         ("+dataset.shuffle=true", r"unknown key dataset.shuffle; allowed keys in dataset: name, format"),
         ("evaluation.hr_ks=[1,5]", r"evaluation.hr_ks=\[1, 5\] is out of range; allowed: must include 1, 5, 10, 20"),
+        ("ratio=7", r"ratio=7 is out of range; allowed: \(0, 1\]"),
+        ("compression=odllm compression.calib_batches=0", r"compression.calib_batches=0 is out of range"),
+        ("compression=wavelet", None),
         ("model=smollm2_135m model.gguf_path=null", r"model.source=pretrained needs model.pretrained_path"),
     ],
 )
 def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):
+    if message is None:  # an unknown group option: Hydra lists the available ones
+        from hydra.errors import MissingConfigException
+
+        with pytest.raises(MissingConfigException, match="Available options in 'compression'"):
+            compose_train(override.split(), tmp_path)
+        return
     with pytest.raises(ConfigError, match=message):
         validate(compose_train(override.split(), tmp_path))
 

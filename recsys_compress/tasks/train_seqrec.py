@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.evaluation.baselines import evaluate_popularity
@@ -94,6 +96,30 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+def parameter_megabytes(model: torch.nn.Module) -> float:
+    """Size of the unique parameters and buffers in MiB (what a safetensors file holds)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def compress_and_test(
+    run: RunConfig, cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list
+) -> dict[str, Any]:
+    """Compress the (best-validation) base model in place and test it."""
+    c = run.compression
+    compressor = SVDCompressionCallback(
+        method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
+        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, report_dir=cfg.paths.output_dir,
+    )
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False
+    )
+    t0 = time.perf_counter()
+    test = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    out = {**test, **compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
+    return out
+
+
 def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     """Train, select on validation, test; returns the metrics written to ``metrics.json``."""
     run = validate(cfg)  # fail before any work on a bad value
@@ -133,9 +159,22 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     test_s = time.perf_counter() - t0
 
     metrics: dict[str, Any] = dict(test)
+    base_params, base_mb = count_parameters(model), parameter_megabytes(model)
+    if run.compression.method != "none":
+        metrics = {f"base/{k}": v for k, v in metrics.items()}
+        metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
+        metrics.update({
+            "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),
+            "params/base_total": base_params,
+            "size/base_mb": base_mb,
+            "compression/model_ratio": count_parameters(model) / base_params,
+            "time/base_test_s": test_s,
+        })
+        test_s = metrics.pop("time/test_s")
     metrics.update(
         {
             "params/total": count_parameters(model),
+            "size/mb": parameter_megabytes(model),
             "time/train_s": train_s,
             "time/test_s": test_s,
             "time/train_step_s": throughput.step_s,

@@ -1,0 +1,51 @@
+"""Every dataset option and both models run one training and one evaluation batch."""
+
+import pytest
+
+from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.utils.compose import compose_config
+
+FAST = ["+trainer.fast_dev_run=true", "logger=none", "evaluation.popularity_baseline=false"]
+
+
+@pytest.mark.parametrize("dataset", ["ml_latest_small", "ml_100k", "ml_1m", "sequence_text"])
+def test_llama_tiny_on_every_dataset(dataset, tmp_path):
+    overrides = [f"dataset={dataset}", "model.hidden_size=16", "model.intermediate_size=32", *FAST]
+    if dataset == "sequence_text":
+        path = tmp_path / "seq.txt"
+        path.write_text("".join(f"u{u} " + " ".join(f"i{(u * 7 + k) % 40}" for k in range(12)) + "\n"
+                                for u in range(30)))
+        overrides.append(f"dataset.path={path}")
+    metrics = train_seqrec(compose_config(overrides, tmp_path / "out"))
+    assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
+    assert (tmp_path / "out" / "metrics.json").is_file()
+    expected = {"ml_latest_small": 9724, "ml_100k": 1682, "ml_1m": 3706, "sequence_text": 40}[dataset]
+    assert metrics["data/n_items"] == expected
+
+
+def test_smollm2_135m_fine_tunes_on_ml_100k(tmp_path):
+    overrides = ["model=smollm2_135m", "dataset=ml_100k", "dataset.batch_size=4", "dataset.max_len=8",
+                 "dataset.eval_batch_size=4", f"paths.cache_dir={tmp_path / 'cache'}", *FAST]
+    metrics = train_seqrec(compose_config(overrides, tmp_path / "out"))
+    assert metrics["params/total"] == 134_515_008 - 49_152 * 576 + 1683 * 576  # item vocab replaces text vocab
+    assert (tmp_path / "cache" / "models").is_dir()
+
+
+@pytest.mark.parametrize("method", ["none", "svd", "asvd", "odllm"])
+def test_every_compression_option_end_to_end(method, tmp_path):
+    overrides = [f"compression={method}", "ratio=0.5", "model.hidden_size=16", "model.intermediate_size=32",
+                 "dataset.max_len=20", "compression.calib_batches=2" if method != "none" else "seed=42",
+                 "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+                 "evaluation.popularity_baseline=false"]
+    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    if method == "none":
+        assert "base/test/ndcg@10" not in metrics and "retention/ndcg@10" not in metrics
+        return
+    for key in ("base/test/ndcg@10", "test/ndcg@10", "retention/ndcg@10", "params/base_total", "params/total",
+                "compression/kept_ratio", "compression/model_ratio", "time/compress_s", "size/base_mb", "size/mb"):
+        assert key in metrics, key
+    assert metrics["compression/kept_ratio"] <= 0.5
+    assert metrics["params/total"] < metrics["params/base_total"]
+    assert metrics["size/mb"] < metrics["size/base_mb"]
+    assert metrics["retention/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"] / metrics["base/test/ndcg@10"])
+    assert (tmp_path / "compression_layers.csv").read_text().count("\n") == 1 + 2 * 7
