@@ -189,11 +189,12 @@ class EvaluationConfig:
 
 @dataclass
 class CompressionConfig:
-    method: Literal["none", "svd", "asvd", "odllm"] = "none"
+    method: Literal["none", "svd", "asvd", "odllm", "prune_magnitude", "wanda", "int8"] = "none"
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     calib_batches: int = 16
     asvd_alpha: float = 0.5
+    quantize: Literal["int8"] | None = None  # stack int8 on a low-rank or pruned model
 
     def check(self, p: str) -> None:
         _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from recsys_compress.compression.calibration import InputStats
+from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
 from recsys_compress.compression.low_rank import (
     LowRankLinear,
     activation_aware_svd,
@@ -18,6 +19,8 @@ from recsys_compress.compression.low_rank import (
 )
 
 LOW_RANK_METHODS = ("svd", "asvd", "odllm")
+PRUNING_METHODS = ("prune_magnitude", "wanda")
+METHODS = LOW_RANK_METHODS + PRUNING_METHODS + ("int8",)
 
 
 @dataclass
@@ -25,8 +28,8 @@ class LayerReport:
     name: str
     out_features: int
     in_features: int
-    rank: int
-    energy_kept: float  # of the singular values of W S (S = I for plain SVD)
+    rank: int  # 0 for pruning (no factorisation)
+    energy_kept: float  # nan for pruning  # of the singular values of W S (S = I for plain SVD)
     rel_output_error: float  # ||(W - W') X||_F / ||W X||_F on the calibration tokens
     params_before: int
     params_after: int
@@ -91,3 +94,46 @@ def compress_low_rank(
             time.perf_counter() - t0,
         ))
     return reports
+
+
+@torch.no_grad()
+def prune_layers(
+    model: nn.Module, layer_names: list[str], method: str, ratio: float, stats: dict[str, InputStats]
+) -> list[LayerReport]:
+    """Zero all but a ``ratio`` of every targeted layer's weights (magnitude or Wanda)."""
+    if method not in PRUNING_METHODS:
+        raise ValueError(f"compression.method={method!r}; allowed: {', '.join(PRUNING_METHODS)}")
+    reports = []
+    for name in layer_names:
+        t0 = time.perf_counter()
+        W = model.get_submodule(name).weight
+        if not torch.isfinite(W).all():
+            raise FloatingPointError(f"non-finite weight in layer {name}")
+        gram = stats[name].gram
+        if method == "prune_magnitude":
+            mask = magnitude_mask(W, ratio)
+        else:
+            mask = wanda_mask(W, ratio, gram.diagonal())
+        original = W.detach().clone()
+        W.mul_(mask)
+        m, n = W.shape
+        error = relative_output_error(original, W, gram) if gram is not None else float("nan")
+        reports.append(LayerReport(name, m, n, 0, float("nan"), error, m * n, int(mask.sum()), 0.0,
+                                   time.perf_counter() - t0))
+    return reports
+
+
+def quantize_int8(model: nn.Module, layer_names: list[str]) -> nn.Module:
+    """Dynamic int8 quantisation (int8 weights, activations quantised per batch) of exactly
+    the named linear layers, in place. CPU only.
+
+    Uses ``torch.ao.quantization.quantize_dynamic``, deprecated in favour of torchao but
+    still shipped with torch 2.13; the embeddings and the item head stay in float.
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, set(layer_names), dtype=torch.qint8, inplace=True)

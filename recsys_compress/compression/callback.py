@@ -1,4 +1,8 @@
-"""``SVDCompressionCallback``: low-rank compression of the wrapped LLM as a Lightning callback.
+"""``SVDCompressionCallback``: compression of the wrapped LLM as a Lightning callback.
+
+Low-rank methods (svd, asvd, odllm) and, through the same interface and parameter budget,
+the paper's baselines: unstructured pruning (prune_magnitude, wanda) and int8 dynamic
+quantisation, which can also be stacked on a low-rank or pruned model (``quantize='int8'``).
 
 Attached to a Trainer, it compresses the LightningModule's model once, at the start of the
 first stage it sees (``setup``), so ``trainer.test(...)`` evaluates the compressed model and
@@ -16,7 +20,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from recsys_compress.compression.apply import LOW_RANK_METHODS, LayerReport, compress_low_rank
+from recsys_compress.compression.apply import (
+    LOW_RANK_METHODS,
+    METHODS,
+    LayerReport,
+    compress_low_rank,
+    prune_layers,
+    quantize_int8,
+)
 from recsys_compress.compression.calibration import DEFAULT_TARGETS, collect_input_stats, select_linear_layers
 
 log = logging.getLogger(__name__)
@@ -31,10 +42,14 @@ class SVDCompressionCallback(L.Callback):
         exclude: Sequence[str] = (),
         calib_batches: int = 16,
         asvd_alpha: float = 0.5,
+        quantize: str | None = None,
         report_dir: str | Path | None = None,
     ):
-        if method not in LOW_RANK_METHODS:
-            raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
+        if method not in METHODS:
+            raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"compression.quantize={quantize!r}; allowed: null, int8")
+        self.quantize = "int8" if method == "int8" else quantize
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio={ratio} is out of range; allowed: (0, 1]")
         self.method, self.ratio = method, ratio
@@ -63,13 +78,27 @@ class SVDCompressionCallback(L.Callback):
             raise ValueError(f"compression include={self.include} minus exclude={self.exclude} selects no layer")
         was_training = pl_module.training
         pl_module.eval()  # no dropout in the statistics
-        stats = collect_input_stats(
-            model, names, batches,
-            forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
-                                                      b["attention_mask"].to(pl_module.device)),
-            max_batches=self.calib_batches,
-        )
-        self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha)
+        if self.method == "int8":
+            self.reports = [
+                LayerReport(n, *model.get_submodule(n).weight.shape, 0, float("nan"), float("nan"),
+                            model.get_submodule(n).weight.numel(), model.get_submodule(n).weight.numel(), 0.0, 0.0)
+                for n in names
+            ]
+        else:
+            stats = collect_input_stats(
+                model, names, batches,
+                forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
+                                                          b["attention_mask"].to(pl_module.device)),
+                max_batches=self.calib_batches,
+            )
+            if self.method in LOW_RANK_METHODS:
+                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha)
+            else:
+                self.reports = prune_layers(model, names, self.method, self.ratio, stats)
+        if self.quantize == "int8":
+            if self.method in LOW_RANK_METHODS:  # both factors of every low-rank layer
+                names = [f"{n}.{part}" for n in names for part in ("down", "up")]
+            quantize_int8(model, names)
         pl_module.train(was_training)
         self.seconds = time.perf_counter() - t0
         jittered = sum(r.jitter > 0 for r in self.reports)
@@ -83,6 +112,7 @@ class SVDCompressionCallback(L.Callback):
         before = sum(r.params_before for r in self.reports)
         after = sum(r.params_after for r in self.reports)
         errors = torch.tensor([r.rel_output_error for r in self.reports])
+        energy = torch.tensor([r.energy_kept for r in self.reports])
         return {
             "compression/layers": len(self.reports),
             "compression/kept_ratio": after / before,
@@ -90,7 +120,7 @@ class SVDCompressionCallback(L.Callback):
             "compression/targeted_params_after": after,
             "compression/mean_rel_output_error": float(errors.mean()),
             "compression/max_rel_output_error": float(errors.max()),
-            "compression/mean_energy_kept": sum(r.energy_kept for r in self.reports) / len(self.reports),
+            "compression/mean_energy_kept": float(energy.mean()),
             "compression/jittered_layers": sum(r.jitter > 0 for r in self.reports),
             "time/compress_s": self.seconds,
         }

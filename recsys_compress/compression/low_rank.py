@@ -25,7 +25,11 @@ from torch import nn
 
 
 class LowRankLinear(nn.Module):
-    """y = A (B x) + b: two skinny matmuls instead of one m x n matmul."""
+    """y = A (B x) + b: two skinny matmuls instead of one m x n matmul.
+
+    Stored as two ``nn.Linear`` (``down`` = B: n -> k, ``up`` = A: k -> m, with the original
+    bias), so int8 dynamic quantisation, export and PEFT treat them like any linear layer.
+    """
 
     def __init__(
         self,
@@ -40,29 +44,35 @@ class LowRankLinear(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.B = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.A = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.up.weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.down.weight
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
         layer = cls(B.shape[1], A.shape[0], A.shape[1], bias is not None, dtype=A.dtype, device=A.device)
         with torch.no_grad():
-            layer.A.copy_(A)
-            layer.B.copy_(B)
+            layer.up.weight.copy_(A)
+            layer.down.weight.copy_(B)
             if bias is not None:
-                layer.bias.copy_(bias)
+                layer.up.bias.copy_(bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.B), self.A, self.bias)
+        return self.up(self.down(x))
 
     def dense_weight(self) -> torch.Tensor:
         return self.A @ self.B
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:

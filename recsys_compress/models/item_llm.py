@@ -111,5 +111,27 @@ def load_item_llm(
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (a tied head is counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (a tied head is counted once), int8-quantised linears included."""
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):  # packed weights are not nn.Parameters
+            bias = module.bias()
+            total += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
+    return total
+
+
+def count_nonzero_parameters(model: torch.nn.Module) -> int:
+    """Parameters that are not exactly zero (what pruning keeps)."""
+    return sum(int(torch.count_nonzero(p)) for p in {id(p): p for p in model.parameters()}.values())
+
+
+def serialized_megabytes(model: torch.nn.Module) -> float:
+    """Bytes of the saved state dict in MiB: packed int8 weights count as stored, shared
+    (tied) tensors once, and pruned zeros at full dense size, as a checkpoint stores them."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +20,13 @@ from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, valida
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.evaluation.baselines import evaluate_popularity
 from recsys_compress.models.gguf_cache import convert_gguf
-from recsys_compress.models.item_llm import build_llama, count_parameters, load_item_llm
+from recsys_compress.models.item_llm import (
+    build_llama,
+    count_nonzero_parameters,
+    count_parameters,
+    load_item_llm,
+    serialized_megabytes,
+)
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.run_outputs import write_metrics_json
@@ -96,12 +101,6 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def parameter_megabytes(model: torch.nn.Module) -> float:
-    """Size of the unique parameters and buffers in MiB (what a safetensors file holds)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
 def compress_and_test(
     run: RunConfig, cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list
 ) -> dict[str, Any]:
@@ -109,7 +108,8 @@ def compress_and_test(
     c = run.compression
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
-        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, report_dir=cfg.paths.output_dir,
+        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize,
+        report_dir=cfg.paths.output_dir,
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False
@@ -159,7 +159,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     test_s = time.perf_counter() - t0
 
     metrics: dict[str, Any] = dict(test)
-    base_params, base_mb = count_parameters(model), parameter_megabytes(model)
+    base_params, base_mb = count_parameters(model), serialized_megabytes(model)
     if run.compression.method != "none":
         metrics = {f"base/{k}": v for k, v in metrics.items()}
         metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
@@ -174,7 +174,8 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(
         {
             "params/total": count_parameters(model),
-            "size/mb": parameter_megabytes(model),
+            "params/nonzero": count_nonzero_parameters(model),
+            "size/mb": serialized_megabytes(model),
             "time/train_s": train_s,
             "time/test_s": test_s,
             "time/train_step_s": throughput.step_s,
