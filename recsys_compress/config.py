@@ -213,6 +213,7 @@ class RunConfig:
     evaluation: EvaluationConfig
     compression: CompressionConfig
     ratio: float
+    base_cache: bool
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -229,6 +230,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         evaluation=from_mapping(EvaluationConfig, container.get("evaluation", {}), "evaluation"),
         compression=from_mapping(CompressionConfig, container.get("compression", {}), "compression"),
         ratio=_check_ratio(container.get("ratio", 1.0)),
+        base_cache=_check_type(container.get("base_cache", True), bool, "base_cache"),
     )
 
 

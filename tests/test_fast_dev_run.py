@@ -36,7 +36,7 @@ def test_every_compression_option_end_to_end(method, tmp_path):
     overrides = [f"compression={method}", "ratio=0.5", "model.hidden_size=16", "model.intermediate_size=32",
                  "dataset.max_len=20", "compression.calib_batches=2" if method != "none" else "seed=42",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
-                 "evaluation.popularity_baseline=false"]
+                 "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
     metrics = train_seqrec(compose_config(overrides, tmp_path))
     if method == "none":
         assert "base/test/ndcg@10" not in metrics and "retention/ndcg@10" not in metrics
@@ -56,3 +56,22 @@ def test_every_compression_option_end_to_end(method, tmp_path):
         assert metrics["size/mb"] < metrics["size/base_mb"]
     assert metrics["retention/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"] / metrics["base/test/ndcg@10"])
     assert (tmp_path / "compression_layers.csv").read_text().count("\n") == 1 + 2 * 7
+
+
+def test_a_compression_sweep_trains_the_base_model_once(tmp_path):
+    common = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
+              "compression.calib_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+              "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = train_seqrec(compose_config(["compression=odllm", "ratio=0.5", *common], tmp_path / "a"))
+    second = train_seqrec(compose_config(["compression=svd", "ratio=0.3", *common], tmp_path / "b"))
+    assert first["base/cache_hit"] == 0 and second["base/cache_hit"] == 1
+    assert first["base/cache_key"] == second["base/cache_key"]
+    assert second["time/train_s"] == 0.0 and second["base/time/train_s"] == first["time/train_s"]
+    for key in first:
+        if key.startswith("base/test/"):
+            assert second[key] == first[key], key
+    assert second["compression/kept_ratio"] < first["compression/kept_ratio"]
+    # a different seed is a different base model
+    third = train_seqrec(compose_config(["compression=svd", "seed=7", *common], tmp_path / "c"))
+    assert third["base/cache_hit"] == 0 and third["base/cache_key"] != first["base/cache_key"]
+    assert len(list((tmp_path / "cache" / "base_models").iterdir())) == 2

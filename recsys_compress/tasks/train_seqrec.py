@@ -28,6 +28,7 @@ from recsys_compress.models.item_llm import (
     serialized_megabytes,
 )
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.tasks.base_cache import base_model_key, load_base, store_base
 from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.run_outputs import write_metrics_json
 
@@ -120,6 +121,36 @@ def compress_and_test(
     return out
 
 
+def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list) -> dict[str, Any]:
+    """Fit, then test the best-validation checkpoint; returns test and training metrics."""
+    throughput = TrainingThroughput()
+    callbacks = instantiate_group(cfg.get("callbacks")) + [throughput]
+    if not loggers:  # logger=none: callbacks that only feed loggers would refuse to start
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    train_s = time.perf_counter() - t0
+
+    ckpt = trainer.checkpoint_callback
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "best" and not (ckpt is not None and ckpt.best_model_path):
+        ckpt_path = None  # fast_dev_run or no checkpointing: test the final weights
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = dict(trainer.test(lit, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0])
+    metrics.update({
+        "time/train_s": train_s,
+        "time/test_s": time.perf_counter() - t0,
+        "time/train_step_s": throughput.step_s,
+        "train/tokens_per_s": throughput.tokens_per_s,
+        "train/epochs": trainer.current_epoch,
+    })
+    if ckpt is not None and ckpt.best_model_score is not None:
+        metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)
+    return metrics
+
+
 def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     """Train, select on validation, test; returns the metrics written to ``metrics.json``."""
     run = validate(cfg)  # fail before any work on a bad value
@@ -135,59 +166,45 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     lit = build_lit_module(run, model)
 
     loggers = instantiate_group(cfg.get("logger"))
-    throughput = TrainingThroughput()
-    callbacks = instantiate_group(cfg.get("callbacks")) + [throughput]
-    if not loggers:  # logger=none: callbacks that only feed loggers would refuse to start
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams({**hparams, "data": stats})
         lg.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=0)
 
-    t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
-    train_s = time.perf_counter() - t0
+    compressing = run.compression.method != "none"
+    key, material = base_model_key(cfg)
+    cached = load_base(cfg.paths.cache_dir, key, model) if compressing and run.base_cache else None
+    if cached is None:
+        metrics = train_base(cfg, lit, dm, loggers)
+        if compressing and run.base_cache and not cfg.trainer.get("fast_dev_run"):
+            store_base(cfg.paths.cache_dir, key, material, model, metrics)
+        metrics["base/cache_hit"] = 0
+    else:
+        log.info("reusing the cached base model %s (no training)", key)
+        metrics = {**cached, "base/cache_hit": 1, "base/time/train_s": cached["time/train_s"], "time/train_s": 0.0}
+    metrics["base/cache_key"] = key
 
-    ckpt = trainer.checkpoint_callback
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "best" and not (ckpt is not None and ckpt.best_model_path):
-        ckpt_path = None  # fast_dev_run or no checkpointing: test the final weights
-    t0 = time.perf_counter()
-    test = trainer.test(lit, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
-    test_s = time.perf_counter() - t0
-
-    metrics: dict[str, Any] = dict(test)
     base_params, base_mb = count_parameters(model), serialized_megabytes(model)
-    if run.compression.method != "none":
-        metrics = {f"base/{k}": v for k, v in metrics.items()}
+    if compressing:
+        metrics = {(f"base/{k}" if k.startswith("test/") else k): v for k, v in metrics.items()}
+        metrics["time/base_test_s"] = metrics.pop("time/test_s")
         metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
         metrics.update({
             "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),
             "params/base_total": base_params,
             "size/base_mb": base_mb,
             "compression/model_ratio": count_parameters(model) / base_params,
-            "time/base_test_s": test_s,
         })
-        test_s = metrics.pop("time/test_s")
     metrics.update(
         {
             "params/total": count_parameters(model),
             "params/nonzero": count_nonzero_parameters(model),
             "size/mb": serialized_megabytes(model),
-            "time/train_s": train_s,
-            "time/test_s": test_s,
-            "time/train_step_s": throughput.step_s,
-            "train/tokens_per_s": throughput.tokens_per_s,
-            "train/epochs": trainer.current_epoch,
             "data/n_users": dm.data.n_users,
             "data/n_items": dm.data.n_items,
             "data/n_interactions": dm.data.n_interactions,
         }
     )
-    if ckpt is not None and ckpt.best_model_score is not None:
-        metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)
     if run.evaluation.popularity_baseline:
         pop = evaluate_popularity(
             dm.item_counts("test"), dm.test_dataloader(), run.evaluation.exclude_seen,
@@ -197,13 +214,13 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
 
     path = write_metrics_json(output_dir, metrics)
     for lg in loggers:
-        lg.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")
     log.info("metrics written to %s", path)
     Console().print(
         f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"
         + (f"  (popularity ndcg@10 {metrics['baseline/popularity/test/ndcg@10']:.4f})"
            if run.evaluation.popularity_baseline else "")
-        + f"  train {train_s:.1f}s  -> {path}"
+        + f"  train {metrics['time/train_s']:.1f}s  -> {path}"
     )
     return metrics

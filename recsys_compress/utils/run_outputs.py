@@ -18,7 +18,7 @@ def to_number(value: Any) -> Any:
 
 
 def write_metrics_json(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json``: one flat object, keys sorted, numbers only."""
+    """Write ``metrics.json``: one flat object, keys sorted, numbers (and a few id strings)."""
     path = Path(output_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: to_number(v) for k, v in sorted(metrics.items())}
