@@ -1,0 +1,136 @@
+"""On-device figures: base vs compressed vs compressed+int8, side by side in one run.
+
+For each variant (base, odllm at each ratio, each of those + int8): batch-1 next-item
+latency (median over ``--reps`` calls, history length ``--length``), throughput at
+``--batch`` sequences, peak RSS of the process that built and ran it, and the size of the
+saved state dict. Every variant runs in a fresh subprocess (so peak RSS is its own), and
+``--rounds`` alternate through all variants so machine noise hits each alike; the table
+reports medians over rounds and ratios to the base.
+
+    python experiments/bench_ondevice.py --model llama_tiny --ratios 0.3 0.5 0.7 dataset=ml_100k
+    python experiments/bench_ondevice.py --model smollm2_135m --ratios 0.3 0.5 0.7 dataset=ml_100k
+
+Latency does not depend on what the weights learned, so the base model is the untrained
+architecture (pretrained weights for smollm2_135m); compression calibrates on real batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from recsys_compress.compression.callback import SVDCompressionCallback
+    from recsys_compress.config import validate
+    from recsys_compress.models.item_llm import count_parameters, serialized_megabytes
+    from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
+    from recsys_compress.utils.compose import compose_config
+
+    torch.set_num_threads(args.threads)
+    cfg = compose_config([f"model={args.model}", *args.overrides])
+    run = validate(cfg)
+    dm = build_datamodule(run.dataset, run.seed)
+    torch.manual_seed(0)
+    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval()
+    method, _, ratio = args.worker.partition("@")
+    quantize = method.endswith("+int8")
+    method = method.removesuffix("+int8")
+    compress_s = 0.0
+    if method != "base" or quantize:
+        cb = SVDCompressionCallback(
+            method="int8" if method == "base" else method, ratio=float(ratio or 1.0),
+            calib_batches=args.calib_batches, quantize="int8" if quantize else None,
+        )
+        cb.compress(lit, dm.train_dataloader())
+        compress_s = cb.seconds
+    history = torch.randint(1, dm.n_items + 1, (1, args.length))
+    one = torch.ones_like(history)
+    batch = history.expand(args.batch, -1).contiguous()
+    ones = torch.ones_like(batch)
+    with torch.inference_mode():
+        for _ in range(5):
+            lit(history, one)
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            lit(history, one)
+            times.append(time.perf_counter() - t0)
+        lit(batch, ones)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            lit(batch, ones)
+        throughput = 3 * args.batch / (time.perf_counter() - t0)
+    return {
+        "variant": args.worker,
+        "latency_ms": 1000 * statistics.median(times),
+        "throughput_seq_s": throughput,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "file_mb": serialized_megabytes(lit.model),
+        "params": count_parameters(lit.model),
+        "compress_s": compress_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama_tiny")
+    parser.add_argument("--method", default="odllm")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--length", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    variants = ["base", "base+int8"]
+    for r in args.ratios:
+        variants += [f"{args.method}@{r}", f"{args.method}+int8@{r}"]
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
+                   ("model", "length", "batch", "reps", "threads", "calib-batches")]
+    for _ in range(args.rounds):
+        for v in variants:
+            out = subprocess.run(
+                [sys.executable, __file__, *passthrough, f"--worker={v}", *args.overrides],
+                capture_output=True, text=True, check=True,
+            )
+            results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = {k: statistics.median(r[k] for r in results["base"]) for k in ("latency_ms", "file_mb")}
+    rows = []
+    for v in variants:
+        row = {"variant": v}
+        for k in ("latency_ms", "throughput_seq_s", "peak_rss_mb", "file_mb", "params", "compress_s"):
+            row[k] = statistics.median(r[k] for r in results[v])
+        row["latency_x_base"] = row["latency_ms"] / base["latency_ms"]
+        row["file_x_base"] = row["file_mb"] / base["file_mb"]
+        rows.append(row)
+    print(f"{args.model}, history {args.length}, batch {args.batch}, {args.threads} threads, "
+          f"median of {args.rounds} rounds x {args.reps} calls")
+    print("| variant | latency ms | x base | seq/s @batch | peak RSS MB | file MB | x base | params |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['latency_ms']:.2f} | {r['latency_x_base']:.2f} | {r['throughput_seq_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['file_mb']:.2f} | {r['file_x_base']:.2f} | {r['params']:,} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
