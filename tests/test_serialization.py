@@ -59,3 +59,11 @@ def test_mismatched_artefact_fails_clearly(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         load_compressed(folder)
+
+
+def test_non_finite_weight_names_the_layer():
+    model, names, stats = model_and_stats()
+    with torch.no_grad():
+        model.get_submodule(names[3]).weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"non-finite weight in layer {names[3]}"):
+        compress_low_rank(model, names, "odllm", 0.5, stats)

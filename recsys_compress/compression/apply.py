@@ -48,6 +48,13 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tens
     return float((num.clamp(min=0) / den.clamp(min=1e-300)).sqrt())
 
 
+def _finite_weight(model: nn.Module, name: str) -> torch.Tensor:
+    W = model.get_submodule(name).weight
+    if not torch.isfinite(W).all():
+        raise FloatingPointError(f"non-finite weight in layer {name}")
+    return W
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -69,9 +76,7 @@ def compress_low_rank(
     for name in layer_names:
         t0 = time.perf_counter()
         linear = model.get_submodule(name)
-        W = linear.weight
-        if not torch.isfinite(W).all():
-            raise FloatingPointError(f"non-finite weight in layer {name}")
+        W = _finite_weight(model, name)
         m, n = W.shape  # from the layer itself: k/v are narrower under grouped-query attention
         rank = rank_for_ratio(m, n, ratio)
         if rank < 1:
@@ -106,9 +111,7 @@ def prune_layers(
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()
-        W = model.get_submodule(name).weight
-        if not torch.isfinite(W).all():
-            raise FloatingPointError(f"non-finite weight in layer {name}")
+        W = _finite_weight(model, name)
         gram = stats[name].gram
         if method == "prune_magnitude":
             mask = magnitude_mask(W, ratio)
