@@ -8,7 +8,6 @@ checks these numbers against torchmetrics' retrieval metrics.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -100,7 +99,3 @@ class FullRankingMetrics(Metric):
         n = self.count.clamp(min=1)
         return {name: (getattr(self, name) / n).float() for name in self.names}
 
-
-def ndcg_at_k_single(rank: int, k: int) -> float:
-    """NDCG@K for one relevant item at 0-based ``rank`` (reference for tests and docs)."""
-    return 1.0 / math.log2(rank + 2) if rank < k else 0.0
