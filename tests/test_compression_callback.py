@@ -2,6 +2,7 @@
 
 import lightning as L
 import pytest
+import torch
 
 from conftest import SMALL
 from recsys_compress.compression.callback import SVDCompressionCallback
@@ -75,3 +76,34 @@ def test_pattern_matching_nothing_lists_candidates(trained):
 def test_rank_zero_names_the_layer(trained):
     with pytest.raises(ValueError, match=r"gives rank 0 for layer model.layers.0.self_attn.q_proj \(32 x 32\)"):
         compressed(trained, "svd", 0.01)
+
+
+def test_calibration_statistics_match_a_direct_computation(trained):
+    from recsys_compress.compression.calibration import collect_input_stats
+
+    dm, state = trained
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=INTER, max_len=20)).eval()
+    lit.load_state_dict(state)
+    names = select_linear_layers(lit.model, ["*.layers.1.self_attn.*_proj", "*.layers.1.mlp.*"])
+    batches = list(dm.train_dataloader())[:2]
+    forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])
+    stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2)
+
+    captured = {}
+    handles = [lit.model.get_submodule(n).register_forward_pre_hook(
+        lambda m, inp, n=n: captured.setdefault(n, []).append(inp[0])) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            forward(b)
+    for h in handles:
+        h.remove()
+    for n in names:
+        x = torch.cat([c[b["attention_mask"].bool()] for c, b in zip(captured[n], batches)]).double()
+        assert stats[n].tokens == x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
+        torch.testing.assert_close(stats[n].gram, x.T @ x)
+        torch.testing.assert_close(stats[n].abs_sum, x.abs().sum(0))
+    # layers that read one input tensor get the same statistics (computed once)
+    q, k, v = (stats[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
+    assert torch.equal(q.gram, k.gram) and torch.equal(k.gram, v.gram)
+    assert not torch.equal(q.gram, stats["model.layers.1.self_attn.o_proj"].gram)

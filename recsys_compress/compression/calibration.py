@@ -76,19 +76,28 @@ def collect_input_stats(
         for name in layer_names
     }
     mask_holder: dict[str, torch.Tensor] = {}
+    # q/k/v (and gate/up) are called one after another on the same input tensor: compute its
+    # contribution once and add it to each of them. Holding only the latest input keeps
+    # memory flat, and the identity check cannot confuse two different tensors.
+    last: dict[str, object] = {"input": None, "contribution": None}
+
+    def contribution(x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+        x = x[mask_holder["mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+        x = x.double().cpu()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite input activation in layer {name}")
+        return (x.T @ x if gram else None), x.abs().sum(0), x.shape[0]
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0]
-            x = x[mask_holder["mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
-            x = x.double().cpu()
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite input activation in layer {name}")
+            if inputs[0] is not last["input"]:
+                last["input"], last["contribution"] = inputs[0], contribution(inputs[0], name)
+            x_gram, x_abs, tokens = last["contribution"]
             s = stats[name]
             if s.gram is not None:
-                s.gram += x.T @ x
-            s.abs_sum += x.abs().sum(0)
-            s.tokens += x.shape[0]
+                s.gram += x_gram
+            s.abs_sum += x_abs
+            s.tokens += tokens
         return fn
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layer_names]
@@ -101,4 +110,5 @@ def collect_input_stats(
     finally:
         for h in handles:
             h.remove()
+        last["input"] = last["contribution"] = None
     return stats
