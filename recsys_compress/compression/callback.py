@@ -79,11 +79,12 @@ class SVDCompressionCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()  # no dropout in the statistics
         if self.method == "int8":
-            self.reports = [
-                LayerReport(n, *model.get_submodule(n).weight.shape, 0, float("nan"), float("nan"),
-                            model.get_submodule(n).weight.numel(), model.get_submodule(n).weight.numel(), 0.0, 0.0)
-                for n in names
-            ]
+            # No factorisation or calibration: every weight is kept, in int8.
+            self.reports = []
+            for n in names:
+                W = model.get_submodule(n).weight
+                self.reports.append(LayerReport(n, *W.shape, 0, float("nan"), float("nan"),
+                                                W.numel(), W.numel(), 0.0, 0.0))
         else:
             stats = collect_input_stats(
                 model, names, batches,

@@ -184,22 +184,24 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         metrics = {**cached, "base/cache_hit": 1, "base/time/train_s": cached["time/train_s"], "time/train_s": 0.0}
     metrics["base/cache_key"] = key
 
-    base_params, base_mb = count_parameters(model), serialized_megabytes(model)
+    params, size_mb = count_parameters(model), serialized_megabytes(model)
     if compressing:
+        base_params, base_mb = params, size_mb
         metrics = {(f"base/{k}" if k.startswith("test/") else k): v for k, v in metrics.items()}
         metrics["time/base_test_s"] = metrics.pop("time/test_s")
         metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
+        params, size_mb = count_parameters(model), serialized_megabytes(model)
         metrics.update({
             "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),
             "params/base_total": base_params,
             "size/base_mb": base_mb,
-            "compression/model_ratio": count_parameters(model) / base_params,
+            "compression/model_ratio": params / base_params,
         })
     metrics.update(
         {
-            "params/total": count_parameters(model),
+            "params/total": params,
             "params/nonzero": count_nonzero_parameters(model),
-            "size/mb": serialized_megabytes(model),
+            "size/mb": size_mb,
             "data/n_users": dm.data.n_users,
             "data/n_items": dm.data.n_items,
             "data/n_interactions": dm.data.n_interactions,
