@@ -204,6 +204,12 @@ class CompressionConfig:
 
 
 @dataclass
+class ExportConfig:
+    save: bool = True   # the final compressed model as safetensors in RUN_DIR/model
+    onnx: bool = False  # and as an ONNX artefact for `recsys-recommend` in RUN_DIR/onnx
+
+
+@dataclass
 class RunConfig:
     """The parts of the composed config that the training task reads directly."""
 
@@ -214,6 +220,7 @@ class RunConfig:
     compression: CompressionConfig
     ratio: float
     base_cache: bool
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -231,6 +238,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         compression=from_mapping(CompressionConfig, container.get("compression", {}), "compression"),
         ratio=_check_ratio(container.get("ratio", 1.0)),
         base_cache=_check_type(container.get("base_cache", True), bool, "base_cache"),
+        export=from_mapping(ExportConfig, container.get("export", {}), "export"),
     )
 
 

@@ -44,6 +44,7 @@ class SVDCompressionCallback(L.Callback):
         asvd_alpha: float = 0.5,
         quantize: str | None = None,
         report_dir: str | Path | None = None,
+        defer_quantize: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
@@ -56,7 +57,11 @@ class SVDCompressionCallback(L.Callback):
         self.include, self.exclude = tuple(include), tuple(exclude)
         self.calib_batches, self.asvd_alpha = calib_batches, asvd_alpha
         self.report_dir = Path(report_dir) if report_dir else None
+        # The pipeline quantises last (after alignment and the float export): with
+        # defer_quantize the callback factorises/prunes only and apply_quantization() follows.
+        self.defer_quantize = defer_quantize
         self.reports: list[LayerReport] | None = None
+        self.names: list[str] = []
         self.seconds = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -96,16 +101,24 @@ class SVDCompressionCallback(L.Callback):
                 self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha)
             else:
                 self.reports = prune_layers(model, names, self.method, self.ratio, stats)
-        if self.quantize == "int8":
-            if self.method in LOW_RANK_METHODS:  # both factors of every low-rank layer
-                names = [f"{n}.{part}" for n in names for part in ("down", "up")]
-            quantize_int8(model, names)
+        self.names = names
+        if self.quantize == "int8" and not self.defer_quantize:
+            self.apply_quantization(model)
         pl_module.train(was_training)
         self.seconds = time.perf_counter() - t0
         jittered = sum(r.jitter > 0 for r in self.reports)
         if jittered:
             log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
         return self.reports
+
+    def apply_quantization(self, model: torch.nn.Module) -> float:
+        """int8-quantise the compressed layers (both factors of low-rank ones); returns seconds."""
+        t0 = time.perf_counter()
+        names = self.names
+        if self.method in LOW_RANK_METHODS:
+            names = [f"{n}.{part}" for n in names for part in ("down", "up")]
+        quantize_int8(model, names)
+        return time.perf_counter() - t0
 
     def summary(self) -> dict[str, float]:
         """Aggregates for metrics.json and the loggers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,8 +17,10 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from recsys_compress.compression.callback import SVDCompressionCallback
+from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import (
@@ -105,19 +108,54 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def compress_and_test(
     run: RunConfig, cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list
 ) -> dict[str, Any]:
-    """Compress the (best-validation) base model in place and test it."""
+    """Compress the (best-validation) base model in place, test it, save it, quantise last.
+
+    Stages: factorise/prune (float) -> test (``stages/compressed/...``) -> save the float
+    artefacts -> int8 (when asked) -> test. Quantisation comes last so the saved and exported
+    artefacts are float (onnxruntime quantises the ONNX graph itself).
+    """
     c = run.compression
+    quantize = "int8" if c.method == "int8" or c.quantize == "int8" else None
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
-        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize,
-        report_dir=cfg.paths.output_dir,
+        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=quantize,
+        report_dir=cfg.paths.output_dir, defer_quantize=True,
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False
     )
     t0 = time.perf_counter()
-    test = trainer.test(lit, datamodule=dm, verbose=False)[0]
-    out = {**test, **compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
+    test = trainer.test(lit, datamodule=dm, verbose=False)[0]  # the callback compresses at setup
+    out: dict[str, Any] = {**compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
+    out.update({f"stages/compressed/{k}": v for k, v in test.items()})
+
+    out.update(save_artefacts(run, cfg, lit.model, dm, quantize))
+    if quantize:
+        out["time/quantize_s"] = compressor.apply_quantization(lit.model)
+        test = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    out.update(test)
+    return out
+
+
+def save_artefacts(
+    run: RunConfig, cfg: DictConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None
+) -> dict[str, Any]:
+    """Write the float model (``RUN_DIR/model``) and the ONNX artefact (``RUN_DIR/onnx``)."""
+    out: dict[str, Any] = {}
+    info = {"method": run.compression.method, "ratio": run.ratio, "quantize": quantize,
+            "dataset": run.dataset.name, "model": run.model.name}
+    output_dir = Path(cfg.paths.output_dir)
+    if run.export.save:
+        save_compressed(model, output_dir / "model", info)
+        log.info("compressed model saved to %s (float; quantize after loading: %s)", output_dir / "model", quantize)
+    if run.export.onnx:
+        assert dm.data is not None
+        t0 = time.perf_counter()
+        folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
+                             dm.data.item_texts(), quantize=quantize, info=info)
+        meta = json.loads((folder / "deploy.json").read_text())
+        out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
+                    "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
     return out
 
 

@@ -1,0 +1,117 @@
+"""Top-K next items for a history, from an exported ONNX artefact (no torch needed).
+
+    python -m recsys_compress.deploy.recommend ARTEFACT_DIR --history 1 50 260 --k 10
+    recsys-recommend ARTEFACT_DIR --history 1 50 260 --k 10 --json
+
+The history is given in the dataset's raw item ids (e.g. MovieLens movieId), oldest first.
+Items of the history are excluded from the result (as in the evaluation protocol) unless
+``--keep-seen`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "recsys-compress/onnx-v1"  # kept equal to export.FORMAT; this module must not import torch
+
+
+@dataclass
+class Recommendation:
+    item_id: str
+    text: str
+    score: float
+
+
+class Recommender:
+    """An onnxruntime session over an artefact folder written by ``export_onnx``."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        for name in ("model.onnx", "items.json", "deploy.json"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} is not an exported artefact: {name} is missing")
+        self.meta = json.loads((folder / "deploy.json").read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{folder}/deploy.json has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        items = json.loads((folder / "items.json").read_text())
+        self.item_ids: list[str] = items["ids"]
+        self.texts: list[str] = items["texts"]
+        self.index = {raw: i + 1 for i, raw in enumerate(self.item_ids)}
+        self.max_len: int = self.meta["max_len"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, histories: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ``(input_ids, attention_mask)`` of raw-id histories (last ``max_len`` kept)."""
+        if not histories:
+            raise ValueError("no history given")
+        rows = []
+        for history in histories:
+            unknown = [h for h in history if h not in self.index]
+            if unknown:
+                raise KeyError(f"unknown item ids {unknown[:10]} (the artefact knows {len(self.index)} items)")
+            if not history:
+                raise ValueError("a history is empty: at least one item is needed")
+            rows.append([self.index[h] for h in history][-self.max_len:])
+        width = max(2, max(len(r) for r in rows))  # the graph was exported for length >= 2
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        return ids, mask
+
+    def scores(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """Scores of every item index (column 0 is padding) for each history."""
+        ids, mask = self.encode(histories)
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def recommend(self, history: Sequence[str], k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
+        """The ``k`` highest-scoring items after ``history``, best first."""
+        if k < 1:
+            raise ValueError(f"k={k}; allowed: >= 1")
+        scores = self.scores([history])[0].astype(np.float64)
+        scores[0] = -np.inf  # padding is not an item
+        if exclude_seen:
+            scores[[self.index[h] for h in history]] = -np.inf
+        k = min(k, int(np.isfinite(scores).sum()))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [Recommendation(self.item_ids[i - 1], self.texts[i - 1], float(scores[i])) for i in top]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("artefact", type=Path, help="folder written by export (model.onnx, items.json, deploy.json)")
+    parser.add_argument("--history", nargs="+", required=True, help="raw item ids, oldest first")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--keep-seen", action="store_true", help="allow items of the history in the result")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        recs = Recommender(args.artefact, args.threads).recommend(args.history, args.k, not args.keep_seen)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(r) for r in recs], ensure_ascii=False, indent=2))
+    else:
+        for rank, r in enumerate(recs, 1):
+            print(f"{rank:>3}  {r.item_id:>8}  {r.score:8.3f}  {r.text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

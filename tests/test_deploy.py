@@ -1,0 +1,125 @@
+"""The ONNX artefact matches the eager model; `recommend` returns the eager top-K."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_compress.compression.apply import compress_low_rank
+from recsys_compress.compression.calibration import InputStats, select_linear_layers
+from recsys_compress.deploy.export import ItemScorer, export_onnx
+from recsys_compress.deploy.recommend import Recommender, main
+from recsys_compress.models.item_llm import build_llama
+from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.utils.compose import compose_config
+
+N_ITEMS, MAX_LEN = 60, 12
+RAW_IDS = [str(1000 + 3 * i) for i in range(N_ITEMS)]
+
+
+def compressed_model():
+    torch.manual_seed(0)
+    model = build_llama(N_ITEMS, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_len=MAX_LEN).eval()
+    names = select_linear_layers(model)
+    stats = {}
+    for n in names:
+        x = torch.randn(200, model.get_submodule(n).in_features, dtype=torch.float64)
+        stats[n] = InputStats(x.T @ x, x.abs().sum(0), 200)
+    compress_low_rank(model, names, "odllm", 0.5, stats)
+    return model
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    model = compressed_model()
+    root = tmp_path_factory.mktemp("deploy")
+    texts = [""] + [f"Movie {i}" for i in range(1, N_ITEMS + 1)]
+    export_onnx(model, root / "float", MAX_LEN, RAW_IDS, texts)
+    export_onnx(model, root / "int8", MAX_LEN, RAW_IDS, texts, quantize="int8")
+    return model, root
+
+
+def eager_scores(model, ids, mask):
+    with torch.no_grad():
+        return ItemScorer(model).eval()(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+
+
+def test_onnx_matches_eager_for_other_batch_sizes_and_lengths(artefacts):
+    model, root = artefacts
+    rec = Recommender(root / "float")
+    histories = [RAW_IDS[:1], RAW_IDS[5:9], RAW_IDS[10:40]]  # lengths 1, 4 and > max_len (truncated)
+    ids, mask = rec.encode(histories)
+    assert ids.shape == (3, MAX_LEN) and mask[0].sum() == 1 and mask[2].sum() == MAX_LEN
+    np.testing.assert_allclose(rec.scores(histories), eager_scores(model, ids, mask), atol=1e-4, rtol=1e-4)
+    single = rec.encode([RAW_IDS[3:8]])
+    assert single[0].shape == (1, 5)
+    np.testing.assert_allclose(rec.scores([RAW_IDS[3:8]]), eager_scores(model, *single), atol=1e-4, rtol=1e-4)
+    assert json.loads((root / "float" / "deploy.json").read_text())["max_abs_deviation_from_eager"] < 1e-4
+
+
+def test_recommend_returns_the_eager_top_k_without_seen_items(artefacts):
+    model, root = artefacts
+    rec = Recommender(root / "float")
+    history = [RAW_IDS[7], RAW_IDS[2], RAW_IDS[30]]
+    top = rec.recommend(history, k=8)
+    scores = eager_scores(model, *rec.encode([history]))[0]
+    scores[0] = -np.inf
+    scores[[8, 3, 31]] = -np.inf
+    expected = [RAW_IDS[i - 1] for i in np.argsort(-scores, kind="stable")[:8]]
+    assert [r.item_id for r in top] == expected
+    assert [r.score for r in top] == sorted((r.score for r in top), reverse=True)
+    assert top[0].text == f"Movie {RAW_IDS.index(top[0].item_id) + 1}"
+    assert not set(history) & {r.item_id for r in rec.recommend(history, k=N_ITEMS)}
+    assert len(rec.recommend(history, k=N_ITEMS)) == N_ITEMS - 3
+    assert {RAW_IDS[7]} <= {r.item_id for r in rec.recommend(history, k=N_ITEMS, exclude_seen=False)}
+
+
+def test_int8_artefact_is_smaller_and_ranks_like_the_float_model(artefacts):
+    _, root = artefacts
+    float_rec, int8_rec = Recommender(root / "float"), Recommender(root / "int8")
+    assert (root / "int8" / "model.onnx").stat().st_size < (root / "float" / "model.onnx").stat().st_size
+    histories = [RAW_IDS[i:i + 6] for i in range(0, 48, 6)]
+    a, b = float_rec.scores(histories)[:, 1:], int8_rec.scores(histories)[:, 1:]
+    assert not np.array_equal(a, b)  # really quantised
+    for row_a, row_b in zip(a, b):
+        assert np.corrcoef(row_a, row_b)[0, 1] > 0.95
+
+
+def test_recommend_cli_and_its_errors(artefacts, capsys):
+    _, root = artefacts
+    assert main([str(root / "float"), "--history", RAW_IDS[0], RAW_IDS[1], "--k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 3 and set(out[0]) == {"item_id", "text", "score"}
+    assert main([str(root / "float"), "--history", RAW_IDS[0], "nope"]) == 2
+    assert "unknown item ids ['nope']" in capsys.readouterr().err
+    assert main([str(root / "missing"), "--history", RAW_IDS[0]]) == 2
+    assert "model.onnx is missing" in capsys.readouterr().err
+    assert main([str(root / "float"), "--history", RAW_IDS[0], "--k", "0"]) == 2
+
+
+def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
+    model = compressed_model()
+    with pytest.raises(ValueError, match="item_ids has 3 entries but the model scores 60 items"):
+        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS[:3])
+    from recsys_compress.compression.apply import quantize_int8
+
+    quantize_int8(model, ["model.layers.0.mlp.down_proj.up"])
+    with pytest.raises(ValueError, match="torch int8 layers"):
+        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS)
+
+
+def test_pipeline_saves_exports_and_quantises_last(tmp_path):
+    overrides = ["compression=odllm", "compression.quantize=int8", "ratio=0.5", "model.hidden_size=16",
+                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
+                 "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
+                 "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    assert "stages/compressed/test/ndcg@10" in metrics and "time/quantize_s" in metrics
+    assert json.loads((tmp_path / "model" / "compression.json").read_text())["quantize"] == "int8"
+    deploy = json.loads((tmp_path / "onnx" / "deploy.json").read_text())
+    assert deploy["quantize"] == "int8" and deploy["n_items"] == 9724 and deploy["max_len"] == 20
+    rec = Recommender(tmp_path / "onnx")
+    assert rec.item_ids[:3] == ["1", "2", "3"] and "Toy Story" in rec.texts[0]
+    assert len(rec.recommend(["1", "2", "3"], k=10)) == 10
