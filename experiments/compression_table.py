@@ -1,12 +1,14 @@
-"""Methods x ratios on one trained model: retention of NDCG@10 and activation error.
+"""Methods x ratios (x alignments) on one trained model: retention of NDCG@10, errors, times.
 
 Takes a finished `train.py` run directory (its `.hydra/config.yaml` and best checkpoint),
-tests the base model once, then for every method and ratio restores the base weights,
-compresses (same calibration batches for every method) and tests. Writes a markdown table
-and a JSON file.
+tests the base model once, then for every method, ratio and alignment restores the base
+weights, compresses (same calibration batches for every method), aligns and tests. Writes a
+markdown table and a JSON file.
 
     python experiments/compression_table.py outputs/bench/ml1m --methods svd asvd odllm \
         prune_magnitude wanda --ratios 0.3 0.5 0.7 0.9 --out outputs/bench/compression_ml1m.json
+    python experiments/compression_table.py outputs/bench/ml1m --methods svd odllm --ratios 0.3 0.5 0.7 \
+        --alignments none progressive progressive_lstsq alignment.steps_per_layer=200
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from recsys_compress.alignment.runner import align
 from recsys_compress.compression.callback import SVDCompressionCallback
-from recsys_compress.config import validate
+from recsys_compress.config import AlignmentConfig, from_mapping, validate
 from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
 from recsys_compress.utils.compose import PROJECT_ROOT
 
@@ -34,13 +37,21 @@ def best_checkpoint(run_dir: Path) -> Path:
     return candidates[-1]
 
 
+def _parse(value: str):
+    """A command-line value as YAML would read it (numbers, booleans, strings)."""
+    return OmegaConf.create(f"v: {value}").v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "odllm"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--calib-batches", type=int, default=16)
+    parser.add_argument("--alignments", nargs="+", default=["none"],
+                        choices=["none", "progressive", "progressive_lstsq"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="alignment.KEY=VALUE settings (conf/alignment/*.yaml)")
     args = parser.parse_args()
 
     cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
@@ -60,32 +71,53 @@ def main() -> None:
                             enable_model_summary=False, accelerator="cpu", devices=1)
         return trainer.test(lit, datamodule=dm, verbose=False)[0]
 
+    def alignment_config(name: str) -> AlignmentConfig:
+        node = OmegaConf.load(PROJECT_ROOT / "conf" / "alignment" / f"{name}.yaml")
+        fields = AlignmentConfig.__dataclass_fields__
+        for item in args.overrides:
+            key, _, value = item.partition("=")
+            field = key.removeprefix("alignment.")
+            if not key.startswith("alignment.") or field not in fields:
+                parser.error(f"{item}: expected alignment.KEY=VALUE with KEY in {', '.join(fields)}")
+            if field in node:  # a key the chosen alignment uses
+                node[field] = _parse(value)
+        return from_mapping(AlignmentConfig, OmegaConf.to_container(node), "alignment")
+
     base = test()
     rows = []
     for ratio in args.ratios:
         for method in args.methods:
-            lit.model = copy.deepcopy(base_model)
-            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
-            result = test([cb])
-            summary = cb.summary()
-            rows.append({
-                "method": method, "ratio": ratio,
-                "test/ndcg@10": result["test/ndcg@10"],
-                "retention/ndcg@10": result["test/ndcg@10"] / base["test/ndcg@10"],
-                "compression/kept_ratio": summary["compression/kept_ratio"],
-                "compression/mean_rel_output_error": summary["compression/mean_rel_output_error"],
-                "time/compress_s": summary["time/compress_s"],
-            })
-            print(json.dumps(rows[-1]), flush=True)
+            for alignment in args.alignments:
+                lit.model = copy.deepcopy(base_model)
+                cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
+                result = test([cb])  # the callback compresses at setup
+                summary = cb.summary()
+                row = {"method": method, "ratio": ratio, "alignment": alignment,
+                       "compressed/test/ndcg@10": result["test/ndcg@10"],
+                       "compression/kept_ratio": summary["compression/kept_ratio"],
+                       "compression/mean_rel_output_error": summary["compression/mean_rel_output_error"],
+                       "time/compress_s": summary["time/compress_s"]}
+                if alignment != "none":
+                    L.seed_everything(run.seed)
+                    row.update(align(alignment_config(alignment), base_model, lit.model, dm.train_dataloader()))
+                    result = test()
+                row["test/ndcg@10"] = result["test/ndcg@10"]
+                row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
     print(f"\nbase {run.model.name} on {run.dataset.name} ({ckpt.name}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
-    print("| ratio | " + " | ".join(args.methods) + " |")
-    print("|---|" + "---|" * len(args.methods))
+    columns = [(m, a) for m in args.methods for a in args.alignments]
+    print("| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for ratio in args.ratios:
         cells = []
-        for method in args.methods:
-            r = next(r for r in rows if r["method"] == method and r["ratio"] == ratio)
-            cells.append(f"{r['retention/ndcg@10']:.3f} (err {r['compression/mean_rel_output_error']:.3f})")
+        for method, alignment in columns:
+            r = next(r for r in rows if (r["method"], r["ratio"], r["alignment"]) == (method, ratio, alignment))
+            cell = f"{r['retention/ndcg@10']:.3f}"
+            cell += f" (err {r['compression/mean_rel_output_error']:.3f})" if alignment == "none" \
+                else f" ({r['time/align_s']:.0f} s)"
+            cells.append(cell)
         print(f"| {ratio} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps({"base": base, "checkpoint": str(ckpt), "rows": rows}, indent=2) + "\n")

@@ -204,6 +204,34 @@ class CompressionConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    method: Literal["none", "progressive", "progressive_lstsq"] = "none"
+    batches: int = 16            # training batches whose hidden states drive the alignment
+    steps_per_layer: int = 100   # progressive: optimiser steps per decoder block
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: Literal["constant", "cosine"] = "cosine"  # restarts with every block
+    warmup_steps: int = 0
+    task_weight: float = 0.0     # + task_weight x next-item cross-entropy
+    distill_weight: float = 0.0  # + distill_weight x T^2 KL(teacher || student logits)
+    distill_temperature: float = 1.0
+    ridge: float = 1e-4          # progressive_lstsq: Tikhonov term, relative to mean diag(ZZ^T)
+    checkpoint: bool = True      # progressive: checkpoint after every block (resume support)
+
+    def check(self, p: str) -> None:
+        _require(self.batches >= 1, f"{p}.batches", self.batches, ">= 1")
+        _require(self.steps_per_layer >= 1, f"{p}.steps_per_layer", self.steps_per_layer, ">= 1")
+        _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.warmup_steps < self.steps_per_layer, f"{p}.warmup_steps", self.warmup_steps,
+                 f"[0, steps_per_layer={self.steps_per_layer})")
+        _require(self.task_weight >= 0, f"{p}.task_weight", self.task_weight, ">= 0")
+        _require(self.distill_weight >= 0, f"{p}.distill_weight", self.distill_weight, ">= 0")
+        _require(self.distill_temperature > 0, f"{p}.distill_temperature", self.distill_temperature, "> 0")
+        _require(self.ridge >= 0, f"{p}.ridge", self.ridge, ">= 0")
+
+
+@dataclass
 class ExportConfig:
     save: bool = True   # the final compressed model as safetensors in RUN_DIR/model
     onnx: bool = False  # and as an ONNX artefact for `recsys-recommend` in RUN_DIR/onnx
@@ -220,6 +248,7 @@ class RunConfig:
     compression: CompressionConfig
     ratio: float
     base_cache: bool
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -238,8 +267,19 @@ def validate(cfg: DictConfig) -> RunConfig:
         compression=from_mapping(CompressionConfig, container.get("compression", {}), "compression"),
         ratio=_check_ratio(container.get("ratio", 1.0)),
         base_cache=_check_type(container.get("base_cache", True), bool, "base_cache"),
+        alignment=_check_alignment(container),
         export=from_mapping(ExportConfig, container.get("export", {}), "export"),
     )
+
+
+def _check_alignment(container: dict[str, Any]) -> AlignmentConfig:
+    alignment = from_mapping(AlignmentConfig, container.get("alignment", {}), "alignment")
+    method = container.get("compression", {}).get("method", "none")
+    if alignment.method != "none" and method not in ("svd", "asvd", "odllm"):
+        raise ConfigError(
+            f"alignment={alignment.method} refines low-rank factors, but compression.method={method}; "
+            "allowed with alignment: svd, asvd, odllm")
+    return alignment
 
 
 def _check_ratio(value: Any) -> float:

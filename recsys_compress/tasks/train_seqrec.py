@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from recsys_compress.alignment.runner import align
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, validate
@@ -108,13 +110,16 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def compress_and_test(
     run: RunConfig, cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list
 ) -> dict[str, Any]:
-    """Compress the (best-validation) base model in place, test it, save it, quantise last.
+    """Compress the (best-validation) base model in place, test, align, save, quantise last.
 
-    Stages: factorise/prune (float) -> test (``stages/compressed/...``) -> save the float
-    artefacts -> int8 (when asked) -> test. Quantisation comes last so the saved and exported
-    artefacts are float (onnxruntime quantises the ONNX graph itself).
+    Stages: factorise/prune (float) -> test (``stages/compressed/...``) -> progressive
+    alignment against the uncompressed model (when asked) -> save the float artefacts -> int8
+    (when asked) -> test. Quantisation comes last so alignment trains float factors and the
+    saved and exported artefacts are float (onnxruntime quantises the ONNX graph itself).
     """
     c = run.compression
+    aligning = run.alignment.method != "none"
+    teacher = copy.deepcopy(lit.model).eval() if aligning else None
     quantize = "int8" if c.method == "int8" or c.quantize == "int8" else None
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
@@ -129,6 +134,13 @@ def compress_and_test(
     out: dict[str, Any] = {**compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
     out.update({f"stages/compressed/{k}": v for k, v in test.items()})
 
+    if aligning:
+        L.seed_everything(run.seed)
+        out.update(align(run.alignment, teacher, lit.model, dm.train_dataloader(),
+                         trainer_factory=lambda **kw: instantiate(cfg.trainer, **kw),
+                         output_dir=cfg.paths.output_dir, loggers=loggers))
+        del teacher
+        test = trainer.test(lit, datamodule=dm, verbose=False)[0]
     out.update(save_artefacts(run, cfg, lit.model, dm, quantize))
     if quantize:
         out["time/quantize_s"] = compressor.apply_quantization(lit.model)
@@ -143,6 +155,7 @@ def save_artefacts(
     """Write the float model (``RUN_DIR/model``) and the ONNX artefact (``RUN_DIR/onnx``)."""
     out: dict[str, Any] = {}
     info = {"method": run.compression.method, "ratio": run.ratio, "quantize": quantize,
+            "alignment": run.alignment.method,
             "dataset": run.dataset.name, "model": run.model.name}
     output_dir = Path(cfg.paths.output_dir)
     if run.export.save:

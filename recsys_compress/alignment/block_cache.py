@@ -1,0 +1,85 @@
+"""Per-block inputs and outputs of a decoder stack on alignment batches.
+
+Progressive alignment refines one decoder block at a time. Re-running the whole model for
+every step of every block would cost O(layers^2) forward passes; instead the teacher's
+hidden state entering every block is captured once, together with the arguments the model
+passes to its blocks (causal mask, rotary embeddings, positions), and each block is then run
+on its own (the GPTQ / SVD-LLM "catcher" pattern).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from recsys_compress.models.lit_seqrec import position_ids_for
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (``model.base_model.layers``)."""
+    blocks = getattr(model.base_model, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no decoder blocks at base_model.layers")
+    return blocks
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class AlignmentBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    block_kwargs: dict[str, Any]
+    # teacher[l] enters block l of the teacher; teacher[-1] leaves the last block (pre-norm).
+    teacher: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Boolean mask of the real (non-padding) positions."""
+        return self.attention_mask.bool()
+
+
+@torch.no_grad()
+def capture_teacher(
+    teacher: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], max_batches: int, device: torch.device
+) -> list[AlignmentBatch]:
+    """Run the teacher over ``max_batches`` batches, recording every block's input and output."""
+    blocks = decoder_blocks(teacher)
+    records: dict[str, Any] = {}
+
+    def before_first(_module, args, kwargs):
+        records["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        records["hidden"] = [args[0] if args else kwargs["hidden_states"]]
+
+    def after_each(_module, _args, _kwargs, output):
+        records["hidden"].append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [b.register_forward_hook(after_each, with_kwargs=True) for b in blocks]
+    cached: list[AlignmentBatch] = []
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for batch in batches:
+            if len(cached) >= max_batches:
+                break
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            teacher.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
+                               use_cache=False)
+            records["kwargs"].pop("hidden_states", None)
+            cached.append(AlignmentBatch(ids, mask, records["kwargs"], records["hidden"]))
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was_training)
+    if not cached:
+        raise ValueError("no alignment batches: the training dataloader is empty")
+    return cached

@@ -1,0 +1,200 @@
+"""Progressive alignment: only the current block trains, errors fall, lstsq is exact, resume works."""
+
+import copy
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from recsys_compress.alignment.block_cache import capture_teacher, decoder_blocks, run_block
+from recsys_compress.alignment.lstsq import progressive_lstsq, refit_left_factor
+from recsys_compress.alignment.progressive import AlignmentError, ProgressiveAlignmentModule, check_alignable
+from recsys_compress.alignment.runner import align
+from recsys_compress.compression.apply import compress_low_rank
+from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers
+from recsys_compress.config import AlignmentConfig, ConfigError, validate
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.models.item_llm import build_llama
+from recsys_compress.models.lit_seqrec import position_ids_for
+from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.utils.compose import compose_config
+
+from conftest import SMALL
+
+
+@pytest.fixture(scope="module")
+def batches():
+    dm = NextItemDataModule(format="grouplens_csv", path=str(SMALL), max_len=20, batch_size=16, seed=0)
+    dm.setup()
+    loader = iter(dm.train_dataloader())
+    return [next(loader) for _ in range(4)], dm.n_items
+
+
+@pytest.fixture(scope="module")
+def teacher_student(batches):
+    data, n_items = batches
+    torch.manual_seed(0)
+    teacher = build_llama(n_items, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                          intermediate_size=64, max_len=20, dropout=0.0).eval()
+    student = copy.deepcopy(teacher)
+    names = select_linear_layers(student)
+    stats = collect_input_stats(
+        student, names, data, lambda b: student.base_model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+            position_ids=position_ids_for(b["attention_mask"])), max_batches=4)
+    compress_low_rank(student, names, "odllm", 0.3, stats)
+    return teacher, student
+
+
+def trainer(max_steps, callbacks=(), **kw):
+    return L.Trainer(max_steps=max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks), **kw)
+
+
+def hidden_errors(teacher, student, data):
+    """Per block: MSE between student and teacher hidden states leaving it (end to end)."""
+    cache = capture_teacher(teacher, data, len(data), torch.device("cpu"))
+    errors = []
+    with torch.no_grad():
+        hidden = [student.get_input_embeddings()(b.input_ids) for b in cache]
+        for i, block in enumerate(decoder_blocks(student)):
+            hidden = [run_block(block, h, b.block_kwargs) for h, b in zip(hidden, cache)]
+            errors.append(float(sum(((h - b.teacher[i + 1])[b.tokens] ** 2).mean() for h, b in zip(hidden, cache))))
+    return errors
+
+
+def test_block_cache_matches_the_full_forward(teacher_student, batches):
+    teacher, _ = teacher_student
+    data, _ = batches
+    cache = capture_teacher(teacher, data, 2, torch.device("cpu"))
+    assert len(cache) == 2 and len(cache[0].teacher) == 3
+    b = cache[1]
+    with torch.no_grad():
+        full = teacher.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                  position_ids=position_ids_for(b.attention_mask)).last_hidden_state
+        hidden = teacher.get_input_embeddings()(b.input_ids)
+        for block in decoder_blocks(teacher):
+            hidden = run_block(block, hidden, b.block_kwargs)
+        torch.testing.assert_close(teacher.base_model.norm(hidden), full)
+
+
+def test_only_the_current_blocks_factors_change(teacher_student, batches):
+    teacher, student = teacher_student
+    student = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    module = ProgressiveAlignmentModule(teacher, student, batches[0], num_batches=4, steps_per_layer=10, lr=1e-2)
+    trainer(5).fit(module)  # stop inside block 0
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    factors_0 = {k for k in before if k.startswith("model.layers.0.") and k.endswith((".down.weight", ".up.weight"))}
+    assert changed == factors_0 and len(factors_0) == 14  # 7 low-rank layers x 2 factors
+
+
+def test_each_block_error_falls_and_end_to_end_errors_fall(teacher_student, batches):
+    teacher, student = teacher_student
+    data, _ = batches
+    student = copy.deepcopy(student)
+    errors_before = hidden_errors(teacher, student, data)
+    module = ProgressiveAlignmentModule(teacher, student, data, num_batches=4, steps_per_layer=30, lr=3e-3)
+    trainer(module.total_steps).fit(module)
+    assert [r["layer"] for r in module.layer_reports] == [0, 1]
+    for report in module.layer_reports:
+        assert report["mse_after"] < report["mse_before"]
+    errors_after = hidden_errors(teacher, student, data)
+    assert all(a < b for a, b in zip(errors_after, errors_before)), (errors_before, errors_after)
+    assert all(p.requires_grad for p in student.parameters())  # handed back trainable
+
+
+def test_closed_form_matches_torch_lstsq():
+    torch.manual_seed(0)
+    Z = torch.randn(5, 200, dtype=torch.float64)
+    Y = torch.randn(7, 200, dtype=torch.float64)
+    expected = torch.linalg.lstsq(Z.T, Y.T).solution.T
+    torch.testing.assert_close(refit_left_factor(Z @ Z.T, Y @ Z.T, ridge=0.0), expected)
+
+
+def test_progressive_lstsq_lowers_every_block_error(teacher_student, batches):
+    teacher, student = teacher_student
+    data, _ = batches
+    student = copy.deepcopy(student)
+    errors_before = hidden_errors(teacher, student, data)
+    cache = capture_teacher(teacher, data, 4, torch.device("cpu"))
+    reports = progressive_lstsq(teacher, student, cache, ridge=1e-6)
+    assert [r["layer"] for r in reports] == [0, 1]
+    assert all(r["mse_after"] < r["mse_before"] for r in reports)
+    assert all(a < b for a, b in zip(hidden_errors(teacher, student, data), errors_before))
+
+
+class Kill(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 9:
+            raise RuntimeError("killed")
+
+
+def test_resume_continues_from_the_checkpointed_block(teacher_student, batches, tmp_path):
+    teacher, student = teacher_student
+    data, _ = batches
+    cfg = AlignmentConfig(method="progressive", batches=4, steps_per_layer=6, lr=3e-3)
+    uninterrupted = copy.deepcopy(student)
+    align(cfg, teacher, uninterrupted, data, output_dir=tmp_path / "a")
+
+    resumed = copy.deepcopy(student)
+
+    def killed(**kw):
+        return L.Trainer(**{**kw, "callbacks": kw["callbacks"] + [Kill()]}, accelerator="cpu", devices=1,
+                         enable_progress_bar=False, enable_model_summary=False)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        align(cfg, teacher, resumed, data, trainer_factory=killed, output_dir=tmp_path / "b")
+    assert (tmp_path / "b" / "alignment" / "last.ckpt").is_file()  # written after block 0 (step 6)
+    out = align(cfg, teacher, resumed, data, output_dir=tmp_path / "b")
+    assert out["align/layers"] == 1  # only block 1 was left
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_bad_inputs_fail_clearly(teacher_student, batches):
+    teacher, student = teacher_student
+    with pytest.raises(AlignmentError, match="no low-rank layers"):
+        check_alignable(teacher, copy.deepcopy(teacher))
+    deeper = build_llama(teacher.config.vocab_size - 1, hidden_size=32, num_layers=3, num_heads=4,
+                         num_kv_heads=2, intermediate_size=64, max_len=20)
+    with pytest.raises(AlignmentError, match="teacher has 3 decoder blocks, student 2"):
+        check_alignable(deeper, student)
+    wider = build_llama(teacher.config.vocab_size - 1, hidden_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, intermediate_size=96, max_len=20)
+    with pytest.raises(AlignmentError, match=r"layers.0.mlp.down_proj: teacher maps 96->32, student 64->32"):
+        check_alignable(wider, student)
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    module = ProgressiveAlignmentModule(broken, copy.deepcopy(student), batches[0], num_batches=2, steps_per_layer=4)
+    with pytest.raises(FloatingPointError, match="at block 0, step 0 of 4"):
+        trainer(8).fit(module)
+
+
+def test_config_rejects_alignment_without_low_rank_compression(tmp_path):
+    cfg = compose_config(["compression=wanda", "alignment=progressive"], tmp_path)
+    with pytest.raises(ConfigError, match="alignment=progressive refines low-rank factors, but compression.method=wanda"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="alignment.steps_per_layer=0"):
+        validate(compose_config(["compression=odllm", "alignment=progressive", "alignment.steps_per_layer=0"], tmp_path))
+
+
+@pytest.mark.parametrize("alignment", ["progressive", "progressive_lstsq"])
+def test_pipeline_compress_align_test(alignment, tmp_path):
+    overrides = ["compression=odllm", f"alignment={alignment}", "ratio=0.4", "model.hidden_size=16",
+                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
+                 "alignment.batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+                 "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    if alignment == "progressive":
+        overrides.append("alignment.steps_per_layer=3")
+    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    for key in ("stages/compressed/test/ndcg@10", "test/ndcg@10", "time/align_s", "align/mean_mse_after"):
+        assert key in metrics, key
+    assert metrics["align/layers"] == 2
+    assert metrics["align/mean_mse_after"] < metrics["align/mean_mse_before"]
+    assert (tmp_path / "alignment_layers.csv").read_text().count("\n") == 3
+    assert json.loads((tmp_path / "model" / "compression.json").read_text())["alignment"] == alignment
+    assert (tmp_path / "alignment" / "last.ckpt").is_file() == (alignment == "progressive")
