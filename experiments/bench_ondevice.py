@@ -9,6 +9,12 @@ reports medians over rounds and ratios to the base.
 
     python experiments/bench_ondevice.py --model llama_tiny --ratios 0.3 0.5 0.7 dataset=ml_100k
     python experiments/bench_ondevice.py --model smollm2_135m --ratios 0.3 0.5 0.7 dataset=ml_100k
+    python experiments/bench_ondevice.py --runtime onnx --model smollm2_135m --ratios 0.5 dataset=ml_100k
+
+``--runtime onnx`` measures the deployable artefact instead: each variant is exported once
+(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph), then every
+round loads only the artefact with onnxruntime in a process that never imports torch, so
+peak RSS is what a device running the recommender needs.
 
 Latency does not depend on what the weights learned, so the base model is the untrained
 architecture (pretrained weights for smollm2_135m); compression calibrates on real batches.
@@ -22,16 +28,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
 
+def build_variant(args: argparse.Namespace, variant: str):
+    """The model of ``variant`` (base, METHOD@R, with +int8), its datamodule and compression time."""
+    import torch
 
-def worker(args: argparse.Namespace) -> dict:
     from recsys_compress.compression.callback import SVDCompressionCallback
     from recsys_compress.config import validate
-    from recsys_compress.models.item_llm import count_parameters, serialized_megabytes
     from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
     from recsys_compress.utils.compose import compose_config
 
@@ -41,7 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
     dm = build_datamodule(run.dataset, run.seed)
     torch.manual_seed(0)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval()
-    method, _, ratio = args.worker.partition("@")
+    method, _, ratio = variant.partition("@")
     quantize = method.endswith("+int8")
     method = method.removesuffix("+int8")
     compress_s = 0.0
@@ -49,9 +56,60 @@ def worker(args: argparse.Namespace) -> dict:
         cb = SVDCompressionCallback(
             method="int8" if method == "base" else method, ratio=float(ratio or 1.0),
             calib_batches=args.calib_batches, quantize="int8" if quantize else None,
+            defer_quantize=args.runtime == "onnx",  # onnxruntime quantises the exported graph
         )
         cb.compress(lit, dm.train_dataloader())
         compress_s = cb.seconds
+    return lit, dm, compress_s, quantize
+
+
+def export_worker(args: argparse.Namespace) -> dict:
+    from recsys_compress.deploy.export import export_onnx
+    from recsys_compress.models.item_llm import count_parameters
+
+    lit, dm, compress_s, quantize = build_variant(args, args.export)
+    export_onnx(lit.model, args.folder, max(args.length, dm.max_len), dm.data.item_ids, dm.data.item_texts(),
+                quantize="int8" if quantize else None)
+    return {"params": count_parameters(lit.model), "compress_s": compress_s}
+
+
+def onnx_worker(args: argparse.Namespace) -> dict:
+    """Latency/throughput/RSS of an exported artefact; this process never imports torch."""
+    import numpy as np
+
+    from recsys_compress.deploy.recommend import Recommender
+
+    rec = Recommender(args.folder, threads=args.threads)
+    rng = np.random.default_rng(0)
+    history = [rec.item_ids[i] for i in rng.integers(0, len(rec.item_ids), args.length)]
+    batch = [history] * args.batch
+    for _ in range(5):
+        rec.scores([history])
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        rec.scores([history])
+        times.append(time.perf_counter() - t0)
+    rec.scores(batch)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        rec.scores(batch)
+    throughput = 3 * args.batch / (time.perf_counter() - t0)
+    assert "torch" not in sys.modules
+    return {
+        "variant": args.worker,
+        "latency_ms": 1000 * statistics.median(times),
+        "throughput_seq_s": throughput,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "file_mb": (Path(args.folder) / "model.onnx").stat().st_size / 2**20,
+    }
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+    from recsys_compress.models.item_llm import count_parameters, serialized_megabytes
+
+    lit, dm, compress_s, _ = build_variant(args, args.worker)
     history = torch.randint(1, dm.n_items + 1, (1, args.length))
     one = torch.ones_like(history)
     batch = history.expand(args.batch, -1).contiguous()
@@ -92,11 +150,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
     args = parser.parse_args()
+    if args.export:
+        print(json.dumps(export_worker(args)))
+        return
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(onnx_worker(args) if args.runtime == "onnx" else worker(args)))
         return
 
     variants = ["base", "base+int8"]
@@ -104,14 +168,26 @@ def main() -> None:
         variants += [f"{args.method}@{r}", f"{args.method}+int8@{r}"]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                   ("model", "length", "batch", "reps", "threads", "calib-batches")]
-    for _ in range(args.rounds):
-        for v in variants:
-            out = subprocess.run(
-                [sys.executable, __file__, *passthrough, f"--worker={v}", *args.overrides],
-                capture_output=True, text=True, check=True,
-            )
-            results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime")]
+
+    def call(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, *passthrough, *extra, *args.overrides],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(extra)} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = {}
+        if args.runtime == "onnx":
+            for v in variants:
+                exported[v] = call(f"--export={v}", f"--folder={tmp}/{v}")
+        for _ in range(args.rounds):
+            for v in variants:
+                if args.runtime == "onnx":
+                    results[v].append({**exported[v], **call(f"--worker={v}", f"--folder={tmp}/{v}")})
+                else:
+                    results[v].append(call(f"--worker={v}"))
     base = {k: statistics.median(r[k] for r in results["base"]) for k in ("latency_ms", "file_mb")}
     rows = []
     for v in variants:
@@ -121,7 +197,7 @@ def main() -> None:
         row["latency_x_base"] = row["latency_ms"] / base["latency_ms"]
         row["file_x_base"] = row["file_mb"] / base["file_mb"]
         rows.append(row)
-    print(f"{args.model}, history {args.length}, batch {args.batch}, {args.threads} threads, "
+    print(f"{args.model} ({args.runtime}), history {args.length}, batch {args.batch}, {args.threads} threads, "
           f"median of {args.rounds} rounds x {args.reps} calls")
     print("| variant | latency ms | x base | seq/s @batch | peak RSS MB | file MB | x base | params |")
     print("|---|---|---|---|---|---|---|---|")
