@@ -87,11 +87,14 @@ def main() -> None:
     rows = []
     for ratio in args.ratios:
         for method in args.methods:
+            lit.model = copy.deepcopy(base_model)
+            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
+            compressed_result = test([cb])  # the callback compresses at setup
+            compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
+            summary = cb.summary()
             for alignment in args.alignments:
-                lit.model = copy.deepcopy(base_model)
-                cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
-                result = test([cb])  # the callback compresses at setup
-                summary = cb.summary()
+                lit.model = copy.deepcopy(compressed_model)
+                result = compressed_result
                 row = {"method": method, "ratio": ratio, "alignment": alignment,
                        "compressed/test/ndcg@10": result["test/ndcg@10"],
                        "compression/kept_ratio": summary["compression/kept_ratio"],

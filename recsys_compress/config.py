@@ -286,3 +286,90 @@ def _check_ratio(value: Any) -> float:
     ratio = _check_type(value, float, "ratio")
     _require(0 < ratio <= 1, "ratio", value, "(0, 1] (the fraction of targeted parameters kept)")
     return ratio
+
+
+@dataclass
+class ProbeConfig:
+    layer: int | Literal["all"] = 15
+    dim: int = 32
+    compressor: Literal["linear", "pca", "none"] = "linear"
+
+    def check(self, p: str) -> None:
+        _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")
+        if self.layer != "all":
+            _require(self.layer >= 0, f"{p}.layer", self.layer, "a layer index >= 0, or all")
+
+
+@dataclass
+class RepresentationConfig:
+    model: Literal["smollm2_135m", "minilm", "llama_tiny", "hf"] = "smollm2_135m"
+    path: str | None = None
+    gguf_path: str | None = None
+    template: str = "{title}. Genres: {genres}"
+    batch_size: int = 64
+    max_tokens: int = 64
+
+    def check(self, p: str) -> None:
+        _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+        _require(self.max_tokens >= 1, f"{p}.max_tokens", self.max_tokens, ">= 1")
+        if self.model == "hf" and not self.path:
+            raise ConfigError(f"{p}.path is required with {p}.model=hf (a Hugging Face model folder)")
+        try:
+            self.template.format(title="t", year="y", genres="g", id="i")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{p}.template={self.template!r} is not a valid template ({e}); "
+                              "allowed fields: title, year, genres, id") from None
+
+
+@dataclass
+class CTRConfig:
+    threshold: float = 4.0
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    id_dim: int = 16
+    cross_layers: int = 2
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+
+    def check(self, p: str) -> None:
+        _require(len(self.split) == 3 and min(self.split) >= 0 and abs(sum(self.split) - 1) < 1e-6,
+                 f"{p}.split", self.split, "three non-negative fractions summing to 1 (train, val, test)")
+        _require(self.split[1] > 0 and self.split[2] > 0, f"{p}.split", self.split, "non-empty val and test parts")
+        _require(self.id_dim >= 1, f"{p}.id_dim", self.id_dim, ">= 1")
+        _require(self.cross_layers >= 0, f"{p}.cross_layers", self.cross_layers, ">= 0")
+        _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "[0, 1)")
+        _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
+        _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+        _require(self.eval_batch_size >= 1, f"{p}.eval_batch_size", self.eval_batch_size, ">= 1")
+
+
+@dataclass
+class ProbeRunConfig:
+    seed: int
+    dataset: DatasetConfig
+    probe: ProbeConfig
+    representation: RepresentationConfig
+    ctr: CTRConfig
+
+
+def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
+    """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    if "dataset" not in container:
+        raise ConfigError("missing config group 'dataset' (choose one with dataset=NAME)")
+    run = ProbeRunConfig(
+        seed=_check_type(container.get("seed", 0), int, "seed"),
+        dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
+        probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
+        representation=from_mapping(RepresentationConfig, container.get("representation", {}), "representation"),
+        ctr=from_mapping(CTRConfig, container.get("ctr", {}), "ctr"),
+    )
+    if run.dataset.format == "sequence_text":
+        raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
+                          "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
+    return run

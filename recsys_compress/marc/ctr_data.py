@@ -1,0 +1,90 @@
+"""The downstream CTR task on MovieLens: (user, item) -> clicked = rating >= threshold.
+
+Each user's ratings are ordered by time and split 80/10/10 (configurable) into train,
+validation and test, so every split predicts a user's later behaviour from earlier
+behaviour. Users and items are indexed 0..n-1 in natural id order; ``item_ids`` is the order
+the item representations follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from recsys_compress.data.readers import ItemInfo, read_interactions
+
+
+def _natural_key(raw: str) -> tuple[int, int | str]:
+    return (0, int(raw)) if raw.isdigit() else (1, raw)
+
+
+@dataclass
+class CTRSplits:
+    user_ids: list[str]
+    item_ids: list[str]
+    item_info: dict[str, ItemInfo]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # user, item, label
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {"n_users": len(self.user_ids), "n_items": len(self.item_ids)}
+        for name, (_, _, label) in self.splits.items():
+            out[f"{name}_samples"] = len(label)
+            out[f"{name}_positive_rate"] = float(label.mean()) if len(label) else float("nan")
+        return out
+
+
+def build_ctr_splits(
+    fmt: str, path: str, name: str | None = None, threshold: float = 4.0,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> CTRSplits:
+    raw = read_interactions(fmt, path, name)
+    if raw.ratings is None or raw.timestamps is None:
+        raise ValueError(f"{path}: the CTR task needs ratings and timestamps; {raw.source} has "
+                         f"{'no ratings' if raw.ratings is None else 'no timestamps'}")
+    if abs(sum(split) - 1) > 1e-6 or min(split) < 0:
+        raise ValueError(f"split={split} must be three non-negative fractions summing to 1")
+    user_ids = sorted(set(raw.users), key=_natural_key)
+    item_ids = sorted(set(raw.items), key=_natural_key)
+    u_index = {u: i for i, u in enumerate(user_ids)}
+    i_index = {it: i for i, it in enumerate(item_ids)}
+    per_user: dict[int, list[tuple[float, int, int, float]]] = {}
+    for row, (u, it, r, t) in enumerate(zip(raw.users, raw.items, raw.ratings, raw.timestamps)):
+        per_user.setdefault(u_index[u], []).append((t, row, i_index[it], r))
+    parts: dict[str, list[tuple[int, int, float]]] = {"train": [], "val": [], "test": []}
+    for u, events in per_user.items():
+        events.sort()  # by time, then file order: stable for equal timestamps
+        n = len(events)
+        n_train = round(n * split[0])
+        n_val = round(n * (split[0] + split[1])) - n_train
+        for k, (_, _, item, rating) in enumerate(events):
+            part = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+            parts[part].append((u, item, float(rating >= threshold)))
+    splits = {}
+    for part, rows in parts.items():
+        t = torch.tensor(rows, dtype=torch.float64) if rows else torch.zeros(0, 3, dtype=torch.float64)
+        splits[part] = (t[:, 0].long(), t[:, 1].long(), t[:, 2].float())
+    return CTRSplits(user_ids, item_ids, raw.item_info, splits)
+
+
+class CTRDataModule(L.LightningDataModule):
+    def __init__(self, data: CTRSplits, batch_size: int = 2048, eval_batch_size: int = 8192, seed: int = 0):
+        super().__init__()
+        self.data = data
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(TensorDataset(*self.data.splits[part]), shuffle=shuffle, generator=generator,
+                          batch_size=self.batch_size if shuffle else self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

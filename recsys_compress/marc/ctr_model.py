@@ -1,0 +1,146 @@
+"""The task-adaptation model: DCN-V2 (cross network + MLP) over ids and compressed LLM features.
+
+``RepresentationCompressor`` turns a frozen item representation (an LLM layer's hidden
+state) into ``dim`` features: a linear projection trained with the task, PCA fitted once
+(frozen), or nothing (ID-only baseline). Representations are standardised per dimension
+first: LLM hidden states carry a few huge-magnitude channels that would otherwise dominate
+both PCA and the projection's initial scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+
+def standardise(reps: torch.Tensor) -> torch.Tensor:
+    return (reps - reps.mean(0)) / reps.std(0).clamp(min=1e-6)
+
+
+def pca_projection(reps: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[hidden, dim]`` top principal directions of (already standardised) ``reps``, scaled to unit variance."""
+    centred = reps.double() - reps.double().mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    std = s[:dim] / max(1, reps.shape[0] - 1) ** 0.5
+    return (vh[:dim].T / std.clamp(min=1e-12)).float()
+
+
+class RepresentationCompressor(nn.Module):
+    def __init__(self, reps: torch.Tensor | None, kind: str = "linear", dim: int = 32):
+        super().__init__()
+        if kind not in ("linear", "pca", "none"):
+            raise ValueError(f"probe.compressor={kind!r}; allowed: linear, pca, none")
+        self.kind, self.dim = kind, (0 if kind == "none" else dim)
+        if kind == "none":
+            self.register_buffer("reps", torch.zeros(0), persistent=False)
+            return
+        assert reps is not None
+        if dim > reps.shape[1]:
+            raise ValueError(f"probe.dim={dim} exceeds the representation width {reps.shape[1]}")
+        reps = standardise(reps.float())
+        if kind == "pca":
+            self.register_buffer("reps", reps @ pca_projection(reps, dim), persistent=False)
+        else:
+            self.register_buffer("reps", reps, persistent=False)
+            self.project = nn.Linear(reps.shape[1], dim)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return self.reps.new_zeros(items.shape[0], 0)
+        x = self.reps[items]
+        return self.project(x) if self.kind == "linear" else x
+
+
+class CrossNetwork(nn.Module):
+    """DCN-V2 full-rank cross layers: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class DCNv2(nn.Module):
+    """Stacked DCN-V2: [user emb, item emb, features] -> cross network -> MLP -> logit."""
+
+    def __init__(self, n_users: int, n_items: int, feature_dim: int, id_dim: int = 16, cross_layers: int = 2,
+                 hidden: Sequence[int] = (128, 64), dropout: float = 0.1):
+        super().__init__()
+        self.user = nn.Embedding(n_users, id_dim)
+        self.item = nn.Embedding(n_items, id_dim)
+        width = 2 * id_dim + feature_dim
+        self.cross = CrossNetwork(width, cross_layers)
+        mlp: list[nn.Module] = []
+        for h in hidden:
+            mlp += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        self.mlp = nn.Sequential(*mlp, nn.Linear(width, 1))
+        for emb in (self.user, self.item):
+            nn.init.normal_(emb.weight, std=0.01)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        x0 = torch.cat([self.user(users), self.item(items), features], -1)
+        return self.mlp(self.cross(x0)).squeeze(-1)
+
+
+class CTRLitModule(L.LightningModule):
+    """BCE training; AUC (torchmetrics ``BinaryAUROC``) and LogLoss for validation and test."""
+
+    def __init__(self, compressor: RepresentationCompressor, n_users: int, n_items: int, id_dim: int = 16,
+                 cross_layers: int = 2, hidden: Sequence[int] = (128, 64), dropout: float = 0.1,
+                 lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["compressor"])
+        self.compressor = compressor
+        self.model = DCNv2(n_users, n_items, compressor.dim, id_dim, cross_layers, hidden, dropout)
+        self.auc = nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
+        self.logloss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.model(users, items, self.compressor(items))
+
+    def training_step(self, batch, batch_idx):
+        users, items, labels = batch
+        loss = F.binary_cross_entropy_with_logits(self(users, items), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"CTR loss is {loss.item()} at step {self.global_step}: lower ctr.lr")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval(self, batch, stage: str) -> None:
+        users, items, labels = batch
+        logits = self(users, items)
+        self.auc[stage].update(torch.sigmoid(logits), labels.long())
+        self.logloss[stage].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        self.log(f"{stage}/auc", self.auc[stage].compute(), prog_bar=stage == "val")
+        self.log(f"{stage}/logloss", self.logloss[stage].compute())
+        self.auc[stage].reset()
+        self.logloss[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

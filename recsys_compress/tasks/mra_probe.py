@@ -1,0 +1,163 @@
+"""``task=mra_probe``: how good is each LLM layer's item representation once compressed?
+
+For ``probe.layer`` (an index, or ``all``) the frozen mean-pooled representation is
+compressed to ``probe.dim`` features (linear trained with the task, PCA, or none = ID-only)
+and a DCN-V2 CTR model is trained on MovieLens (label rating >= threshold, per-user time
+split), selected on validation AUC and tested. Representations come from the on-disk cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from recsys_compress.config import ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
+from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
+from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor
+from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder
+from recsys_compress.models.gguf_cache import convert_gguf
+from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.utils.run_outputs import write_metrics_json
+
+log = logging.getLogger(__name__)
+
+
+def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -> Encoder:
+    if rep.model == "smollm2_135m" and not rep.path:
+        if not rep.gguf_path:
+            raise ConfigError("representation.gguf_path (or representation.path) is needed for smollm2_135m")
+        return load_encoder(rep.model, convert_gguf(rep.gguf_path, Path(cache_dir) / "models"))
+    return load_encoder(rep.model, rep.path, seed=seed)
+
+
+def layer_representations(
+    run: ProbeRunConfig, data: CTRSplits, cache_dir: str | Path
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """``[n_layers + 1, n_items, hidden]`` from the cache (or extracted now), and what it cost."""
+    if run.probe.compressor == "none":
+        return None, {"probe/n_layers": float("nan")}
+    rep = run.representation
+    encoder = build_encoder(rep, cache_dir, run.seed)
+    n = encoder.n_layers
+    if run.probe.layer != "all" and not 0 <= run.probe.layer <= n:
+        raise ConfigError(f"probe.layer={run.probe.layer} is out of range for {rep.model}; "
+                          f"allowed: 0..{n} (0 = token embeddings, {n} = final layer) or all")
+    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
+    if missing:
+        log.warning("%d of %d items have no title; they use the text 'Item <id>'", missing, len(texts))
+    t0 = time.perf_counter()
+    reps, hit, path = cached_layer_means(encoder, run.dataset.name, data.item_ids, texts, rep.template,
+                                        cache_dir, rep.batch_size, rep.max_tokens)
+    info = {"time/extract_s": 0.0 if hit else time.perf_counter() - t0, "repr/cache_hit": int(hit),
+            "repr/cache_mb": path.stat().st_size / 2**20, "repr/items_without_text": missing,
+            "repr/hidden": reps.shape[-1], "probe/n_layers": n}
+    log.info("representations %s (%s): %s", path, "cached" if hit else "extracted", tuple(reps.shape))
+    return reps, info
+
+
+def fit_ctr(cfg: DictConfig, run: ProbeRunConfig, dm: CTRDataModule, reps: torch.Tensor | None,
+            loggers: list, checkpoint_dir: Path) -> dict[str, float]:
+    """Train one CTR model on ``reps`` ([n_items, hidden] or None), select on val AUC, test."""
+    L.seed_everything(run.seed, workers=True)
+    c = run.ctr
+    compressor = RepresentationCompressor(reps, run.probe.compressor, run.probe.dim)
+    lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
+                       cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
+                       weight_decay=c.weight_decay)
+    callbacks = []
+    for cb in instantiate_group(cfg.get("callbacks")):
+        if isinstance(cb, ModelCheckpoint):  # one folder per probed layer
+            cb.dirpath = str(checkpoint_dir)
+        if isinstance(cb, LearningRateMonitor) and not loggers:
+            continue
+        callbacks.append(cb)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    train_s = time.perf_counter() - t0
+    ckpt = trainer.checkpoint_callback
+    best = "best" if ckpt is not None and ckpt.best_model_path else None
+    out = dict(trainer.test(lit, datamodule=dm, ckpt_path=best, verbose=False)[0])
+    out["time/train_s"] = train_s
+    if ckpt is not None and ckpt.best_model_score is not None:
+        out["val/best_auc"] = float(ckpt.best_model_score)
+    return out
+
+
+def mra_probe(cfg: DictConfig) -> dict[str, Any]:
+    run = validate_probe(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(run.seed, workers=True)
+    d = run.dataset
+    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split))
+    dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
+    reps, info = layer_representations(run, data, cfg.paths.cache_dir)
+
+    loggers = instantiate_group(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
+                               **info, **{f"data/{k}": v for k, v in data.stats().items()}}
+    if reps is None or run.probe.layer != "all":
+        layer = None if reps is None else int(run.probe.layer)
+        result = fit_ctr(cfg, run, dm, None if reps is None else reps[layer], loggers, output_dir / "checkpoints")
+        metrics.update(result)
+        metrics["probe/layer"] = -1 if layer is None else layer  # -1: ID-only, no representation
+    else:
+        rows = []
+        for layer in range(reps.shape[0]):
+            log.info("probing layer %d of %d", layer, reps.shape[0] - 1)
+            result = fit_ctr(cfg, run, dm, reps[layer], loggers, output_dir / "checkpoints" / f"layer{layer:02d}")
+            rows.append({"layer": layer, **result})
+            metrics.update({f"layers/{layer}/{k}": v for k, v in result.items()})
+        best = max(rows, key=lambda r: r["val/best_auc"])  # chosen on validation, reported on test
+        final = rows[-1]
+        metrics.update({k: v for k, v in best.items() if k != "layer"})
+        metrics.update({"probe/layer": "all", "probe/best_layer": best["layer"], "probe/final_layer": final["layer"],
+                        "probe/final_test/auc": final["test/auc"], "probe/final_test/logloss": final["test/logloss"],
+                        "time/train_s": sum(r["time/train_s"] for r in rows)})
+        write_layer_table(rows, output_dir, loggers)
+
+    path = write_metrics_json(output_dir, metrics)
+    for lg in loggers:
+        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        lg.finalize("success")
+    Console().print(f"[bold]probe layer {metrics['probe/layer']}  dim {run.probe.dim}  ({run.probe.compressor})  "
+                    f"test auc {metrics['test/auc']:.4f}  logloss {metrics['test/logloss']:.4f}  -> {path}")
+    return metrics
+
+
+def write_layer_table(rows: list[dict[str, Any]], output_dir: Path, loggers: list) -> None:
+    """``probe_layers.csv``, a console table, and a W&B table + line plot of AUC against layer."""
+    columns = ["layer", "val/best_auc", "test/auc", "test/logloss", "time/train_s"]
+    with open(output_dir / "probe_layers.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = Table(title="MRA probe: AUC by layer")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(str(r[c]) if c == "layer" else f"{r[c]:.4f}" for c in columns))
+    Console().print(table)
+    data = [[r[c] for c in columns] for r in rows]
+    for logger in loggers:
+        if hasattr(logger, "log_table"):
+            import wandb
+
+            logger.log_table("probe/layers_table", columns=columns, data=data)
+            wandb_table = wandb.Table(columns=columns, data=data)
+            logger.experiment.log({"probe/mra_curve": wandb.plot.line(
+                wandb_table, "layer", "test/auc", title="MRA curve: test AUC by layer")})
