@@ -1,0 +1,142 @@
+"""Representation extraction and cache, CTR splits and metrics, and the MRA probe task."""
+
+import json
+
+import pytest
+import torch
+
+from recsys_compress.config import ConfigError
+from recsys_compress.data.readers import ItemInfo
+from recsys_compress.marc.ctr_data import build_ctr_splits
+from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor, pca_projection
+from recsys_compress.marc.representations import (
+    cached_layer_means,
+    extract_layer_means,
+    item_texts,
+    load_encoder,
+)
+from recsys_compress.tasks.mra_probe import mra_probe
+from recsys_compress.utils.compose import compose_config
+
+from conftest import SMALL
+
+TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
+         "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance", "Item 77"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("llama_tiny", seed=0)
+
+
+def test_extraction_gives_every_layer_of_every_item_and_matches_a_direct_forward(encoder):
+    reps = extract_layer_means(encoder, TEXTS, batch_size=2, progress=False)
+    assert reps.shape == (encoder.n_layers + 1, len(TEXTS), 32)
+    for i, text in enumerate(TEXTS):  # one text at a time: no padding at all
+        enc = encoder.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = encoder.model(**enc, output_hidden_states=True).hidden_states
+        direct = torch.stack([h[0].mean(0) for h in hidden])
+        torch.testing.assert_close(reps[:, i], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_sentence_encoder_loads_from_the_pip_package():
+    minilm = load_encoder("minilm")
+    reps = extract_layer_means(minilm, TEXTS[:2], progress=False)
+    assert reps.shape == (7, 2, 384)  # embeddings + 6 layers
+
+
+def test_cache_round_trips_and_is_keyed_by_model_dataset_items_and_template(encoder, tmp_path):
+    ids = [str(i) for i in range(len(TEXTS))]
+    first, hit, path = cached_layer_means(encoder, "ds", ids, TEXTS, "T1", tmp_path)
+    assert not hit and path.is_file()
+    again, hit, same = cached_layer_means(encoder, "ds", ids, TEXTS, "T1", tmp_path)
+    assert hit and same == path and torch.equal(first, again)
+    other_model = load_encoder("llama_tiny", seed=1)
+    for args in [(encoder, "ds", ids, TEXTS, "T2"), (encoder, "other", ids, TEXTS, "T1"),
+                 (encoder, "ds", ids[::-1], TEXTS[::-1], "T1"), (other_model, "ds", ids, TEXTS, "T1")]:
+        _, hit, other = cached_layer_means(*args, tmp_path)
+        assert not hit and other != path
+    assert len(list((tmp_path / "representations").glob("*.safetensors"))) == 5
+
+
+def test_items_without_text_are_counted_and_fall_back_to_their_id():
+    infos = {"1": ItemInfo("Toy Story (1995)", "1995", ["Animation"]), "2": ItemInfo(None)}
+    texts, missing = item_texts(["1", "2", "3"], infos, "{title}. Genres: {genres}")
+    assert texts == ["Toy Story (1995). Genres: Animation", "Item 2", "Item 3"] and missing == 2
+
+
+def test_ctr_split_is_per_user_and_in_time_order():
+    data = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0)
+    train, val, test = (data.splits[k] for k in ("train", "val", "test"))
+    total = sum(len(s[2]) for s in (train, val, test))
+    assert total == 100836 and len(data.user_ids) == 610 and len(data.item_ids) == 9724
+    assert abs(len(train[2]) / total - 0.8) < 0.01 and abs(len(test[2]) / total - 0.1) < 0.01
+    # the first user's ratings: the file is in (user, time) order only by chance, so check by time
+    import csv
+
+    with open(SMALL / "ratings.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["userId"] == "1"]
+    rows.sort(key=lambda r: int(r["timestamp"]))
+    n_train = round(len(rows) * 0.8)
+    expected_train = [data.item_ids.index(r["movieId"]) for r in rows[:n_train]]
+    got_train = train[1][train[0] == 0].tolist()
+    assert got_train == expected_train
+    labels = [float(float(r["rating"]) >= 4.0) for r in rows[:n_train]]
+    assert train[2][train[0] == 0].tolist() == labels
+
+
+def test_auc_and_logloss_match_a_hand_example():
+    lit = CTRLitModule(RepresentationCompressor(None, "none"), n_users=1, n_items=4)
+    logits = torch.tensor([-2.0, 0.5, 0.2, 1.5])
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    lit.forward = lambda users, items: logits
+    lit._eval((torch.zeros(4, dtype=torch.long), torch.arange(4), labels), "test")
+    # positive/negative pairs ranked correctly: (0.2 > -2), (1.5 > -2), (1.5 > 0.5); wrong: (0.2 < 0.5)
+    assert float(lit.auc["test"].compute()) == pytest.approx(3 / 4)
+    p = torch.sigmoid(logits)
+    hand = -(torch.log(1 - p[0]) + torch.log(1 - p[1]) + torch.log(p[2]) + torch.log(p[3])) / 4
+    assert float(lit.logloss["test"].compute()) == pytest.approx(float(hand), rel=1e-6)
+
+
+def test_pca_features_are_decorrelated_with_unit_variance():
+    torch.manual_seed(0)
+    reps = torch.randn(500, 20) @ torch.randn(20, 20)
+    compressor = RepresentationCompressor(reps, "pca", dim=5)
+    feats = compressor(torch.arange(500))
+    torch.testing.assert_close(torch.cov(feats.T), torch.eye(5), atol=1e-3, rtol=0)
+    assert pca_projection(reps, 5).shape == (20, 5)
+    with pytest.raises(ValueError, match="probe.dim=30 exceeds the representation width 20"):
+        RepresentationCompressor(reps, "linear", dim=30)
+
+
+FAST = ["task=mra_probe", "representation.model=llama_tiny", "trainer.max_epochs=1", "logger=none",
+        "ctr.batch_size=512"]
+
+
+@pytest.mark.parametrize("compressor", ["linear", "pca", "none"])
+def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
+    cfg = compose_config([*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", "probe.layer=1",
+                          f"probe.compressor={compressor}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
+    metrics = mra_probe(cfg)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("probe/layer", "probe/dim", "test/auc", "test/logloss"):
+        assert key in saved, key
+    assert 0.0 <= saved["test/auc"] <= 1.0 and saved["test/logloss"] > 0
+    assert saved["probe/layer"] == (-1 if compressor == "none" else 1)
+    if compressor != "none":
+        assert metrics["repr/cache_hit"] == 0 and metrics["time/extract_s"] > 0
+
+
+def test_probe_all_layers_in_one_run_and_bad_inputs(ml100k_slice, tmp_path):
+    overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = mra_probe(compose_config([*overrides, "probe.layer=all"], tmp_path / "all"))
+    assert metrics["probe/layer"] == "all" and metrics["probe/final_layer"] == 2
+    assert (tmp_path / "all" / "probe_layers.csv").read_text().count("\n") == 4  # header + layers 0..2
+    assert metrics["test/auc"] == metrics[f"layers/{metrics['probe/best_layer']}/test/auc"]
+    with pytest.raises(ConfigError, match=r"probe.layer=9 is out of range for llama_tiny; allowed: 0..2"):
+        mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):
+        mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="sequence_text has no ratings"):
+        mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
