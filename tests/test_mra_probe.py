@@ -1,6 +1,7 @@
 """Representation extraction and cache, CTR splits and metrics, and the MRA probe task."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from recsys_compress.marc.representations import (
 from recsys_compress.tasks.mra_probe import mra_probe
 from recsys_compress.utils.compose import compose_config
 
-from conftest import SMALL
+from conftest import REPO, SMALL
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
          "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance", "Item 77"]
@@ -128,12 +129,23 @@ def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
         assert metrics["repr/cache_hit"] == 0 and metrics["time/extract_s"] > 0
 
 
-def test_probe_all_layers_in_one_run_and_bad_inputs(ml100k_slice, tmp_path):
+def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = mra_probe(compose_config([*overrides, "probe.layer=all"], tmp_path / "all"))
+    metrics = mra_probe(compose_config([*overrides, "probe.layer=all"], tmp_path / "runs" / "all"))
     assert metrics["probe/layer"] == "all" and metrics["probe/final_layer"] == 2
-    assert (tmp_path / "all" / "probe_layers.csv").read_text().count("\n") == 4  # header + layers 0..2
+    assert (tmp_path / "runs" / "all" / "probe_layers.csv").read_text().count("\n") == 4  # header + layers 0..2
     assert metrics["test/auc"] == metrics[f"layers/{metrics['probe/best_layer']}/test/auc"]
+    id_only = mra_probe(compose_config([*overrides, "probe.compressor=none"], tmp_path / "runs" / "id_only"))
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "MRA curve: llama_tiny, linear compression to 32 dims" in text
+    assert f"| ID-only CTR model | {id_only['test/auc']:.4f} |" in text
+    assert f"| 1 | {metrics['layers/1/val/best_auc']:.4f} | {metrics['layers/1/test/auc']:.4f} |" in text
+    assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match=r"probe.layer=9 is out of range for llama_tiny; allowed: 0..2"):
         mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):

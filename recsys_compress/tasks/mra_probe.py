@@ -109,6 +109,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
+                               "probe/encoder": run.representation.model, "data/name": run.dataset.name,
                                **info, **{f"data/{k}": v for k, v in data.stats().items()}}
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)

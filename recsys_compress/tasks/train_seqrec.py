@@ -243,6 +243,9 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
         params, size_mb = count_parameters(model), serialized_megabytes(model)
         metrics.update({
+            "compression/method": run.compression.method,
+            "compression/ratio": run.ratio,
+            "alignment/method": run.alignment.method,
             "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),
             "params/base_total": base_params,
             "size/base_mb": base_mb,
