@@ -48,7 +48,7 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             cfg = OmegaConf.to_container(OmegaConf.load(cfg_path)) if cfg_path.is_file() else {}
             metrics["_run"] = str(path.parent)
             # Runs record what they are in metrics.json; older runs only in their Hydra config.
-            metrics["_encoder"] = metrics.get("probe/encoder", cfg.get("representation", {}).get("model", "?"))
+            metrics["_encoder"] = metrics.get("repr/encoder", cfg.get("representation", {}).get("model", "?"))
             metrics["_dataset"] = metrics.get("data/name", cfg.get("dataset", {}).get("name", "?"))
             metrics["_alignment"] = metrics.get("alignment/method", cfg.get("alignment", {}).get("method", "none"))
             metrics["_method"] = metrics.get("compression/method", cfg.get("compression", {}).get("method", "none"))

@@ -373,3 +373,48 @@ def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
         raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
                           "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
     return run
+
+
+@dataclass
+class MARCConfig:
+    dim: int = 32
+    beta: float = 1e-3
+    trainable_layers: int = 2
+    finetune: Literal["full", "lora"] = "full"
+    lora_r: int = 8
+    constraint: Literal["none", "hsic"] = "none"
+    hsic_weight: float = 0.1
+    items_per_batch: int = 32
+    lr: float = 1e-3
+    llm_lr: float = 1e-4
+
+    def check(self, p: str) -> None:
+        _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")
+        _require(self.beta >= 0, f"{p}.beta", self.beta, ">= 0")
+        _require(self.trainable_layers >= 0, f"{p}.trainable_layers", self.trainable_layers, ">= 0 (0: frozen LLM)")
+        _require(self.lora_r >= 1, f"{p}.lora_r", self.lora_r, ">= 1")
+        _require(self.hsic_weight >= 0, f"{p}.hsic_weight", self.hsic_weight, ">= 0")
+        _require(self.items_per_batch >= 1, f"{p}.items_per_batch", self.items_per_batch, ">= 1")
+        _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        _require(self.llm_lr > 0, f"{p}.llm_lr", self.llm_lr, "> 0")
+
+
+@dataclass
+class MARCRunConfig:
+    seed: int
+    dataset: DatasetConfig
+    marc: MARCConfig
+    representation: RepresentationConfig
+    ctr: CTRConfig
+
+
+def validate_marc(cfg: DictConfig) -> MARCRunConfig:
+    """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    probe_like = validate_probe(OmegaConf.create({k: v for k, v in container.items() if k != "marc"}))
+    return MARCRunConfig(
+        seed=probe_like.seed, dataset=probe_like.dataset,
+        marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
+        representation=probe_like.representation, ctr=probe_like.ctr,
+    )

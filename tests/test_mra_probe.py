@@ -111,7 +111,7 @@ def test_pca_features_are_decorrelated_with_unit_variance():
         RepresentationCompressor(reps, "linear", dim=30)
 
 
-FAST = ["task=mra_probe", "representation.model=llama_tiny", "trainer.max_epochs=1", "logger=none",
+FAST = ["task=mra_probe", "representation=llama_tiny", "trainer.max_epochs=1", "logger=none",
         "ctr.batch_size=512"]
 
 

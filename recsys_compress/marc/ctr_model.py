@@ -2,7 +2,8 @@
 
 ``RepresentationCompressor`` turns a frozen item representation (an LLM layer's hidden
 state) into ``dim`` features: a linear projection trained with the task, PCA fitted once
-(frozen), or nothing (ID-only baseline). Representations are standardised per dimension
+(frozen), nothing (ID-only baseline), or the vectors as they are (``fixed``: codes that were
+already compressed, e.g. MARC's exported mu). Representations are standardised per dimension
 first: LLM hidden states carry a few huge-magnitude channels that would otherwise dominate
 both PCA and the projection's initial scale.
 """
@@ -34,8 +35,11 @@ def pca_projection(reps: torch.Tensor, dim: int) -> torch.Tensor:
 class RepresentationCompressor(nn.Module):
     def __init__(self, reps: torch.Tensor | None, kind: str = "linear", dim: int = 32):
         super().__init__()
-        if kind not in ("linear", "pca", "none"):
-            raise ValueError(f"probe.compressor={kind!r}; allowed: linear, pca, none")
+        if kind not in ("linear", "pca", "none", "fixed"):
+            raise ValueError(f"probe.compressor={kind!r}; allowed: linear, pca, none, fixed")
+        if kind == "fixed":
+            assert reps is not None
+            dim = reps.shape[1]
         self.kind, self.dim = kind, (0 if kind == "none" else dim)
         if kind == "none":
             self.register_buffer("reps", torch.zeros(0), persistent=False)
@@ -46,6 +50,8 @@ class RepresentationCompressor(nn.Module):
         reps = standardise(reps.float())
         if kind == "pca":
             self.register_buffer("reps", reps @ pca_projection(reps, dim), persistent=False)
+        elif kind == "fixed":
+            self.register_buffer("reps", reps, persistent=False)
         else:
             self.register_buffer("reps", reps, persistent=False)
             self.project = nn.Linear(reps.shape[1], dim)
@@ -54,7 +60,7 @@ class RepresentationCompressor(nn.Module):
         if self.kind == "none":
             return self.reps.new_zeros(items.shape[0], 0)
         x = self.reps[items]
-        return self.project(x) if self.kind == "linear" else x
+        return self.project(x) if self.kind == "linear" else x  # pca, fixed: precomputed
 
 
 class CrossNetwork(nn.Module):
@@ -85,13 +91,20 @@ class DCNv2(nn.Module):
         for h in hidden:
             mlp += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
-        self.mlp = nn.Sequential(*mlp, nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*mlp)
+        self.head = nn.Linear(width, 1)
         for emb in (self.user, self.item):
             nn.init.normal_(emb.weight, std=0.01)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward_with_hidden(self, users: torch.Tensor, items: torch.Tensor,
+                            features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the last hidden layer (the task module's output for decoupling terms)."""
         x0 = torch.cat([self.user(users), self.item(items), features], -1)
-        return self.mlp(self.cross(x0)).squeeze(-1)
+        hidden = self.mlp(self.cross(x0))
+        return self.head(hidden).squeeze(-1), hidden
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_hidden(users, items, features)[0]
 
 
 class CTRLitModule(L.LightningModule):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from recsys_compress.config import ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
+from recsys_compress.config import CTRConfig, ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
 from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
 from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor
 from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder
@@ -66,12 +66,10 @@ def layer_representations(
     return reps, info
 
 
-def fit_ctr(cfg: DictConfig, run: ProbeRunConfig, dm: CTRDataModule, reps: torch.Tensor | None,
+def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
             loggers: list, checkpoint_dir: Path) -> dict[str, float]:
-    """Train one CTR model on ``reps`` ([n_items, hidden] or None), select on val AUC, test."""
-    L.seed_everything(run.seed, workers=True)
-    c = run.ctr
-    compressor = RepresentationCompressor(reps, run.probe.compressor, run.probe.dim)
+    """Train one CTR model on ``compressor``'s item features, select on val AUC, test."""
+    L.seed_everything(seed, workers=True)
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
                        weight_decay=c.weight_decay)
@@ -109,18 +107,21 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
-                               "probe/encoder": run.representation.model, "data/name": run.dataset.name,
+                               "repr/encoder": run.representation.model, "data/name": run.dataset.name,
                                **info, **{f"data/{k}": v for k, v in data.stats().items()}}
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)
-        result = fit_ctr(cfg, run, dm, None if reps is None else reps[layer], loggers, output_dir / "checkpoints")
+        compressor = RepresentationCompressor(None if reps is None else reps[layer], run.probe.compressor, run.probe.dim)
+        result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers, output_dir / "checkpoints")
         metrics.update(result)
         metrics["probe/layer"] = -1 if layer is None else layer  # -1: ID-only, no representation
     else:
         rows = []
         for layer in range(reps.shape[0]):
             log.info("probing layer %d of %d", layer, reps.shape[0] - 1)
-            result = fit_ctr(cfg, run, dm, reps[layer], loggers, output_dir / "checkpoints" / f"layer{layer:02d}")
+            compressor = RepresentationCompressor(reps[layer], run.probe.compressor, run.probe.dim)
+            result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers,
+                             output_dir / "checkpoints" / f"layer{layer:02d}")
             rows.append({"layer": layer, **result})
             metrics.update({f"layers/{layer}/{k}": v for k, v in result.items()})
         best = max(rows, key=lambda r: r["val/best_auc"])  # chosen on validation, reported on test

@@ -7,12 +7,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from recsys_compress.tasks.marc import marc
 from recsys_compress.tasks.mra_probe import mra_probe
 from recsys_compress.tasks.train_seqrec import train_seqrec
 
 log = logging.getLogger(__name__)
 
-TASKS = {"train": train_seqrec, "mra_probe": mra_probe}
+TASKS = {"train": train_seqrec, "mra_probe": mra_probe, "marc": marc}
 
 
 def run_task(cfg: DictConfig) -> dict[str, Any]:

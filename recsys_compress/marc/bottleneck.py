@@ -1,0 +1,48 @@
+"""MARC's compression module and information constraints.
+
+``VariationalBottleneck`` maps an LLM representation h to q(z|h) = N(mu, diag(sigma^2)),
+samples z = mu + sigma * eps while training and returns mu otherwise (mu is what deployment
+caches). The KL to the prior N(0, I) is the information-bottleneck term; HSIC is the
+optional decoupling constraint between two modules' outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per row, summed over dimensions: exactly 0 iff mu = 0, logvar = 0."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+class VariationalBottleneck(nn.Module):
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)  # LLM hidden states have a few huge channels
+        self.stats = nn.Linear(in_features, 2 * dim)
+        self.dim = dim
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, mu, logvar)``; z is a sample in training mode and mu in eval mode."""
+        mu, logvar = self.stats(self.norm(h)).chunk(2, dim=-1)
+        logvar = logvar.clamp(-10.0, 10.0)  # keeps exp() finite early in training
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return z, mu, logvar
+
+
+def _rbf_kernel(x: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(x, x).pow(2)
+    bandwidth = d.detach().median().clamp(min=1e-6)  # median heuristic
+    return torch.exp(-d / bandwidth)
+
+
+def hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Biased HSIC estimate with RBF kernels: 0 for independent x and y (in the limit), > 0 otherwise."""
+    n = x.shape[0]
+    if n < 2:
+        return x.new_zeros(())
+    centre = torch.eye(n, device=x.device, dtype=x.dtype) - 1.0 / n
+    k, l = _rbf_kernel(x), _rbf_kernel(y)
+    return torch.trace(k @ centre @ l @ centre) / (n - 1) ** 2

@@ -1,0 +1,161 @@
+"""MARC as a LightningModule: representation learner -> compression module -> task module.
+
+- representation learner: the LLM's trainable top (last k blocks over cached states; or
+  frozen), mean-pooled over the item's text tokens;
+- compression module: a variational information bottleneck to ``dim`` dimensions;
+- task-adaptation module: a DCN-V2 over user/item ids and z (a different structure from the
+  compression module, as MARC's decoupling asks).
+
+loss = BCE + beta * KL(q(z|h) || N(0, I)) [+ hsic_weight * HSIC(z, task module's hidden)].
+
+Training batches are grouped by item (``ItemGroupBatchSampler``): each step takes every
+training sample of ``items_per_batch`` items, so the LLM top runs once per item per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Sampler
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
+from recsys_compress.marc.ctr_model import DCNv2
+from recsys_compress.marc.llm_top import pooled
+
+
+class ItemGroupBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices: all samples of ``items_per_batch`` shuffled items at a time."""
+
+    def __init__(self, items: torch.Tensor, items_per_batch: int, seed: int = 0):
+        order = torch.argsort(items, stable=True)
+        counts = torch.bincount(items)
+        self.by_item = [g for g in torch.split(order, counts.tolist()) if len(g)]
+        self.items_per_batch, self.seed, self.epoch = items_per_batch, seed, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.by_item) // self.items_per_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(len(self.by_item), generator=generator)
+        for start in range(0, len(perm), self.items_per_batch):
+            yield torch.cat([self.by_item[i] for i in perm[start:start + self.items_per_batch]]).tolist()
+
+
+class MARCModule(L.LightningModule):
+    def __init__(
+        self,
+        top: nn.Module | None,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        n_users: int,
+        dim: int = 32,
+        beta: float = 1e-3,
+        constraint: str = "none",
+        hsic_weight: float = 0.1,
+        id_dim: int = 16,
+        cross_layers: int = 2,
+        hidden: tuple[int, ...] = (128, 64),
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        llm_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        eval_item_batch: int = 256,
+    ):
+        super().__init__()
+        if constraint not in ("none", "hsic"):
+            raise ValueError(f"marc.constraint={constraint!r}; allowed: none, hsic")
+        self.save_hyperparameters(ignore=["top", "states", "mask"])
+        self.top = top
+        # Cached inputs of the trainable top: not parameters, not checkpointed.
+        self.register_buffer("states", states, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.bottleneck = VariationalBottleneck(states.shape[-1], dim)
+        self.task = DCNv2(n_users, states.shape[0], dim, id_dim, cross_layers, hidden, dropout)
+        self.auc = nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
+        self.logloss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self._codes: torch.Tensor | None = None
+
+    # ---- representations ----------------------------------------------------------------
+    def item_hidden(self, items: torch.Tensor) -> torch.Tensor:
+        return pooled(self.top, self.states[items], self.mask[items])
+
+    @torch.no_grad()
+    def item_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and log-variance of every item (eval mode): what deployment caches is mu."""
+        was_training = self.training
+        self.eval()
+        mus, logvars = [], []
+        for start in range(0, self.states.shape[0], self.hparams.eval_item_batch):
+            items = torch.arange(start, min(start + self.hparams.eval_item_batch, self.states.shape[0]),
+                                 device=self.states.device)
+            _, mu, logvar = self.bottleneck(self.item_hidden(items))
+            mus.append(mu)
+            logvars.append(logvar)
+        self.train(was_training)
+        return torch.cat(mus), torch.cat(logvars)
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        users, items, labels = batch
+        unique, inverse = torch.unique(items, return_inverse=True)
+        z, mu, logvar = self.bottleneck(self.item_hidden(unique))
+        logits, task_hidden = self.task.forward_with_hidden(users, items, z[inverse])
+        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        kl = kl_to_standard_normal(mu, logvar).mean()
+        loss = bce + self.hparams.beta * kl
+        if self.hparams.constraint == "hsic":
+            rows = torch.randperm(len(items), device=items.device)[:512]  # HSIC is O(n^2)
+            decoupling = hsic(z[inverse][rows], task_hidden[rows])
+            loss = loss + self.hparams.hsic_weight * decoupling
+            self.log("train/hsic", decoupling)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"MARC loss is {loss.item()} at step {self.global_step}: lower marc.lr")
+        self.log_dict({"train/loss": loss, "train/bce": bce, "train/kl": kl}, prog_bar=True, batch_size=len(items))
+        return loss
+
+    def _eval(self, batch, stage: str) -> None:
+        users, items, labels = batch
+        if self._codes is None:
+            self._codes = self.item_codes()[0]
+        logits = self.task(users, items, self._codes[items])
+        self.auc[stage].update(torch.sigmoid(logits), labels.long())
+        self.logloss[stage].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._codes = None  # weights changed: recompute every item's code once
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch, batch_idx):
+        self._eval(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        self.log(f"{stage}/auc", self.auc[stage].compute(), prog_bar=stage == "val")
+        self.log(f"{stage}/logloss", self.logloss[stage].compute())
+        self.auc[stage].reset()
+        self.logloss[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": list(self.bottleneck.parameters()) + list(self.task.parameters()), "lr": hp.lr}]
+        llm = [p for p in self.top.parameters() if p.requires_grad] if self.top is not None else []
+        if llm:
+            groups.append({"params": llm, "lr": hp.llm_lr})  # the pretrained blocks move slowly
+        return torch.optim.AdamW(groups, weight_decay=hp.weight_decay)

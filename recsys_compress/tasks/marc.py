@@ -1,0 +1,124 @@
+"""``task=marc``: train MARC end to end, export mu of every item, test a fresh CTR model on it.
+
+The exported codes are what an industrial recommender would cache; the reported
+``test/auc`` is that of a new DCN-V2 which sees only those cached vectors (plus ids), as in
+deployment. The end-to-end model's own test AUC is ``marc/e2e_test/auc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from recsys_compress.config import MARCConfig, validate_marc
+from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
+from recsys_compress.marc.ctr_model import RepresentationCompressor
+from recsys_compress.marc.llm_top import llama_top, token_states
+from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
+from recsys_compress.marc.representations import item_texts
+from recsys_compress.tasks.mra_probe import build_encoder, fit_ctr
+from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.utils.run_outputs import write_metrics_json
+
+log = logging.getLogger(__name__)
+
+
+def with_lora(top: torch.nn.Module, m: MARCConfig) -> torch.nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("marc.finetune=lora needs the peft package: pip install peft") from None
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(top, LoraConfig(r=m.lora_r, lora_alpha=2 * m.lora_r, target_modules=targets))
+
+
+def marc(cfg: DictConfig) -> dict[str, Any]:
+    run = validate_marc(cfg)
+    m = run.marc
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(run.seed, workers=True)
+    d = run.dataset
+    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split))
+    dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
+
+    encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
+    n = encoder.n_layers
+    if m.trainable_layers > n:
+        from recsys_compress.config import ConfigError
+
+        raise ConfigError(f"marc.trainable_layers={m.trainable_layers} is out of range for "
+                          f"{run.representation.model}; allowed: 0..{n}")
+    texts, missing = item_texts(data.item_ids, data.item_info, run.representation.template)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        states, mask = token_states(encoder, texts, n - m.trainable_layers, run.representation.batch_size,
+                                    run.representation.max_tokens)
+    extract_s = time.perf_counter() - t0
+    top = llama_top(encoder, m.trainable_layers) if m.trainable_layers else None
+    if top is not None and m.finetune == "lora":
+        top = with_lora(top, m)
+    del encoder
+
+    c = run.ctr
+    module = MARCModule(top, states, mask, len(data.user_ids), dim=m.dim, beta=m.beta, constraint=m.constraint,
+                        hsic_weight=m.hsic_weight, id_dim=c.id_dim, cross_layers=c.cross_layers,
+                        hidden=tuple(c.hidden), dropout=c.dropout, lr=m.lr, llm_lr=m.llm_lr,
+                        weight_decay=c.weight_decay)
+    train = DataLoader(TensorDataset(*data.splits["train"]),
+                       batch_sampler=ItemGroupBatchSampler(data.splits["train"][1], m.items_per_batch, run.seed))
+
+    loggers = instantiate_group(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = []
+    for cb in instantiate_group(cfg.get("callbacks")):
+        if isinstance(cb, ModelCheckpoint):
+            cb.dirpath = str(output_dir / "checkpoints" / "marc")
+        if isinstance(cb, LearningRateMonitor) and not loggers:
+            continue
+        callbacks.append(cb)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
+    train_s = time.perf_counter() - t0
+    ckpt = trainer.checkpoint_callback
+    best = "best" if ckpt is not None and ckpt.best_model_path else None
+    e2e = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, verbose=False)[0]
+
+    codes, logvar = module.item_codes()
+    kl = float((0.5 * (codes.pow(2) + logvar.exp() - 1 - logvar).sum(-1)).mean())
+    save_file({"mu": codes.contiguous().cpu()}, str(output_dir / "item_codes.safetensors"),
+              metadata={"item_ids": "\n".join(data.item_ids)[:60000], "dim": str(m.dim)})
+
+    # Deployment: a fresh CTR model that sees only the cached codes.
+    t0 = time.perf_counter()
+    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes.cpu(), "fixed"), loggers,
+                       output_dir / "checkpoints" / "deployed")
+    metrics: dict[str, Any] = {
+        "test/auc": deployed["test/auc"], "test/logloss": deployed["test/logloss"],
+        "val/best_auc": deployed.get("val/best_auc", float("nan")),
+        "marc/e2e_test/auc": e2e["test/auc"], "marc/e2e_test/logloss": e2e["test/logloss"],
+        "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
+        "marc/constraint": m.constraint, "marc/finetune": m.finetune,
+        "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
+        "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
+        **{f"data/{k}": v for k, v in data.stats().items()},
+    }
+    path = write_metrics_json(output_dir, metrics)
+    for lg in loggers:
+        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        lg.finalize("success")
+    Console().print(f"[bold]MARC dim {m.dim}: deployed test auc {metrics['test/auc']:.4f} "
+                    f"(end to end {e2e['test/auc']:.4f}), KL {kl:.2f}  -> {path}")
+    return metrics

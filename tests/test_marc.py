@@ -1,0 +1,98 @@
+"""MARC: the bottleneck's KL, HSIC, the trainable LLM top, item-grouped batches, the task end to end."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recsys_compress.config import ConfigError
+from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
+from recsys_compress.marc.llm_top import llama_top, pooled, token_states
+from recsys_compress.marc.marc_module import ItemGroupBatchSampler
+from recsys_compress.marc.representations import extract_layer_means, load_encoder
+from recsys_compress.tasks.marc import marc
+from recsys_compress.utils.compose import compose_config
+
+TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
+         "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance"]
+
+
+def test_kl_is_zero_exactly_when_q_is_the_prior():
+    zeros = torch.zeros(3, 4)
+    assert torch.equal(kl_to_standard_normal(zeros, zeros), torch.zeros(3))
+    assert (kl_to_standard_normal(torch.full((3, 4), 0.1), zeros) > 0).all()
+    assert (kl_to_standard_normal(zeros, torch.full((3, 4), -0.5)) > 0).all()
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert float(kl_to_standard_normal(mu, logvar)) == pytest.approx(0.5 * (1 + (torch.e - 1 - 1)))
+
+
+def test_bottleneck_samples_in_training_and_returns_mu_in_eval():
+    torch.manual_seed(0)
+    vib = VariationalBottleneck(8, 3)
+    h = torch.randn(5, 8)
+    z, mu, logvar = vib(h)
+    assert z.shape == mu.shape == logvar.shape == (5, 3) and not torch.equal(z, mu)
+    vib.eval()
+    z, mu, _ = vib(h)
+    assert torch.equal(z, mu)
+
+
+def test_hsic_separates_dependent_from_independent_variables():
+    torch.manual_seed(0)
+    x = torch.randn(300, 3)
+    dependent, independent = float(hsic(x, x ** 2 + 0.01 * torch.randn_like(x))), float(hsic(x, torch.randn(300, 2)))
+    assert dependent > 5 * independent and independent < 0.003
+
+
+def test_trainable_top_over_cached_states_reproduces_the_full_model():
+    encoder = load_encoder("llama_tiny", seed=0)
+    full = extract_layer_means(encoder, TEXTS, progress=False)[-1]  # final layer, mean-pooled
+    states, mask = token_states(encoder, TEXTS, layer=1)             # entering the last block
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(llama_top(encoder, 1).eval(), states, mask), full, rtol=1e-4, atol=1e-5)
+        final_states, final_mask = token_states(encoder, TEXTS, layer=2)
+        torch.testing.assert_close(pooled(None, final_states, final_mask), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="marc.trainable_layers=3 is out of range; allowed: 0..2"):
+        llama_top(encoder, 3)
+    with pytest.raises(ValueError, match="needs a LLaMA-architecture encoder; minilm is BertModel"):
+        llama_top(load_encoder("minilm"), 1)
+
+
+def test_item_group_batches_cover_every_sample_once_grouped_by_item():
+    items = torch.tensor([3, 1, 3, 0, 1, 1, 4, 3, 0])
+    sampler = ItemGroupBatchSampler(items, items_per_batch=2, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2  # 4 distinct items (2 is never rated), 2 per batch
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    for b in batches:
+        assert len(set(items[b].tolist())) <= 2
+    assert list(sampler) != batches or len(batches) == 1  # a new order every epoch
+
+
+FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logger=none", "ctr.batch_size=512"]
+
+
+@pytest.mark.parametrize("variant", [["marc.trainable_layers=1"],
+                                     ["marc.trainable_layers=2", "marc.finetune=lora", "marc.constraint=hsic"],
+                                     ["marc.trainable_layers=0", "marc.dim=8"]])
+def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
+    cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
+                          f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
+    metrics = marc(cfg)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("test/auc", "test/logloss", "marc/dim", "marc/kl", "time/extract_s", "time/train_s"):
+        assert key in saved, key
+    assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0
+    codes = load_file(str(tmp_path / "out" / "item_codes.safetensors"))["mu"]
+    assert codes.shape == (metrics["data/n_items"], saved["marc/dim"])
+
+
+def test_marc_bad_inputs_fail_at_start(tmp_path):
+    for bad, message in [("marc.beta=-1", "marc.beta=-1.0 is out of range; allowed: >= 0"),
+                         ("marc.dim=0", "marc.dim=0 is out of range; allowed: >= 1"),
+                         ("marc.constraint=mmd", "marc.constraint='mmd' is not allowed; allowed: none, hsic")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            marc(compose_config([*FAST, bad], tmp_path))
+    with pytest.raises(ConfigError, match="marc.trainable_layers=5 is out of range for llama_tiny; allowed: 0..2"):
+        marc(compose_config([*FAST, "marc.trainable_layers=5"], tmp_path))
