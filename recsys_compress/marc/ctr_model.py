@@ -107,33 +107,17 @@ class DCNv2(nn.Module):
         return self.forward_with_hidden(users, items, features)[0]
 
 
-class CTRLitModule(L.LightningModule):
-    """BCE training; AUC (torchmetrics ``BinaryAUROC``) and LogLoss for validation and test."""
+class CTRMetricsMixin:
+    """Validation/test AUC (torchmetrics ``BinaryAUROC``) and LogLoss for a LightningModule
+    whose ``eval_logits(users, items)`` scores a batch."""
 
-    def __init__(self, compressor: RepresentationCompressor, n_users: int, n_items: int, id_dim: int = 16,
-                 cross_layers: int = 2, hidden: Sequence[int] = (128, 64), dropout: float = 0.1,
-                 lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__()
-        self.save_hyperparameters(ignore=["compressor"])
-        self.compressor = compressor
-        self.model = DCNv2(n_users, n_items, compressor.dim, id_dim, cross_layers, hidden, dropout)
+    def init_ctr_metrics(self) -> None:
         self.auc = nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.model(users, items, self.compressor(items))
-
-    def training_step(self, batch, batch_idx):
-        users, items, labels = batch
-        loss = F.binary_cross_entropy_with_logits(self(users, items), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"CTR loss is {loss.item()} at step {self.global_step}: lower ctr.lr")
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def _eval(self, batch, stage: str) -> None:
         users, items, labels = batch
-        logits = self(users, items)
+        logits = self.eval_logits(users, items)
         self.auc[stage].update(torch.sigmoid(logits), labels.long())
         self.logloss[stage].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
 
@@ -154,6 +138,33 @@ class CTRLitModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+
+class CTRLitModule(CTRMetricsMixin, L.LightningModule):
+    """BCE training of a DCN-V2 over ids and compressed item features."""
+
+    def __init__(self, compressor: RepresentationCompressor, n_users: int, n_items: int, id_dim: int = 16,
+                 cross_layers: int = 2, hidden: Sequence[int] = (128, 64), dropout: float = 0.1,
+                 lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["compressor"])
+        self.compressor = compressor
+        self.model = DCNv2(n_users, n_items, compressor.dim, id_dim, cross_layers, hidden, dropout)
+        self.init_ctr_metrics()
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.model(users, items, self.compressor(items))
+
+    def eval_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self(users, items)
+
+    def training_step(self, batch, batch_idx):
+        users, items, labels = batch
+        loss = F.binary_cross_entropy_with_logits(self(users, items), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"CTR loss is {loss.item()} at step {self.global_step}: lower ctr.lr")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC
 
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
-from recsys_compress.marc.ctr_model import DCNv2
+from recsys_compress.marc.ctr_model import CTRMetricsMixin, DCNv2
 from recsys_compress.marc.llm_top import pooled
 
 
@@ -49,7 +47,7 @@ class ItemGroupBatchSampler(Sampler[list[int]]):
             yield torch.cat([self.by_item[i] for i in perm[start:start + self.items_per_batch]]).tolist()
 
 
-class MARCModule(L.LightningModule):
+class MARCModule(CTRMetricsMixin, L.LightningModule):
     def __init__(
         self,
         top: nn.Module | None,
@@ -79,8 +77,7 @@ class MARCModule(L.LightningModule):
         self.register_buffer("mask", mask, persistent=False)
         self.bottleneck = VariationalBottleneck(states.shape[-1], dim)
         self.task = DCNv2(n_users, states.shape[0], dim, id_dim, cross_layers, hidden, dropout)
-        self.auc = nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
-        self.logloss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.init_ctr_metrics()
         self._codes: torch.Tensor | None = None
 
     # ---- representations ----------------------------------------------------------------
@@ -121,36 +118,15 @@ class MARCModule(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/bce": bce, "train/kl": kl}, prog_bar=True, batch_size=len(items))
         return loss
 
-    def _eval(self, batch, stage: str) -> None:
-        users, items, labels = batch
-        if self._codes is None:
+    def eval_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        if self._codes is None:  # every item's code once per evaluation
             self._codes = self.item_codes()[0]
-        logits = self.task(users, items, self._codes[items])
-        self.auc[stage].update(torch.sigmoid(logits), labels.long())
-        self.logloss[stage].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        return self.task(users, items, self._codes[items])
 
     def on_validation_epoch_start(self) -> None:
-        self._codes = None  # weights changed: recompute every item's code once
+        self._codes = None  # weights changed since the last evaluation
 
     on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch, batch_idx):
-        self._eval(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        self.log(f"{stage}/auc", self.auc[stage].compute(), prog_bar=stage == "val")
-        self.log(f"{stage}/logloss", self.logloss[stage].compute())
-        self.auc[stage].reset()
-        self.logloss[stage].reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def configure_optimizers(self):
         hp = self.hparams

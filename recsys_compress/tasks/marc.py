@@ -15,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import save_file
@@ -27,7 +26,7 @@ from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import llama_top, token_states
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
 from recsys_compress.marc.representations import item_texts
-from recsys_compress.tasks.mra_probe import build_encoder, fit_ctr
+from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, fit_ctr
 from recsys_compress.tasks.train_seqrec import instantiate_group
 from recsys_compress.utils.run_outputs import write_metrics_json
 
@@ -81,14 +80,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = []
-    for cb in instantiate_group(cfg.get("callbacks")):
-        if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = str(output_dir / "checkpoints" / "marc")
-        if isinstance(cb, LearningRateMonitor) and not loggers:
-            continue
-        callbacks.append(cb)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                     callbacks=callbacks_into(cfg, output_dir / "checkpoints" / "marc", loggers))
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
     train_s = time.perf_counter() - t0

@@ -66,6 +66,18 @@ def layer_representations(
     return reps, info
 
 
+def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list[L.Callback]:
+    """The run's callbacks, checkpointing into ``checkpoint_dir`` (one folder per model trained)."""
+    callbacks = []
+    for cb in instantiate_group(cfg.get("callbacks")):
+        if isinstance(cb, ModelCheckpoint):
+            cb.dirpath = str(checkpoint_dir)
+        if isinstance(cb, LearningRateMonitor) and not loggers:
+            continue  # it refuses to start without a logger
+        callbacks.append(cb)
+    return callbacks
+
+
 def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
             loggers: list, checkpoint_dir: Path) -> dict[str, float]:
     """Train one CTR model on ``compressor``'s item features, select on val AUC, test."""
@@ -73,14 +85,8 @@ def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compres
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
                        weight_decay=c.weight_decay)
-    callbacks = []
-    for cb in instantiate_group(cfg.get("callbacks")):
-        if isinstance(cb, ModelCheckpoint):  # one folder per probed layer
-            cb.dirpath = str(checkpoint_dir)
-        if isinstance(cb, LearningRateMonitor) and not loggers:
-            continue
-        callbacks.append(cb)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                     callbacks=callbacks_into(cfg, checkpoint_dir, loggers))
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     train_s = time.perf_counter() - t0
