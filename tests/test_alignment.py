@@ -100,10 +100,24 @@ def test_each_block_error_falls_and_end_to_end_errors_fall(teacher_student, batc
     trainer(module.total_steps).fit(module)
     assert [r["layer"] for r in module.layer_reports] == [0, 1]
     for report in module.layer_reports:
-        assert report["mse_after"] < report["mse_before"]
+        assert report["mse_after"] < report["mse_before"] and report["reverted"] == 0
     errors_after = hidden_errors(teacher, student, data)
     assert all(a < b for a, b in zip(errors_after, errors_before)), (errors_before, errors_after)
     assert all(p.requires_grad for p in student.parameters())  # handed back trainable
+
+
+def test_a_block_made_worse_gets_its_starting_factors_back(teacher_student, batches):
+    teacher, student = teacher_student
+    student = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    module = ProgressiveAlignmentModule(teacher, student, batches[0], num_batches=4, steps_per_layer=3, lr=5.0,
+                                        scheduler="constant")
+    trainer(module.total_steps).fit(module)  # an absurd learning rate wrecks every block
+    assert [r["reverted"] for r in module.layer_reports] == [1, 1]
+    for report in module.layer_reports:
+        assert report["mse_after"] == pytest.approx(report["mse_before"])
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
 
 
 def test_closed_form_matches_torch_lstsq():

@@ -75,6 +75,7 @@ def progressive_lstsq(
             t0 = time.perf_counter()
             before = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher[l + 1], b.tokens)
                                         for h, b in zip(hidden, batches)]).mean())
+            start = {n: m.up.weight.clone() for n, m in low_rank.items()}
             teacher_inputs = _capture_inputs(t_block, list(low_rank), batches, [b.teacher[l] for b in batches])
             remaining = list(low_rank)
             while remaining:
@@ -96,7 +97,13 @@ def progressive_lstsq(
                 remaining = [n for n in remaining if n not in group]
             after = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher[l + 1], b.tokens)
                                        for h, b in zip(hidden, batches)]).mean())
-            reports.append({"layer": l, "mse_before": before, "mse_after": after,
+            reverted = after >= before
+            if reverted:  # per-layer least squares need not lower the block's error: never make it worse
+                for n, m in low_rank.items():
+                    m.up.weight.copy_(start[n])
+                log.warning("block %d: re-fitting raised its mse (%.4g -> %.4g); factors restored", l, before, after)
+                after = before
+            reports.append({"layer": l, "mse_before": before, "mse_after": after, "reverted": int(reverted),
                             "seconds": time.perf_counter() - t0})
             log.info("block %d re-fitted: mse %.4g -> %.4g", l, before, after)
         hidden = [run_block(s_block, h, b.block_kwargs) for h, b in zip(hidden, batches)]

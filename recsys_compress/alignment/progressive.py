@@ -9,7 +9,8 @@ teacher's block-l output on the teacher's own hidden states, and the loss
       + task_weight * next-item cross-entropy (through the frozen blocks above)
       + distill_weight * T^2 KL(teacher logits / T || student logits / T)
 
-Then block l is frozen and block l+1 starts. Steps are counted globally (block = step //
+Then block l is frozen and block l+1 starts; a block whose MSE rose (too high a learning rate
+for an already good factorisation) gets its starting factors back. Steps are counted globally (block = step //
 steps_per_layer), so a Lightning checkpoint (weights, optimiser, step) resumes inside the
 right block; the student's hidden states are rebuilt from the restored weights on resume.
 """
@@ -148,12 +149,24 @@ class ProgressiveAlignmentModule(L.LightningModule):
         for p in self.factors[layer]:
             p.requires_grad_(True)
         self._current = {"layer": layer, "mse_before": self.block_error(layer)}
+        self._start_weights = [p.detach().clone() for p in self.factors[layer]]
         self._started = time.perf_counter()
         log.info("aligning block %d: mse %.4g", layer, self._current["mse_before"])
 
     def _finish_layer(self) -> None:
         layer = self._current["layer"]
-        report = {**self._current, "mse_after": self.block_error(layer),
+        after = self.block_error(layer)
+        reverted = after >= self._current["mse_before"]
+        if reverted:
+            # Alignment must never leave a block worse than compression did (too high an lr
+            # on an already good factorisation): keep the factors the block started with.
+            with torch.no_grad():
+                for p, start in zip(self.factors[layer], self._start_weights):
+                    p.copy_(start)
+            log.warning("block %d: mse rose from %.4g to %.4g; its factors are restored (lower alignment.lr)",
+                        layer, self._current["mse_before"], after)
+            after = self.block_error(layer)
+        report = {**self._current, "mse_after": after, "reverted": int(reverted),
                   "seconds": time.perf_counter() - self._started}
         self.layer_reports.append(report)
         log.info("block %d aligned: mse %.4g -> %.4g", layer, report["mse_before"], report["mse_after"])
