@@ -1,7 +1,7 @@
 # Common tasks; every target is a thin wrapper over a documented command.
 PY ?= python
 
-.PHONY: install test train bench-overhead bench-throughput clean
+.PHONY: install test train bench-overhead bench-throughput odllm-table mra-curve id-only marc marc-report clean
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -18,6 +18,22 @@ bench-overhead:     ## Lightning vs a plain PyTorch loop, time per epoch
 
 bench-throughput:   ## training tokens/s of llama_tiny and smollm2_135m
 	$(PY) experiments/bench_throughput.py
+
+odllm-table:        ## OD-LLM methods x ratios x alignment on llama_tiny/ML-1M (one base model), then its report
+	$(PY) train.py -m experiment=odllm_table_ml1m hydra.sweep.dir=outputs/odllm_table_ml1m/sweep
+	$(PY) experiments/report.py outputs/odllm_table_ml1m/sweep --out outputs/odllm_table_ml1m/report
+
+mra-curve:          ## the MRA curve: SmolLM2 layers x {linear, pca} probes on ML-1M
+	$(PY) train.py -m experiment=mra_curve_ml1m hydra.sweep.dir=outputs/mra_curve_ml1m/sweep
+
+id-only:            ## the ID-only CTR baseline on ML-1M
+	$(PY) train.py task=mra_probe dataset=ml_1m probe.compressor=none hydra.run.dir=outputs/mra_curve_ml1m/id_only
+
+marc:               ## MARC (bottleneck, and + HSIC) on ML-1M
+	$(PY) train.py -m experiment=marc_ml1m hydra.sweep.dir=outputs/marc_ml1m/sweep
+
+marc-report: mra-curve id-only marc   ## MRA curve with ID-only and MARC as references
+	$(PY) experiments/report.py outputs/mra_curve_ml1m outputs/marc_ml1m --out outputs/marc_ml1m/report
 
 clean:
 	rm -rf outputs multirun .pytest_cache

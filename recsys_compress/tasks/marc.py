@@ -108,6 +108,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
+    metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
     path = write_metrics_json(output_dir, metrics)
     for lg in loggers:
         lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

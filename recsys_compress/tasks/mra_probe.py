@@ -138,6 +138,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
                         "time/train_s": sum(r["time/train_s"] for r in rows)})
         write_layer_table(rows, output_dir, loggers)
 
+    metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
     path = write_metrics_json(output_dir, metrics)
     for lg in loggers:
         lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -24,8 +26,13 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         metrics = TASKS[name](cfg)
-    except BaseException:
+    except BaseException as error:
         log.exception("task %s failed", name)
+        # The job's own folder says why it failed (a multirun goes on with the other jobs).
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "error.txt").write_text(
+            f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error)))
         # One W&B run per job, marked failed so dashboards do not mistake it for a result.
         if wandb.run is not None:
             wandb.finish(exit_code=1)

@@ -146,6 +146,8 @@ def compress_and_test(
         out["time/quantize_s"] = compressor.apply_quantization(lit.model)
         test = trainer.test(lit, datamodule=dm, verbose=False)[0]
     out.update(test)
+    # Validation of the final model: what hyper-parameter searches may optimise (never test).
+    out.update(trainer.validate(lit, datamodule=dm, verbose=False)[0])
     return out
 
 
@@ -261,6 +263,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "data/n_interactions": dm.data.n_interactions,
         }
     )
+    metrics["objective"] = metrics.get("val/ndcg@10") if compressing else metrics.get("val/best_ndcg@10")
     if run.evaluation.popularity_baseline:
         pop = evaluate_popularity(
             dm.item_counts("test"), dm.test_dataloader(), run.evaluation.exclude_seen,

@@ -1,0 +1,67 @@
+"""Experiment and search configs compose; a multirun records a failing job and finishes the rest."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recsys_compress.config import validate, validate_marc, validate_probe
+from recsys_compress.utils.compose import PROJECT_ROOT, compose_config
+
+from conftest import REPO
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+VALIDATORS = {"train": validate, "mra_probe": validate_probe, "marc": validate_marc}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_config_composes_and_validates(name, tmp_path):
+    cfg = compose_config([f"experiment={name}"], tmp_path)
+    VALIDATORS[cfg.task.name](cfg)
+    assert cfg.task_name == name or name in ("ml1m_llama_tiny", "ml100k_llama_tiny", "ml100k_smollm2")
+
+
+def hydra_config(overrides):
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={PROJECT_ROOT}", "paths.output_dir=/tmp/x", *overrides],
+                       return_hydra_config=True)
+
+
+@pytest.mark.parametrize("overrides, key, expected", [
+    (["experiment=odllm_table_ml1m"], "hydra.sweeper.params.alignment", "none,progressive,progressive_lstsq"),
+    (["experiment=mra_curve_ml1m"], "hydra.sweeper.params", {"probe.layer": "0,5,10,15,20,25,30",
+                                                             "probe.compressor": "linear,pca"}),
+    (["compression=odllm", "alignment=progressive", "hparams_search=alignment_optuna"],
+     "hydra.sweeper._target_", "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"),
+    (["task=marc", "hparams_search=marc_optuna"], "hydra.sweeper.params", {"marc.beta": "tag(log, interval(1e-5, 1e-1))",
+                                                                           "marc.dim": "choice(8, 16, 32, 64)"}),
+    (["hydra/launcher=joblib"], "hydra.launcher._target_",
+     "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    (["hydra/launcher=submitit_slurm"], "hydra.launcher._target_",
+     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_sweepers_and_launchers_compose(overrides, key, expected):
+    from omegaconf import OmegaConf
+
+    cfg = hydra_config(overrides)
+    value = OmegaConf.select(cfg, key)
+    assert (OmegaConf.to_container(value) if not isinstance(value, str) else value) == expected
+
+
+def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "ratio=7,0.5", "compression=svd", "model.hidden_size=16",
+           "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
+           "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+           "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode != 0  # the sweep as a whole reports the failure...
+    assert "ratio=7 is out of range; allowed: (0, 1]" in (sweep / "0" / "error.txt").read_text()
+    assert (sweep / "1" / "metrics.json").is_file()  # ...after the other job ran to the end
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed", "completed"]
+    assert "ratio=7" in records[0]["overrides"] and records[0]["error"].startswith("ConfigError: ratio=7")
+    assert records[1]["objective"] == json.loads((sweep / "1" / "metrics.json").read_text())["objective"]
