@@ -65,3 +65,19 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
     assert [r["status"] for r in records] == ["failed", "completed"]
     assert "ratio=7" in records[0]["overrides"] and records[0]["error"].startswith("ConfigError: ratio=7")
     assert records[1]["objective"] == json.loads((sweep / "1" / "metrics.json").read_text())["objective"]
+
+
+def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
+    common = [sys.executable, str(REPO / "train.py"), "compression=svd", "model.hidden_size=16",
+              "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
+              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+              "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    jobs = [subprocess.Popen([*common, f"ratio={r}", f"hydra.run.dir={tmp_path / str(r)}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "WANDB_MODE": "offline"}) for r in (0.3, 0.6)]
+    for job in jobs:
+        assert job.wait(timeout=600) == 0, job.stderr.read()[-2000:]
+    hits = sorted(json.loads((tmp_path / str(r) / "metrics.json").read_text())["base/cache_hit"] for r in (0.3, 0.6))
+    assert hits == [0, 1]  # one trained, the other waited and reused it
+    entries = [p for p in (tmp_path / "cache" / "base_models").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not any(".tmp" in p.name for p in entries)

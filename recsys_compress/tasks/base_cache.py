@@ -3,7 +3,8 @@
 The key hashes everything that determines the base model: dataset, model, trainer and
 model-selection settings, evaluation and seed (not compression, ratio, loggers or paths).
 An entry is written to a temporary folder and renamed into place, so a concurrent job
-never reads a half-written one.
+never reads a half-written one; ``base_model_lock`` makes jobs that need the same base model
+wait for the one training it, so it is trained once.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Bump when training code changes what a cached base model would be.
 CACHE_VERSION = 1
@@ -76,3 +82,25 @@ def store_base(
     except OSError:  # another job stored the same base model first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@contextmanager
+def base_model_lock(cache_dir: str | Path, key: str) -> Iterator[None]:
+    """An exclusive lock on one cache entry across processes (and SLURM jobs on a shared disk)."""
+    path = Path(cache_dir) / "base_models" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still prevents half-written reads
+        yield
+        return
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another job is training base model %s; waiting for it", key)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -33,7 +34,7 @@ from recsys_compress.models.item_llm import (
     serialized_megabytes,
 )
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
-from recsys_compress.tasks.base_cache import base_model_key, load_base, store_base
+from recsys_compress.tasks.base_cache import base_model_key, base_model_lock, load_base, store_base
 from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.run_outputs import write_metrics_json
 
@@ -226,11 +227,14 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
 
     compressing = run.compression.method != "none"
     key, material = base_model_key(cfg)
-    cached = load_base(cfg.paths.cache_dir, key, model) if compressing and run.base_cache else None
+    caching = compressing and run.base_cache
+    with base_model_lock(cfg.paths.cache_dir, key) if caching else contextlib.nullcontext():
+        cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
+        if cached is None:
+            metrics = train_base(cfg, lit, dm, loggers)
+            if caching and not cfg.trainer.get("fast_dev_run"):
+                store_base(cfg.paths.cache_dir, key, material, model, metrics)
     if cached is None:
-        metrics = train_base(cfg, lit, dm, loggers)
-        if compressing and run.base_cache and not cfg.trainer.get("fast_dev_run"):
-            store_base(cfg.paths.cache_dir, key, material, model, metrics)
         metrics["base/cache_hit"] = 0
     else:
         log.info("reusing the cached base model %s (no training)", key)
