@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from pathlib import Path
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -250,6 +251,7 @@ class RunConfig:
     base_cache: bool
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    resume: str | None = None
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -269,7 +271,17 @@ def validate(cfg: DictConfig) -> RunConfig:
         base_cache=_check_type(container.get("base_cache", True), bool, "base_cache"),
         alignment=_check_alignment(container),
         export=from_mapping(ExportConfig, container.get("export", {}), "export"),
+        resume=_check_resume(container.get("resume")),
     )
+
+
+def _check_resume(value: Any) -> str | None:
+    if value is None or value == "auto":
+        return value
+    path = _check_type(value, str, "resume")
+    if not Path(path).is_file():
+        raise ConfigError(f"resume={path!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
+    return path
 
 
 def _check_alignment(container: dict[str, Any]) -> AlignmentConfig:

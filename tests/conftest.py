@@ -37,3 +37,18 @@ def ml1m_slice(tmp_path: Path) -> Path:
     head_lines(SHARED_DATA / "ml-1m" / "ml-1m.inter", folder / "ml-1m.inter", 3001)
     head_lines(SHARED_DATA / "ml-1m" / "ml-1m.item", folder / "ml-1m.item", 5000)
     return folder
+
+
+class KillAfterEpoch:
+    """A Lightning callback (instantiated by Hydra from `+callbacks.kill`) that dies mid-run,
+    as a pre-empted job would, once epoch ``epoch`` has been checkpointed."""
+
+    def __new__(cls, epoch: int):
+        import lightning as L
+
+        class _Kill(L.Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == epoch:
+                    raise RuntimeError(f"killed at the start of epoch {epoch}")
+
+        return _Kill()

@@ -81,3 +81,21 @@ def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
     assert hits == [0, 1]  # one trained, the other waited and reused it
     entries = [p for p in (tmp_path / "cache" / "base_models").iterdir() if p.is_dir()]
     assert len(entries) == 1 and not any(".tmp" in p.name for p in entries)
+
+
+def test_kill_then_resume_gives_the_uninterrupted_result(tmp_path):
+    from recsys_compress.tasks.train_seqrec import train_seqrec
+
+    overrides = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=3",
+                 "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false",
+                 "model.optim.warmup_steps=2", "model.optim.scheduler=cosine",  # LR state must be restored too
+                 "ckpt_path=null"]  # test the last epoch's weights, which the resumed part produced
+    straight = train_seqrec(compose_config(overrides, tmp_path / "straight"))
+    with pytest.raises(RuntimeError, match="killed at the start of epoch 2"):
+        train_seqrec(compose_config([*overrides, "+callbacks.kill._target_=conftest.KillAfterEpoch",
+                                     "+callbacks.kill.epoch=2"], tmp_path / "killed"))
+    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
+    resumed = train_seqrec(compose_config([*overrides, "resume=auto"], tmp_path / "killed"))
+    for key in ("test/ndcg@10", "test/hr@10", "test/mrr", "val/best_ndcg@10"):
+        assert resumed[key] == straight[key], key
+    assert resumed["train/epochs"] == straight["train/epochs"] == 3

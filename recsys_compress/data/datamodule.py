@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys_compress.data.preprocess import SequenceData, build_sequences
 from recsys_compress.data.readers import read_interactions
@@ -100,6 +100,27 @@ class EvalCollator:
         }
 
 
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch`` (Lightning calls set_epoch).
+
+    The order of epoch e does not depend on how many epochs this process has run, so a run
+    resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 class NextItemDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -156,12 +177,10 @@ class NextItemDataModule(L.LightningDataModule):
         return torch.bincount(torch.as_tensor(flat, dtype=torch.long), minlength=self.n_items + 1).float()
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=EpochSeededSampler(len(self.train_set), self.seed),
             collate_fn=collate_train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

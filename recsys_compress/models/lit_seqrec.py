@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -96,6 +98,22 @@ class SeqRecLitModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
         self.test_metrics.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # With the RNG streams (dropout) saved, a resumed run continues exactly as an
+        # uninterrupted one would; the data order is seeded per epoch by the datamodule.
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain types only: checkpoints load with torch.load(weights_only=True)
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            name, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
     def configure_optimizers(self):
         hp = self.hparams

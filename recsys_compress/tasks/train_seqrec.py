@@ -175,8 +175,20 @@ def save_artefacts(
     return out
 
 
-def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list) -> dict[str, Any]:
-    """Fit, then test the best-validation checkpoint; returns test and training metrics."""
+def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:
+    """The checkpoint to resume from: ``auto`` = the run folder's last.ckpt if there is one."""
+    if resume != "auto":
+        return resume
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming training from %s", last)
+        return str(last)
+    return None
+
+
+def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list,
+               resume: str | None = None) -> dict[str, Any]:
+    """Fit (or resume), then test the best-validation checkpoint; returns test and training metrics."""
     throughput = TrainingThroughput()
     callbacks = instantiate_group(cfg.get("callbacks")) + [throughput]
     if not loggers:  # logger=none: callbacks that only feed loggers would refuse to start
@@ -184,7 +196,7 @@ def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, lo
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
+    trainer.fit(lit, datamodule=dm, ckpt_path=resume_checkpoint(resume, cfg.paths.output_dir))
     train_s = time.perf_counter() - t0
 
     ckpt = trainer.checkpoint_callback
@@ -231,7 +243,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     with base_model_lock(cfg.paths.cache_dir, key) if caching else contextlib.nullcontext():
         cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
         if cached is None:
-            metrics = train_base(cfg, lit, dm, loggers)
+            metrics = train_base(cfg, lit, dm, loggers, run.resume)
             if caching and not cfg.trainer.get("fast_dev_run"):
                 store_base(cfg.paths.cache_dir, key, material, model, metrics)
     if cached is None:
