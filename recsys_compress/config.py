@@ -287,6 +287,10 @@ def _check_resume(value: Any) -> str | None:
 def _check_alignment(container: dict[str, Any]) -> AlignmentConfig:
     alignment = from_mapping(AlignmentConfig, container.get("alignment", {}), "alignment")
     method = container.get("compression", {}).get("method", "none")
+    strategy = str((container.get("trainer") or {}).get("strategy", "auto"))
+    if alignment.method == "progressive" and strategy.startswith(("ddp", "fsdp")):
+        raise ConfigError(f"alignment=progressive with trainer.strategy={strategy} is not supported: "
+                          "align on one device (trainer=default, cpu or gpu)")
     if alignment.method != "none" and method not in ("svd", "asvd", "odllm"):
         raise ConfigError(
             f"alignment={alignment.method} refines low-rank factors, but compression.method={method}; "

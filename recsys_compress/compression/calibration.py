@@ -100,15 +100,36 @@ def collect_input_stats(
             s.tokens += tokens
         return fn
 
+    # Under DDP every process reads the same batches; each takes every world-th one and the
+    # sums are all-reduced, so the statistics (and the factors) equal a single process's.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layer_names]
     try:
         for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
+            if i % world != rank:
+                continue
             mask_holder["mask"] = batch["attention_mask"]
             forward(batch)
     finally:
         for h in handles:
             h.remove()
         last["input"] = last["contribution"] = None
+    if distributed:
+        # NCCL reduces GPU tensors only; the statistics live on the CPU.
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
+        for s in stats.values():
+            tokens = torch.tensor([float(s.tokens)], dtype=torch.float64)
+            for name, tensor in (("gram", s.gram), ("abs_sum", s.abs_sum), ("tokens", tokens)):
+                if tensor is None:
+                    continue
+                reduced = tensor.to(device)
+                torch.distributed.all_reduce(reduced)
+                if name == "tokens":
+                    s.tokens = int(reduced.item())
+                else:
+                    tensor.copy_(reduced.cpu())
     return stats

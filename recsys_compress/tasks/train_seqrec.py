@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,16 @@ from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.run_outputs import write_metrics_json
 
 log = logging.getLogger(__name__)
+
+
+def multi_process(cfg: DictConfig) -> bool:
+    """Whether the trainer runs several processes (decided by config: rank 0 learns it late)."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    return strategy.startswith(("ddp", "fsdp")) or cfg.trainer.get("devices", 1) not in (1, "1")
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
 def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
@@ -157,6 +168,8 @@ def save_artefacts(
 ) -> dict[str, Any]:
     """Write the float model (``RUN_DIR/model``) and the ONNX artefact (``RUN_DIR/onnx``)."""
     out: dict[str, Any] = {}
+    if global_rank() != 0:  # under DDP every rank holds the same model: one writes it
+        return out
     info = {"method": run.compression.method, "ratio": run.ratio, "quantize": quantize,
             "alignment": run.alignment.method,
             "dataset": run.dataset.name, "model": run.model.name}
@@ -240,7 +253,9 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     compressing = run.compression.method != "none"
     key, material = base_model_key(cfg)
     caching = compressing and run.base_cache
-    with base_model_lock(cfg.paths.cache_dir, key) if caching else contextlib.nullcontext():
+    # Under DDP the ranks train together: one waiting on the lock would deadlock the other.
+    locking = caching and not multi_process(cfg)
+    with base_model_lock(cfg.paths.cache_dir, key) if locking else contextlib.nullcontext():
         cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
         if cached is None:
             metrics = train_base(cfg, lit, dm, loggers, run.resume)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,13 @@ def to_number(value: Any) -> Any:
 
 
 def write_metrics_json(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json``: one flat object, keys sorted, numbers (and a few id strings)."""
+    """Write ``metrics.json``: one flat object, keys sorted, numbers (and a few id strings).
+
+    Under DDP only global rank 0 writes (every rank holds the same, reduced metrics).
+    """
     path = Path(output_dir) / "metrics.json"
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: to_number(v) for k, v in sorted(metrics.items())}
     tmp = path.with_suffix(".json.tmp")
