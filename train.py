@@ -21,4 +21,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from recsys_compress.utils.plugins import missing_plugin
+
+    problem = missing_plugin(sys.argv[1:])
+    if problem:
+        sys.exit(f"error: {problem}")
     main()

@@ -99,3 +99,15 @@ def test_kill_then_resume_gives_the_uninterrupted_result(tmp_path):
     for key in ("test/ndcg@10", "test/hr@10", "test/mrr", "val/best_ndcg@10"):
         assert resumed[key] == straight[key], key
     assert resumed["train/epochs"] == straight["train/epochs"] == 3
+
+
+def test_a_missing_launcher_or_sweeper_names_the_package_to_install():
+    from recsys_compress.utils.plugins import missing_plugin
+
+    assert missing_plugin(["hydra/launcher=ray"]) == \
+        "hydra/launcher=ray needs the hydra/launcher plugin 'ray': pip install hydra-ray-launcher"
+    assert "pip install hydra-ax-sweeper" in missing_plugin(["ratio=0.5", "hydra/sweeper=ax"])
+    assert missing_plugin(["hydra/launcher=joblib", "hparams_search=alignment_optuna"]) is None  # installed here
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=rq"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "pip install hydra-rq-launcher" in out.stderr
