@@ -111,3 +111,13 @@ def test_a_missing_launcher_or_sweeper_names_the_package_to_install():
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=rq"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "pip install hydra-rq-launcher" in out.stderr
+
+
+def test_a_nan_loss_stops_training_with_the_epoch_and_step(tmp_path):
+    from recsys_compress.tasks.train_seqrec import train_seqrec
+
+    cfg = compose_config(["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
+                          "trainer.max_epochs=1", "logger=none", "evaluation.popularity_baseline=false",
+                          "model.optim.lr=1e30", "trainer.gradient_clip_val=null"], tmp_path)
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at epoch 0, step \d+: lower the learning rate"):
+        train_seqrec(cfg)
