@@ -53,6 +53,8 @@ def test_trainable_top_over_cached_states_reproduces_the_full_model():
         torch.testing.assert_close(pooled(llama_top(encoder, 1).eval(), states, mask), full, rtol=1e-4, atol=1e-5)
         final_states, final_mask = token_states(encoder, TEXTS, layer=2)
         torch.testing.assert_close(pooled(None, final_states, final_mask), full, rtol=1e-4, atol=1e-5)
+    encoder.model.config.pad_token_id = 2  # as in SmolLM2's config: must not reach the one-row token table
+    assert len(llama_top(encoder, 2).layers) == 2
     with pytest.raises(ValueError, match="marc.trainable_layers=3 is out of range; allowed: 0..2"):
         llama_top(encoder, 3)
     with pytest.raises(ValueError, match="needs a LLaMA-architecture encoder; minilm is BertModel"):

@@ -30,7 +30,8 @@ def llama_top(encoder: Encoder, k: int) -> LlamaModel:
     if not 1 <= k <= n:
         raise ValueError(f"marc.trainable_layers={k} is out of range; allowed: 0..{n}")
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers, config.vocab_size = k, 1  # inputs are hidden states: no token table
+    # Inputs are hidden states: a one-row token table, and no padding id to point into it.
+    config.num_hidden_layers, config.vocab_size, config.pad_token_id = k, 1, None
     top = LlamaModel(config)
     top.layers = copy.deepcopy(model.layers[n - k:])
     top.norm = copy.deepcopy(model.norm)
