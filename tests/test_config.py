@@ -57,7 +57,7 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         assert len(loggers) == {"default": 2, "wandb": 1, "csv": 1, "none": 0}[logger]
     callbacks = instantiate_group(cfg.callbacks)
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "RichProgressBar"}
-    if trainer != "gpu":  # no GPU here; the gpu option is checked to compose above
+    if cfg.trainer.accelerator != "gpu":  # no GPU here; gpu and fsdp are checked to compose above
         assert instantiate(cfg.trainer, logger=False, callbacks=callbacks).max_epochs == cfg.trainer.max_epochs
 
 
