@@ -87,7 +87,7 @@ def store_base(
 @contextmanager
 def base_model_lock(cache_dir: str | Path, key: str) -> Iterator[None]:
     """An exclusive lock on one cache entry across processes (and SLURM jobs on a shared disk)."""
-    path = Path(cache_dir) / "base_models" / f"{key}.lock"
+    path = Path(cache_dir) / "locks" / f"base_model-{key}.lock"  # beside, not inside, the entries
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
