@@ -48,7 +48,7 @@ def test_hsic_separates_dependent_from_independent_variables():
 def test_trainable_top_over_cached_states_reproduces_the_full_model():
     encoder = load_encoder("llama_tiny", seed=0)
     full = extract_layer_means(encoder, TEXTS, progress=False)[-1]  # final layer, mean-pooled
-    states, mask = token_states(encoder, TEXTS, layer=1)             # entering the last block
+    states, mask = token_states(encoder, TEXTS, layer=1, batch_size=3)  # entering the last block; 2 batches
     with torch.no_grad():
         torch.testing.assert_close(pooled(llama_top(encoder, 1).eval(), states, mask), full, rtol=1e-4, atol=1e-5)
         final_states, final_mask = token_states(encoder, TEXTS, layer=2)

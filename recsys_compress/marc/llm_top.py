@@ -53,9 +53,11 @@ def token_states(
                             return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     states = torch.zeros(*ids.shape, encoder.model.config.hidden_size)
+    # Batches of similar length waste little compute on padding; rows keep their order.
+    order = torch.argsort(mask.sum(1), stable=True)
     for start in tqdm(range(0, len(texts), batch_size), desc=f"{encoder.name} states below the trainable top",
                       unit="batch"):
-        rows = slice(start, start + batch_size)
+        rows = order[start:start + batch_size]
         width = int(mask[rows].sum(1).max())
         hidden = encoder.model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width],
                                output_hidden_states=True).hidden_states
