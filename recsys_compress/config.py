@@ -372,23 +372,28 @@ class ProbeRunConfig:
     ctr: CTRConfig
 
 
+def _ctr_task_parts(container: dict[str, Any]) -> dict[str, Any]:
+    """seed, dataset, representation and ctr: what both CTR tasks (probe, MARC) read."""
+    if "dataset" not in container:
+        raise ConfigError("missing config group 'dataset' (choose one with dataset=NAME)")
+    dataset = from_mapping(DatasetConfig, container["dataset"], "dataset")
+    if dataset.format == "sequence_text":
+        raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
+                          "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
+    return {
+        "seed": _check_type(container.get("seed", 0), int, "seed"),
+        "dataset": dataset,
+        "representation": from_mapping(RepresentationConfig, container.get("representation", {}), "representation"),
+        "ctr": from_mapping(CTRConfig, container.get("ctr", {}), "ctr"),
+    }
+
+
 def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    if "dataset" not in container:
-        raise ConfigError("missing config group 'dataset' (choose one with dataset=NAME)")
-    run = ProbeRunConfig(
-        seed=_check_type(container.get("seed", 0), int, "seed"),
-        dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
-        probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
-        representation=from_mapping(RepresentationConfig, container.get("representation", {}), "representation"),
-        ctr=from_mapping(CTRConfig, container.get("ctr", {}), "ctr"),
-    )
-    if run.dataset.format == "sequence_text":
-        raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
-                          "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
-    return run
+    return ProbeRunConfig(probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
+                          **_ctr_task_parts(container))
 
 
 @dataclass
@@ -428,9 +433,5 @@ def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    probe_like = validate_probe(OmegaConf.create({k: v for k, v in container.items() if k != "marc"}))
-    return MARCRunConfig(
-        seed=probe_like.seed, dataset=probe_like.dataset,
-        marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
-        representation=probe_like.representation, ctr=probe_like.ctr,
-    )
+    return MARCRunConfig(marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
+                         **_ctr_task_parts(container))

@@ -9,7 +9,6 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from recsys_compress.compression.apply import compress_low_rank
 from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers
 from recsys_compress.models.item_llm import build_llama
 

@@ -20,7 +20,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from recsys_compress.config import MARCConfig, validate_marc
+from recsys_compress.config import ConfigError, MARCConfig, validate_marc
+from recsys_compress.marc.bottleneck import kl_to_standard_normal
 from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import llama_top, token_states
@@ -28,7 +29,7 @@ from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
 from recsys_compress.marc.representations import item_texts
 from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, fit_ctr
 from recsys_compress.tasks.train_seqrec import instantiate_group
-from recsys_compress.utils.run_outputs import write_metrics_json
+from recsys_compress.utils.run_outputs import finish_run
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
     n = encoder.n_layers
     if m.trainable_layers > n:
-        from recsys_compress.config import ConfigError
-
         raise ConfigError(f"marc.trainable_layers={m.trainable_layers} is out of range for "
                           f"{run.representation.model}; allowed: 0..{n}")
     texts, missing = item_texts(data.item_ids, data.item_info, run.representation.template)
@@ -90,7 +89,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     e2e = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=best, verbose=False)[0]
 
     codes, logvar = module.item_codes()
-    kl = float((0.5 * (codes.pow(2) + logvar.exp() - 1 - logvar).sum(-1)).mean())
+    kl = float(kl_to_standard_normal(codes, logvar).mean())
     save_file({"mu": codes.contiguous().cpu()}, str(output_dir / "item_codes.safetensors"),
               metadata={"item_ids": "\n".join(data.item_ids)[:60000], "dim": str(m.dim)})
 
@@ -109,10 +108,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
-    path = write_metrics_json(output_dir, metrics)
-    for lg in loggers:
-        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lg.finalize("success")
+    path = finish_run(output_dir, metrics, loggers)
     Console().print(f"[bold]MARC dim {m.dim}: deployed test auc {metrics['test/auc']:.4f} "
                     f"(end to end {e2e['test/auc']:.4f}), KL {kl:.2f}  -> {path}")
     return metrics

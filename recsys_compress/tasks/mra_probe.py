@@ -28,7 +28,7 @@ from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompresso
 from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.tasks.train_seqrec import instantiate_group
-from recsys_compress.utils.run_outputs import write_metrics_json
+from recsys_compress.utils.run_outputs import finish_run
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         write_layer_table(rows, output_dir, loggers)
 
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
-    path = write_metrics_json(output_dir, metrics)
-    for lg in loggers:
-        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lg.finalize("success")
+    path = finish_run(output_dir, metrics, loggers)
     Console().print(f"[bold]probe layer {metrics['probe/layer']}  dim {run.probe.dim}  ({run.probe.compressor})  "
                     f"test auc {metrics['test/auc']:.4f}  logloss {metrics['test/logloss']:.4f}  -> {path}")
     return metrics

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from recsys_compress.models.item_llm import (
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.tasks.base_cache import base_model_key, base_model_lock, load_base, store_base
 from recsys_compress.utils.callbacks import TrainingThroughput
-from recsys_compress.utils.run_outputs import write_metrics_json
+from recsys_compress.utils.run_outputs import finish_run, global_rank
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,6 @@ def multi_process(cfg: DictConfig) -> bool:
     """Whether the trainer runs several processes (decided by config: rank 0 learns it late)."""
     strategy = str(cfg.trainer.get("strategy", "auto"))
     return strategy.startswith(("ddp", "fsdp")) or cfg.trainer.get("devices", 1) not in (1, "1")
-
-
-def global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
 def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
@@ -132,12 +127,12 @@ def compress_and_test(
     c = run.compression
     aligning = run.alignment.method != "none"
     teacher = copy.deepcopy(lit.model).eval() if aligning else None
-    quantize = "int8" if c.method == "int8" or c.quantize == "int8" else None
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
-        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=quantize,
+        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize,
         report_dir=cfg.paths.output_dir, defer_quantize=True,
     )
+    quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False
     )
@@ -302,10 +297,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         )
         metrics.update({f"baseline/popularity/test/{k}": v for k, v in pop.items()})
 
-    path = write_metrics_json(output_dir, metrics)
-    for lg in loggers:
-        lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lg.finalize("success")
+    path = finish_run(output_dir, metrics, loggers)
     log.info("metrics written to %s", path)
     Console().print(
         f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"
