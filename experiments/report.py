@@ -11,8 +11,10 @@ what the runs are:
   the layer that is best on validation, written to ``mra_curve.png``;
 - ID-only probe runs (``probe/layer`` = -1) and MARC runs (``marc/dim``): drawn as horizontal
   reference lines on the curve and listed in the comparison table;
-- compression runs (``retention/ndcg@10``): a retention table by method, alignment and ratio
-  and ``retention.png``.
+- compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method, alignment
+  and ratio with each aligned cell's alignment time, ``retention.png``, and what the runs cost
+  (base models trained vs reused from the cache, compression and alignment seconds);
+- multiruns (``summary.jsonl`` of the sweep callback): the jobs that failed and why.
 
 ``report.md`` holds the markdown tables; ``report.json`` the rows behind them.
 """
@@ -139,11 +141,16 @@ def retention_table(rows, out: Path) -> list[str]:
     ratios = sorted({r["_ratio"] for r in rows})
     columns = sorted({(r["_method"], r["_alignment"]) for r in rows})
     cell = {(r["_method"], r["_alignment"], r["_ratio"]): r["retention/ndcg@10"] for r in rows}
-    lines = ["### Retention of test NDCG@10", "",
+    align_s = {(r["_method"], r["_alignment"], r["_ratio"]): r["time/align_s"] for r in rows if "time/align_s" in r}
+    lines = ["### Retention of test NDCG@10 (alignment time in brackets)", "",
              "| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for ratio in ratios:
-        vals = [f"{cell[(m, a, ratio)]:.3f}" if (m, a, ratio) in cell else "" for m, a in columns]
+        vals = []
+        for m, a in columns:
+            key = (m, a, ratio)
+            text = f"{cell[key]:.3f}" if key in cell else ""
+            vals.append(f"{text} ({align_s[key]:.0f} s)" if key in align_s else text)
         lines.append(f"| {ratio} | " + " | ".join(vals) + " |")
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, a in columns:
@@ -158,6 +165,36 @@ def retention_table(rows, out: Path) -> list[str]:
     fig.savefig(out / "retention.png", dpi=130)
     plt.close(fig)
     return lines + [""]
+
+
+def cost_table(rows) -> list[str]:
+    """What the compression runs cost: the base-model cache turns N trainings into one."""
+    trained = [r for r in rows if r.get("base/cache_hit") == 0]
+    train_s = sum(r.get("time/train_s", 0.0) for r in trained)
+    lines = ["### Cost of the runs", "",
+             f"{len(rows)} compression runs; base model trained in {len(trained)} "
+             f"({train_s:.0f} s of training), reused from the base-model cache in {len(rows) - len(trained)}.", "",
+             "| method | alignment | ratio | base | compress s | align s |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["_method"], r["_alignment"], r["_ratio"])):
+        base = "cached" if r.get("base/cache_hit") == 1 else f"trained {r.get('time/train_s', float('nan')):.0f} s"
+        align = f"{r['time/align_s']:.1f}" if "time/align_s" in r else "-"
+        lines.append(f"| {r['_method']} | {r['_alignment']} | {r['_ratio']} | {base} | "
+                     f"{r.get('time/compress_s', float('nan')):.1f} | {align} |")
+    return lines + [""]
+
+
+def failed_jobs(folders: list[Path]) -> list[str]:
+    """Failed jobs recorded by the sweep callback (utils/sweep_summary.py) in summary.jsonl."""
+    failed = []
+    for folder in folders:
+        for path in sorted(folder.rglob("summary.jsonl")):
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("status") == "failed":
+                    failed.append(f"| {' '.join(record.get('overrides', []))} | {record.get('error', '').splitlines()[0]} |")
+    if not failed:
+        return []
+    return ["### Failed jobs", "", "| overrides | error |", "|---|---|", *failed, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += mra_tables({}, refs)
     rows = retention_rows(runs)
     if rows:
-        lines += retention_table(rows, args.out) + ["![retention](retention.png)", ""]
+        lines += retention_table(rows, args.out) + ["![retention](retention.png)", ""] + cost_table(rows)
+    lines += failed_jobs(args.runs)
     if len(lines) == 2:
         raise SystemExit("none of the runs has probe, MARC or compression metrics to report")
     (args.out / "report.md").write_text("\n".join(lines))

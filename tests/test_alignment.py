@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 
 import lightning as L
 import pytest
@@ -20,7 +21,7 @@ from recsys_compress.models.lit_seqrec import position_ids_for
 from recsys_compress.tasks.train_seqrec import train_seqrec
 from recsys_compress.utils.compose import compose_config
 
-from conftest import SMALL
+from conftest import REPO, SMALL
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +213,12 @@ def test_pipeline_compress_align_test(alignment, tmp_path):
     assert (tmp_path / "alignment_layers.csv").read_text().count("\n") == 3
     assert json.loads((tmp_path / "model" / "compression.json").read_text())["alignment"] == alignment
     assert (tmp_path / "alignment" / "last.ckpt").is_file() == (alignment == "progressive")
+
+    # The report's OD-LLM table shows the aligned cell with its alignment time.
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"| odllm + {alignment} |" in text
+    assert f"| 0.4 | {metrics['retention/ndcg@10']:.3f} ({metrics['time/align_s']:.0f} s) |" in text

@@ -64,7 +64,19 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
     records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["failed", "completed"]
     assert "ratio=7" in records[0]["overrides"] and records[0]["error"].startswith("ConfigError: ratio=7")
-    assert records[1]["objective"] == json.loads((sweep / "1" / "metrics.json").read_text())["objective"]
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert records[1]["objective"] == metrics["objective"]
+
+    # The report turns the sweep into the retention table, its costs and the failed job.
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"| 0.5 | {metrics['retention/ndcg@10']:.3f} |" in text
+    assert "base model trained in 1 (" in text and "| svd | none | 0.5 | trained" in text
+    assert "| ratio=7 compression=svd" in text and "ConfigError: ratio=7 is out of range" in text
+    assert (tmp_path / "report" / "retention.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
