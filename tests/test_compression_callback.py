@@ -50,6 +50,10 @@ def test_callback_reaches_the_expected_parameter_count(trained):
     assert all(isinstance(lit.model.get_submodule(r.name), LowRankLinear) for r in cb.reports)
     summary = cb.summary()
     assert summary["compression/kept_ratio"] <= 0.5
+    assert 0 < summary["time/calibrate_s"] < summary["time/compress_s"]
+    assert summary["time/calibrate_s"] + summary["time/factorize_s"] == pytest.approx(summary["time/compress_s"])
+    with pytest.raises(ValueError, match="compression.gram_dtype='float16'; allowed: float32, float64"):
+        SVDCompressionCallback(gram_dtype="float16")
     assert summary["compression/layers"] == 14
 
 
@@ -88,7 +92,8 @@ def test_calibration_statistics_match_a_direct_computation(trained):
     names = select_linear_layers(lit.model, ["*.layers.1.self_attn.*_proj", "*.layers.1.mlp.*"])
     batches = list(dm.train_dataloader())[:2]
     forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])
-    stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2)
+    stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2, gram_dtype=torch.float64)
+    fast = collect_input_stats(lit.model, names, batches, forward, max_batches=2)  # float32 products
 
     captured = {}
     handles = [lit.model.get_submodule(n).register_forward_pre_hook(
@@ -103,6 +108,10 @@ def test_calibration_statistics_match_a_direct_computation(trained):
         assert stats[n].tokens == x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
         torch.testing.assert_close(stats[n].gram, x.T @ x)
         torch.testing.assert_close(stats[n].abs_sum, x.abs().sum(0))
+        # float32 products summed in float64: float32 accuracy relative to the Gram's scale
+        assert fast[n].gram.dtype == torch.float64 and fast[n].tokens == stats[n].tokens
+        scale = float(stats[n].gram.abs().max())
+        torch.testing.assert_close(fast[n].gram, stats[n].gram, rtol=1e-5, atol=1e-5 * scale)
     # layers that read one input tensor get the same statistics (computed once)
     q, k, v = (stats[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
     assert torch.equal(q.gram, k.gram) and torch.equal(k.gram, v.gram)

@@ -74,6 +74,8 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         ("evaluation.hr_ks=[1,5]", r"evaluation.hr_ks=\[1, 5\] is out of range; allowed: must include 1, 5, 10, 20"),
         ("ratio=7", r"ratio=7 is out of range; allowed: \(0, 1\]"),
         ("compression=odllm compression.calib_batches=0", r"compression.calib_batches=0 is out of range"),
+        ("compression=odllm compression.gram_dtype=float16",
+         r"compression.gram_dtype='float16' is not allowed; allowed: float32, float64"),
         ("compression=wavelet", None),
         ("model=smollm2_135m model.gguf_path=null", r"model.source=pretrained needs model.pretrained_path"),
     ],

@@ -2,8 +2,10 @@
 
 Calibration runs the model over training sequences of the recommendation data itself
 (OD-LLM's "task-adaptive" part) with forward hooks that accumulate, per targeted layer,
-the Gram matrix sum_t x_t x_t^T (float64, uncentred) and sum_t |x_t|, over real (non-padding)
-tokens only.
+the Gram matrix sum_t x_t x_t^T (uncentred) and sum_t |x_t|, over real (non-padding)
+tokens only. The sums over batches are float64; each batch's product x^T x is computed in
+``gram_dtype``: float32 (the default) runs on the activations' own device at twice the
+float64 speed on a CPU, float64 is exact to the last bit of the activations.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def collect_input_stats(
     forward,
     max_batches: int,
     gram: bool = True,
+    gram_dtype: torch.dtype = torch.float32,
 ) -> dict[str, InputStats]:
     """Run ``forward(batch)`` over up to ``max_batches`` batches and return per-layer stats.
 
@@ -82,11 +85,12 @@ def collect_input_stats(
     last: dict[str, object] = {"input": None, "contribution": None}
 
     def contribution(x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-        x = x[mask_holder["mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
-        x = x.double().cpu()
+        x = x[mask_holder["mask"].to(x.device).bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite input activation in layer {name}")
-        return (x.T @ x if gram else None), x.abs().sum(0), x.shape[0]
+        x = x.to(gram_dtype)
+        x_gram = (x.T @ x).double().cpu() if gram else None
+        return x_gram, x.abs().sum(0, dtype=torch.float64).cpu(), x.shape[0]
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
