@@ -325,10 +325,23 @@ class RepresentationConfig:
     template: str = "{title}. Genres: {genres}"
     batch_size: int = 64
     max_tokens: int = 64
+    # User representations (task=mra_probe): the user's profile and most recent training-split
+    # items as text, encoded like the items and fed to the CTR model as a second feature.
+    users: bool = False
+    user_template: str = "A viewer ({profile}) who recently rated: {history}"
+    user_history: int = 10
+    user_max_tokens: int = 160
 
     def check(self, p: str) -> None:
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
         _require(self.max_tokens >= 1, f"{p}.max_tokens", self.max_tokens, ">= 1")
+        _require(self.user_history >= 0, f"{p}.user_history", self.user_history, ">= 0")
+        _require(self.user_max_tokens >= 1, f"{p}.user_max_tokens", self.user_max_tokens, ">= 1")
+        try:
+            self.user_template.format(profile="p", history="h", id="i")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{p}.user_template={self.user_template!r} is not a valid template ({e}); "
+                              "allowed fields: profile, history, id") from None
         if self.model == "hf" and not self.path:
             raise ConfigError(f"{p}.path is required with {p}.model=hf (a Hugging Face model folder)")
         try:
@@ -393,8 +406,12 @@ def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    return ProbeRunConfig(probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
-                          **_ctr_task_parts(container))
+    run = ProbeRunConfig(probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
+                         **_ctr_task_parts(container))
+    if run.representation.users and run.probe.compressor == "none":
+        raise ConfigError("representation.users=true needs representations; probe.compressor=none is the "
+                          "ID-only baseline (allowed with users: linear, pca)")
+    return run
 
 
 @dataclass
@@ -434,5 +451,9 @@ def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    return MARCRunConfig(marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
-                         **_ctr_task_parts(container))
+    run = MARCRunConfig(marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
+                        **_ctr_task_parts(container))
+    if run.representation.users:
+        raise ConfigError("representation.users=true is supported by task=mra_probe only; task=marc learns "
+                          "item representations (set representation.users=false)")
+    return run

@@ -28,6 +28,7 @@ def ml100k_slice(tmp_path: Path) -> Path:
     folder = tmp_path / "ml-100k"
     head_lines(SHARED_DATA / "ml-100k" / "ml-100k.inter", folder / "ml-100k.inter", 3001)
     head_lines(SHARED_DATA / "ml-100k" / "ml-100k.item", folder / "ml-100k.item", 2000)
+    head_lines(SHARED_DATA / "ml-100k" / "ml-100k.user", folder / "ml-100k.user", 1000)
     return folder
 
 
@@ -36,6 +37,7 @@ def ml1m_slice(tmp_path: Path) -> Path:
     folder = tmp_path / "ml-1m"
     head_lines(SHARED_DATA / "ml-1m" / "ml-1m.inter", folder / "ml-1m.inter", 3001)
     head_lines(SHARED_DATA / "ml-1m" / "ml-1m.item", folder / "ml-1m.item", 5000)
+    head_lines(SHARED_DATA / "ml-1m" / "ml-1m.user", folder / "ml-1m.user", 7000)
     return folder
 
 

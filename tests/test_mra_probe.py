@@ -15,6 +15,7 @@ from recsys_compress.marc.representations import (
     extract_layer_means,
     item_texts,
     load_encoder,
+    user_texts,
 )
 from recsys_compress.tasks.mra_probe import mra_probe
 from recsys_compress.utils.compose import compose_config
@@ -152,3 +153,50 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
         mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
+
+
+def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_slice):
+    data = build_ctr_splits("recbole_atomic", str(ml1m_slice), "ml-1m")
+    # ML-1M codes: user 1 is age code 1, F, occupation 10; user 2 is 56, M, 16
+    titles = [data.item_info[raw].title for raw in data.item_ids]
+    history = [[titles[i] for i in items] for items in data.recent_train_items(3)]
+    texts, counts = user_texts(data.user_ids, data.user_info, history, "{profile} | {history}")
+    u1, u2 = data.user_ids.index("1m_1"), data.user_ids.index("1m_2")
+    assert texts[u1].startswith("age under 18, female, K-12 student | ")
+    assert texts[u2].startswith("age 56 or older, male, self-employed | ")
+    assert counts == {"users_without_profile": 0, "users_without_history": 0}
+
+    # the history is the user's last 3 training interactions, checked against the raw file
+    rows = [line.split("\t") for line in (ml1m_slice / "ml-1m.inter").read_text().splitlines()[1:]]
+    events = sorted((float(t), k, item) for k, (user, item, _, t) in enumerate(rows) if user == "1m_2")
+    n_train = round(0.8 * len(events))
+    expected = [item for _, _, item in events[:n_train]][-3:]
+    assert [data.item_ids[i] for i in data.recent_train_items(3)[u2]] == expected
+    assert texts[u2].endswith(" | " + "; ".join(data.item_info[i].title for i in expected))
+
+    texts, counts = user_texts(["9", "1m_1"], data.user_info, [[], ["Heat"]], "{profile} | {history}")
+    assert texts == ["unknown | nothing yet", "age under 18, female, K-12 student | Heat"]
+    assert counts == {"users_without_profile": 1, "users_without_history": 1}
+
+
+def test_probe_with_user_representations(ml100k_slice, tmp_path):
+    overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", "probe.layer=2", "probe.dim=8",
+                 "representation.users=true", "representation.user_history=5", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = mra_probe(compose_config(overrides, tmp_path / "users"))
+    assert metrics["repr/users"] == 1 and metrics["repr/users_cache_hit"] == 0
+    assert metrics["repr/users_without_profile"] == 0 and 0.0 <= metrics["test/auc"] <= 1.0
+    ckpt = torch.load(next((tmp_path / "users" / "checkpoints").glob("*.ckpt")), weights_only=False)
+    width = ckpt["state_dict"]["model.cross.layers.0.weight"].shape[1]
+    assert width == 2 * 16 + 8 + 8  # user and item ids, item and user features
+    again = mra_probe(compose_config(overrides, tmp_path / "again"))
+    assert again["repr/users_cache_hit"] == 1 and again["repr/cache_hit"] == 1
+    other = mra_probe(compose_config([*overrides, "representation.user_history=2"], tmp_path / "other"))
+    assert other["repr/users_cache_hit"] == 0  # other texts, other cache entry
+    with pytest.raises(ConfigError, match="representation.users=true needs representations"):
+        mra_probe(compose_config([*overrides, "probe.compressor=none"], tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="representation.user_template=.* allowed fields: profile, history, id"):
+        mra_probe(compose_config([*overrides, "representation.user_template='{name}'"], tmp_path / "bad"))
+    from recsys_compress.config import validate_marc
+
+    with pytest.raises(ConfigError, match="representation.users=true is supported by task=mra_probe only"):
+        validate_marc(compose_config(["task=marc", "representation.users=true"], tmp_path / "bad"))

@@ -58,6 +58,8 @@ class RawInteractions:
     timestamps: list[float] | None
     item_info: dict[str, ItemInfo]
     source: str
+    # Demographic profile per raw user id (e.g. age, gender, occupation), where the data has one.
+    user_info: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -232,7 +234,51 @@ def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInter
                 year=year or None,
                 genres=f[igenre].split() if igenre is not None else [],
             )
-    return RawInteractions(users, items, ratings, timestamps, item_info, str(folder))
+    user_info: dict[str, dict[str, str]] = {}
+    user_path = folder / f"{name}.user"
+    if user_path.is_file():
+        unames, _, urows = _read_atomic_table(user_path)
+        uid = _find_column(unames, "user_id")
+        if uid is None:
+            raise DataFormatError(f"{user_path}:1: header must contain user_id; got {unames}")
+        for _, _, f in urows:
+            user_info[f[uid]] = {n: v.strip() for n, v in zip(unames, f) if n != "user_id" and v.strip()}
+    return RawInteractions(users, items, ratings, timestamps, item_info, str(folder), user_info)
+
+
+# MovieLens-1M stores age and occupation as codes (its README); ML-100K spells them out.
+ML1M_AGES = {"1": "under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49", "50": "50-55",
+             "56": "56 or older"}
+ML1M_OCCUPATIONS = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
+    "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
+    "tradesman/craftsman", "unemployed", "writer",
+]
+
+
+def describe_user(profile: dict[str, str], coded: bool = False) -> str | None:
+    """A user's profile in words ("age 25-34, female, writer"); None without a profile.
+
+    ``coded``: age and occupation are MovieLens-1M codes. The zip code is left out: as text it
+    says little to a language model.
+    """
+    def clean(v: str) -> str:
+        return v[:-2] if v.endswith(".0") else v
+
+    parts = []
+    age = clean(profile.get("age", ""))
+    if age:
+        parts.append(f"age {ML1M_AGES.get(age, age) if coded else age}")
+    gender = profile.get("gender", "")
+    if gender:
+        parts.append({"M": "male", "F": "female"}.get(gender, gender))
+    occupation = clean(profile.get("occupation", ""))
+    if occupation:
+        if coded and occupation.isdigit() and int(occupation) < len(ML1M_OCCUPATIONS):
+            occupation = ML1M_OCCUPATIONS[int(occupation)]
+        parts.append(occupation)
+    return ", ".join(parts) or None
 
 
 def read_sequence_text(path: str | Path) -> RawInteractions:

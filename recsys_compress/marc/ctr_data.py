@@ -8,7 +8,7 @@ the item representations follow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -27,6 +27,19 @@ class CTRSplits:
     item_ids: list[str]
     item_info: dict[str, ItemInfo]
     splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # user, item, label
+    user_info: dict[str, dict[str, str]] = field(default_factory=dict)  # raw user id -> profile
+
+    def recent_train_items(self, n: int) -> list[list[int]]:
+        """Per user (index order), the last ``n`` items of their training split, oldest first.
+
+        Training rows are each user's earliest interactions in time order, so a user text built
+        from them never sees the validation or test period.
+        """
+        history: list[list[int]] = [[] for _ in self.user_ids]
+        users, items, _ = self.splits["train"]
+        for u, i in zip(users.tolist(), items.tolist()):
+            history[u].append(i)
+        return [h[-n:] if n else [] for h in history]
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"n_users": len(self.user_ids), "n_items": len(self.item_ids)}
@@ -66,7 +79,7 @@ def build_ctr_splits(
     for part, rows in parts.items():
         t = torch.tensor(rows, dtype=torch.float64) if rows else torch.zeros(0, 3, dtype=torch.float64)
         splits[part] = (t[:, 0].long(), t[:, 1].long(), t[:, 2].float())
-    return CTRSplits(user_ids, item_ids, raw.item_info, splits)
+    return CTRSplits(user_ids, item_ids, raw.item_info, splits, raw.user_info)
 
 
 class CTRDataModule(L.LightningDataModule):

@@ -145,15 +145,21 @@ class CTRLitModule(CTRMetricsMixin, L.LightningModule):
 
     def __init__(self, compressor: RepresentationCompressor, n_users: int, n_items: int, id_dim: int = 16,
                  cross_layers: int = 2, hidden: Sequence[int] = (128, 64), dropout: float = 0.1,
-                 lr: float = 1e-3, weight_decay: float = 0.0):
+                 lr: float = 1e-3, weight_decay: float = 0.0,
+                 user_compressor: RepresentationCompressor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["compressor"])
+        self.save_hyperparameters(ignore=["compressor", "user_compressor"])
         self.compressor = compressor
-        self.model = DCNv2(n_users, n_items, compressor.dim, id_dim, cross_layers, hidden, dropout)
+        self.user_compressor = user_compressor  # indexed by user: user representations, when used
+        features = compressor.dim + (user_compressor.dim if user_compressor is not None else 0)
+        self.model = DCNv2(n_users, n_items, features, id_dim, cross_layers, hidden, dropout)
         self.init_ctr_metrics()
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.model(users, items, self.compressor(items))
+        features = self.compressor(items)
+        if self.user_compressor is not None:
+            features = torch.cat([features, self.user_compressor(users)], -1)
+        return self.model(users, items, features)
 
     def eval_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self(users, items)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedModel
 
-from recsys_compress.data.readers import ItemInfo
+from recsys_compress.data.readers import ItemInfo, describe_user
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,27 @@ def item_texts(item_ids: Sequence[str], infos: dict[str, ItemInfo], template: st
             text = f"Item {raw}"
         texts.append(text)
     return texts, missing
+
+
+def user_texts(
+    user_ids: Sequence[str], profiles: dict[str, dict[str, str]], history: Sequence[Sequence[str]], template: str,
+) -> tuple[list[str], dict[str, int]]:
+    """Texts of users from their profile and recent item titles (``history``, oldest first).
+
+    Users without a profile get "unknown" as profile, users without history "nothing yet";
+    both are counted. MovieLens-1M's coded ages and occupations are spelled out.
+    """
+    coded = bool(profiles) and all(p.get("occupation", "0").removesuffix(".0").isdigit() for p in profiles.values())
+    texts, counts = [], {"users_without_profile": 0, "users_without_history": 0}
+    for raw, titles in zip(user_ids, history):
+        profile = describe_user(profiles.get(raw, {}), coded)
+        if profile is None:
+            counts["users_without_profile"] += 1
+        if not titles:
+            counts["users_without_history"] += 1
+        texts.append(template.format(profile=profile or "unknown", history="; ".join(titles) or "nothing yet",
+                                     id=raw).strip())
+    return texts, counts
 
 
 @dataclass
@@ -129,23 +150,26 @@ def extract_layer_means(
 
 
 def representation_key(encoder_id: str, dataset: str, item_ids: Sequence[str], template: str,
-                       max_tokens: int) -> tuple[str, dict[str, str]]:
+                       max_tokens: int, extra: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     items = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
     meta = {"encoder": encoder_id, "dataset": dataset, "items": items, "n_items": str(len(item_ids)),
-            "template": template, "max_tokens": str(max_tokens)}
+            "template": template, "max_tokens": str(max_tokens), **(extra or {})}
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20], meta
 
 
 def cached_layer_means(
     encoder: Encoder, dataset: str, item_ids: Sequence[str], texts: Sequence[str], template: str,
-    cache_dir: str | Path, batch_size: int = 64, max_tokens: int = 64,
+    cache_dir: str | Path, batch_size: int = 64, max_tokens: int = 64, key_texts: bool = False,
 ) -> tuple[torch.Tensor, bool, Path]:
     """Load the representations for this (encoder, dataset, items, template) or extract and cache them.
 
+    ``key_texts``: the texts themselves are part of the key, for texts that depend on more than
+    the template (user texts depend on the split and the history length).
     Returns ``(representations, cache_hit, path)``.
     """
+    extra = {"texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]} if key_texts else None
     key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
-                                   max_tokens)
+                                   max_tokens, extra)
     path = Path(cache_dir) / "representations" / f"{key}.safetensors"
     if path.is_file():
         from safetensors import safe_open

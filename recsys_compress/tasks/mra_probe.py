@@ -25,7 +25,7 @@ from rich.table import Table
 from recsys_compress.config import CTRConfig, ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
 from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
 from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor
-from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder
+from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder, user_texts
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.tasks.train_seqrec import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
@@ -43,10 +43,12 @@ def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -
 
 def layer_representations(
     run: ProbeRunConfig, data: CTRSplits, cache_dir: str | Path
-) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """``[n_layers + 1, n_items, hidden]`` from the cache (or extracted now), and what it cost."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """Item representations ``[n_layers + 1, n_items, hidden]`` from the cache (or extracted
+    now), user representations ``[n_layers + 1, n_users, hidden]`` when
+    ``representation.users`` (else None), and what they cost."""
     if run.probe.compressor == "none":
-        return None, {"probe/n_layers": float("nan")}
+        return None, None, {"probe/n_layers": float("nan")}
     rep = run.representation
     encoder = build_encoder(rep, cache_dir, run.seed)
     n = encoder.n_layers
@@ -63,7 +65,26 @@ def layer_representations(
             "repr/cache_mb": path.stat().st_size / 2**20, "repr/items_without_text": missing,
             "repr/hidden": reps.shape[-1], "probe/n_layers": n}
     log.info("representations %s (%s): %s", path, "cached" if hit else "extracted", tuple(reps.shape))
-    return reps, info
+    if not rep.users:
+        return reps, None, {**info, "repr/users": 0}
+    titles = [(data.item_info[raw].title if raw in data.item_info else None) or f"Item {raw}"
+              for raw in data.item_ids]
+    history = [[titles[i] for i in items] for items in data.recent_train_items(rep.user_history)]
+    utexts, counts = user_texts(data.user_ids, data.user_info, history, rep.user_template)
+    for what, n_users in counts.items():
+        if n_users:
+            log.warning("%d of %d users are %s", n_users, len(utexts), what.replace("_", " "))
+    t0 = time.perf_counter()
+    user_reps, user_hit, user_path = cached_layer_means(
+        encoder, f"{run.dataset.name}/users", data.user_ids, utexts,
+        f"{rep.user_template}|history={rep.user_history}", cache_dir, rep.batch_size, rep.user_max_tokens,
+        key_texts=True)
+    info.update({"repr/users": 1, "time/extract_users_s": 0.0 if user_hit else time.perf_counter() - t0,
+                 "repr/users_cache_hit": int(user_hit), "repr/users_cache_mb": user_path.stat().st_size / 2**20,
+                 **{f"repr/{k}": v for k, v in counts.items()}})
+    log.info("user representations %s (%s): %s", user_path, "cached" if user_hit else "extracted",
+             tuple(user_reps.shape))
+    return reps, user_reps, info
 
 
 def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list[L.Callback]:
@@ -79,12 +100,14 @@ def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list
 
 
 def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
-            loggers: list, checkpoint_dir: Path) -> dict[str, float]:
-    """Train one CTR model on ``compressor``'s item features, select on val AUC, test."""
+            loggers: list, checkpoint_dir: Path,
+            user_compressor: RepresentationCompressor | None = None) -> dict[str, float]:
+    """Train one CTR model on ``compressor``'s item features (and ``user_compressor``'s user
+    features, when given), select on val AUC, test."""
     L.seed_everything(seed, workers=True)
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
-                       weight_decay=c.weight_decay)
+                       weight_decay=c.weight_decay, user_compressor=user_compressor)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
                                      callbacks=callbacks_into(cfg, checkpoint_dir, loggers))
     t0 = time.perf_counter()
@@ -106,7 +129,13 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     d = run.dataset
     data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split))
     dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
-    reps, info = layer_representations(run, data, cfg.paths.cache_dir)
+    reps, user_reps, info = layer_representations(run, data, cfg.paths.cache_dir)
+
+    def users_at(layer: int) -> RepresentationCompressor | None:
+        # The user text is encoded by the same layer as the items, compressed the same way.
+        if user_reps is None:
+            return None
+        return RepresentationCompressor(user_reps[layer], run.probe.compressor, run.probe.dim)
 
     loggers = instantiate_group(cfg.get("logger"))
     for lg in loggers:
@@ -118,7 +147,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)
         compressor = RepresentationCompressor(None if reps is None else reps[layer], run.probe.compressor, run.probe.dim)
-        result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers, output_dir / "checkpoints")
+        result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers, output_dir / "checkpoints",
+                         None if layer is None else users_at(layer))
         metrics.update(result)
         metrics["probe/layer"] = -1 if layer is None else layer  # -1: ID-only, no representation
     else:
@@ -127,7 +157,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
             log.info("probing layer %d of %d", layer, reps.shape[0] - 1)
             compressor = RepresentationCompressor(reps[layer], run.probe.compressor, run.probe.dim)
             result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers,
-                             output_dir / "checkpoints" / f"layer{layer:02d}")
+                             output_dir / "checkpoints" / f"layer{layer:02d}", users_at(layer))
             rows.append({"layer": layer, **result})
             metrics.update({f"layers/{layer}/{k}": v for k, v in result.items()})
         best = max(rows, key=lambda r: r["val/best_auc"])  # chosen on validation, reported on test
