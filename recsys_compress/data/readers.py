@@ -183,6 +183,17 @@ def _find_column(names: list[str], *candidates: str, contains: str | None = None
     return None
 
 
+def _read_side_table(path: Path, id_column: str) -> tuple[list[str], list[list[str]], int] | None:
+    """An optional ``.item``/``.user`` file: column names, field rows and the id column; None if absent."""
+    if not path.is_file():
+        return None
+    names, _, rows = _read_atomic_table(path)
+    index = _find_column(names, id_column)
+    if index is None:
+        raise DataFormatError(f"{path}:1: header must contain {id_column}; got {names}")
+    return names, [fields for _, _, fields in rows], index
+
+
 def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInteractions:
     """Read ``NAME.inter`` (required) and ``NAME.item`` (optional) from ``folder``.
 
@@ -216,16 +227,13 @@ def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInter
     )
 
     item_info: dict[str, ItemInfo] = {}
-    item_path = folder / f"{name}.item"
-    if item_path.is_file():
-        inames, _, irows = _read_atomic_table(item_path)
-        iid = _find_column(inames, "item_id")
-        if iid is None:
-            raise DataFormatError(f"{item_path}:1: header must contain item_id; got {inames}")
+    item_table = _read_side_table(folder / f"{name}.item", "item_id")
+    if item_table is not None:
+        inames, irows, iid = item_table
         ititle = _find_column(inames, "movie_title", "title", contains="title")
         iyear = _find_column(inames, "release_year", "year", contains="year")
         igenre = _find_column(inames, "genre", "genres", "class", "categories")
-        for _, _, f in irows:
+        for f in irows:
             year = f[iyear].strip() if iyear is not None else ""
             if year.endswith(".0"):
                 year = year[:-2]
@@ -235,13 +243,10 @@ def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInter
                 genres=f[igenre].split() if igenre is not None else [],
             )
     user_info: dict[str, dict[str, str]] = {}
-    user_path = folder / f"{name}.user"
-    if user_path.is_file():
-        unames, _, urows = _read_atomic_table(user_path)
-        uid = _find_column(unames, "user_id")
-        if uid is None:
-            raise DataFormatError(f"{user_path}:1: header must contain user_id; got {unames}")
-        for _, _, f in urows:
+    user_table = _read_side_table(folder / f"{name}.user", "user_id")
+    if user_table is not None:
+        unames, urows, uid = user_table
+        for f in urows:
             user_info[f[uid]] = {n: v.strip() for n, v in zip(unames, f) if n != "user_id" and v.strip()}
     return RawInteractions(users, items, ratings, timestamps, item_info, str(folder), user_info)
 
