@@ -262,6 +262,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group in ("dataset", "model"):
         if group not in container:
             raise ConfigError(f"missing config group '{group}' (choose one with {group}=NAME)")
+    _check_trainer(container)
     return RunConfig(
         seed=_check_type(container.get("seed", 0), int, "seed"),
         dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
@@ -274,6 +275,19 @@ def validate(cfg: DictConfig) -> RunConfig:
         export=from_mapping(ExportConfig, container.get("export", {}), "export"),
         resume=_check_resume(container.get("resume")),
     )
+
+
+def _check_trainer(container: dict[str, Any]) -> None:
+    """Strategy/accelerator pairs Lightning would refuse deep inside Trainer(): fail at start."""
+    trainer = container.get("trainer") or {}
+    strategy, accelerator = str(trainer.get("strategy", "auto")), str(trainer.get("accelerator", "auto"))
+    if strategy.startswith("fsdp"):
+        import torch
+
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(f"trainer.strategy={strategy} with trainer.accelerator={accelerator}: Lightning's FSDP "
+                              "shards over CUDA GPUs and this machine has none; allowed here: trainer=ddp "
+                              "(CPU processes on gloo), trainer=default or cpu")
 
 
 def _check_resume(value: Any) -> str | None:
@@ -394,6 +408,7 @@ def _ctr_task_parts(container: dict[str, Any]) -> dict[str, Any]:
     if dataset.format == "sequence_text":
         raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
                           "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
+    _check_trainer(container)
     return {
         "seed": _check_type(container.get("seed", 0), int, "seed"),
         "dataset": dataset,

@@ -98,3 +98,10 @@ def test_unknown_group_option_lists_the_available_ones():
     assert out.returncode != 0
     assert "Could not find 'dataset/ml_10m'" in out.stderr
     assert "ml_100k" in out.stderr and "ml_1m" in out.stderr and "ml_latest_small" in out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+def test_fsdp_without_a_gpu_fails_at_start_naming_what_works(tmp_path):
+    for overrides in (["trainer=fsdp"], ["trainer=fsdp", "trainer.accelerator=cpu"]):
+        with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp .* allowed here: trainer=ddp"):
+            validate(compose_train(overrides, tmp_path))
