@@ -1,7 +1,7 @@
 # Common tasks; every target is a thin wrapper over a documented command.
 PY ?= python
 
-.PHONY: install test train bench-overhead bench-throughput odllm-table mra-curve id-only marc marc-report clean
+.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report clean
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -18,6 +18,12 @@ bench-overhead:     ## Lightning vs a plain PyTorch loop, time per epoch
 
 bench-throughput:   ## training tokens/s of llama_tiny and smollm2_135m
 	$(PY) experiments/bench_throughput.py
+
+bench-compress:     ## SmolLM2 compression time, calibration vs factorisation, float32 vs float64 Gram products
+	$(PY) experiments/bench_compress.py --model smollm2_135m --calib-batches 2 4 --rounds 3 dataset=ml_100k
+
+bench-ddp:          ## DDP (2 gloo processes) vs single-process epoch time on ML-100K
+	$(PY) experiments/bench_ddp.py --rounds 3 dataset=ml_100k trainer.max_epochs=2
 
 odllm-table:        ## OD-LLM methods x ratios x alignment on llama_tiny/ML-1M (one base model), then its report
 	$(PY) train.py -m experiment=odllm_table_ml1m hydra.sweep.dir=outputs/odllm_table_ml1m/sweep
