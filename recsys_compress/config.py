@@ -196,7 +196,7 @@ class CompressionConfig:
     calib_batches: int = 16
     asvd_alpha: float = 0.5
     quantize: Literal["int8"] | None = None  # stack int8 on a low-rank or pruned model
-    gram_dtype: Literal["float32", "float64"] = "float32"  # per-batch x^T x; sums are float64
+    gram_dtype: Literal["float32", "float64"] = "float64"  # per-batch x^T x; sums are always float64
 
     def check(self, p: str) -> None:
         _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")

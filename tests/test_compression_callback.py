@@ -92,8 +92,8 @@ def test_calibration_statistics_match_a_direct_computation(trained):
     names = select_linear_layers(lit.model, ["*.layers.1.self_attn.*_proj", "*.layers.1.mlp.*"])
     batches = list(dm.train_dataloader())[:2]
     forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])
-    stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2, gram_dtype=torch.float64)
-    fast = collect_input_stats(lit.model, names, batches, forward, max_batches=2)  # float32 products
+    stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2)  # float64 products
+    fast = collect_input_stats(lit.model, names, batches, forward, max_batches=2, gram_dtype=torch.float32)
 
     captured = {}
     handles = [lit.model.get_submodule(n).register_forward_pre_hook(

@@ -4,8 +4,10 @@ Calibration runs the model over training sequences of the recommendation data it
 (OD-LLM's "task-adaptive" part) with forward hooks that accumulate, per targeted layer,
 the Gram matrix sum_t x_t x_t^T (uncentred) and sum_t |x_t|, over real (non-padding)
 tokens only. The sums over batches are float64; each batch's product x^T x is computed in
-``gram_dtype``: float32 (the default) runs on the activations' own device at twice the
-float64 speed on a CPU, float64 is exact to the last bit of the activations.
+``gram_dtype``: float64 (the default) is exact to the last bit of the activations; float32
+is faster, but on real LLM activations (a few channels hundreds of times larger than the
+rest) its rounding can leave the Gram matrix not positive definite: on SmolLM2-135M 53-76
+of 210 layers then needed the jitter fallback (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def collect_input_stats(
     forward,
     max_batches: int,
     gram: bool = True,
-    gram_dtype: torch.dtype = torch.float32,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> dict[str, InputStats]:
     """Run ``forward(batch)`` over up to ``max_batches`` batches and return per-layer stats.
 

@@ -45,7 +45,7 @@ class SVDCompressionCallback(L.Callback):
         quantize: str | None = None,
         report_dir: str | Path | None = None,
         defer_quantize: bool = False,
-        gram_dtype: str = "float32",
+        gram_dtype: str = "float64",
     ):
         if method not in METHODS:
             raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
