@@ -9,6 +9,7 @@ from recsys_compress.compression.low_rank import (
     cholesky_with_jitter,
     plain_svd,
     rank_for_ratio,
+    truncated_factors,
     whitened_svd,
 )
 
@@ -85,3 +86,20 @@ def test_low_rank_linear_shapes_and_params():
     assert layer(torch.randn(3, 5, 576)).shape == (3, 5, 192)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LowRankLinear(4, 4, rank=0)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30), (40, 40)])
+def test_truncated_factors_equal_the_truncated_svd(shape):
+    torch.manual_seed(0)
+    M = torch.randn(*shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, shape[1], dtype=torch.float64))
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    for k in (1, 7, min(shape)):
+        A, B, values = truncated_factors(M, k)
+        assert A.shape == (shape[0], k) and B.shape == (k, shape[1])
+        torch.testing.assert_close(A @ B, (U[:, :k] * sigma[:k]) @ Vh[:k], atol=1e-10, rtol=0)
+        torch.testing.assert_close(values, sigma, atol=1e-10 * float(sigma[0]), rtol=0)
+    # a rank-deficient matrix still gives finite factors that reproduce it
+    low = torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 25, dtype=torch.float64)
+    A, B, _ = truncated_factors(low, 10)
+    assert torch.isfinite(A.float()).all() and torch.isfinite(B.float()).all()
+    torch.testing.assert_close(A @ B, low, atol=1e-10, rtol=0)
