@@ -133,3 +133,23 @@ def test_a_nan_loss_stops_training_with_the_epoch_and_step(tmp_path):
                           "model.optim.lr=1e30", "trainer.gradient_clip_val=null"], tmp_path)
     with pytest.raises(FloatingPointError, match=r"training loss is nan at epoch 0, step \d+: lower the learning rate"):
         train_seqrec(cfg)
+
+
+def test_an_optuna_search_runs_its_trials_on_the_validation_objective(tmp_path):
+    sweep = tmp_path / "search"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "compression=odllm", "ratio=0.5", "alignment=progressive",
+           "hparams_search=alignment_optuna", "hydra.sweeper.n_trials=2",
+           "alignment.steps_per_layer=choice(2,3)",  # the search space, shrunk to tiny steps
+           "alignment.batches=2", "model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
+           "compression.calib_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+           "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    for r in records:  # each trial reports the aligned model's validation NDCG@10, never a test metric
+        metrics = json.loads((sweep / str(r["job"]) / "metrics.json").read_text())
+        assert r["objective"] == metrics["objective"] != metrics["test/ndcg@10"]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "alignment.lr" in best
+    assert f"best_value: {max(r['objective'] for r in records)}" in best
