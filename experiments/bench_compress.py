@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,12 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
-    import sys
+    from recsys_compress.utils.compose import compose_config, split_overrides
 
-    argv = sys.argv[1:] if argv is None else argv
-    # KEY=VALUE words are Hydra overrides wherever they stand (nargs="+" options would swallow them).
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
     args.overrides = overrides
 
     import torch
@@ -47,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_compress.compression.callback import SVDCompressionCallback
     from recsys_compress.config import validate
     from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
-    from recsys_compress.utils.compose import compose_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{tuple(batch['input_ids'].shape)} sequences, torch threads {torch.get_num_threads()}")
 
     variants = [(g, b) for g in args.gram_dtypes for b in args.calib_batches]
+    # Real (non-padding) calibration tokens per batch count: the same batches every round.
+    tokens = {b: sum(int(batch["attention_mask"].sum()) for _, batch in zip(range(b), dm.train_dataloader()))
+              for b in args.calib_batches}
     samples: dict[tuple, list[dict]] = {v: [] for v in variants}
     for round_ in range(args.rounds):
         for gram_dtype, batches in variants:
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                         gram_dtype=gram_dtype)
             cb.compress(lit, dm.train_dataloader())
             summary = cb.summary()
-            tokens = sum(int(b["attention_mask"].sum()) for _, b in zip(range(batches), dm.train_dataloader()))
-            samples[(gram_dtype, batches)].append({**summary, "tokens": tokens})
+            samples[(gram_dtype, batches)].append({**summary, "tokens": tokens[batches]})
             print(f"round {round_ + 1}/{args.rounds} gram {gram_dtype} x {batches} batches: "
                   f"{summary['time/compress_s']:.1f} s (calibrate {summary['time/calibrate_s']:.1f} s, "
                   f"factorize {summary['time/factorize_s']:.1f} s), mean rel. error "

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recsys_compress.utils.compose import split_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128, help="per-process batch of single and ddp")
     parser.add_argument("--variants", nargs="+", default=["single", "ddp", "ddp_same_global_batch"])
     parser.add_argument("--out", type=Path, default=None)
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra overrides
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
 
     samples: dict[str, list[dict]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as tmp:

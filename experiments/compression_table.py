@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,7 @@ from recsys_compress.alignment.runner import align
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import AlignmentConfig, from_mapping, validate
 from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
-from recsys_compress.utils.compose import PROJECT_ROOT
+from recsys_compress.utils.compose import PROJECT_ROOT, split_overrides
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -52,7 +53,9 @@ def main() -> None:
                         choices=["none", "progressive", "progressive_lstsq"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="alignment.KEY=VALUE settings (conf/alignment/*.yaml)")
-    args = parser.parse_args()
+    options, overrides = split_overrides(sys.argv[1:])
+    args = parser.parse_args(options)
+    args.overrides = overrides
 
     cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
     # The saved config keeps ${hydra:...} interpolations, which resolve only inside Hydra.

@@ -153,3 +153,12 @@ def test_an_optuna_search_runs_its_trials_on_the_validation_objective(tmp_path):
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "alignment.lr" in best
     assert f"best_value: {max(r['objective'] for r in records)}" in best
+
+
+def test_script_command_lines_keep_overrides_out_of_list_options():
+    from recsys_compress.utils.compose import split_overrides
+
+    options, overrides = split_overrides(["--ratios", "0.3", "0.5", "dataset=ml_100k", "--out=x.json",
+                                          "+trainer.limit_train_batches=2", "--rounds", "2"])
+    assert options == ["--ratios", "0.3", "0.5", "--out=x.json", "--rounds", "2"]
+    assert overrides == ["dataset=ml_100k", "+trainer.limit_train_batches=2"]

@@ -118,8 +118,9 @@ def truncated_factors(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     singular values of ``M``, from the eigendecomposition of the smaller of M M^T and M^T M.
 
     A symmetric eigensolver on a min(m, n)-square matrix is cheaper than a full SVD on a CPU
-    (SmolLM2's whole factorisation phase: 17-19 s instead of 29 s, BENCHMARKS.md). The factors are built as projections (A B = U_k U_k^T M, or M V_k V_k^T), so
-    at full rank they reproduce M to rounding whatever the accuracy of tiny singular values;
+    (SmolLM2's whole factorisation phase: 17-19 s instead of 29 s, BENCHMARKS.md). The factors
+    are built as projections (A B = U_k U_k^T M, or M V_k V_k^T), so at full rank they
+    reproduce M to rounding whatever the accuracy of tiny singular values;
     in float64, singular values down to ~1e-7 of the largest are accurate, far below any
     that truncation keeps.
     """

@@ -67,8 +67,7 @@ def layer_representations(
     log.info("representations %s (%s): %s", path, "cached" if hit else "extracted", tuple(reps.shape))
     if not rep.users:
         return reps, None, {**info, "repr/users": 0}
-    titles = [(data.item_info[raw].title if raw in data.item_info else None) or f"Item {raw}"
-              for raw in data.item_ids]
+    titles, _ = item_texts(data.item_ids, data.item_info, "{title}")  # same "Item <id>" fallback
     history = [[titles[i] for i in items] for items in data.recent_train_items(rep.user_history)]
     utexts, counts = user_texts(data.user_ids, data.user_info, history, rep.user_template)
     for what, n_users in counts.items():
