@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recsys_compress.utils.compose import split_overrides
+from recsys_compress.utils.cli import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recsys_compress.utils.cli import split_overrides
+
 
 def build_variant(args: argparse.Namespace, variant: str):
     """The model of ``variant`` (base, METHOD@R, with +int8), its datamodule and compression time."""
@@ -155,7 +157,9 @@ def main() -> None:
     parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
-    args = parser.parse_args()
+    options, overrides = split_overrides(sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
+    args = parser.parse_args(options)
+    args.overrides = overrides
     if args.export:
         print(json.dumps(export_worker(args)))
         return

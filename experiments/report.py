@@ -191,7 +191,9 @@ def failed_jobs(folders: list[Path]) -> list[str]:
             for line in path.read_text().splitlines():
                 record = json.loads(line)
                 if record.get("status") == "failed":
-                    failed.append(f"| {' '.join(record.get('overrides', []))} | {record.get('error', '').splitlines()[0]} |")
+                    # the first line of the error names the exception; a job killed without one has none
+                    error = (record.get("error") or "").strip().splitlines() or ["(no error recorded)"]
+                    failed.append(f"| {' '.join(record.get('overrides', []))} | {error[0]} |")
     if not failed:
         return []
     return ["### Failed jobs", "", "| overrides | error |", "|---|---|", *failed, ""]

@@ -156,9 +156,23 @@ def test_an_optuna_search_runs_its_trials_on_the_validation_objective(tmp_path):
 
 
 def test_script_command_lines_keep_overrides_out_of_list_options():
-    from recsys_compress.utils.compose import split_overrides
+    from recsys_compress.utils.cli import split_overrides
 
     options, overrides = split_overrides(["--ratios", "0.3", "0.5", "dataset=ml_100k", "--out=x.json",
                                           "+trainer.limit_train_batches=2", "--rounds", "2"])
     assert options == ["--ratios", "0.3", "0.5", "--out=x.json", "--rounds", "2"]
     assert overrides == ["dataset=ml_100k", "+trainer.limit_train_batches=2"]
+
+
+def test_the_report_lists_a_failed_job_that_recorded_no_error_text(tmp_path):
+    # A job killed from outside (OOM, scancel) can leave a summary record with an empty error.
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    records = [{"status": "failed", "overrides": ["ratio=0.3"], "error": ""},
+               {"status": "failed", "overrides": ["ratio=0.5"]},
+               {"status": "completed", "overrides": ["ratio=0.7"], "objective": 0.1}]
+    (tmp_path / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = report.failed_jobs([tmp_path])
+    assert "| ratio=0.3 | (no error recorded) |" in lines and "| ratio=0.5 | (no error recorded) |" in lines
+    assert not any("ratio=0.7" in line for line in lines)

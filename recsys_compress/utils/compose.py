@@ -22,9 +22,3 @@ def compose_config(
             overrides=[f"paths.root_dir={PROJECT_ROOT}", f"paths.output_dir={output_dir}", *overrides],
         )
 
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(options, Hydra overrides) of a script's command line: KEY=VALUE words, wherever they
-    stand, are overrides; argparse alone would let an ``nargs="+"`` option swallow them."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [a for a in argv if a not in overrides], overrides
