@@ -1,7 +1,8 @@
 """Methods x ratios (x alignments) on one trained model: retention of NDCG@10, errors, times.
 
-Takes a finished `train.py` run directory (its `.hydra/config.yaml` and best checkpoint),
-tests the base model once, then for every method, ratio and alignment restores the base
+Takes a finished `train.py` run directory (its `.hydra/config.yaml` and either its best
+checkpoint or, for a compression run that reused a cached base model, that cache entry named by
+`base/cache_key` in its metrics.json), tests the base model once, then for every method, ratio and alignment restores the base
 weights, compresses (same calibration batches for every method), aligns and tests. Writes a
 markdown table and a JSON file.
 
@@ -9,6 +10,8 @@ markdown table and a JSON file.
         prune_magnitude wanda --ratios 0.3 0.5 0.7 0.9 --out outputs/bench/compression_ml1m.json
     python experiments/compression_table.py outputs/bench/ml1m --methods svd odllm --ratios 0.3 0.5 0.7 \
         --alignments none progressive progressive_lstsq alignment.steps_per_layer=200
+    python experiments/compression_table.py outputs/bench/smollm2_ml100k_odllm05 --calib-batches 1 \
+        --methods svd odllm --ratios 0.3 0.5 0.7 --alignments none progressive progressive_lstsq
 """
 
 from __future__ import annotations
@@ -26,16 +29,30 @@ from omegaconf import OmegaConf
 from recsys_compress.alignment.runner import align
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import AlignmentConfig, from_mapping, validate
+from recsys_compress.tasks.base_cache import cache_folder, load_base
 from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
-from recsys_compress.utils.compose import PROJECT_ROOT, split_overrides
+from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.compose import PROJECT_ROOT
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    folder = run_dir / "checkpoints"
-    candidates = sorted(p for p in folder.glob("epoch*.ckpt"))
-    if not candidates:
-        raise FileNotFoundError(f"no epoch*.ckpt (best validation checkpoint) in {folder}")
-    return candidates[-1]
+def best_checkpoint(run_dir: Path) -> Path | None:
+    candidates = sorted((run_dir / "checkpoints").glob("epoch*.ckpt"))
+    return candidates[-1] if candidates else None
+
+
+def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str) -> str:
+    """Put the run's trained base model into ``lit``; returns where the weights came from."""
+    ckpt = best_checkpoint(run_dir)
+    if ckpt is not None:
+        lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+        return str(ckpt)
+    metrics_path = run_dir / "metrics.json"
+    key = json.loads(metrics_path.read_text()).get("base/cache_key") if metrics_path.is_file() else None
+    if key is None or load_base(cache_dir, key, lit.model) is None:
+        raise FileNotFoundError(
+            f"{run_dir}: no checkpoints/epoch*.ckpt (best validation checkpoint) and no cached base "
+            f"model named by base/cache_key in its metrics.json (looked in {cache_dir}/base_models)")
+    return str(cache_folder(cache_dir, key))
 
 
 def _parse(value: str):
@@ -65,8 +82,7 @@ def main() -> None:
     L.seed_everything(run.seed)
     dm = build_datamodule(run.dataset, run.seed)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
-    ckpt = best_checkpoint(args.run_dir)
-    lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    source = load_base_weights(args.run_dir, lit, cfg.paths.cache_dir)
     base_model = copy.deepcopy(lit.model)
 
     def test(callbacks=()) -> dict:
@@ -112,7 +128,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    print(f"\nbase {run.model.name} on {run.dataset.name} ({ckpt.name}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
+    print(f"\nbase {run.model.name} on {run.dataset.name} ({source}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
     columns = [(m, a) for m in args.methods for a in args.alignments]
     print("| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |")
     print("|---|" + "---|" * len(columns))
@@ -126,7 +142,7 @@ def main() -> None:
             cells.append(cell)
         print(f"| {ratio} | " + " | ".join(cells) + " |")
     if args.out:
-        args.out.write_text(json.dumps({"base": base, "checkpoint": str(ckpt), "rows": rows}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"base": base, "base_weights": source, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
