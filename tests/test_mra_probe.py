@@ -88,6 +88,28 @@ def test_ctr_split_is_per_user_and_in_time_order():
     assert train[2][train[0] == 0].tolist() == labels
 
 
+def test_item_split_keeps_validation_and_test_items_out_of_training():
+    data = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0, split_by="item", seed=3)
+    items = {k: set(data.splits[k][1].tolist()) for k in ("train", "val", "test")}
+    assert not items["train"] & items["val"] and not items["train"] & items["test"]
+    assert not items["val"] & items["test"]
+    # every rating is kept, with its label, in the part of its item; items split 80/10/10
+    time_split = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0)
+    assert sum(len(data.splits[k][2]) for k in data.splits) == 100836
+    assert sum(float(data.splits[k][2].sum()) for k in data.splits) == sum(
+        float(time_split.splits[k][2].sum()) for k in time_split.splits)
+    n = len(data.item_ids)  # items with ratings: parts hold those of their items that were rated
+    assert len(items["train"]) + len(items["val"]) + len(items["test"]) == n == 9724
+    assert abs(len(items["train"]) / n - 0.8) < 0.01 and abs(len(items["test"]) / n - 0.1) < 0.01
+    # seeded: the same seed gives the same partition, another seed another one
+    again = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0, split_by="item", seed=3)
+    other = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0, split_by="item", seed=4)
+    assert torch.equal(again.splits["test"][1], data.splits["test"][1])
+    assert set(other.splits["test"][1].tolist()) != items["test"]
+    with pytest.raises(ValueError, match="split_by='user'; allowed: time, item"):
+        build_ctr_splits("grouplens_csv", str(SMALL), split_by="user")
+
+
 def test_auc_and_logloss_match_a_hand_example():
     lit = CTRLitModule(RepresentationCompressor(None, "none"), n_users=1, n_items=4)
     logits = torch.tensor([-2.0, 0.5, 0.2, 1.5])
@@ -151,6 +173,8 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):
         mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="ctr.split_by='user' is out of range; allowed: time, item"):
+        mra_probe(compose_config([*overrides, "ctr.split_by=user"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
         mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
 

@@ -1,9 +1,18 @@
 """The downstream CTR task on MovieLens: (user, item) -> clicked = rating >= threshold.
 
-Each user's ratings are ordered by time and split 80/10/10 (configurable) into train,
-validation and test, so every split predicts a user's later behaviour from earlier
-behaviour. Users and items are indexed 0..n-1 in natural id order; ``item_ids`` is the order
-the item representations follow.
+Two ways to split (``ctr.split_by``):
+
+- ``time`` (default): each user's ratings are ordered by time and split 80/10/10
+  (configurable) into train, validation and test, so every split predicts a user's later
+  behaviour from earlier behaviour. Every test item has been seen in training (warm items),
+  so item id embeddings carry most of the signal.
+- ``item``: the items themselves are split 80/10/10 at random (seeded) and every rating goes
+  with its item: validation and test items never occur in training (item cold start), their
+  id embeddings stay untrained, and only the item's text representation describes them. This
+  is where the layer a representation comes from can matter.
+
+Users and items are indexed 0..n-1 in natural id order; ``item_ids`` is the order the item
+representations follow.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ class CTRSplits:
 
 def build_ctr_splits(
     fmt: str, path: str, name: str | None = None, threshold: float = 4.0,
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1), split_by: str = "time", seed: int = 0,
 ) -> CTRSplits:
     raw = read_interactions(fmt, path, name)
     if raw.ratings is None or raw.timestamps is None:
@@ -59,6 +68,8 @@ def build_ctr_splits(
                          f"{'no ratings' if raw.ratings is None else 'no timestamps'}")
     if abs(sum(split) - 1) > 1e-6 or min(split) < 0:
         raise ValueError(f"split={split} must be three non-negative fractions summing to 1")
+    if split_by not in ("time", "item"):
+        raise ValueError(f"split_by={split_by!r}; allowed: time, item")
     user_ids = sorted(set(raw.users), key=_natural_key)
     item_ids = sorted(set(raw.items), key=_natural_key)
     u_index = {u: i for i, u in enumerate(user_ids)}
@@ -67,19 +78,34 @@ def build_ctr_splits(
     for row, (u, it, r, t) in enumerate(zip(raw.users, raw.items, raw.ratings, raw.timestamps)):
         per_user.setdefault(u_index[u], []).append((t, row, i_index[it], r))
     parts: dict[str, list[tuple[int, int, float]]] = {"train": [], "val": [], "test": []}
+    item_part = _item_parts(len(item_ids), split, seed) if split_by == "item" else None
     for u, events in per_user.items():
         events.sort()  # by time, then file order: stable for equal timestamps
         n = len(events)
         n_train = round(n * split[0])
         n_val = round(n * (split[0] + split[1])) - n_train
         for k, (_, _, item, rating) in enumerate(events):
-            part = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+            if item_part is not None:
+                part = item_part[item]
+            else:
+                part = "train" if k < n_train else "val" if k < n_train + n_val else "test"
             parts[part].append((u, item, float(rating >= threshold)))
     splits = {}
     for part, rows in parts.items():
         t = torch.tensor(rows, dtype=torch.float64) if rows else torch.zeros(0, 3, dtype=torch.float64)
         splits[part] = (t[:, 0].long(), t[:, 1].long(), t[:, 2].float())
     return CTRSplits(user_ids, item_ids, raw.item_info, splits, raw.user_info)
+
+
+def _item_parts(n_items: int, split: tuple[float, float, float], seed: int) -> list[str]:
+    """Item index -> "train" | "val" | "test", a seeded random partition in the split's fractions."""
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = round(n_items * split[0])
+    n_val = round(n_items * (split[0] + split[1])) - n_train
+    part = [""] * n_items
+    for rank, item in enumerate(order):
+        part[item] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return part
 
 
 class CTRDataModule(L.LightningDataModule):

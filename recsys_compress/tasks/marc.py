@@ -49,7 +49,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
     d = run.dataset
-    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split))
+    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split),
+                             run.ctr.split_by, run.seed)
     dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
 
     encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)

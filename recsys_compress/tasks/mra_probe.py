@@ -126,7 +126,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
     d = run.dataset
-    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split))
+    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split),
+                             run.ctr.split_by, run.seed)
     dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
     reps, user_reps, info = layer_representations(run, data, cfg.paths.cache_dir)
 
