@@ -369,7 +369,7 @@ class RepresentationConfig:
 class CTRConfig:
     threshold: float = 4.0
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    split_by: str = "time"
+    split_by: Literal["time", "item"] = "time"
     id_dim: int = 16
     cross_layers: int = 2
     hidden: list[int] = field(default_factory=lambda: [128, 64])
@@ -383,7 +383,6 @@ class CTRConfig:
         _require(len(self.split) == 3 and min(self.split) >= 0 and abs(sum(self.split) - 1) < 1e-6,
                  f"{p}.split", self.split, "three non-negative fractions summing to 1 (train, val, test)")
         _require(self.split[1] > 0 and self.split[2] > 0, f"{p}.split", self.split, "non-empty val and test parts")
-        _require(self.split_by in ("time", "item"), f"{p}.split_by", self.split_by, "time, item")
         _require(self.id_dim >= 1, f"{p}.id_dim", self.id_dim, ">= 1")
         _require(self.cross_layers >= 0, f"{p}.cross_layers", self.cross_layers, ">= 0")
         _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "[0, 1)")

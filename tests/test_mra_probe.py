@@ -173,7 +173,7 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):
         mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
-    with pytest.raises(ConfigError, match="ctr.split_by='user' is out of range; allowed: time, item"):
+    with pytest.raises(ConfigError, match="ctr.split_by='user' is not allowed; allowed: time, item"):
         mra_probe(compose_config([*overrides, "ctr.split_by=user"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
         mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
