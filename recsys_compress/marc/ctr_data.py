@@ -78,17 +78,14 @@ def build_ctr_splits(
     for row, (u, it, r, t) in enumerate(zip(raw.users, raw.items, raw.ratings, raw.timestamps)):
         per_user.setdefault(u_index[u], []).append((t, row, i_index[it], r))
     parts: dict[str, list[tuple[int, int, float]]] = {"train": [], "val": [], "test": []}
-    item_part = _item_parts(len(item_ids), split, seed) if split_by == "item" else None
+    if split_by == "item":
+        order = torch.randperm(len(item_ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        item_part = dict(zip(order, _parts_in_order(len(item_ids), split)))
     for u, events in per_user.items():
         events.sort()  # by time, then file order: stable for equal timestamps
-        n = len(events)
-        n_train = round(n * split[0])
-        n_val = round(n * (split[0] + split[1])) - n_train
+        user_part = _parts_in_order(len(events), split) if split_by == "time" else None
         for k, (_, _, item, rating) in enumerate(events):
-            if item_part is not None:
-                part = item_part[item]
-            else:
-                part = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+            part = user_part[k] if user_part is not None else item_part[item]
             parts[part].append((u, item, float(rating >= threshold)))
     splits = {}
     for part, rows in parts.items():
@@ -97,15 +94,11 @@ def build_ctr_splits(
     return CTRSplits(user_ids, item_ids, raw.item_info, splits, raw.user_info)
 
 
-def _item_parts(n_items: int, split: tuple[float, float, float], seed: int) -> list[str]:
-    """Item index -> "train" | "val" | "test", a seeded random partition in the split's fractions."""
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train = round(n_items * split[0])
-    n_val = round(n_items * (split[0] + split[1])) - n_train
-    part = [""] * n_items
-    for rank, item in enumerate(order):
-        part[item] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    return part
+def _parts_in_order(n: int, split: tuple[float, float, float]) -> list[str]:
+    """The part ("train" | "val" | "test") of each of ``n`` ordered things, in the split's fractions."""
+    n_train = round(n * split[0])
+    n_val = round(n * (split[0] + split[1])) - n_train
+    return ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)
 
 
 class CTRDataModule(L.LightningDataModule):
