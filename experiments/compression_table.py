@@ -1,10 +1,10 @@
 """Methods x ratios (x alignments) on one trained model: retention of NDCG@10, errors, times.
 
 Takes a finished `train.py` run directory (its `.hydra/config.yaml` and either its best
-checkpoint or, for a compression run that reused a cached base model, that cache entry named by
-`base/cache_key` in its metrics.json), tests the base model once, then for every method, ratio and alignment restores the base
-weights, compresses (same calibration batches for every method), aligns and tests. Writes a
-markdown table and a JSON file.
+checkpoint or, for a compression run that reused a cached base model, that cache entry named
+by `base/cache_key` in its metrics.json), tests the base model once, then for every method,
+ratio and alignment restores the base weights, compresses (same calibration batches for every
+method), aligns and tests. Writes a markdown table and a JSON file.
 
     python experiments/compression_table.py outputs/bench/ml1m --methods svd asvd odllm \
         prune_magnitude wanda --ratios 0.3 0.5 0.7 0.9 --out outputs/bench/compression_ml1m.json

@@ -21,4 +21,3 @@ def compose_config(
             config_name,
             overrides=[f"paths.root_dir={PROJECT_ROOT}", f"paths.output_dir={output_dir}", *overrides],
         )
-
