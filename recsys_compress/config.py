@@ -374,6 +374,7 @@ class CTRConfig:
     cross_layers: int = 2
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.1
+    item_id_dropout: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 2048
@@ -386,6 +387,7 @@ class CTRConfig:
         _require(self.id_dim >= 1, f"{p}.id_dim", self.id_dim, ">= 1")
         _require(self.cross_layers >= 0, f"{p}.cross_layers", self.cross_layers, ">= 0")
         _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "[0, 1)")
+        _require(0 <= self.item_id_dropout <= 1, f"{p}.item_id_dropout", self.item_id_dropout, "[0, 1]")
         _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")

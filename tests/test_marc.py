@@ -77,7 +77,8 @@ FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logge
 
 @pytest.mark.parametrize("variant", [["marc.trainable_layers=1"],
                                      ["marc.trainable_layers=2", "marc.finetune=lora", "marc.constraint=hsic"],
-                                     ["marc.trainable_layers=0", "marc.dim=8"]])
+                                     ["marc.trainable_layers=0", "marc.dim=8", "ctr.split_by=item",
+                                      "ctr.item_id_dropout=0.5"]])
 def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
                           f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")

@@ -9,7 +9,7 @@ import torch
 from recsys_compress.config import ConfigError
 from recsys_compress.data.readers import ItemInfo
 from recsys_compress.marc.ctr_data import build_ctr_splits
-from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor, pca_projection
+from recsys_compress.marc.ctr_model import CTRLitModule, DCNv2, RepresentationCompressor, pca_projection
 from recsys_compress.marc.representations import (
     cached_layer_means,
     extract_layer_means,
@@ -110,6 +110,35 @@ def test_item_split_keeps_validation_and_test_items_out_of_training():
         build_ctr_splits("grouplens_csv", str(SMALL), split_by="user")
 
 
+def test_items_unseen_in_training_score_from_their_features_alone():
+    data = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0, split_by="item", seed=3)
+    known = data.known_items()
+    assert torch.equal(known.nonzero().squeeze(1), torch.unique(data.splits["train"][1]))
+    torch.manual_seed(0)
+    model = DCNv2(n_users=3, n_items=len(known), feature_dim=4, known_items=known).eval()
+    cold, warm = int(data.splits["test"][1][0]), int(data.splits["train"][1][0])
+    users, features = torch.tensor([0, 1]), torch.randn(2, 4)
+    before = model(users, torch.tensor([cold, warm]), features)
+    with torch.no_grad():
+        model.item.weight[[cold, warm]] += 1.0  # only the warm item's id embedding is used
+    after = model(users, torch.tensor([cold, warm]), features)
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_item_id_dropout_zeroes_that_fraction_of_id_embeddings_in_training():
+    torch.manual_seed(0)
+    model = DCNv2(n_users=1, n_items=10, feature_dim=0, item_id_dropout=0.3)
+    items = torch.randint(0, 10, (20000,))
+    dropped = (model.item_embedding(items) == 0).all(-1).float().mean()
+    assert abs(float(dropped) - 0.3) < 0.015
+    assert not (model.eval().item_embedding(items) == 0).all(-1).any()  # evaluation keeps every id
+    no_ids = DCNv2(n_users=1, n_items=10, feature_dim=0, item_id_dropout=1.0)
+    for mode in (no_ids.train(), no_ids.eval()):
+        assert not mode.item_embedding(items).any()
+    with pytest.raises(ValueError, match=r"item_id_dropout=1.5 must lie in \[0, 1\]"):
+        DCNv2(n_users=1, n_items=10, feature_dim=0, item_id_dropout=1.5)
+
+
 def test_auc_and_logloss_match_a_hand_example():
     lit = CTRLitModule(RepresentationCompressor(None, "none"), n_users=1, n_items=4)
     logits = torch.tensor([-2.0, 0.5, 0.2, 1.5])
@@ -175,6 +204,8 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="ctr.split_by='user' is not allowed; allowed: time, item"):
         mra_probe(compose_config([*overrides, "ctr.split_by=user"], tmp_path / "bad"))
+    with pytest.raises(ConfigError, match=r"ctr.item_id_dropout=2.0 is out of range; allowed: \[0, 1\]"):
+        mra_probe(compose_config([*overrides, "ctr.item_id_dropout=2"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
         mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
 

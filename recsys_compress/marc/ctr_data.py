@@ -4,12 +4,14 @@ Two ways to split (``ctr.split_by``):
 
 - ``time`` (default): each user's ratings are ordered by time and split 80/10/10
   (configurable) into train, validation and test, so every split predicts a user's later
-  behaviour from earlier behaviour. Every test item has been seen in training (warm items),
-  so item id embeddings carry most of the signal.
+  behaviour from earlier behaviour. Almost every test item has been seen in training (warm
+  items), so item id embeddings carry most of the signal.
 - ``item``: the items themselves are split 80/10/10 at random (seeded) and every rating goes
-  with its item: validation and test items never occur in training (item cold start), their
-  id embeddings stay untrained, and only the item's text representation describes them. This
-  is where the layer a representation comes from can matter.
+  with its item: validation and test items never occur in training (item cold start), so
+  they have no trained id embedding (the CTR model gives them a zero one, see
+  ``CTRSplits.known_items``) and only the item's text representation describes them. This
+  is where the layer a representation comes from can matter; ``ctr.item_id_dropout`` trains
+  the model for it.
 
 Users and items are indexed 0..n-1 in natural id order; ``item_ids`` is the order the item
 representations follow.
@@ -49,6 +51,10 @@ class CTRSplits:
         for u, i in zip(users.tolist(), items.tolist()):
             history[u].append(i)
         return [h[-n:] if n else [] for h in history]
+
+    def known_items(self) -> torch.Tensor:
+        """``[n_items]`` bool: the item occurs in the training split (its id embedding is trained)."""
+        return torch.bincount(self.splits["train"][1], minlength=len(self.item_ids)) > 0
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"n_users": len(self.user_ids), "n_items": len(self.item_ids)}

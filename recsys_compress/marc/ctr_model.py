@@ -78,13 +78,30 @@ class CrossNetwork(nn.Module):
 
 
 class DCNv2(nn.Module):
-    """Stacked DCN-V2: [user emb, item emb, features] -> cross network -> MLP -> logit."""
+    """Stacked DCN-V2: [user emb, item emb, features] -> cross network -> MLP -> logit.
+
+    Items never seen in training (``known_items`` False) enter with a zero id embedding
+    instead of their untrained random row: at test time on cold items only the features
+    describe them. ``item_id_dropout`` zeroes the id embedding of that fraction of training
+    samples, so the model learns to score an item from its features alone, as it must for
+    cold items; 1.0 drops item ids altogether (a features-only item model).
+    """
 
     def __init__(self, n_users: int, n_items: int, feature_dim: int, id_dim: int = 16, cross_layers: int = 2,
-                 hidden: Sequence[int] = (128, 64), dropout: float = 0.1):
+                 hidden: Sequence[int] = (128, 64), dropout: float = 0.1, item_id_dropout: float = 0.0,
+                 known_items: torch.Tensor | None = None):
         super().__init__()
+        if not 0 <= item_id_dropout <= 1:
+            raise ValueError(f"item_id_dropout={item_id_dropout} must lie in [0, 1]")
         self.user = nn.Embedding(n_users, id_dim)
         self.item = nn.Embedding(n_items, id_dim)
+        self.item_id_dropout = item_id_dropout
+        known = torch.ones(n_items, dtype=torch.bool) if known_items is None else known_items.bool().clone()
+        if known.shape != (n_items,):
+            raise ValueError(f"known_items has shape {tuple(known.shape)}; expected ({n_items},)")
+        if item_id_dropout >= 1:
+            known[:] = False  # ids never trained: no item uses its row
+        self.register_buffer("known_items", known, persistent=False)
         width = 2 * id_dim + feature_dim
         self.cross = CrossNetwork(width, cross_layers)
         mlp: list[nn.Module] = []
@@ -96,10 +113,16 @@ class DCNv2(nn.Module):
         for emb in (self.user, self.item):
             nn.init.normal_(emb.weight, std=0.01)
 
+    def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
+        keep = self.known_items[items]
+        if self.training and 0 < self.item_id_dropout < 1:
+            keep = keep & (torch.rand(items.shape, device=items.device) >= self.item_id_dropout)
+        return self.item(items) * keep.unsqueeze(-1)
+
     def forward_with_hidden(self, users: torch.Tensor, items: torch.Tensor,
                             features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the last hidden layer (the task module's output for decoupling terms)."""
-        x0 = torch.cat([self.user(users), self.item(items), features], -1)
+        x0 = torch.cat([self.user(users), self.item_embedding(items), features], -1)
         hidden = self.mlp(self.cross(x0))
         return self.head(hidden).squeeze(-1), hidden
 
@@ -146,13 +169,15 @@ class CTRLitModule(CTRMetricsMixin, L.LightningModule):
     def __init__(self, compressor: RepresentationCompressor, n_users: int, n_items: int, id_dim: int = 16,
                  cross_layers: int = 2, hidden: Sequence[int] = (128, 64), dropout: float = 0.1,
                  lr: float = 1e-3, weight_decay: float = 0.0,
-                 user_compressor: RepresentationCompressor | None = None):
+                 user_compressor: RepresentationCompressor | None = None, item_id_dropout: float = 0.0,
+                 known_items: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["compressor", "user_compressor"])
+        self.save_hyperparameters(ignore=["compressor", "user_compressor", "known_items"])
         self.compressor = compressor
         self.user_compressor = user_compressor  # indexed by user: user representations, when used
         features = compressor.dim + (user_compressor.dim if user_compressor is not None else 0)
-        self.model = DCNv2(n_users, n_items, features, id_dim, cross_layers, hidden, dropout)
+        self.model = DCNv2(n_users, n_items, features, id_dim, cross_layers, hidden, dropout, item_id_dropout,
+                           known_items)
         self.init_ctr_metrics()
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

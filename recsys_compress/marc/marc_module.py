@@ -62,6 +62,8 @@ class MARCModule(CTRMetricsMixin, L.LightningModule):
         cross_layers: int = 2,
         hidden: tuple[int, ...] = (128, 64),
         dropout: float = 0.1,
+        item_id_dropout: float = 0.0,
+        known_items: torch.Tensor | None = None,
         lr: float = 1e-3,
         llm_lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -70,13 +72,14 @@ class MARCModule(CTRMetricsMixin, L.LightningModule):
         super().__init__()
         if constraint not in ("none", "hsic"):
             raise ValueError(f"marc.constraint={constraint!r}; allowed: none, hsic")
-        self.save_hyperparameters(ignore=["top", "states", "mask"])
+        self.save_hyperparameters(ignore=["top", "states", "mask", "known_items"])
         self.top = top
         # Cached inputs of the trainable top: not parameters, not checkpointed.
         self.register_buffer("states", states, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
         self.bottleneck = VariationalBottleneck(states.shape[-1], dim)
-        self.task = DCNv2(n_users, states.shape[0], dim, id_dim, cross_layers, hidden, dropout)
+        self.task = DCNv2(n_users, states.shape[0], dim, id_dim, cross_layers, hidden, dropout, item_id_dropout,
+                          known_items)
         self.init_ctr_metrics()
         self._codes: torch.Tensor | None = None
 

@@ -72,7 +72,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     c = run.ctr
     module = MARCModule(top, states, mask, len(data.user_ids), dim=m.dim, beta=m.beta, constraint=m.constraint,
                         hsic_weight=m.hsic_weight, id_dim=c.id_dim, cross_layers=c.cross_layers,
-                        hidden=tuple(c.hidden), dropout=c.dropout, lr=m.lr, llm_lr=m.llm_lr,
+                        hidden=tuple(c.hidden), dropout=c.dropout, item_id_dropout=c.item_id_dropout,
+                        known_items=data.known_items(), lr=m.lr, llm_lr=m.llm_lr,
                         weight_decay=c.weight_decay)
     train = DataLoader(TensorDataset(*data.splits["train"]),
                        batch_sampler=ItemGroupBatchSampler(data.splits["train"][1], m.items_per_batch, run.seed))

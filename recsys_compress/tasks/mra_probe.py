@@ -106,7 +106,8 @@ def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compres
     L.seed_everything(seed, workers=True)
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
-                       weight_decay=c.weight_decay, user_compressor=user_compressor)
+                       weight_decay=c.weight_decay, user_compressor=user_compressor,
+                       item_id_dropout=c.item_id_dropout, known_items=dm.data.known_items())
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
                                      callbacks=callbacks_into(cfg, checkpoint_dir, loggers))
     t0 = time.perf_counter()
