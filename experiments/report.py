@@ -7,10 +7,14 @@ Every folder given is searched recursively for ``metrics.json``. What is drawn d
 what the runs are:
 
 - MRA probe runs (``probe/layer`` = an index, or ``all`` with per-layer results): the MRA
-  curve, test AUC against layer per (encoder, compressor, dim), marking the final layer and
-  the layer that is best on validation, written to ``mra_curve.png``;
+  curve, test AUC against layer per (encoder, compressor, dim, split and item-id dropout),
+  marking the final layer and the layer that is best on validation, written to
+  ``mra_curve.png``;
 - ID-only probe runs (``probe/layer`` = -1) and MARC runs (``marc/dim``): drawn as horizontal
-  reference lines on the curve and listed in the comparison table;
+  reference lines on the curve and listed in the comparison table (MARC's end-to-end model
+  is listed, not drawn);
+- runs of one configuration with different seeds (``python train.py -m ... seed=0,1,2``) are
+  pooled: tables give mean ± std (n seeds), the curve error bars, reference lines a band;
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method, alignment
   and ratio with each aligned cell's alignment time, ``retention.png``, and what the runs cost
   (base models trained vs reused from the cache, compression and alignment seconds);
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,52 +61,110 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_alignment"] = metrics.get("alignment/method", cfg.get("alignment", {}).get("method", "none"))
             metrics["_method"] = metrics.get("compression/method", cfg.get("compression", {}).get("method", "none"))
             metrics["_ratio"] = metrics.get("compression/ratio", cfg.get("ratio"))
+            ctr = cfg.get("ctr", {})
+            metrics["_split_by"] = metrics.get("ctr/split_by", ctr.get("split_by", "time"))
+            metrics["_item_id_dropout"] = metrics.get("ctr/item_id_dropout", ctr.get("item_id_dropout", 0.0))
             runs.append(metrics)
     return runs
 
 
-def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, float, float]]]:
-    """(encoder, compressor, dim) -> [(layer, val auc, test auc)] from single- and all-layer runs."""
-    curves: dict[tuple, dict[int, tuple[float, float]]] = defaultdict(dict)
+def _variant(r: dict[str, Any]) -> str:
+    """What sets a CTR run apart beyond encoder/compressor/dim: the split and item-id dropout."""
+    parts = []
+    if r["_split_by"] == "item":
+        parts.append("cold items")
+    if r["_item_id_dropout"]:
+        parts.append(f"item-id dropout {r['_item_id_dropout']:g}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+@dataclass
+class Summary:
+    """A metric over the runs of one configuration (one per seed)."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def __str__(self) -> str:
+        if len(self.values) == 1:
+            return f"{self.values[0]:.4f}"
+        return f"{self.mean:.4f} ± {self.std:.4f} (n={len(self.values)})"
+
+
+def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summary, Summary]]]:
+    """(encoder, compressor, dim, variant) -> [(layer, val auc, test auc)], each a Summary over
+    the seeds, from single- and all-layer runs."""
+    curves: dict[tuple, dict[int, tuple[list[float], list[float]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
     for r in runs:
         layer = r.get("probe/layer")
         if layer is None or layer == -1 or "marc/dim" in r:
             continue
-        key = (r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"))
+        key = (r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"), _variant(r))
         if layer == "all":
             for name, value in r.items():
                 if name.startswith("layers/") and name.endswith("/test/auc"):
                     l = int(name.split("/")[1])
-                    curves[key][l] = (r[f"layers/{l}/val/best_auc"], value)
+                    curves[key][l][0].append(r[f"layers/{l}/val/best_auc"])
+                    curves[key][l][1].append(value)
         else:
-            curves[key][int(layer)] = (r.get("val/best_auc", float("nan")), r["test/auc"])
-    return {k: sorted((l, v, t) for l, (v, t) in pts.items()) for k, pts in curves.items()}
+            curves[key][int(layer)][0].append(r.get("val/best_auc", float("nan")))
+            curves[key][int(layer)][1].append(r["test/auc"])
+    return {k: sorted((l, Summary(v), Summary(t)) for l, (v, t) in pts.items()) for k, pts in curves.items()}
 
 
-def references(runs: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
-    """(label, test auc, test logloss) of ID-only and MARC runs."""
-    refs = []
+def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, bool]]:
+    """(label, test auc, test logloss, drawn on the curve) of ID-only and MARC runs, over seeds.
+
+    MARC's end-to-end model (its own task module) is listed next to the deployed one (a fresh
+    CTR model on the exported codes) but not drawn."""
+    groups: dict[tuple[str, bool], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for r in runs:
         if r.get("probe/layer") == -1:
-            refs.append(("ID-only CTR model", r["test/auc"], r["test/logloss"]))
+            entries = [(f"ID-only CTR model{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         elif "marc/dim" in r:
-            refs.append((f"MARC ({r['_encoder']}, final layer, dim {r['marc/dim']})", r["test/auc"], r["test/logloss"]))
-    return refs
+            what = f"{r['_encoder']}, final layer, dim {r['marc/dim']}, beta {r.get('marc/beta', float('nan')):g}"
+            if r.get("marc/constraint", "none") != "none":
+                what += f", {r['marc/constraint']}"
+            if r.get("marc/finetune", "full") != "full":
+                what += f", {r['marc/finetune']}"
+            entries = [(f"MARC ({what}){_variant(r)}", r["test/auc"], r["test/logloss"], True)]
+            if "marc/e2e_test/auc" in r:
+                entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],
+                                r["marc/e2e_test/logloss"], False))
+        else:
+            continue
+        for label, auc, logloss, drawn in entries:
+            groups[(label, drawn)][0].append(auc)
+            groups[(label, drawn)][1].append(logloss)
+    return [(label, Summary(a), Summary(ll), drawn) for (label, drawn), (a, ll) in groups.items()]
 
 
 def draw_mra(curves, refs, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (encoder, compressor, dim), pts in curves.items():
+    for (encoder, compressor, dim, variant), pts in curves.items():
         layers = [p[0] for p in pts]
-        test = [p[2] for p in pts]
-        line, = ax.plot(layers, test, marker="o", label=f"{encoder} {compressor} dim {dim}")
-        best = max(pts, key=lambda p: p[1])
-        ax.scatter([best[0]], [best[2]], s=160, facecolors="none", edgecolors=line.get_color(), linewidths=2,
+        test = [p[2].mean for p in pts]
+        seeds = max(len(p[2].values) for p in pts)
+        line = ax.errorbar(layers, test, yerr=[p[2].std for p in pts] if seeds > 1 else None, marker="o",
+                           capsize=3, label=f"{encoder} {compressor} dim {dim}{variant}"
+                           + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""))[0]
+        best = max(pts, key=lambda p: p[1].mean)
+        ax.scatter([best[0]], [best[2].mean], s=160, facecolors="none", edgecolors=line.get_color(), linewidths=2,
                    label=f"best on validation: layer {best[0]}")
-        ax.scatter([pts[-1][0]], [pts[-1][2]], marker="s", s=70, color=line.get_color(),
+        ax.scatter([pts[-1][0]], [pts[-1][2].mean], marker="s", s=70, color=line.get_color(),
                    label=f"final layer {pts[-1][0]}")
-    for i, (label, auc, _) in enumerate(refs):
-        ax.axhline(auc, linestyle="--", color=f"C{(i + 5) % 10}", label=f"{label}: {auc:.4f}")
+    for i, (label, auc, _, drawn) in enumerate(r for r in refs if r[3]):
+        color = f"C{(i + 5) % 10}"
+        ax.axhline(auc.mean, linestyle="--", color=color, label=f"{label}: {auc.mean:.4f}")
+        if auc.std:
+            ax.axhspan(auc.mean - auc.std, auc.mean + auc.std, color=color, alpha=0.12)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("LLM layer (0 = token embeddings)")
     ax.set_ylabel("test AUC")
@@ -115,20 +179,21 @@ def draw_mra(curves, refs, out: Path) -> Path:
 
 
 def mra_tables(curves, refs) -> list[str]:
+    """Markdown tables; a configuration run with several seeds shows mean ± std (n seeds)."""
     lines = []
-    for (encoder, compressor, dim), pts in curves.items():
-        best = max(pts, key=lambda p: p[1])
+    for (encoder, compressor, dim, variant), pts in curves.items():
+        best = max(pts, key=lambda p: p[1].mean)
         final = pts[-1]
-        lines += [f"### MRA curve: {encoder}, {compressor} compression to {dim} dims", "",
+        lines += [f"### MRA curve: {encoder}, {compressor} compression to {dim} dims{variant}", "",
                   "| layer | val AUC | test AUC |", "|---|---|---|"]
         for layer, val, test in pts:
             mark = " (best on val)" if layer == best[0] else " (final)" if layer == final[0] else ""
-            lines.append(f"| {layer}{mark} | {val:.4f} | {test:.4f} |")
-        lines += ["", f"Best layer {best[0]} vs final layer {final[0]}: test AUC {best[2]:.4f} vs {final[2]:.4f} "
-                      f"({best[2] - final[2]:+.4f}).", ""]
+            lines.append(f"| {layer}{mark} | {val} | {test} |")
+        lines += ["", f"Best layer {best[0]} vs final layer {final[0]}: test AUC {best[2].mean:.4f} vs "
+                      f"{final[2].mean:.4f} ({best[2].mean - final[2].mean:+.4f}).", ""]
     if refs:
         lines += ["| reference | test AUC | test LogLoss |", "|---|---|---|"]
-        lines += [f"| {label} | {auc:.4f} | {ll:.4f} |" for label, auc, ll in refs]
+        lines += [f"| {label} | {auc} | {ll} |" for label, auc, ll, _ in refs]
         lines.append("")
     return lines
 

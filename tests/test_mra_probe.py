@@ -1,6 +1,7 @@
 """Representation extraction and cache, CTR splits and metrics, and the MRA probe task."""
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -208,6 +209,28 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         mra_probe(compose_config([*overrides, "ctr.item_id_dropout=2"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
         mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
+
+
+def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
+    overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}",
+                 "probe.layer=1"]
+    runs = {(what, seed): mra_probe(compose_config([*overrides, *extra, f"seed={seed}"], tmp_path / "runs" / f"{what}{seed}"))
+            for what, extra in [("probe", []), ("id_only", ["probe.compressor=none", "ctr.item_id_dropout=0.5"])]
+            for seed in (0, 1)}
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    for what, row in [("probe", "| 1 (best on val) | {val} | {test} |"),
+                      ("id_only", "| ID-only CTR model [item-id dropout 0.5] | {test} |")]:
+        aucs = [runs[(what, seed)]["test/auc"] for seed in (0, 1)]
+        vals = [runs[(what, seed)]["val/best_auc"] for seed in (0, 1)]
+        assert aucs[0] != aucs[1]  # the seeds really differ
+        test = f"{statistics.fmean(aucs):.4f} ± {statistics.stdev(aucs):.4f} (n=2)"
+        val = f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f} (n=2)"
+        assert row.format(val=val, test=test) in text, text
+    assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_slice):

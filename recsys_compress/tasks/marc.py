@@ -106,6 +106,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
         "marc/constraint": m.constraint, "marc/finetune": m.finetune,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
+        "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "seed": run.seed,
         "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
         **{f"data/{k}": v for k, v in data.stats().items()},
     }

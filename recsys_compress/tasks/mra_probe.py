@@ -144,7 +144,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
                                "repr/encoder": run.representation.model, "data/name": run.dataset.name,
-                               **info, **{f"data/{k}": v for k, v in data.stats().items()}}
+                               "ctr/split_by": run.ctr.split_by, "ctr/item_id_dropout": run.ctr.item_id_dropout,
+                               "seed": run.seed, **info, **{f"data/{k}": v for k, v in data.stats().items()}}
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)
         compressor = RepresentationCompressor(None if reps is None else reps[layer], run.probe.compressor, run.probe.dim)
