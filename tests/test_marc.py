@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from recsys_compress.config import ConfigError
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
-from recsys_compress.marc.llm_top import llama_top, pooled, token_states
+from recsys_compress.marc.llm_top import cached_token_states, llama_top, pooled, token_states
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler
 from recsys_compress.marc.representations import extract_layer_means, load_encoder
 from recsys_compress.tasks.marc import marc
@@ -61,6 +61,20 @@ def test_trainable_top_over_cached_states_reproduces_the_full_model():
         llama_top(load_encoder("minilm"), 1)
 
 
+def test_token_states_cache_round_trips_and_is_keyed_by_layer(tmp_path):
+    encoder = load_encoder("llama_tiny", seed=0)
+    ids = [str(i) for i in range(len(TEXTS))]
+    states, mask, hit, path = cached_token_states(encoder, "ds", ids, TEXTS, "T", 1, tmp_path, batch_size=3)
+    assert not hit and path.is_file()
+    direct = token_states(encoder, TEXTS, layer=1, batch_size=3)
+    assert torch.equal(states, direct[0]) and torch.equal(mask, direct[1])
+    again, again_mask, hit, same = cached_token_states(encoder, "ds", ids, TEXTS, "T", 1, tmp_path)
+    assert hit and same == path and torch.equal(again, states) and torch.equal(again_mask, mask)
+    for layer, template, other_ids in [(2, "T", ids), (1, "T2", ids), (1, "T", ids[::-1])]:
+        _, _, hit, other = cached_token_states(encoder, "ds", other_ids, TEXTS, template, layer, tmp_path)
+        assert not hit and other != path
+
+
 def test_item_group_batches_cover_every_sample_once_grouped_by_item():
     items = torch.tensor([3, 1, 3, 0, 1, 1, 4, 3, 0])
     sampler = ItemGroupBatchSampler(items, items_per_batch=2, seed=0)
@@ -86,7 +100,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("test/auc", "test/logloss", "marc/dim", "marc/kl", "time/extract_s", "time/train_s"):
         assert key in saved, key
-    assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0
+    assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0 and saved["repr/cache_hit"] == 0
     codes = load_file(str(tmp_path / "out" / "item_codes.safetensors"))["mu"]
     assert codes.shape == (metrics["data/n_items"], saved["marc/dim"])
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlamaModel
 
-from recsys_compress.marc.representations import Encoder
+from recsys_compress.marc.representations import Encoder, load_or_build, representation_key
 
 
 def llama_top(encoder: Encoder, k: int) -> LlamaModel:
@@ -63,6 +64,28 @@ def token_states(
                                output_hidden_states=True).hidden_states
         states[rows, :width] = hidden[layer].float()
     return states, mask
+
+
+def cached_token_states(
+    encoder: Encoder, dataset: str, item_ids: Sequence[str], texts: Sequence[str], template: str, layer: int,
+    cache_dir: str | Path, batch_size: int = 64, max_tokens: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, bool, Path]:
+    """``token_states`` of the items, cached on disk like the layer means (same key: encoder
+    fingerprint, dataset, exact item list, template, max_tokens; plus the layer), so MARC runs
+    that differ only in what they train (seed, beta, dim, split) compute them once.
+
+    Returns ``(states, mask, cache_hit, path)``.
+    """
+    key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
+                                   max_tokens, {"kind": "token_states", "layer": str(layer)})
+    path = Path(cache_dir) / "representations" / f"{key}.safetensors"
+
+    def build() -> dict[str, torch.Tensor]:
+        states, mask = token_states(encoder, texts, layer, batch_size, max_tokens)
+        return {"states": states, "mask": mask}
+
+    tensors, hit = load_or_build(path, meta, build)
+    return tensors["states"], tensors["mask"], hit, path
 
 
 def pooled(top: nn.Module | None, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,17 +171,29 @@ def cached_layer_means(
     key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
                                    max_tokens, extra)
     path = Path(cache_dir) / "representations" / f"{key}.safetensors"
+    tensors, hit = load_or_build(path, meta, lambda: {
+        "layers": extract_layer_means(encoder, texts, batch_size, max_tokens)})
+    return tensors["layers"], hit, path
+
+
+def load_or_build(path: Path, meta: dict[str, str],
+                  build: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors cached at ``path`` if its metadata is ``meta``, else ``build()``, saved there.
+
+    Returns ``(tensors, cache_hit)``. The file name is a hash of ``meta``; the metadata stored
+    in the file is compared in full, so a hash collision or a stale file is never used.
+    """
     if path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             stored = f.metadata()
-        if stored == meta:  # the key is a hash: make sure it really is this cache
-            return load_file(str(path))["layers"], True, path
+        if stored == meta:
+            return load_file(str(path)), True
         log.warning("cache %s holds %s, not %s: recomputing", path, stored, meta)
-    reps = extract_layer_means(encoder, texts, batch_size, max_tokens)
+    tensors = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"layers": reps.contiguous()}, str(tmp), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)  # concurrent jobs never read a half-written file
-    return reps, False, path
+    return tensors, False

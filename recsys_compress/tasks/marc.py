@@ -24,7 +24,7 @@ from recsys_compress.config import ConfigError, MARCConfig, validate_marc
 from recsys_compress.marc.bottleneck import kl_to_standard_normal
 from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.marc.llm_top import llama_top, token_states
+from recsys_compress.marc.llm_top import cached_token_states, llama_top
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
 from recsys_compress.marc.representations import item_texts
 from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, fit_ctr
@@ -59,11 +59,13 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"marc.trainable_layers={m.trainable_layers} is out of range for "
                           f"{run.representation.model}; allowed: 0..{n}")
     texts, missing = item_texts(data.item_ids, data.item_info, run.representation.template)
+    rep = run.representation
     t0 = time.perf_counter()
-    with torch.no_grad():
-        states, mask = token_states(encoder, texts, n - m.trainable_layers, run.representation.batch_size,
-                                    run.representation.max_tokens)
-    extract_s = time.perf_counter() - t0
+    states, mask, hit, cache_path = cached_token_states(encoder, d.name, data.item_ids, texts, rep.template,
+                                                        n - m.trainable_layers, cfg.paths.cache_dir,
+                                                        rep.batch_size, rep.max_tokens)
+    extract_s = 0.0 if hit else time.perf_counter() - t0
+    log.info("token states %s (%s): %s", cache_path, "cached" if hit else "extracted", tuple(states.shape))
     top = llama_top(encoder, m.trainable_layers) if m.trainable_layers else None
     if top is not None and m.finetune == "lora":
         top = with_lora(top, m)
@@ -107,7 +109,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/constraint": m.constraint, "marc/finetune": m.finetune,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
         "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "seed": run.seed,
-        "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
+        "time/extract_s": extract_s, "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
