@@ -14,7 +14,10 @@ what the runs are:
   reference lines on the curve and listed in the comparison table (MARC's end-to-end model
   is listed, not drawn);
 - runs of one configuration with different seeds (``python train.py -m ... seed=0,1,2``) are
-  pooled: tables give mean ± std (n seeds), the curve error bars, reference lines a band;
+  pooled: tables give mean ± std (n seeds), the curve error bars, reference lines a band,
+  and a paired table gives every layer's and reference's test AUC minus the final-layer
+  probe's over the seeds both ran (same seed = same split), which cancels split-to-split
+  variation;
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method, alignment
   and ratio with each aligned cell's alignment time, ``retention.png``, and what the runs cost
   (base models trained vs reused from the cache, compression and alignment seconds);
@@ -62,6 +65,7 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_method"] = metrics.get("compression/method", cfg.get("compression", {}).get("method", "none"))
             metrics["_ratio"] = metrics.get("compression/ratio", cfg.get("ratio"))
             ctr = cfg.get("ctr", {})
+            metrics["_seed"] = metrics.get("seed", cfg.get("seed"))
             metrics["_split_by"] = metrics.get("ctr/split_by", ctr.get("split_by", "time"))
             metrics["_item_id_dropout"] = metrics.get("ctr/item_id_dropout", ctr.get("item_id_dropout", 0.0))
             runs.append(metrics)
@@ -80,9 +84,10 @@ def _variant(r: dict[str, Any]) -> str:
 
 @dataclass
 class Summary:
-    """A metric over the runs of one configuration (one per seed)."""
+    """A metric over the runs of one configuration (one per seed): ``values[i]`` ran with ``seeds[i]``."""
 
     values: list[float]
+    seeds: list[Any]
 
     @property
     def mean(self) -> float:
@@ -97,11 +102,27 @@ class Summary:
             return f"{self.values[0]:.4f}"
         return f"{self.mean:.4f} ± {self.std:.4f} (n={len(self.values)})"
 
+    def minus(self, other: "Summary") -> list[float]:
+        """Paired differences over the seeds both ran (same seed: same split and initialisation)."""
+        mine, theirs = dict(zip(self.seeds, self.values)), dict(zip(other.seeds, other.values))
+        return [mine[s] - theirs[s] for s in mine if s in theirs and s is not None]
+
+
+def _collect() -> tuple[list[float], list[Any]]:
+    return [], []
+
 
 def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summary, Summary]]]:
     """(encoder, compressor, dim, variant) -> [(layer, val auc, test auc)], each a Summary over
     the seeds, from single- and all-layer runs."""
-    curves: dict[tuple, dict[int, tuple[list[float], list[float]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    val: dict[tuple, dict[int, tuple[list, list]]] = defaultdict(lambda: defaultdict(_collect))
+    test: dict[tuple, dict[int, tuple[list, list]]] = defaultdict(lambda: defaultdict(_collect))
+
+    def add(key: tuple, layer: int, v: float, t: float, seed: Any) -> None:
+        for store, value in ((val, v), (test, t)):
+            store[key][layer][0].append(value)
+            store[key][layer][1].append(seed)
+
     for r in runs:
         layer = r.get("probe/layer")
         if layer is None or layer == -1 or "marc/dim" in r:
@@ -111,12 +132,11 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summ
             for name, value in r.items():
                 if name.startswith("layers/") and name.endswith("/test/auc"):
                     l = int(name.split("/")[1])
-                    curves[key][l][0].append(r[f"layers/{l}/val/best_auc"])
-                    curves[key][l][1].append(value)
+                    add(key, l, r[f"layers/{l}/val/best_auc"], value, r["_seed"])
         else:
-            curves[key][int(layer)][0].append(r.get("val/best_auc", float("nan")))
-            curves[key][int(layer)][1].append(r["test/auc"])
-    return {k: sorted((l, Summary(v), Summary(t)) for l, (v, t) in pts.items()) for k, pts in curves.items()}
+            add(key, int(layer), r.get("val/best_auc", float("nan")), r["test/auc"], r["_seed"])
+    return {k: sorted(((l, Summary(*val[k][l]), Summary(*test[k][l])) for l in pts), key=lambda p: p[0])
+            for k, pts in test.items()}
 
 
 def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, bool]]:
@@ -124,7 +144,7 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
 
     MARC's end-to-end model (its own task module) is listed next to the deployed one (a fresh
     CTR model on the exported codes) but not drawn."""
-    groups: dict[tuple[str, bool], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    groups: dict[tuple[str, bool], list[tuple[float, float, Any]]] = defaultdict(list)
     for r in runs:
         if r.get("probe/layer") == -1:
             entries = [(f"ID-only CTR model{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
@@ -141,9 +161,10 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
         else:
             continue
         for label, auc, logloss, drawn in entries:
-            groups[(label, drawn)][0].append(auc)
-            groups[(label, drawn)][1].append(logloss)
-    return [(label, Summary(a), Summary(ll), drawn) for (label, drawn), (a, ll) in groups.items()]
+            groups[(label, drawn)].append((auc, logloss, r["_seed"]))
+    return [(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
+             Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn)
+            for (label, drawn), rows in groups.items()]
 
 
 def draw_mra(curves, refs, out: Path) -> Path:
@@ -195,7 +216,29 @@ def mra_tables(curves, refs) -> list[str]:
         lines += ["| reference | test AUC | test LogLoss |", "|---|---|---|"]
         lines += [f"| {label} | {auc} | {ll} |" for label, auc, ll, _ in refs]
         lines.append("")
+    for (encoder, compressor, dim, variant), pts in curves.items():
+        lines += paired_table(f"{encoder} {compressor} dim {dim}{variant}", pts, refs)
     return lines
+
+
+def paired_table(curve: str, pts, refs) -> list[str]:
+    """Test AUC minus the final-layer probe's, paired by seed (same split, same initialisation):
+    seed-to-seed variation of the split cancels, so this separates smaller gaps than the
+    pooled mean ± std. Only where at least two seeds are shared."""
+    final_layer, _, final = pts[-1]
+    rows = [(f"layer {layer}", test) for layer, _, test in pts[:-1]] + [(label, auc) for label, auc, _, _ in refs]
+    lines = []
+    for label, summary in rows:
+        diff = summary.minus(final)
+        if len(diff) >= 2:
+            wins = sum(d > 0 for d in diff)
+            lines.append(f"| {label} | {statistics.fmean(diff):+.4f} ± {statistics.stdev(diff):.4f} | "
+                         f"{wins} of {len(diff)} |")
+    if not lines:
+        return []
+    return [f"### Paired with the final-layer probe ({curve}, layer {final_layer})", "",
+            "| features | test AUC minus the final layer's (mean ± std over shared seeds) | seeds where higher |",
+            "|---|---|---|", *lines, ""]
 
 
 def retention_rows(runs):

@@ -230,6 +230,11 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
         test = f"{statistics.fmean(aucs):.4f} ± {statistics.stdev(aucs):.4f} (n=2)"
         val = f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f} (n=2)"
         assert row.format(val=val, test=test) in text, text
+    # paired by seed against the final (here the only) probed layer: same split, same initialisation
+    diff = [runs[("id_only", seed)]["test/auc"] - runs[("probe", seed)]["test/auc"] for seed in (0, 1)]
+    wins = sum(d > 0 for d in diff)
+    assert (f"| ID-only CTR model [item-id dropout 0.5] | {statistics.fmean(diff):+.4f} ± "
+            f"{statistics.stdev(diff):.4f} | {wins} of 2 |") in text, text
     assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
