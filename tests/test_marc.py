@@ -1,9 +1,11 @@
 """MARC: the bottleneck's KL, HSIC, the trainable LLM top, item-grouped batches, the task end to end."""
 
 import json
+import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from recsys_compress.config import ConfigError
@@ -13,6 +15,8 @@ from recsys_compress.marc.marc_module import ItemGroupBatchSampler
 from recsys_compress.marc.representations import extract_layer_means, load_encoder
 from recsys_compress.tasks.marc import marc
 from recsys_compress.utils.compose import compose_config
+
+from conftest import REPO
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
          "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance"]
@@ -103,6 +107,18 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0 and saved["repr/cache_hit"] == 0
     codes = load_file(str(tmp_path / "out" / "item_codes.safetensors"))["mu"]
     assert codes.shape == (metrics["data/n_items"], saved["marc/dim"])
+    # the deployment step again, on the exported codes, with another downstream setting
+    (tmp_path / "out" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
+    sys.path.insert(0, str(REPO / "experiments"))
+    import evaluate_codes
+
+    assert evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=0.3", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert 0 <= again["test/auc"] <= 1 and again["overrides"] == "ctr.dropout=0.3"
+    assert again["codes/dim"] == saved["marc/dim"]
+    with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
+        evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])
 
 
 def test_marc_bad_inputs_fail_at_start(tmp_path):

@@ -1,0 +1,68 @@
+"""A fresh CTR model on the item codes a MARC run exported, under another downstream setting.
+
+MARC's reported ``test/auc`` is that of one fresh DCN-V2 trained on its cached codes. This
+re-runs that deployment step on a finished run's ``item_codes.safetensors`` with changed
+``ctr.*`` settings (learning rate, dropout, width, item-id dropout...), without retraining
+MARC, to see how much of a result belongs to the codes and how much to the downstream model.
+
+    python experiments/evaluate_codes.py outputs/bench/cold_seeds/marc/0 ctr.lr=3e-4 ctr.dropout=0.3
+    python experiments/evaluate_codes.py RUN_DIR [KEY=VALUE ...] [--out DIR]
+
+Dataset, split, seed, trainer and the rest come from ``RUN_DIR/.hydra/config.yaml``; the
+overrides are validated like a run's config. Writes ``metrics.json`` (``test/auc``,
+``test/logloss``, ``val/best_auc``, the overrides) to ``--out`` (default
+``RUN_DIR/evaluate_codes/<overrides>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from safetensors.torch import load_file
+
+from recsys_compress.config import validate_marc
+from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
+from recsys_compress.marc.ctr_model import RepresentationCompressor
+from recsys_compress.tasks.mra_probe import fit_ctr
+from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.compose import PROJECT_ROOT
+from recsys_compress.utils.run_outputs import finish_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished task=marc run (item_codes.safetensors)")
+    parser.add_argument("--out", type=Path, help="where metrics.json goes")
+    args = parser.parse_args(options)
+    codes_path = args.run_dir / "item_codes.safetensors"
+    cfg_path = args.run_dir / ".hydra" / "config.yaml"
+    for path in (codes_path, cfg_path):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: {args.run_dir} is not a finished task=marc run")
+    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(overrides))
+    out = args.out or args.run_dir / "evaluate_codes" / ("_".join(overrides) or "as_run")
+    cfg.paths.root_dir = str(PROJECT_ROOT)
+    cfg.paths.output_dir = str(out)
+    run = validate_marc(cfg)
+    d, c = run.dataset, run.ctr
+    data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
+    codes = load_file(str(codes_path))["mu"]
+    if codes.shape[0] != len(data.item_ids):
+        raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
+    dm = CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
+    result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed"), [], out / "checkpoints")
+    metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
+               "codes/dim": codes.shape[1]}
+    path = finish_run(out, metrics, [])
+    Console().print(f"[bold]codes of {args.run_dir} ({' '.join(overrides) or 'as run'}): test auc "
+                    f"{metrics['test/auc']:.4f}, val {metrics.get('val/best_auc', float('nan')):.4f} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
