@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     run = validate_marc(cfg)
     d, c = run.dataset, run.ctr
     data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
-    codes = load_file(str(codes_path))["mu"]
+    stored = load_file(str(codes_path))
+    codes = stored["mu"]
+    if run.marc.deploy_noise and "logvar" not in stored:
+        raise SystemExit(f"marc.deploy_noise=true needs the codes' logvar; {codes_path} has only mu (an older run)")
+    noise = (0.5 * stored["logvar"]).exp() if run.marc.deploy_noise else None
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
     dm = CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
-    result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed"), [], out / "checkpoints")
+    result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
+                     out / "checkpoints")
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
                "codes/dim": codes.shape[1]}
     path = finish_run(out, metrics, [])

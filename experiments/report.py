@@ -154,6 +154,8 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
                 what += f", {r['marc/constraint']}"
             if r.get("marc/finetune", "full") != "full":
                 what += f", {r['marc/finetune']}"
+            if r.get("marc/deploy_noise"):
+                what += ", deployed model trained on posterior samples"
             entries = [(f"MARC ({what}){_variant(r)}", r["test/auc"], r["test/logloss"], True)]
             if "marc/e2e_test/auc" in r:
                 entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],

@@ -444,6 +444,7 @@ class MARCConfig:
     items_per_batch: int = 32
     lr: float = 1e-3
     llm_lr: float = 1e-4
+    deploy_noise: bool = False
 
     def check(self, p: str) -> None:
         _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from recsys_compress.config import ConfigError
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
 from recsys_compress.marc.llm_top import cached_token_states, llama_top, pooled, token_states
+from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler
 from recsys_compress.marc.representations import extract_layer_means, load_encoder
 from recsys_compress.tasks.marc import marc
@@ -79,6 +80,20 @@ def test_token_states_cache_round_trips_and_is_keyed_by_layer(tmp_path):
         assert not hit and other != path
 
 
+def test_deployed_model_can_train_on_samples_of_the_exported_posterior():
+    torch.manual_seed(0)
+    mu = torch.randn(50, 4) * torch.tensor([0.1, 0.2, 0.5, 1.0])
+    sigma = torch.rand(50, 4) + 0.5
+    compressor = RepresentationCompressor(mu, "fixed", noise_std=sigma)
+    items = torch.arange(50).repeat_interleave(2000)
+    eps = (compressor.train()(items) - compressor.eval()(items)).view(50, 2000, 4)
+    # training adds sigma * eps in the units of the standardised codes; evaluation sees the codes
+    torch.testing.assert_close(eps.std(1), sigma / mu.std(0), rtol=0.06, atol=0)
+    torch.testing.assert_close(compressor.eval()(torch.arange(50)), (mu - mu.mean(0)) / mu.std(0))
+    with pytest.raises(ValueError, match="noise_std needs kind='fixed'"):
+        RepresentationCompressor(mu, "linear", dim=2, noise_std=sigma)
+
+
 def test_item_group_batches_cover_every_sample_once_grouped_by_item():
     items = torch.tensor([3, 1, 3, 0, 1, 1, 4, 3, 0])
     sampler = ItemGroupBatchSampler(items, items_per_batch=2, seed=0)
@@ -96,7 +111,7 @@ FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logge
 @pytest.mark.parametrize("variant", [["marc.trainable_layers=1"],
                                      ["marc.trainable_layers=2", "marc.finetune=lora", "marc.constraint=hsic"],
                                      ["marc.trainable_layers=0", "marc.dim=8", "ctr.split_by=item",
-                                      "ctr.item_id_dropout=0.5"]])
+                                      "ctr.item_id_dropout=0.5", "marc.deploy_noise=true"]])
 def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
                           f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
@@ -105,17 +120,18 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     for key in ("test/auc", "test/logloss", "marc/dim", "marc/kl", "time/extract_s", "time/train_s"):
         assert key in saved, key
     assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0 and saved["repr/cache_hit"] == 0
-    codes = load_file(str(tmp_path / "out" / "item_codes.safetensors"))["mu"]
-    assert codes.shape == (metrics["data/n_items"], saved["marc/dim"])
+    stored = load_file(str(tmp_path / "out" / "item_codes.safetensors"))
+    assert stored["mu"].shape == stored["logvar"].shape == (metrics["data/n_items"], saved["marc/dim"])
     # the deployment step again, on the exported codes, with another downstream setting
     (tmp_path / "out" / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
     sys.path.insert(0, str(REPO / "experiments"))
     import evaluate_codes
 
-    assert evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=0.3", "--out", str(tmp_path / "again")]) == 0
+    changed = ["ctr.dropout=0.3", "marc.deploy_noise=true"]
+    assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert 0 <= again["test/auc"] <= 1 and again["overrides"] == "ctr.dropout=0.3"
+    assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
     assert again["codes/dim"] == saved["marc/dim"]
     with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])

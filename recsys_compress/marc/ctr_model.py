@@ -33,10 +33,17 @@ def pca_projection(reps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class RepresentationCompressor(nn.Module):
-    def __init__(self, reps: torch.Tensor | None, kind: str = "linear", dim: int = 32):
+    """``noise_std`` (``kind="fixed"`` only): a per-item, per-dimension standard deviation, e.g.
+    the posterior sigma of MARC's bottleneck; training then sees ``reps + sigma * eps`` (samples
+    of q(z|x), as MARC's own task module did) and evaluation the codes themselves."""
+
+    def __init__(self, reps: torch.Tensor | None, kind: str = "linear", dim: int = 32,
+                 noise_std: torch.Tensor | None = None):
         super().__init__()
         if kind not in ("linear", "pca", "none", "fixed"):
             raise ValueError(f"probe.compressor={kind!r}; allowed: linear, pca, none, fixed")
+        if noise_std is not None and (kind != "fixed" or reps is None or noise_std.shape != reps.shape):
+            raise ValueError("noise_std needs kind='fixed' and one standard deviation per value of reps")
         if kind == "fixed":
             assert reps is not None
             dim = reps.shape[1]
@@ -47,6 +54,11 @@ class RepresentationCompressor(nn.Module):
         assert reps is not None
         if dim > reps.shape[1]:
             raise ValueError(f"probe.dim={dim} exceeds the representation width {reps.shape[1]}")
+        if noise_std is not None:  # in the units of the standardised codes
+            self.register_buffer("noise_std", noise_std.float() / reps.float().std(0).clamp(min=1e-6),
+                                 persistent=False)
+        else:
+            self.noise_std = None
         reps = standardise(reps.float())
         if kind == "pca":
             self.register_buffer("reps", reps @ pca_projection(reps, dim), persistent=False)
@@ -60,6 +72,8 @@ class RepresentationCompressor(nn.Module):
         if self.kind == "none":
             return self.reps.new_zeros(items.shape[0], 0)
         x = self.reps[items]
+        if self.noise_std is not None and self.training:
+            return x + torch.randn_like(x) * self.noise_std[items]
         return self.project(x) if self.kind == "linear" else x  # pca, fixed: precomputed
 
 

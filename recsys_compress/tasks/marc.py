@@ -94,19 +94,21 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
 
     codes, logvar = module.item_codes()
     kl = float(kl_to_standard_normal(codes, logvar).mean())
-    save_file({"mu": codes.contiguous().cpu()}, str(output_dir / "item_codes.safetensors"),
+    save_file({"mu": codes.contiguous().cpu(), "logvar": logvar.contiguous().cpu()},
+              str(output_dir / "item_codes.safetensors"),
               metadata={"item_ids": "\n".join(data.item_ids)[:60000], "dim": str(m.dim)})
 
     # Deployment: a fresh CTR model that sees only the cached codes.
     t0 = time.perf_counter()
-    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes.cpu(), "fixed"), loggers,
-                       output_dir / "checkpoints" / "deployed")
+    noise = (0.5 * logvar).exp().cpu() if m.deploy_noise else None
+    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes.cpu(), "fixed", noise_std=noise),
+                       loggers, output_dir / "checkpoints" / "deployed")
     metrics: dict[str, Any] = {
         "test/auc": deployed["test/auc"], "test/logloss": deployed["test/logloss"],
         "val/best_auc": deployed.get("val/best_auc", float("nan")),
         "marc/e2e_test/auc": e2e["test/auc"], "marc/e2e_test/logloss": e2e["test/logloss"],
         "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
-        "marc/constraint": m.constraint, "marc/finetune": m.finetune,
+        "marc/constraint": m.constraint, "marc/deploy_noise": int(m.deploy_noise), "marc/finetune": m.finetune,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
         "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "seed": run.seed,
         "time/extract_s": extract_s, "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
