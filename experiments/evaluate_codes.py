@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
                      out / "checkpoints")
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
-               "codes/dim": codes.shape[1]}
+               "codes/dim": codes.shape[1], "codes/beta": run.marc.beta, "repr/encoder": run.representation.model,
+               "data/name": d.name, "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout}
     path = finish_run(out, metrics, [])
     Console().print(f"[bold]codes of {args.run_dir} ({' '.join(overrides) or 'as run'}): test auc "
                     f"{metrics['test/auc']:.4f}, val {metrics.get('val/best_auc', float('nan')):.4f} -> {path}")
