@@ -1,9 +1,12 @@
-"""A fresh CTR model on the item codes a MARC run exported, under another downstream setting.
+"""A fresh CTR model on the item codes a MARC or probe run exported, under any downstream setting.
 
 MARC's reported ``test/auc`` is that of one fresh DCN-V2 trained on its cached codes. This
 re-runs that deployment step on a finished run's ``item_codes.safetensors`` with changed
 ``ctr.*`` settings (learning rate, dropout, width, item-id dropout...), without retraining
 MARC, to see how much of a result belongs to the codes and how much to the downstream model.
+A single-layer probe run exports its compressed item features the same way (the projection
+trained with its CTR model): a fresh model on those is the probe's own deployment, the fair
+comparison for MARC's.
 
     python experiments/evaluate_codes.py outputs/bench/cold_seeds/marc/0 ctr.lr=3e-4 ctr.dropout=0.3
     python experiments/evaluate_codes.py RUN_DIR [KEY=VALUE ...] [--out DIR]
@@ -24,7 +27,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from safetensors.torch import load_file
 
-from recsys_compress.config import validate_marc
+from recsys_compress.config import validate_marc, validate_probe
 from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.tasks.mra_probe import fit_ctr
@@ -36,33 +39,38 @@ from recsys_compress.utils.run_outputs import finish_run
 def main(argv: list[str] | None = None) -> int:
     options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished task=marc run (item_codes.safetensors)")
+    parser.add_argument("run_dir", type=Path, help="a finished task=marc run, or a single-layer task=mra_probe run")
     parser.add_argument("--out", type=Path, help="where metrics.json goes")
     args = parser.parse_args(options)
     codes_path = args.run_dir / "item_codes.safetensors"
     cfg_path = args.run_dir / ".hydra" / "config.yaml"
     for path in (codes_path, cfg_path):
         if not path.is_file():
-            raise SystemExit(f"{path} not found: {args.run_dir} is not a finished task=marc run")
+            raise SystemExit(f"{path} not found: {args.run_dir} is not a finished task=marc or "
+                             "single-layer task=mra_probe run")
     cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(overrides))
     out = args.out or args.run_dir / "evaluate_codes" / ("_".join(overrides) or "as_run")
     cfg.paths.root_dir = str(PROJECT_ROOT)
     cfg.paths.output_dir = str(out)
-    run = validate_marc(cfg)
+    is_marc = cfg.task.name == "marc"
+    run = validate_marc(cfg) if is_marc else validate_probe(cfg)
     d, c = run.dataset, run.ctr
     data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
     stored = load_file(str(codes_path))
     codes = stored["mu"]
-    if run.marc.deploy_noise and "logvar" not in stored:
+    deploy_noise = is_marc and run.marc.deploy_noise
+    if deploy_noise and "logvar" not in stored:
         raise SystemExit(f"marc.deploy_noise=true needs the codes' logvar; {codes_path} has only mu (an older run)")
-    noise = (0.5 * stored["logvar"]).exp() if run.marc.deploy_noise else None
+    noise = (0.5 * stored["logvar"]).exp() if deploy_noise else None
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
     dm = CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
     result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
                      out / "checkpoints")
+    source = (f"MARC, beta {run.marc.beta:g}" if is_marc
+              else f"{run.probe.compressor} probe of layer {run.probe.layer}")
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
-               "codes/dim": codes.shape[1], "codes/beta": run.marc.beta, "repr/encoder": run.representation.model,
+               "codes/dim": codes.shape[1], "codes/source": source, "repr/encoder": run.representation.model,
                "data/name": d.name, "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout}
     path = finish_run(out, metrics, [])
     Console().print(f"[bold]codes of {args.run_dir} ({' '.join(overrides) or 'as run'}): test auc "

@@ -11,7 +11,7 @@ what the runs are:
   marking the final layer and the layer that is best on validation, written to
   ``mra_curve.png``;
 - ID-only probe runs (``probe/layer`` = -1), MARC runs (``marc/dim``) and fresh CTR models
-  on a MARC run's codes (``codes/dim``, from ``evaluate_codes.py``): drawn as horizontal
+  on a MARC or probe run's codes (``codes/dim``, from ``evaluate_codes.py``): drawn as horizontal
   reference lines on the curve and listed in the comparison table (MARC's end-to-end model
   is listed, not drawn);
 - runs of one configuration with different seeds (``python train.py -m ... seed=0,1,2``) are
@@ -162,8 +162,8 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
                 entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],
                                 r["marc/e2e_test/logloss"], False))
         elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
-            what = f"{r['_encoder']}, dim {r['codes/dim']}, beta {r.get('codes/beta', float('nan')):g}"
-            entries = [(f"MARC codes ({what}), fresh CTR model with {r.get('overrides') or 'the run settings'}"
+            what = f"{r['_encoder']}, {r.get('codes/source', 'MARC')}, dim {r['codes/dim']}"
+            entries = [(f"codes ({what}), fresh CTR model with {r.get('overrides') or 'the run settings'}"
                         f"{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         else:
             continue

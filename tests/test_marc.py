@@ -136,7 +136,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     import report
 
     assert report.main([str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
-    assert (f"| MARC codes (llama_tiny, dim {saved['marc/dim']}, beta 0.001), fresh CTR model with "
+    assert (f"| codes (llama_tiny, MARC, beta 0.001, dim {saved['marc/dim']}), fresh CTR model with "
             f"ctr.dropout=0.3 marc.deploy_noise=true") in (tmp_path / "report" / "report.md").read_text()
     with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])

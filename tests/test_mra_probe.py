@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from recsys_compress.config import ConfigError
 from recsys_compress.data.readers import ItemInfo
@@ -180,6 +182,21 @@ def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
     assert saved["probe/layer"] == (-1 if compressor == "none" else 1)
     if compressor != "none":
         assert metrics["repr/cache_hit"] == 0 and metrics["time/extract_s"] > 0
+        codes = load_file(str(tmp_path / "out" / "item_codes.safetensors"))["mu"]  # the probe's deployable codes
+        assert codes.shape == (metrics["data/n_items"], 32) and torch.isfinite(codes).all()
+        if compressor == "pca":  # fitted once: standardised principal components, unit variance
+            torch.testing.assert_close(codes.var(0), torch.ones(32), atol=1e-3, rtol=0)
+        else:  # a fresh CTR model on them, as for MARC's codes
+            (tmp_path / "out" / ".hydra").mkdir()
+            OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")
+            sys.path.insert(0, str(REPO / "experiments"))
+            import evaluate_codes
+
+            assert evaluate_codes.main([str(tmp_path / "out"), "--out", str(tmp_path / "fresh")]) == 0
+            fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+            assert fresh["codes/source"] == "linear probe of layer 1" and 0 <= fresh["test/auc"] <= 1
+    else:
+        assert not (tmp_path / "out" / "item_codes.safetensors").exists()
 
 
 def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice, tmp_path):

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import save_file
 
 from recsys_compress.config import CTRConfig, ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
 from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
@@ -100,9 +101,12 @@ def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list
 
 def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
             loggers: list, checkpoint_dir: Path,
-            user_compressor: RepresentationCompressor | None = None) -> dict[str, float]:
+            user_compressor: RepresentationCompressor | None = None,
+            export_codes: Path | None = None) -> dict[str, float]:
     """Train one CTR model on ``compressor``'s item features (and ``user_compressor``'s user
-    features, when given), select on val AUC, test."""
+    features, when given), select on val AUC, test. ``export_codes``: write the selected
+    model's compressed feature of every item there (``mu``, as MARC exports its codes), so a
+    fresh CTR model can be trained on them (experiments/evaluate_codes.py)."""
     L.seed_everything(seed, workers=True)
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
@@ -115,8 +119,13 @@ def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compres
     train_s = time.perf_counter() - t0
     ckpt = trainer.checkpoint_callback
     best = "best" if ckpt is not None and ckpt.best_model_path else None
-    out = dict(trainer.test(lit, datamodule=dm, ckpt_path=best, verbose=False)[0])
+    out = dict(trainer.test(lit, datamodule=dm, ckpt_path=best, verbose=False)[0])  # loads the best weights
     out["time/train_s"] = train_s
+    if export_codes is not None and compressor.dim:
+        with torch.no_grad():
+            codes = lit.compressor.eval()(torch.arange(len(dm.data.item_ids), device=lit.device)).cpu()
+        save_file({"mu": codes.contiguous()}, str(export_codes),
+                  metadata={"kind": f"probe {compressor.kind}", "dim": str(codes.shape[1])})
     if ckpt is not None and ckpt.best_model_score is not None:
         out["val/best_auc"] = float(ckpt.best_model_score)
     return out
@@ -150,7 +159,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         layer = None if reps is None else int(run.probe.layer)
         compressor = RepresentationCompressor(None if reps is None else reps[layer], run.probe.compressor, run.probe.dim)
         result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers, output_dir / "checkpoints",
-                         None if layer is None else users_at(layer))
+                         None if layer is None else users_at(layer),
+                         export_codes=None if layer is None else output_dir / "item_codes.safetensors")
         metrics.update(result)
         metrics["probe/layer"] = -1 if layer is None else layer  # -1: ID-only, no representation
     else:
