@@ -1,7 +1,7 @@
 # Common tasks; every target is a thin wrapper over a documented command.
 PY ?= python
 
-.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report clean
+.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds clean
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -40,6 +40,16 @@ marc:               ## MARC (bottleneck, and + HSIC) on ML-1M
 
 marc-report: mra-curve id-only marc   ## MRA curve with ID-only and MARC as references
 	$(PY) experiments/report.py outputs/mra_curve_ml1m outputs/marc_ml1m --out outputs/marc_ml1m/report
+
+cold-seeds:         ## cold-item ML-1M, seeds 0-2: probes, ID-only, MARC, fresh models on their codes; paired report
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,15,30 seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/linear
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.compressor=none probe.layer=0 seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/id_only
+	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/marc
+	for s in 0 1 2; do \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/linear/$$((6 + s)) && \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/marc/$$s marc.deploy_noise=true || exit 1; \
+	done
+	$(PY) experiments/report.py outputs/cold_seeds --out outputs/cold_seeds/report
 
 clean:
 	rm -rf outputs multirun .pytest_cache
