@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import LlamaModel
 
-from recsys_compress.marc.representations import Encoder, load_or_build, representation_key
+from recsys_compress.marc.representations import Encoder, cache_entry, load_or_build
 
 
 def llama_top(encoder: Encoder, k: int) -> LlamaModel:
@@ -76,9 +76,8 @@ def cached_token_states(
 
     Returns ``(states, mask, cache_hit, path)``.
     """
-    key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
-                                   max_tokens, {"kind": "token_states", "layer": str(layer)})
-    path = Path(cache_dir) / "representations" / f"{key}.safetensors"
+    path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir,
+                             {"kind": "token_states", "layer": str(layer)})
 
     def build() -> dict[str, torch.Tensor]:
         states, mask = token_states(encoder, texts, layer, batch_size, max_tokens)

@@ -168,12 +168,19 @@ def cached_layer_means(
     Returns ``(representations, cache_hit, path)``.
     """
     extra = {"texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]} if key_texts else None
-    key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
-                                   max_tokens, extra)
-    path = Path(cache_dir) / "representations" / f"{key}.safetensors"
+    path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir, extra)
     tensors, hit = load_or_build(path, meta, lambda: {
         "layers": extract_layer_means(encoder, texts, batch_size, max_tokens)})
     return tensors["layers"], hit, path
+
+
+def cache_entry(encoder: Encoder, dataset: str, item_ids: Sequence[str], template: str, max_tokens: int,
+                cache_dir: str | Path, extra: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """Where the cache of this (encoder weights, dataset, items, template, ...) lives, and the
+    metadata that file must hold (``load_or_build`` checks it)."""
+    key, meta = representation_key(f"{encoder.name}-{encoder.fingerprint()}", dataset, item_ids, template,
+                                   max_tokens, extra)
+    return Path(cache_dir) / "representations" / f"{key}.safetensors", meta
 
 
 def load_or_build(path: Path, meta: dict[str, str],
