@@ -28,9 +28,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from recsys_compress.config import validate_marc, validate_probe
-from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.tasks.mra_probe import fit_ctr
+from recsys_compress.tasks.mra_probe import ctr_datamodule, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
 from recsys_compress.utils.run_outputs import finish_run
@@ -55,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     is_marc = cfg.task.name == "marc"
     run = validate_marc(cfg) if is_marc else validate_probe(cfg)
     d, c = run.dataset, run.ctr
-    data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
+    dm = ctr_datamodule(run)
+    data = dm.data
     stored = load_file(str(codes_path))
     codes = stored["mu"]
     deploy_noise = is_marc and run.marc.deploy_noise
@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     noise = (0.5 * stored["logvar"]).exp() if deploy_noise else None
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
-    dm = CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
     result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
                      out / "checkpoints")
     source = (f"MARC, beta {run.marc.beta:g}" if is_marc

@@ -22,12 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from recsys_compress.config import ConfigError, MARCConfig, validate_marc
 from recsys_compress.marc.bottleneck import kl_to_standard_normal
-from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import cached_token_states, llama_top
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
 from recsys_compress.marc.representations import item_texts
-from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, fit_ctr
+from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, ctr_datamodule, fit_ctr
 from recsys_compress.tasks.train_seqrec import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
 
@@ -49,9 +48,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
     d = run.dataset
-    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split),
-                             run.ctr.split_by, run.seed)
-    dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
+    dm = ctr_datamodule(run)
+    data = dm.data
 
     encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
     n = encoder.n_layers
@@ -111,7 +109,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/constraint": m.constraint, "marc/deploy_noise": int(m.deploy_noise), "marc/finetune": m.finetune,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
         "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "seed": run.seed,
-        "time/extract_s": extract_s, "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
+        "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20,
+        "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise

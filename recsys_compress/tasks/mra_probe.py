@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
-from recsys_compress.config import CTRConfig, ConfigError, ProbeRunConfig, RepresentationConfig, validate_probe
+from recsys_compress.config import (CTRConfig, ConfigError, MARCRunConfig, ProbeRunConfig, RepresentationConfig,
+                                    validate_probe)
 from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
 from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor
 from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder, user_texts
@@ -87,6 +88,13 @@ def layer_representations(
     return reps, user_reps, info
 
 
+def ctr_datamodule(run: ProbeRunConfig | MARCRunConfig) -> CTRDataModule:
+    """The run's CTR splits (``dataset``, ``ctr``, ``seed``) in a datamodule; ``.data`` holds them."""
+    d, c = run.dataset, run.ctr
+    data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
+    return CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
+
+
 def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list[L.Callback]:
     """The run's callbacks, checkpointing into ``checkpoint_dir`` (one folder per model trained)."""
     callbacks = []
@@ -135,10 +143,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     run = validate_probe(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
-    d = run.dataset
-    data = build_ctr_splits(d.format, d.path, d.file_name, run.ctr.threshold, tuple(run.ctr.split),
-                             run.ctr.split_by, run.seed)
-    dm = CTRDataModule(data, run.ctr.batch_size, run.ctr.eval_batch_size, run.seed)
+    dm = ctr_datamodule(run)
+    data = dm.data
     reps, user_reps, info = layer_representations(run, data, cfg.paths.cache_dir)
 
     def users_at(layer: int) -> RepresentationCompressor | None:
