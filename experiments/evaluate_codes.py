@@ -28,6 +28,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from recsys_compress.config import validate_marc, validate_probe
+from recsys_compress.marc.bottleneck import posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.tasks.mra_probe import ctr_datamodule, fit_ctr
 from recsys_compress.utils.cli import split_overrides
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     deploy_noise = is_marc and run.marc.deploy_noise
     if deploy_noise and "logvar" not in stored:
         raise SystemExit(f"marc.deploy_noise=true needs the codes' logvar; {codes_path} has only mu (an older run)")
-    noise = (0.5 * stored["logvar"]).exp() if deploy_noise else None
+    noise = posterior_std(stored["logvar"]) if deploy_noise else None
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
     result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],

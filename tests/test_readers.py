@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from conftest import SHARED_DATA, SMALL, head_lines

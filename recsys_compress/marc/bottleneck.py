@@ -17,6 +17,11 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
+def posterior_std(logvar: torch.Tensor) -> torch.Tensor:
+    """sigma of q(z|h) from its log-variance."""
+    return (0.5 * logvar).exp()
+
+
 class VariationalBottleneck(nn.Module):
     def __init__(self, in_features: int, dim: int):
         super().__init__()
@@ -28,7 +33,7 @@ class VariationalBottleneck(nn.Module):
         """``(z, mu, logvar)``; z is a sample in training mode and mu in eval mode."""
         mu, logvar = self.stats(self.norm(h)).chunk(2, dim=-1)
         logvar = logvar.clamp(-10.0, 10.0)  # keeps exp() finite early in training
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        z = mu + torch.randn_like(mu) * posterior_std(logvar) if self.training else mu
         return z, mu, logvar
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from recsys_compress.config import ConfigError, MARCConfig, validate_marc
-from recsys_compress.marc.bottleneck import kl_to_standard_normal
+from recsys_compress.marc.bottleneck import kl_to_standard_normal, posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import cached_token_states, llama_top
 from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
@@ -98,7 +98,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
 
     # Deployment: a fresh CTR model that sees only the cached codes.
     t0 = time.perf_counter()
-    noise = (0.5 * logvar).exp().cpu() if m.deploy_noise else None
+    noise = posterior_std(logvar).cpu() if m.deploy_noise else None
     deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes.cpu(), "fixed", noise_std=noise),
                        loggers, output_dir / "checkpoints" / "deployed")
     metrics: dict[str, Any] = {
