@@ -18,7 +18,7 @@ what the runs are:
   pooled: tables give mean ± std (n seeds), the curve error bars, reference lines a band,
   and a paired table gives every layer's and reference's test AUC minus the final-layer
   probe's over the seeds both ran (same seed = same split), which cancels split-to-split
-  variation;
+  variation, with the p-value of an exact sign-flip (paired randomisation) test;
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method, alignment
   and ratio with each aligned cell's alignment time, ``retention.png``, and what the runs cost
   (base models trained vs reused from the cache, compression and alignment seconds);
@@ -43,6 +43,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+import torch  # noqa: E402
 
 
 def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
@@ -228,6 +229,25 @@ def mra_tables(curves, refs) -> list[str]:
     return lines
 
 
+def sign_flip_p(diffs: list[float], exact_up_to: int = 16) -> float:
+    """Two-sided p-value of a paired randomisation test: under "no difference" each paired
+    difference is as likely to have the other sign, so p is the share of the 2^n sign patterns
+    whose mean is at least as far from 0 as the observed one. Exact up to ``exact_up_to``
+    pairs (then 2^16 random patterns, fixed generator); no normality assumed, which suits a
+    handful of seeds."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    n = len(diffs)
+    exact = n <= exact_up_to
+    if exact:
+        bits = (torch.arange(2**n)[:, None] >> torch.arange(n)) & 1
+    else:
+        bits = torch.randint(0, 2, (2**exact_up_to, n), generator=torch.Generator().manual_seed(0))
+    means = ((1 - 2 * bits).to(d) * d).mean(1).abs()
+    extreme = int((means >= d.mean().abs() - 1e-12).sum())
+    # sampled: count the observed pattern too, so p is never 0
+    return extreme / len(bits) if exact else (extreme + 1) / (len(bits) + 1)
+
+
 def paired_table(curve: str, pts, refs) -> list[str]:
     """Test AUC minus the final-layer probe's, paired by seed (same split, same initialisation):
     seed-to-seed variation of the split cancels, so this separates smaller gaps than the
@@ -240,12 +260,13 @@ def paired_table(curve: str, pts, refs) -> list[str]:
         if len(diff) >= 2:
             wins = sum(d > 0 for d in diff)
             lines.append(f"| {label} | {statistics.fmean(diff):+.4f} ± {statistics.stdev(diff):.4f} | "
-                         f"{wins} of {len(diff)} |")
+                         f"{wins} of {len(diff)} | {sign_flip_p(diff):.2f} |")
     if not lines:
         return []
     return [f"### Paired with the final-layer probe ({curve}, layer {final_layer})", "",
-            "| features | test AUC minus the final layer's (mean ± std over shared seeds) | seeds where higher |",
-            "|---|---|---|", *lines, ""]
+            "| features | test AUC minus the final layer's (mean ± std over shared seeds) | seeds where higher "
+            "| p (sign-flip test) |",
+            "|---|---|---|---|", *lines, ""]
 
 
 def retention_rows(runs):

@@ -250,9 +250,24 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     # paired by seed against the final (here the only) probed layer: same split, same initialisation
     diff = [runs[("id_only", seed)]["test/auc"] - runs[("probe", seed)]["test/auc"] for seed in (0, 1)]
     wins = sum(d > 0 for d in diff)
+    p = 0.5 if diff[0] * diff[1] > 0 else 1.0  # of the 4 sign patterns, 2 (same signs) or 4 reach |mean|
     assert (f"| ID-only CTR model [item-id dropout 0.5] | {statistics.fmean(diff):+.4f} ± "
-            f"{statistics.stdev(diff):.4f} | {wins} of 2 |") in text, text
+            f"{statistics.stdev(diff):.4f} | {wins} of 2 | {p:.2f} |") in text, text
     assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sign_flip_test_counts_the_sign_patterns_by_hand():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    # 3 positive differences: only all-plus and all-minus reach |mean| = 2, so 2 of 8 patterns
+    assert report.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    assert report.sign_flip_p([1.0, -1.0]) == 1.0  # mean 0: every pattern is as extreme
+    # 5 pairs, mean 1.6: +-(2,2,2,2,0) flips that keep |sum| >= 8 are all-same-sign among the four 2s
+    # (2 of 16 for them, times 2 for the 0's sign) -> 4 of 32
+    assert report.sign_flip_p([2.0, 2.0, 2.0, 2.0, 0.0]) == 4 / 32
+    # beyond the exact range it samples 2^10 patterns and counts the observed one: 1 / 1025 here
+    assert report.sign_flip_p([1.0] * 20, exact_up_to=10) == 1 / 1025
 
 
 def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_slice):
