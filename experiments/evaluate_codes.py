@@ -10,6 +10,7 @@ comparison for MARC's.
 
     python experiments/evaluate_codes.py outputs/bench/cold_seeds/marc/0 ctr.lr=3e-4 ctr.dropout=0.3
     python experiments/evaluate_codes.py RUN_DIR [KEY=VALUE ...] [--out DIR]
+    python experiments/evaluate_codes.py RUN_DIR +trainer.val_check_interval=0.25   # + adds a key
 
 Dataset, split, seed, trainer and the rest come from ``RUN_DIR/.hydra/config.yaml``; the
 overrides are validated like a run's config. Writes ``metrics.json`` (``test/auc``,
@@ -23,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -34,6 +35,25 @@ from recsys_compress.tasks.mra_probe import ctr_datamodule, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
 from recsys_compress.utils.run_outputs import finish_run
+
+
+def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The run's config with KEY=VALUE overrides, following Hydra's rule: a key must exist in the
+    run's config (a typo fails instead of being ignored); ``+KEY=VALUE`` adds a new one."""
+    plain = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith("+"):
+            plain.append(override[1:])
+        elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise SystemExit(f"{key} is not in the run's config; write +{override} to add it")
+        else:
+            plain.append(override)
+    with open_dict(cfg):  # a composed (struct) config refuses new keys even with +
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain))
+
+
+_MISSING = object()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise SystemExit(f"{path} not found: {args.run_dir} is not a finished task=marc or "
                              "single-layer task=mra_probe run")
-    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(overrides))
+    cfg = with_overrides(OmegaConf.load(cfg_path), overrides)
     out = args.out or args.run_dir / "evaluate_codes" / ("_".join(overrides) or "as_run")
     cfg.paths.root_dir = str(PROJECT_ROOT)
     cfg.paths.output_dir = str(out)

@@ -140,6 +140,11 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
             f"ctr.dropout=0.3 marc.deploy_noise=true") in (tmp_path / "report" / "report.md").read_text()
     with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])
+    # Hydra's rule: a typo fails; a key the run's config lacks is added with +
+    with pytest.raises(SystemExit, match=r"ctr.dropuot is not in the run's config; write \+ctr.dropuot=0.3"):
+        evaluate_codes.main([str(tmp_path / "out"), "ctr.dropuot=0.3", "--out", str(tmp_path / "bad")])
+    added = evaluate_codes.with_overrides(cfg, ["+trainer.val_check_interval=0.5", "ctr.dropout=0.2"])
+    assert added.trainer.val_check_interval == 0.5 and added.ctr.dropout == 0.2
 
 
 def test_marc_bad_inputs_fail_at_start(tmp_path):
