@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from recsys_compress.config import validate_marc, validate_probe
 from recsys_compress.marc.bottleneck import posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.tasks.mra_probe import ctr_datamodule, fit_ctr
+from recsys_compress.tasks.mra_probe import ctr_datamodule, ctr_fields, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
 from recsys_compress.utils.run_outputs import finish_run
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               else f"{run.probe.compressor} probe of layer {run.probe.layer}")
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
                "codes/dim": codes.shape[1], "codes/source": source, "repr/encoder": run.representation.model,
-               "data/name": d.name, "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout}
+               "data/name": d.name, **ctr_fields(c)}
     path = finish_run(out, metrics, [])
     Console().print(f"[bold]codes of {args.run_dir} ({' '.join(overrides) or 'as run'}): test auc "
                     f"{metrics['test/auc']:.4f}, val {metrics.get('val/best_auc', float('nan')):.4f} -> {path}")

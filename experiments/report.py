@@ -70,17 +70,20 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_seed"] = metrics.get("seed", cfg.get("seed"))
             metrics["_split_by"] = metrics.get("ctr/split_by", ctr.get("split_by", "time"))
             metrics["_item_id_dropout"] = metrics.get("ctr/item_id_dropout", ctr.get("item_id_dropout", 0.0))
+            metrics["_batch_by"] = metrics.get("ctr/batch_by", ctr.get("batch_by", "sample"))
             runs.append(metrics)
     return runs
 
 
 def _variant(r: dict[str, Any]) -> str:
-    """What sets a CTR run apart beyond encoder/compressor/dim: the split and item-id dropout."""
+    """What sets a CTR run apart beyond encoder/compressor/dim: the split, item-id dropout, batching."""
     parts = []
     if r["_split_by"] == "item":
         parts.append("cold items")
     if r["_item_id_dropout"]:
         parts.append(f"item-id dropout {r['_item_id_dropout']:g}")
+    if r["_batch_by"] == "item":
+        parts.append("item-grouped batches")
     return f" [{', '.join(parts)}]" if parts else ""
 
 

@@ -379,6 +379,8 @@ class CTRConfig:
     weight_decay: float = 0.0
     batch_size: int = 2048
     eval_batch_size: int = 8192
+    batch_by: Literal["sample", "item"] = "sample"
+    items_per_batch: int = 32
 
     def check(self, p: str) -> None:
         _require(len(self.split) == 3 and min(self.split) >= 0 and abs(sum(self.split) - 1) < 1e-6,
@@ -392,6 +394,7 @@ class CTRConfig:
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
         _require(self.eval_batch_size >= 1, f"{p}.eval_batch_size", self.eval_batch_size, ">= 1")
+        _require(self.items_per_batch >= 1, f"{p}.items_per_batch", self.items_per_batch, ">= 1")
 
 
 @dataclass

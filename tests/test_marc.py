@@ -12,7 +12,7 @@ from recsys_compress.config import ConfigError
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
 from recsys_compress.marc.llm_top import cached_token_states, llama_top, pooled, token_states
 from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.marc.marc_module import ItemGroupBatchSampler
+from recsys_compress.marc.ctr_data import ItemGroupBatchSampler
 from recsys_compress.marc.representations import extract_layer_means, load_encoder
 from recsys_compress.tasks.marc import marc
 from recsys_compress.utils.compose import compose_config
@@ -111,7 +111,7 @@ FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logge
 @pytest.mark.parametrize("variant", [["marc.trainable_layers=1"],
                                      ["marc.trainable_layers=2", "marc.finetune=lora", "marc.constraint=hsic"],
                                      ["marc.trainable_layers=0", "marc.dim=8", "ctr.split_by=item",
-                                      "ctr.item_id_dropout=0.5", "marc.deploy_noise=true"]])
+                                      "ctr.item_id_dropout=0.5", "marc.deploy_noise=true", "ctr.batch_by=item"]])
 def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
                           f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
@@ -120,6 +120,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     for key in ("test/auc", "test/logloss", "marc/dim", "marc/kl", "time/extract_s", "time/train_s"):
         assert key in saved, key
     assert 0 <= saved["test/auc"] <= 1 and saved["marc/kl"] >= 0 and saved["repr/cache_hit"] == 0
+    assert saved["ctr/batch_by"] == cfg.ctr.batch_by  # how the deployed model was trained
     stored = load_file(str(tmp_path / "out" / "item_codes.safetensors"))
     assert stored["mu"].shape == stored["logvar"].shape == (metrics["data/n_items"], saved["marc/dim"])
     # the deployment step again, on the exported codes, with another downstream setting

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from recsys_compress.config import ConfigError
 from recsys_compress.data.readers import ItemInfo
-from recsys_compress.marc.ctr_data import build_ctr_splits
+from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
 from recsys_compress.marc.ctr_model import CTRLitModule, DCNv2, RepresentationCompressor, pca_projection
 from recsys_compress.marc.representations import (
     cached_layer_means,
@@ -111,6 +111,28 @@ def test_item_split_keeps_validation_and_test_items_out_of_training():
     assert set(other.splits["test"][1].tolist()) != items["test"]
     with pytest.raises(ValueError, match="split_by='user'; allowed: time, item"):
         build_ctr_splits("grouplens_csv", str(SMALL), split_by="user")
+
+
+def test_item_grouped_batches_hold_every_training_sample_of_a_few_items():
+    data = build_ctr_splits("grouplens_csv", str(SMALL), threshold=4.0, split_by="item", seed=3)
+    train_items = data.splits["train"][1]
+    dm = CTRDataModule(data, batch_size=1000, seed=0, batch_by="item", items_per_batch=50)
+    batches = list(dm.train_dataloader())
+    n_items = len(torch.unique(train_items))
+    assert len(batches) == -(-n_items // 50)
+    assert sum(len(b[2]) for b in batches) == len(train_items)  # every sample once per epoch
+    seen: set[int] = set()
+    for users, items, labels in batches:
+        distinct = set(items.tolist())
+        assert len(distinct) <= 50 and not distinct & seen  # an item's samples all come in one batch
+        assert len(items) == int(torch.isin(train_items, items).sum())
+        seen |= distinct
+    again = [b[1] for b in CTRDataModule(data, seed=0, batch_by="item", items_per_batch=50).train_dataloader()]
+    assert all(torch.equal(a, b[1]) for a, b in zip(again, batches))  # seeded
+    by_sample = list(CTRDataModule(data, batch_size=1000, seed=0).train_dataloader())
+    assert len(by_sample) == -(-len(train_items) // 1000)
+    with pytest.raises(ValueError, match="batch_by='user'; allowed: sample, item"):
+        CTRDataModule(data, batch_by="user")
 
 
 def test_items_unseen_in_training_score_from_their_features_alone():
@@ -232,7 +254,8 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}",
                  "probe.layer=1"]
     runs = {(what, seed): mra_probe(compose_config([*overrides, *extra, f"seed={seed}"], tmp_path / "runs" / f"{what}{seed}"))
-            for what, extra in [("probe", []), ("id_only", ["probe.compressor=none", "ctr.item_id_dropout=0.5"])]
+            for what, extra in [("probe", []), ("id_only", ["probe.compressor=none", "ctr.item_id_dropout=0.5",
+                                                                 "ctr.batch_by=item"])]
             for seed in (0, 1)}
     sys.path.insert(0, str(REPO / "experiments"))
     import report
@@ -240,7 +263,7 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     for what, row in [("probe", "| 1 (best on val) | {val} | {test} |"),
-                      ("id_only", "| ID-only CTR model [item-id dropout 0.5] | {test} |")]:
+                      ("id_only", "| ID-only CTR model [item-id dropout 0.5, item-grouped batches] | {test} |")]:
         aucs = [runs[(what, seed)]["test/auc"] for seed in (0, 1)]
         vals = [runs[(what, seed)]["val/best_auc"] for seed in (0, 1)]
         assert aucs[0] != aucs[1]  # the seeds really differ
@@ -251,7 +274,7 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     diff = [runs[("id_only", seed)]["test/auc"] - runs[("probe", seed)]["test/auc"] for seed in (0, 1)]
     wins = sum(d > 0 for d in diff)
     p = 0.5 if diff[0] * diff[1] > 0 else 1.0  # of the 4 sign patterns, 2 (same signs) or 4 reach |mean|
-    assert (f"| ID-only CTR model [item-id dropout 0.5] | {statistics.fmean(diff):+.4f} ± "
+    assert (f"| ID-only CTR model [item-id dropout 0.5, item-grouped batches] | {statistics.fmean(diff):+.4f} ± "
             f"{statistics.stdev(diff):.4f} | {wins} of 2 | {p:.2f} |") in text, text
     assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -19,11 +19,12 @@ representations follow.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from recsys_compress.data.readers import ItemInfo, read_interactions
 
@@ -107,11 +108,40 @@ def _parts_in_order(n: int, split: tuple[float, float, float]) -> list[str]:
     return ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)
 
 
+class ItemGroupBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices: all samples of ``items_per_batch`` shuffled items at a time."""
+
+    def __init__(self, items: torch.Tensor, items_per_batch: int, seed: int = 0):
+        order = torch.argsort(items, stable=True)
+        counts = torch.bincount(items)
+        self.by_item = [g for g in torch.split(order, counts.tolist()) if len(g)]
+        self.items_per_batch, self.seed, self.epoch = items_per_batch, seed, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.by_item) // self.items_per_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(len(self.by_item), generator=generator)
+        for start in range(0, len(perm), self.items_per_batch):
+            yield torch.cat([self.by_item[i] for i in perm[start:start + self.items_per_batch]]).tolist()
+
+
 class CTRDataModule(L.LightningDataModule):
-    def __init__(self, data: CTRSplits, batch_size: int = 2048, eval_batch_size: int = 8192, seed: int = 0):
+    """Train/val/test loaders over a ``CTRSplits``. Training batches are random samples
+    (``batch_by="sample"``, ``batch_size`` each) or every training sample of
+    ``items_per_batch`` random items (``batch_by="item"``), the batches MARC's task module
+    trains on, so a CTR model can be trained the same way."""
+
+    def __init__(self, data: CTRSplits, batch_size: int = 2048, eval_batch_size: int = 8192, seed: int = 0,
+                 batch_by: str = "sample", items_per_batch: int = 32):
         super().__init__()
+        if batch_by not in ("sample", "item"):
+            raise ValueError(f"batch_by={batch_by!r}; allowed: sample, item")
         self.data = data
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.batch_by, self.items_per_batch = batch_by, items_per_batch
 
     def _loader(self, part: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -119,7 +149,15 @@ class CTRDataModule(L.LightningDataModule):
                           batch_size=self.batch_size if shuffle else self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self.batch_by == "item":
+            return self.item_grouped_loader(self.items_per_batch)
         return self._loader("train", True)
+
+    def item_grouped_loader(self, items_per_batch: int) -> DataLoader:
+        """Training batches of every sample of ``items_per_batch`` items at a time."""
+        train = self.data.splits["train"]
+        return DataLoader(TensorDataset(*train),
+                          batch_sampler=ItemGroupBatchSampler(train[1], items_per_batch, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False)

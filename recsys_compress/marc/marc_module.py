@@ -8,43 +8,20 @@
 
 loss = BCE + beta * KL(q(z|h) || N(0, I)) [+ hsic_weight * HSIC(z, task module's hidden)].
 
-Training batches are grouped by item (``ItemGroupBatchSampler``): each step takes every
+Training batches are grouped by item (``ctr_data.ItemGroupBatchSampler``): each step takes every
 training sample of ``items_per_batch`` items, so the LLM top runs once per item per epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Sampler
 
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
 from recsys_compress.marc.ctr_model import CTRMetricsMixin, DCNv2
 from recsys_compress.marc.llm_top import pooled
-
-
-class ItemGroupBatchSampler(Sampler[list[int]]):
-    """Batches of sample indices: all samples of ``items_per_batch`` shuffled items at a time."""
-
-    def __init__(self, items: torch.Tensor, items_per_batch: int, seed: int = 0):
-        order = torch.argsort(items, stable=True)
-        counts = torch.bincount(items)
-        self.by_item = [g for g in torch.split(order, counts.tolist()) if len(g)]
-        self.items_per_batch, self.seed, self.epoch = items_per_batch, seed, 0
-
-    def __len__(self) -> int:
-        return -(-len(self.by_item) // self.items_per_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        perm = torch.randperm(len(self.by_item), generator=generator)
-        for start in range(0, len(perm), self.items_per_batch):
-            yield torch.cat([self.by_item[i] for i in perm[start:start + self.items_per_batch]]).tolist()
 
 
 class MARCModule(CTRMetricsMixin, L.LightningModule):

@@ -18,15 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, TensorDataset
 
 from recsys_compress.config import ConfigError, MARCConfig, validate_marc
 from recsys_compress.marc.bottleneck import kl_to_standard_normal, posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import cached_token_states, llama_top
-from recsys_compress.marc.marc_module import ItemGroupBatchSampler, MARCModule
+from recsys_compress.marc.marc_module import MARCModule
 from recsys_compress.marc.representations import item_texts
-from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, ctr_datamodule, fit_ctr
+from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, ctr_datamodule, ctr_fields, fit_ctr
 from recsys_compress.tasks.train_seqrec import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
 
@@ -75,8 +74,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
                         hidden=tuple(c.hidden), dropout=c.dropout, item_id_dropout=c.item_id_dropout,
                         known_items=data.known_items(), lr=m.lr, llm_lr=m.llm_lr,
                         weight_decay=c.weight_decay)
-    train = DataLoader(TensorDataset(*data.splits["train"]),
-                       batch_sampler=ItemGroupBatchSampler(data.splits["train"][1], m.items_per_batch, run.seed))
+    train = dm.item_grouped_loader(m.items_per_batch)  # the LLM top runs once per item per epoch
 
     loggers = instantiate_group(cfg.get("logger"))
     for lg in loggers:
@@ -108,7 +106,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
         "marc/constraint": m.constraint, "marc/deploy_noise": int(m.deploy_noise), "marc/finetune": m.finetune,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
-        "ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "seed": run.seed,
+        **ctr_fields(c), "seed": run.seed,
         "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20,
         "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,
         **{f"data/{k}": v for k, v in data.stats().items()},

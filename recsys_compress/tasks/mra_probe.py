@@ -92,7 +92,13 @@ def ctr_datamodule(run: ProbeRunConfig | MARCRunConfig) -> CTRDataModule:
     """The run's CTR splits (``dataset``, ``ctr``, ``seed``) in a datamodule; ``.data`` holds them."""
     d, c = run.dataset, run.ctr
     data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
-    return CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed)
+    return CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed, c.batch_by, c.items_per_batch)
+
+
+def ctr_fields(c: CTRConfig) -> dict[str, Any]:
+    """What a CTR run records in metrics.json about how its CTR model was trained, so reports
+    pool only runs trained alike."""
+    return {"ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "ctr/batch_by": c.batch_by}
 
 
 def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list[L.Callback]:
@@ -159,7 +165,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
                                "repr/encoder": run.representation.model, "data/name": run.dataset.name,
-                               "ctr/split_by": run.ctr.split_by, "ctr/item_id_dropout": run.ctr.item_id_dropout,
+                               **ctr_fields(run.ctr),
                                "seed": run.seed, **info, **{f"data/{k}": v for k, v in data.stats().items()}}
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)
