@@ -37,6 +37,9 @@ from recsys_compress.utils.compose import PROJECT_ROOT
 from recsys_compress.utils.run_outputs import finish_run
 
 
+_MISSING = object()
+
+
 def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The run's config with KEY=VALUE overrides, following Hydra's rule: a key must exist in the
     run's config (a typo fails instead of being ignored); ``+KEY=VALUE`` adds a new one."""
@@ -52,8 +55,6 @@ def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     with open_dict(cfg):  # a composed (struct) config refuses new keys even with +
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain))
 
-
-_MISSING = object()
 
 
 def main(argv: list[str] | None = None) -> int:
