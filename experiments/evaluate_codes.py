@@ -14,7 +14,8 @@ comparison for MARC's.
 
 Dataset, split, seed, trainer and the rest come from ``RUN_DIR/.hydra/config.yaml``; the
 overrides are validated like a run's config. Writes ``metrics.json`` (``test/auc``,
-``test/logloss``, ``val/best_auc``, the overrides) to ``--out`` (default
+``test/logloss``, ``val/best_auc``, the overrides) and the settings used
+(``.hydra/config.yaml``, as a run keeps them) to ``--out`` (default
 ``RUN_DIR/evaluate_codes/<overrides>``).
 """
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                "codes/dim": codes.shape[1], "codes/source": source, "repr/encoder": run.representation.model,
                "data/name": d.name, **ctr_fields(c)}
     path = finish_run(out, metrics, [])
+    (out / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # the exact settings, where a Hydra run keeps them
     Console().print(f"[bold]codes of {args.run_dir} ({' '.join(overrides) or 'as run'}): test auc "
                     f"{metrics['test/auc']:.4f}, val {metrics.get('val/best_auc', float('nan')):.4f} -> {path}")
     return 0

@@ -134,6 +134,8 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
     assert again["codes/dim"] == saved["marc/dim"]
+    kept = OmegaConf.load(tmp_path / "again" / ".hydra" / "config.yaml")  # the settings it ran with
+    assert kept.ctr.dropout == 0.3 and kept.marc.deploy_noise and kept.ctr.batch_by == cfg.ctr.batch_by
     import report
 
     assert report.main([str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
