@@ -1,7 +1,7 @@
 # Common tasks; every target is a thin wrapper over a documented command.
 PY ?= python
 
-.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds clean
+.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch clean
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -50,6 +50,18 @@ cold-seeds:         ## cold-item ML-1M, seeds 0-2: probes, ID-only, MARC, fresh 
 	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/marc/$$s marc.deploy_noise=true || exit 1; \
 	done
 	$(PY) experiments/report.py outputs/cold_seeds --out outputs/cold_seeds/report
+
+cold-itembatch:     ## cold-item ML-1M, seeds 0-2: probes on random vs item-grouped batches, MARC with item-id dropout, fresh models on codes
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/linear
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 ctr.batch_by=item seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/linear_itembatch
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.compressor=none probe.layer=0 ctr.item_id_dropout=0.5 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/id_only
+	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/marc
+	for s in 0 1 2; do \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/marc/$$s ctr.batch_by=item && \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear/$$((3 + s)) && \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear_itembatch/$$((3 + s)) || exit 1; \
+	done
+	$(PY) experiments/report.py outputs/cold_itembatch --out outputs/cold_itembatch/report
 
 clean:
 	rm -rf outputs multirun .pytest_cache
