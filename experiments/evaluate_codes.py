@@ -57,7 +57,6 @@ def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain))
 
 
-
 def main(argv: list[str] | None = None) -> int:
     options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
