@@ -30,8 +30,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from recsys_compress.config import validate_marc, validate_probe
-from recsys_compress.marc.bottleneck import posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
+from recsys_compress.tasks.marc import deployed_codes
 from recsys_compress.tasks.mra_probe import ctr_datamodule, ctr_fields, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
@@ -79,17 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     dm = ctr_datamodule(run)
     data = dm.data
     stored = load_file(str(codes_path))
-    codes = stored["mu"]
-    deploy_noise = is_marc and run.marc.deploy_noise
-    if deploy_noise and "logvar" not in stored:
-        raise SystemExit(f"marc.deploy_noise=true needs the codes' logvar; {codes_path} has only mu (an older run)")
-    noise = posterior_std(stored["logvar"]) if deploy_noise else None
+    codes, noise = stored["mu"], None
+    if is_marc:
+        m = run.marc
+        if (m.deploy_noise or m.export_dims is not None) and "logvar" not in stored:
+            raise SystemExit(f"marc.deploy_noise and marc.export_dims need the codes' logvar; {codes_path} "
+                             "has only mu (an older run)")
+        if "logvar" in stored:
+            codes, noise, _ = deployed_codes(codes, stored["logvar"], m)
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
     result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
                      out / "checkpoints")
     source = (f"MARC, beta {run.marc.beta:g}" if is_marc
               else f"{run.probe.compressor} probe of layer {run.probe.layer}")
+    if is_marc and codes.shape[1] < stored["mu"].shape[1]:
+        source += f", the most informative of {stored['mu'].shape[1]}"
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
                "codes/dim": codes.shape[1], "codes/source": source, "repr/encoder": run.representation.model,
                "data/name": d.name, **ctr_fields(c)}

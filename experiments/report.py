@@ -159,6 +159,8 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
                 what += f", {r['marc/constraint']}"
             if r.get("marc/finetune", "full") != "full":
                 what += f", {r['marc/finetune']}"
+            if r.get("marc/export_dims", r["marc/dim"]) != r["marc/dim"]:
+                what += f", its {r['marc/export_dims']} most informative dims deployed"
             if r.get("marc/deploy_noise"):
                 what += ", deployed model trained on posterior samples"
             entries = [(f"MARC ({what}){_variant(r)}", r["test/auc"], r["test/logloss"], True)]

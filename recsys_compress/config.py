@@ -448,9 +448,13 @@ class MARCConfig:
     lr: float = 1e-3
     llm_lr: float = 1e-4
     deploy_noise: bool = False
+    export_dims: int | None = None
 
     def check(self, p: str) -> None:
         _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")
+        if self.export_dims is not None:
+            _require(1 <= self.export_dims <= self.dim, f"{p}.export_dims", self.export_dims,
+                     f"null (all) or 1..{p}.dim ({self.dim})")
         _require(self.beta >= 0, f"{p}.beta", self.beta, ">= 0")
         _require(self.trainable_layers >= 0, f"{p}.trainable_layers", self.trainable_layers, ">= 0 (0: frozen LLM)")
         _require(self.lora_r >= 1, f"{p}.lora_r", self.lora_r, ">= 1")

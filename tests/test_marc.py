@@ -8,13 +8,14 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from recsys_compress.config import ConfigError
-from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
+from recsys_compress.config import ConfigError, MARCConfig
+from recsys_compress.marc.bottleneck import (VariationalBottleneck, hsic, informative_dims, kl_to_standard_normal,
+                                             posterior_std)
 from recsys_compress.marc.llm_top import cached_token_states, llama_top, pooled, token_states
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.ctr_data import ItemGroupBatchSampler
 from recsys_compress.marc.representations import extract_layer_means, load_encoder
-from recsys_compress.tasks.marc import marc
+from recsys_compress.tasks.marc import deployed_codes, marc
 from recsys_compress.utils.compose import compose_config
 
 from conftest import REPO
@@ -30,6 +31,20 @@ def test_kl_is_zero_exactly_when_q_is_the_prior():
     assert (kl_to_standard_normal(zeros, torch.full((3, 4), -0.5)) > 0).all()
     mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     assert float(kl_to_standard_normal(mu, logvar)) == pytest.approx(0.5 * (1 + (torch.e - 1 - 1)))
+
+
+def test_informative_dims_ranks_dimensions_by_their_kl_to_the_prior():
+    mu = torch.tensor([[0.0, 2.0, 0.0, 0.5], [0.0, -2.0, 0.0, -0.5]])
+    logvar = torch.tensor([[0.0, 0.0, -3.0, 0.0], [0.0, 0.0, -3.0, 0.0]])
+    # KL per dimension: 0 (the prior), 2, (e^-3 - 1 + 3) / 2 = 1.0249, 0.125
+    assert informative_dims(mu, logvar, 4).tolist() == [1, 2, 3, 0]
+    assert informative_dims(mu, logvar, 2).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="k=5 dimensions requested from codes of width 4"):
+        informative_dims(mu, logvar, 5)
+    codes, sigma, kept = deployed_codes(mu, logvar, MARCConfig(dim=4, export_dims=2, deploy_noise=True))
+    assert torch.equal(codes, mu[:, [1, 2]]) and torch.equal(sigma, posterior_std(logvar[:, [1, 2]]))
+    codes, sigma, kept = deployed_codes(mu, logvar, MARCConfig(dim=4))
+    assert torch.equal(codes, mu) and sigma is None and kept.tolist() == [0, 1, 2, 3]
 
 
 def test_bottleneck_samples_in_training_and_returns_mu_in_eval():
@@ -111,7 +126,8 @@ FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logge
 @pytest.mark.parametrize("variant", [["marc.trainable_layers=1"],
                                      ["marc.trainable_layers=2", "marc.finetune=lora", "marc.constraint=hsic"],
                                      ["marc.trainable_layers=0", "marc.dim=8", "ctr.split_by=item",
-                                      "ctr.item_id_dropout=0.5", "marc.deploy_noise=true", "ctr.batch_by=item"]])
+                                      "ctr.item_id_dropout=0.5", "marc.deploy_noise=true", "ctr.batch_by=item",
+                                      "marc.export_dims=3"]])
 def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
                           f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
@@ -123,6 +139,11 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     assert saved["ctr/batch_by"] == cfg.ctr.batch_by  # how the deployed model was trained
     stored = load_file(str(tmp_path / "out" / "item_codes.safetensors"))
     assert stored["mu"].shape == stored["logvar"].shape == (metrics["data/n_items"], saved["marc/dim"])
+    assert saved["marc/export_dims"] == (cfg.marc.export_dims or cfg.marc.dim)
+    kept = (informative_dims(stored["mu"], stored["logvar"], cfg.marc.export_dims) if cfg.marc.export_dims
+            else torch.arange(cfg.marc.dim))
+    assert torch.equal(stored["exported_dims"], kept)
+    assert saved["marc/exported_kl"] <= saved["marc/kl"] + 1e-6
     # the deployment step again, on the exported codes, with another downstream setting
     (tmp_path / "out" / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
@@ -133,13 +154,17 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
-    assert again["codes/dim"] == saved["marc/dim"]
+    assert again["codes/dim"] == saved["marc/export_dims"]
     kept = OmegaConf.load(tmp_path / "again" / ".hydra" / "config.yaml")  # the settings it ran with
     assert kept.ctr.dropout == 0.3 and kept.marc.deploy_noise and kept.ctr.batch_by == cfg.ctr.batch_by
     import report
 
-    assert report.main([str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
-    assert (f"| codes (llama_tiny, MARC, beta 0.001, dim {saved['marc/dim']}), fresh CTR model with "
+    assert report.main([str(tmp_path / "out"), str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
+    exported = f", its {cfg.marc.export_dims} most informative dims deployed" if cfg.marc.export_dims else ""
+    assert (f"| MARC (llama_tiny, final layer, dim {cfg.marc.dim}, beta 0.001{exported}"
+            in (tmp_path / "report" / "report.md").read_text())
+    of = f", the most informative of {saved['marc/dim']}" if cfg.marc.export_dims else ""
+    assert (f"| codes (llama_tiny, MARC, beta 0.001{of}, dim {saved['marc/export_dims']}), fresh CTR model with "
             f"ctr.dropout=0.3 marc.deploy_noise=true") in (tmp_path / "report" / "report.md").read_text()
     with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])
@@ -153,7 +178,9 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
 def test_marc_bad_inputs_fail_at_start(tmp_path):
     for bad, message in [("marc.beta=-1", "marc.beta=-1.0 is out of range; allowed: >= 0"),
                          ("marc.dim=0", "marc.dim=0 is out of range; allowed: >= 1"),
-                         ("marc.constraint=mmd", "marc.constraint='mmd' is not allowed; allowed: none, hsic")]:
+                         ("marc.constraint=mmd", "marc.constraint='mmd' is not allowed; allowed: none, hsic"),
+                         ("marc.export_dims=33", "marc.export_dims=33 is out of range; allowed: null (all) or "
+                                                 "1..marc.dim (32)")]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             marc(compose_config([*FAST, bad], tmp_path))
     with pytest.raises(ConfigError, match="marc.trainable_layers=5 is out of range for llama_tiny; allowed: 0..2"):

@@ -12,9 +12,29 @@ import torch
 from torch import nn
 
 
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q || N(0, 1)) of each dimension of each row (``kl_to_standard_normal`` before its sum)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per row, summed over dimensions: exactly 0 iff mu = 0, logvar = 0."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    return kl_per_dim(mu, logvar).sum(-1)
+
+
+def informative_dims(mu: torch.Tensor, logvar: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` code dimensions with the largest mean KL to the prior, most informative first.
+
+    Under the bottleneck a dimension whose posterior stays near N(0, 1) carries almost nothing
+    about an item, yet its mu still differs from item to item. A fresh downstream model that
+    sees those mu values as exact features can tell training items apart by them and memorise
+    their labels, which does not carry over to new items. MARC's own task module never could:
+    it saw those dimensions under noise of about their own spread.
+    """
+    if not 1 <= k <= mu.shape[-1]:
+        raise ValueError(f"k={k} dimensions requested from codes of width {mu.shape[-1]}")
+    per_dim = kl_per_dim(mu, logvar).mean(0)
+    return torch.argsort(per_dim, descending=True, stable=True)[:k]
 
 
 def posterior_std(logvar: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The exported codes are what an industrial recommender would cache; the reported
 ``test/auc`` is that of a new DCN-V2 which sees only those cached vectors (plus ids), as in
-deployment. The end-to-end model's own test AUC is ``marc/e2e_test/auc``.
+deployment. The end-to-end model's own test AUC is ``marc/e2e_test/auc``. ``marc.export_dims``
+caches only that many of the ``marc.dim`` code dimensions, those the bottleneck filled with the
+most information (``bottleneck.informative_dims``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from recsys_compress.config import ConfigError, MARCConfig, validate_marc
-from recsys_compress.marc.bottleneck import kl_to_standard_normal, posterior_std
+from recsys_compress.marc.bottleneck import informative_dims, kl_to_standard_normal, posterior_std
 from recsys_compress.marc.ctr_model import RepresentationCompressor
 from recsys_compress.marc.llm_top import cached_token_states, llama_top
 from recsys_compress.marc.marc_module import MARCModule
@@ -39,6 +41,16 @@ def with_lora(top: torch.nn.Module, m: MARCConfig) -> torch.nn.Module:
         raise ImportError("marc.finetune=lora needs the peft package: pip install peft") from None
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return get_peft_model(top, LoraConfig(r=m.lora_r, lora_alpha=2 * m.lora_r, target_modules=targets))
+
+
+def deployed_codes(mu: torch.Tensor, logvar: torch.Tensor,
+                   m: MARCConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """What deployment caches and trains on: the codes (mu, or its ``m.export_dims`` most
+    informative dimensions), their posterior sigma when ``m.deploy_noise``, and the kept dimensions."""
+    kept = (informative_dims(mu, logvar, m.export_dims) if m.export_dims is not None
+            else torch.arange(mu.shape[1]))
+    codes = mu[:, kept].contiguous()
+    return codes, posterior_std(logvar[:, kept]) if m.deploy_noise else None, kept
 
 
 def marc(cfg: DictConfig) -> dict[str, Any]:
@@ -90,14 +102,17 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
 
     codes, logvar = module.item_codes()
     kl = float(kl_to_standard_normal(codes, logvar).mean())
-    save_file({"mu": codes.contiguous().cpu(), "logvar": logvar.contiguous().cpu()},
+    codes, logvar = codes.cpu(), logvar.cpu()
+    exported, noise, kept = deployed_codes(codes, logvar, m)
+    exported_kl = float(kl_to_standard_normal(codes[:, kept], logvar[:, kept]).mean())  # nats the cache holds
+    # The whole posterior is kept, so evaluate_codes.py can deploy other dimensions later.
+    save_file({"mu": codes.contiguous(), "logvar": logvar.contiguous(), "exported_dims": kept},
               str(output_dir / "item_codes.safetensors"),
               metadata={"item_ids": "\n".join(data.item_ids)[:60000], "dim": str(m.dim)})
 
     # Deployment: a fresh CTR model that sees only the cached codes.
     t0 = time.perf_counter()
-    noise = posterior_std(logvar).cpu() if m.deploy_noise else None
-    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes.cpu(), "fixed", noise_std=noise),
+    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(exported, "fixed", noise_std=noise),
                        loggers, output_dir / "checkpoints" / "deployed")
     metrics: dict[str, Any] = {
         "test/auc": deployed["test/auc"], "test/logloss": deployed["test/logloss"],
@@ -105,6 +120,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/e2e_test/auc": e2e["test/auc"], "marc/e2e_test/logloss": e2e["test/logloss"],
         "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
         "marc/constraint": m.constraint, "marc/deploy_noise": int(m.deploy_noise), "marc/finetune": m.finetune,
+        "marc/export_dims": len(kept), "marc/exported_kl": exported_kl,
         "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
         **ctr_fields(c), "seed": run.seed,
         "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20,
@@ -113,6 +129,6 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
     path = finish_run(output_dir, metrics, loggers)
-    Console().print(f"[bold]MARC dim {m.dim}: deployed test auc {metrics['test/auc']:.4f} "
+    Console().print(f"[bold]MARC dim {m.dim} ({len(kept)} exported): deployed test auc {metrics['test/auc']:.4f} "
                     f"(end to end {e2e['test/auc']:.4f}), KL {kl:.2f}  -> {path}")
     return metrics
