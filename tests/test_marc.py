@@ -150,7 +150,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     sys.path.insert(0, str(REPO / "experiments"))
     import evaluate_codes
 
-    changed = ["ctr.dropout=0.3", "marc.deploy_noise=true"]
+    changed = ["ctr.dropout=0.3", "+marc.deploy_noise=true"]  # the report reads "+" as the plain setting
     assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
