@@ -1,7 +1,7 @@
 # Common tasks; every target is a thin wrapper over a documented command.
 PY ?= python
 
-.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch clean
+.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -62,6 +62,20 @@ cold-itembatch:     ## cold-item ML-1M, seeds 0-2: probes on random vs item-grou
 	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear_itembatch/$$((3 + s)) || exit 1; \
 	done
 	$(PY) experiments/report.py outputs/cold_itembatch --out outputs/cold_itembatch/report
+
+cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4) most informative code dims vs all 32, MARC at dim 8, the probes
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/linear
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 ctr.batch_by=item seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/linear_itembatch
+	$(PY) train.py -m experiment=mra_cold_ml1m probe.compressor=none probe.layer=0 ctr.item_id_dropout=0.5 seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/id_only
+	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/marc
+	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 marc.dim=8 seed=0,1,2 hydra.sweep.dir=outputs/cold_export/marc_dim8
+	for s in 0 1 2 3 4; do \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s ctr.batch_by=item && \
+	  for k in 4 8; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s marc.export_dims=$$k ctr.batch_by=item || exit 1; done && \
+	  $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s marc.export_dims=8 || exit 1; \
+	done
+	for s in 0 1 2; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
+	$(PY) experiments/report.py outputs/cold_export --out outputs/cold_export/report
 
 clean:
 	rm -rf outputs multirun .pytest_cache
