@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
 
 from recsys_compress.config import ConfigError, MARCConfig
 from recsys_compress.marc.bottleneck import (VariationalBottleneck, hsic, informative_dims, kl_to_standard_normal,
@@ -117,7 +118,26 @@ def test_item_group_batches_cover_every_sample_once_grouped_by_item():
     assert sorted(i for b in batches for i in b) == list(range(len(items)))
     for b in batches:
         assert len(set(items[b].tolist())) <= 2
-    assert list(sampler) != batches or len(batches) == 1  # a new order every epoch
+    sampler.sampler.set_epoch(1)
+    assert list(sampler) != batches  # a new order every epoch
+
+
+def test_item_group_batch_order_follows_the_epoch_lightning_sets():
+    from lightning.fabric.utilities.data import _set_sampler_epoch  # what the fit loop calls each epoch
+
+    items = torch.arange(40) % 13
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(items), batch_sampler=ItemGroupBatchSampler(items, 3, seed=5))
+
+    uninterrupted = loader()
+    epochs = []
+    for epoch in range(3):
+        _set_sampler_epoch(uninterrupted, epoch)
+        epochs.append(list(uninterrupted.batch_sampler))
+    assert epochs[0] != epochs[1] != epochs[2]
+    resumed = loader()  # a run restarted from a checkpoint taken after epoch 1
+    _set_sampler_epoch(resumed, 2)
+    assert list(resumed.batch_sampler) == epochs[2]
 
 
 FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logger=none", "ctr.batch_size=512"]

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from recsys_compress.data.datamodule import EpochSeededSampler
 from recsys_compress.data.readers import ItemInfo, read_interactions
 
 
@@ -109,21 +110,25 @@ def _parts_in_order(n: int, split: tuple[float, float, float]) -> list[str]:
 
 
 class ItemGroupBatchSampler(Sampler[list[int]]):
-    """Batches of sample indices: all samples of ``items_per_batch`` shuffled items at a time."""
+    """Batches of sample indices: all samples of ``items_per_batch`` shuffled items at a time.
+
+    ``sampler`` orders the items from ``seed + epoch``. Lightning finds it where it looks on a
+    torch ``BatchSampler`` and sets its epoch before every epoch, so a resumed run sees the
+    item order of an uninterrupted one.
+    """
 
     def __init__(self, items: torch.Tensor, items_per_batch: int, seed: int = 0):
         order = torch.argsort(items, stable=True)
         counts = torch.bincount(items)
         self.by_item = [g for g in torch.split(order, counts.tolist()) if len(g)]
-        self.items_per_batch, self.seed, self.epoch = items_per_batch, seed, 0
+        self.items_per_batch = items_per_batch
+        self.sampler = EpochSeededSampler(len(self.by_item), seed)
 
     def __len__(self) -> int:
         return -(-len(self.by_item) // self.items_per_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        perm = torch.randperm(len(self.by_item), generator=generator)
+        perm = list(self.sampler)
         for start in range(0, len(perm), self.items_per_batch):
             yield torch.cat([self.by_item[i] for i in perm[start:start + self.items_per_batch]]).tolist()
 
