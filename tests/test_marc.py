@@ -44,6 +44,7 @@ def test_informative_dims_ranks_dimensions_by_their_kl_to_the_prior():
         informative_dims(mu, logvar, 5)
     codes, sigma, kept = deployed_codes(mu, logvar, MARCConfig(dim=4, export_dims=2, deploy_noise=True))
     assert torch.equal(codes, mu[:, [1, 2]]) and torch.equal(sigma, posterior_std(logvar[:, [1, 2]]))
+    assert kept.tolist() == [1, 2]
     codes, sigma, kept = deployed_codes(mu, logvar, MARCConfig(dim=4))
     assert torch.equal(codes, mu) and sigma is None and kept.tolist() == [0, 1, 2, 3]
 
@@ -126,6 +127,7 @@ def test_item_group_batch_order_follows_the_epoch_lightning_sets():
     from lightning.fabric.utilities.data import _set_sampler_epoch  # what the fit loop calls each epoch
 
     items = torch.arange(40) % 13
+
     def loader() -> DataLoader:
         return DataLoader(TensorDataset(items), batch_sampler=ItemGroupBatchSampler(items, 3, seed=5))
 
@@ -160,9 +162,9 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     stored = load_file(str(tmp_path / "out" / "item_codes.safetensors"))
     assert stored["mu"].shape == stored["logvar"].shape == (metrics["data/n_items"], saved["marc/dim"])
     assert saved["marc/export_dims"] == (cfg.marc.export_dims or cfg.marc.dim)
-    kept = (informative_dims(stored["mu"], stored["logvar"], cfg.marc.export_dims) if cfg.marc.export_dims
-            else torch.arange(cfg.marc.dim))
-    assert torch.equal(stored["exported_dims"], kept)
+    exported = (informative_dims(stored["mu"], stored["logvar"], cfg.marc.export_dims) if cfg.marc.export_dims
+                else torch.arange(cfg.marc.dim))
+    assert torch.equal(stored["exported_dims"], exported)
     assert saved["marc/exported_kl"] <= saved["marc/kl"] + 1e-6
     # the deployment step again, on the exported codes, with another downstream setting
     (tmp_path / "out" / ".hydra").mkdir()
