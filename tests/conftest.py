@@ -54,3 +54,36 @@ class KillAfterEpoch:
                     raise RuntimeError(f"killed at the start of epoch {epoch}")
 
         return _Kill()
+
+
+class SigtermAtEpoch:
+    """A Lightning callback that sends SIGTERM to its own process at the start of epoch
+    ``epoch``, as a scheduler pre-empting the job would; once (``marker`` remembers it), so a
+    resumed run with the same config runs on."""
+
+    def __new__(cls, epoch: int, marker: str):
+        import os
+        import signal
+
+        import lightning as L
+
+        class _Sigterm(L.Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == epoch and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Sigterm()
+
+
+def run_train(args, cwd=None, timeout=600, **env):
+    """``python train.py ARGS`` as a user runs it; tests/ on the path for conftest's callbacks."""
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).resolve().parent)
+    environment = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}  # train.py sets it
+    environment.update({"WANDB_MODE": "offline", "PYTHONPATH": tests, **env})
+    script = Path(cwd) / "train.py" if cwd else REPO / "train.py"
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, env=environment, timeout=timeout)

@@ -1,0 +1,133 @@
+"""The commands a user types work as written, and no run is silently wrong.
+
+Each test runs `train.py` as a process, as a user or a scheduler does: the README's multirun
+from a copy of the repo without `hydra.sweep.dir`, SIGTERM and resume, a rerun into a
+finished run, bad input that must fail with one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_train
+
+TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "logger=none",
+        "evaluation.popularity_baseline=false"]
+# The README's quick multirun, exactly as printed there (the test fails if the README changes it).
+README_MULTIRUN = "python3 train.py -m compression=svd,odllm ratio=0.5,0.7 trainer.max_epochs=1"
+
+
+def copy_of_repo(tmp_path: Path) -> Path:
+    """What a user's clone holds that train.py reads (the package itself is installed)."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copytree(REPO / "data", root / "data")
+    shutil.copy(REPO / "train.py", root / "train.py")
+    return root
+
+
+def test_the_readme_multirun_runs_as_typed_from_the_repo_root(tmp_path):
+    assert f"    {README_MULTIRUN}   #" in (REPO / "README.md").read_text()
+    root = copy_of_repo(tmp_path)
+    args = README_MULTIRUN.split()[2:]  # after "python3 train.py"
+    out = run_train(args, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweeps = list((root / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    records = [json.loads(line) for line in (sweeps[0] / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["completed"] * 4
+    jobs = {tuple(r["overrides"][:2]): json.loads((Path(r["output_dir"]) / "metrics.json").read_text())
+            for r in records}
+    assert set(jobs) == {(f"compression={m}", f"ratio={r}") for m in ("svd", "odllm") for r in (0.5, 0.7)}
+    assert sorted(m["base/cache_hit"] for m in jobs.values()) == [0, 1, 1, 1]  # one base model
+    assert {m["compression/ratio"] for m in jobs.values()} == {0.5, 0.7}
+
+
+def test_sigterm_exits_143_and_resume_continues_with_the_runs_own_config(tmp_path):
+    run = tmp_path / "run"
+    marker = tmp_path / "sigterm-sent"
+    started = run_train([*TINY, "trainer.max_epochs=3", "+callbacks.sigterm._target_=conftest.SigtermAtEpoch",
+                         "+callbacks.sigterm.epoch=2", f"+callbacks.sigterm.marker={marker}",
+                         f"hydra.run.dir={run}"])
+    assert marker.is_file()
+    assert started.returncode == 143, started.stderr[-3000:]  # not 0: a scheduler must see the interruption
+    assert (run / "error.txt").read_text().startswith("SIGTERMException")
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+
+    # The README's resume line, nothing else: the run's 3 epochs and tiny model come from the run.
+    resumed = run_train([f"hydra.run.dir={run}", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"Restored all states from the checkpoint at {run / 'checkpoints' / 'last.ckpt'}" in log
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train/epochs"] == 3 and metrics["params/total"] < 200_000  # 16-wide; the default 64-wide has 754k
+    assert "max_epochs: 3" in (run / ".hydra" / "config.yaml").read_text()
+    assert not (run / "error.txt").exists()
+
+
+def test_resume_refuses_an_override_that_changes_the_run(tmp_path):
+    run = tmp_path / "run"
+    first = run_train([*TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = run_train([f"hydra.run.dir={run}", "resume=auto", "trainer.max_epochs=4", "logger=none"])
+    assert out.returncode == 1
+    assert ("these overrides would change it: trainer.max_epochs=4 (the run has trainer.max_epochs=1)"
+            in out.stdout + out.stderr)
+
+
+def test_a_rerun_into_a_finished_run_is_refused_and_leaves_it_alone(tmp_path):
+    run = tmp_path / "run"
+    first = run_train([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (run / "metrics.json").read_bytes()
+    again = run_train([*TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}"])
+    assert again.returncode == 1
+    message = again.stdout + again.stderr
+    assert f"the run directory {run} already holds a run: metrics.json (a finished run)" in message
+    assert "Choose another hydra.run.dir" in message and "or add resume=auto to continue that run" in message
+    assert (run / "metrics.json").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (run / "checkpoints").iterdir() if "-v1" not in p.name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ratio=7"], "ConfigError: ratio=7 is out of range; allowed: (0, 1]"),
+    (["dataset=sequence_text"], "ConfigError: missing required key dataset.path: set it on the command line"),
+    (["+foo=1"], "ConfigError: unknown top-level key foo (nothing reads it: a typo, or a '+' too many?); "
+                 "allowed top-level keys: alignment, base_cache,"),
+    (["trainer.max_epochs=0"], "ConfigError: trainer.max_epochs=0 is out of range; allowed: >= 1, or -1"),
+])
+def test_a_config_error_prints_its_message_once_without_a_traceback(tmp_path, args, message):
+    out = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}"])
+    text = out.stdout + out.stderr
+    assert out.returncode == 1
+    assert text.count(message) == 1, text[-3000:]
+    assert "Traceback" not in text
+    assert (tmp_path / "run" / "error.txt").read_text().startswith(message)
+
+
+def test_a_data_file_that_is_not_text_fails_naming_the_file(tmp_path):
+    data = tmp_path / "seq.bin"
+    data.write_bytes(b"\x00\x01\xfe\xff" * 64)
+    out = run_train(["dataset=sequence_text", f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert out.returncode == 1
+    assert f"DataFormatError: {data}:1: not UTF-8 text (byte 0xfe at offset 2)" in out.stdout + out.stderr
+
+
+def test_make_uses_python3_and_lists_its_targets():
+    dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True)
+    assert dry.stdout.strip() == "python3 -m pytest"
+    listed = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True)
+    assert listed.returncode == 0
+    targets = re.findall(r"^([a-z][a-z0-9-]*):.*##", (REPO / "Makefile").read_text(), flags=re.M)
+    assert len(targets) > 10
+    for target in targets:
+        assert re.search(rf"^  {re.escape(target)} +\S", listed.stdout, flags=re.M), target
