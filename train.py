@@ -12,9 +12,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from recsys_compress.tasks.runner import run_task
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    metrics = run_task(cfg)
+    from recsys_compress.tasks.runner import USER_ERRORS, run_task
+
+    try:
+        metrics = run_task(cfg)
+    except USER_ERRORS:
+        # The runner has printed the message; a single run ends there, without Hydra printing
+        # it again with a traceback. In a multirun the job fails and the other jobs go on.
+        if HydraConfig.get().mode == RunMode.RUN:
+            raise SystemExit(1) from None
+        raise
     # Sweepers (Optuna) maximise the value returned here: a validation metric of the task's
     # final model (val NDCG@10, or val AUC for the CTR tasks), never a test metric.
     return metrics.get("objective")
