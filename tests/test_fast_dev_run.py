@@ -13,7 +13,7 @@ def test_llama_tiny_on_every_dataset(dataset, tmp_path):
     overrides = [f"dataset={dataset}", "model.hidden_size=16", "model.intermediate_size=32", *FAST]
     if dataset == "sequence_text":
         path = tmp_path / "seq.txt"
-        path.write_text("".join(f"u{u} " + " ".join(f"i{(u * 7 + k) % 40}" for k in range(12)) + "\n"
+        path.write_text("".join(f"u{u} " + " ".join(f"{(u * 7 + k) % 40}" for k in range(12)) + "\n"
                                 for u in range(30)))
         overrides.append(f"dataset.path={path}")
     metrics = train_seqrec(compose_config(overrides, tmp_path / "out"))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conftest import SHARED_DATA, SMALL, head_lines
@@ -81,19 +83,38 @@ def test_recbole_bad_header_and_short_row(tmp_path):
 
 def test_sequence_text_keeps_order_across_lines(tmp_path):
     path = tmp_path / "seq.txt"
-    path.write_text("u1 a b c\r\nu2 c a\n\nu1 d\n")
+    path.write_text("u1 10 11 12\r\nu2 12 10\n\nu1 13\n")
     raw = read_sequence_text(path)
     assert raw.users == ["u1", "u1", "u1", "u2", "u2", "u1"]
-    assert raw.items == ["a", "b", "c", "c", "a", "d"]
+    assert raw.items == ["10", "11", "12", "12", "10", "13"]
     assert raw.timestamps == sorted(raw.timestamps)
     assert raw.ratings is None
 
 
 def test_sequence_text_malformed_line(tmp_path):
     path = tmp_path / "seq.txt"
-    path.write_text("u1 a b\nu2\n")
+    path.write_text("u1 1 2\nu2\n")
     with pytest.raises(DataFormatError, match=r"seq.txt:2: expected 'user item \[item \.\.\.\]'.*'u2'"):
         read_sequence_text(path)
+
+
+@pytest.mark.parametrize("junk", ["abc", "1.5", "-3", "@@@"])
+def test_sequence_text_item_ids_that_are_not_integers_name_file_and_line(tmp_path, junk):
+    path = tmp_path / "seq.txt"
+    path.write_text(f"u1 1 2 3\nu2 4 {junk} 5\n")
+    with pytest.raises(DataFormatError, match=rf"seq.txt:2: item id '{re.escape(junk)}' is not a non-negative integer"):
+        read_sequence_text(path)
+
+
+@pytest.mark.parametrize("fmt, name", [("sequence_text", "seq.txt"), ("grouplens_csv", "ratings.csv"),
+                                       ("recbole_atomic", "x.inter")])
+def test_a_file_that_is_not_utf8_names_itself(tmp_path, fmt, name):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    path = folder / name
+    path.write_bytes(b"u1 1 2\n\x89PNG\r\n\x1a\n\xff\xfe binary")
+    with pytest.raises(DataFormatError, match=rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 0x89 at offset 7\)"):
+        read_interactions(fmt, path if fmt == "sequence_text" else folder)
 
 
 def test_unknown_format_lists_allowed():

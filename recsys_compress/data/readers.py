@@ -15,6 +15,7 @@ so nothing is silently dropped. Filtering happens later, in ``preprocess``.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,19 @@ def _require(path: Path, expected: str) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 (binary, another encoding) names itself."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "data files must be UTF-8 (is this the right file?)"
+        ) from None
+
+
 def _to_float(value: str, path: Path, lineno: int, line: str, column: str) -> float:
     try:
         return float(value)
@@ -95,7 +109,7 @@ def read_grouplens_csv(folder: str | Path) -> RawInteractions:
         folder / "ratings.csv", "ratings.csv (userId,movieId,rating,timestamp) [+ movies.csv]"
     )
     users, items, ratings, timestamps = [], [], [], []
-    with open(ratings_path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(ratings_path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         expected = ["userId", "movieId", "rating", "timestamp"]
@@ -120,7 +134,7 @@ def read_grouplens_csv(folder: str | Path) -> RawInteractions:
     item_info: dict[str, ItemInfo] = {}
     movies_path = folder / "movies.csv"
     if movies_path.is_file():
-        with open(movies_path, encoding="utf-8", newline="") as f:
+        with io.StringIO(_read_text(movies_path), newline="") as f:
             reader = csv.reader(f)
             next(reader, None)
             for row in reader:
@@ -140,8 +154,7 @@ def read_grouplens_csv(folder: str | Path) -> RawInteractions:
 
 def _read_atomic_table(path: Path) -> tuple[list[str], list[str], list[tuple[int, str, list[str]]]]:
     """Parse a RecBole atomic file: returns names, types and (lineno, line, fields) rows."""
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines()  # handles \n, \r\n and a final newline alike
+    lines = _read_text(path).splitlines()  # handles \n, \r\n and a final newline alike
     if not lines:
         raise DataFormatError(f"{path}: file is empty (expected a typed 'name:type' header)")
     names, types = [], []
@@ -286,26 +299,34 @@ def describe_user(profile: dict[str, str], coded: bool = False) -> str | None:
     return ", ".join(parts) or None
 
 
+_ITEM_ID = re.compile(r"[0-9]+")
+
+
 def read_sequence_text(path: str | Path) -> RawInteractions:
     """Read ``user item item ...`` lines; the position in the line is the time order."""
     path = _require(Path(path), "a text file with one 'user item item ...' line per user")
     users, items, timestamps = [], [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f.read().splitlines(), start=1):
-            if not line.strip():
-                continue
-            tokens = line.split()
-            if len(tokens) < 2:
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        tokens = line.split()
+        if len(tokens) < 2:
+            raise DataFormatError(
+                f"{path}:{lineno}: expected 'user item [item ...]', got only {len(tokens)} "
+                f"token(s); line: {line!r}"
+            )
+        user = tokens[0]
+        for item in tokens[1:]:
+            # Item ids are integers in this format: anything else is a corrupt or foreign line,
+            # which would otherwise enter the catalogue as new items.
+            if not _ITEM_ID.fullmatch(item):
                 raise DataFormatError(
-                    f"{path}:{lineno}: expected 'user item [item ...]', got only {len(tokens)} "
-                    f"token(s); line: {line!r}"
+                    f"{path}:{lineno}: item id {item!r} is not a non-negative integer; line: {line!r}"
                 )
-            user = tokens[0]
-            for item in tokens[1:]:
-                # A global counter keeps file order even when a user spans several lines.
-                timestamps.append(float(len(items)))
-                users.append(user)
-                items.append(item)
+            # A global counter keeps file order even when a user spans several lines.
+            timestamps.append(float(len(items)))
+            users.append(user)
+            items.append(item)
     return RawInteractions(users, items, None, timestamps, {}, str(path))
 
 
