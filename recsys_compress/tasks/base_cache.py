@@ -1,7 +1,8 @@
 """Cache of trained base models, so a compression sweep (methods x ratios) trains once.
 
 The key hashes everything that determines the base model: dataset, model, trainer and
-model-selection settings, evaluation and seed (not compression, ratio, loggers or paths).
+model-selection settings, evaluation and seed (not compression, ratio, loggers or paths),
+and the *content* of the data and model files (a path says nothing about an in-place edit).
 An entry is written to a temporary folder and renamed into place, so a concurrent job
 never reads a half-written one; ``base_model_lock`` makes jobs that need the same base model
 wait for the one training it, so it is trained once.
@@ -20,22 +21,68 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 # Bump when training code changes what a cached base model would be.
-CACHE_VERSION = 2  # 2: epoch-seeded training order
+CACHE_VERSION = 3  # 2: epoch-seeded training order; 3: data and model file contents in the key
 _IGNORED_CALLBACKS = {"progress_bar", "lr_monitor"}
+_HASH_CHUNK = 1 << 20
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_fingerprint(path: str | Path, cache_dir: str | Path) -> str | None:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes); None if absent.
+
+    Size and mtime alone miss an in-place edit of equal size, so the bytes are hashed; the
+    hash of each file is remembered in ``cache_dir/fingerprints.json`` under its path, size
+    and mtime, so a large file is hashed once, not at every run.
+    """
+    path = Path(path).resolve()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        return None
+    memo_path = Path(cache_dir) / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest, changed = hashlib.sha256(), False
+    for file in files:
+        stat = file.stat()
+        memo_key = f"{file}|{stat.st_size}|{stat.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key], changed = _sha256_file(file), True
+        digest.update(f"{file.name}\0{memo[memo_key]}\0".encode())
+    if changed:  # written whole and renamed: concurrent jobs at worst hash a file again
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+        tmp.replace(memo_path)
+    return digest.hexdigest()
 
 
 def base_model_key(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """Hash of the config parts that determine the trained base model, and those parts."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    cache_dir = c["paths"]["cache_dir"]
+    model_files = [c["model"].get(k) for k in ("pretrained_path", "gguf_path")]
     trainer = {k: v for k, v in c.get("trainer", {}).items() if k != "default_root_dir"}
     callbacks = {
-        k: {kk: vv for kk, vv in v.items() if kk not in ("dirpath",)}
+        k: {kk: vv for kk, vv in v.items() if kk not in ("dirpath",)} if isinstance(v, dict) else v
         for k, v in (c.get("callbacks") or {}).items() if k not in _IGNORED_CALLBACKS
     }
     material = {
@@ -47,8 +94,9 @@ def base_model_key(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
         "evaluation": c.get("evaluation"),
         "seed": c.get("seed"),
         "ckpt_path": c.get("ckpt_path"),
+        "data_sha256": content_fingerprint(c["dataset"]["path"], cache_dir),
+        "model_files_sha256": [content_fingerprint(p, cache_dir) if p else None for p in model_files],
     }
-    # Data and model files are named by path; their contents are assumed stable.
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest, material
 
@@ -57,13 +105,38 @@ def cache_folder(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "base_models" / key
 
 
+def _check_shapes(path: Path, model: nn.Module) -> None:
+    """Refuse a weights file whose tensors do not fit ``model`` before loading any of them."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(path), "pt") as f:  # reads the header: a truncated file fails here
+        for name in f.keys():
+            shape = tuple(f.get_slice(name).get_shape())
+            if name not in expected or expected[name] != shape:
+                raise ValueError(f"tensor {name} has shape {shape}, the model has "
+                                 f"{expected.get(name, 'no such tensor')}")
+
+
 def load_base(cache_dir: str | Path, key: str, model: nn.Module) -> dict[str, Any] | None:
-    """Load cached weights into ``model``; returns the cached base metrics, or None on a miss."""
+    """Load cached weights into ``model``; returns the cached base metrics, or None on a miss.
+
+    An entry that cannot be read (a truncated file, weights of another shape) is reported by
+    path and removed, so the caller trains the base model again and stores a sound entry;
+    ``model`` is untouched in that case.
+    """
     folder = cache_folder(cache_dir, key)
     if not (folder / "metrics.json").is_file():
         return None
-    load_model(model, str(folder / "model.safetensors"), strict=True)
-    return json.loads((folder / "metrics.json").read_text())
+    weights = folder / "model.safetensors"
+    try:
+        _check_shapes(weights, model)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        load_model(model, str(weights), strict=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        log.warning("the cached base model %s is unreadable (%s: %s); removing it and training the base "
+                    "model again (base_cache=false bypasses the cache)", folder, type(error).__name__, error)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return metrics
 
 
 def store_base(
