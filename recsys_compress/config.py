@@ -255,14 +255,43 @@ class RunConfig:
     resume: str | None = None
 
 
-def validate(cfg: DictConfig) -> RunConfig:
-    """Validate the composed config; raises ``ConfigError`` naming the offending key."""
+# Top-level keys that the runner, Hydra's paths and Lightning read, besides the fields of the
+# task configs below; together they are every top-level key a run may have.
+_INFRASTRUCTURE_KEYS = ("task_name", "task", "paths", "trainer", "logger", "callbacks", "ckpt_path")
+
+
+def _known_top_level_keys() -> list[str]:
+    fields = {f.name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig) for f in dataclasses.fields(cls)}
+    return sorted(fields | {"probe", "marc", "representation", "ctr"} | set(_INFRASTRUCTURE_KEYS))
+
+
+def _checked_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, after the checks every task shares.
+
+    A ``???`` value left unset fails naming its key (it would otherwise travel on as the
+    string "???", e.g. as a path); so does a top-level key that nothing reads (``+foo=1``).
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required key {missing[0]}: set it on the command line ({missing[0]}=...)"
+                          + (f"; also unset: {', '.join(missing[1:])}" if missing[1:] else ""))
+    known = _known_top_level_keys()
+    unknown = sorted(set(cfg.keys()) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown top-level key {unknown[0]} (nothing reads it: a typo, or a '+' too many?); "
+                          f"allowed top-level keys: {', '.join(known)}")
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
+    _check_trainer(container)
+    return container
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Validate the composed config; raises ``ConfigError`` naming the offending key."""
+    container = _checked_container(cfg)
     for group in ("dataset", "model"):
         if group not in container:
             raise ConfigError(f"missing config group '{group}' (choose one with {group}=NAME)")
-    _check_trainer(container)
     return RunConfig(
         seed=_check_type(container.get("seed", 0), int, "seed"),
         dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
@@ -280,6 +309,10 @@ def validate(cfg: DictConfig) -> RunConfig:
 def _check_trainer(container: dict[str, Any]) -> None:
     """Strategy/accelerator pairs Lightning would refuse deep inside Trainer(): fail at start."""
     trainer = container.get("trainer") or {}
+    max_epochs = trainer.get("max_epochs")
+    # 0 epochs would "succeed" with an untrained model's metrics; -1 is Lightning's "no limit".
+    _require(max_epochs is None or max_epochs >= 1 or (max_epochs == -1 and trainer.get("max_time") is not None),
+             "trainer.max_epochs", max_epochs, ">= 1, or -1 (no epoch limit) with trainer.max_time set")
     strategy, accelerator = str(trainer.get("strategy", "auto")), str(trainer.get("accelerator", "auto"))
     if strategy.startswith("fsdp"):
         import torch
@@ -406,15 +439,20 @@ class ProbeRunConfig:
     ctr: CTRConfig
 
 
+def _checked_ctr_container(cfg: DictConfig) -> dict[str, Any]:
+    """``_checked_container`` for the CTR tasks, whose data must have ratings (checked first:
+    a sequence file's unset path is beside the point)."""
+    if OmegaConf.select(cfg, "dataset.format") == "sequence_text":
+        raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
+                          "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
+    return _checked_container(cfg)
+
+
 def _ctr_task_parts(container: dict[str, Any]) -> dict[str, Any]:
     """seed, dataset, representation and ctr: what both CTR tasks (probe, MARC) read."""
     if "dataset" not in container:
         raise ConfigError("missing config group 'dataset' (choose one with dataset=NAME)")
     dataset = from_mapping(DatasetConfig, container["dataset"], "dataset")
-    if dataset.format == "sequence_text":
-        raise ConfigError("dataset.format=sequence_text has no ratings; the CTR task needs "
-                          "grouplens_csv or recbole_atomic (allowed datasets: ml_latest_small, ml_100k, ml_1m)")
-    _check_trainer(container)
     return {
         "seed": _check_type(container.get("seed", 0), int, "seed"),
         "dataset": dataset,
@@ -425,8 +463,7 @@ def _ctr_task_parts(container: dict[str, Any]) -> dict[str, Any]:
 
 def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
+    container = _checked_ctr_container(cfg)
     run = ProbeRunConfig(probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
                          **_ctr_task_parts(container))
     if run.representation.users and run.probe.compressor == "none":
@@ -475,8 +512,7 @@ class MARCRunConfig:
 
 def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
+    container = _checked_ctr_container(cfg)
     run = MARCRunConfig(marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
                         **_ctr_task_parts(container))
     if run.representation.users:

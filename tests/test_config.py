@@ -105,3 +105,22 @@ def test_fsdp_without_a_gpu_fails_at_start_naming_what_works(tmp_path):
     for overrides in (["trainer=fsdp"], ["trainer=fsdp", "trainer.accelerator=cpu"]):
         with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp .* allowed here: trainer=ddp"):
             validate(compose_train(overrides, tmp_path))
+
+
+def test_a_time_cap_needs_no_plus_and_zero_epochs_are_refused(tmp_path):
+    run_cfg = compose_train(["trainer.max_time=00:00:30:00", "trainer.max_epochs=-1"], tmp_path)
+    validate(run_cfg)
+    assert run_cfg.trainer.max_time == "00:00:30:00"
+    for bad in (["trainer.max_epochs=0"], ["trainer.max_epochs=-1"]):  # -1 without a time cap never ends
+        with pytest.raises(ConfigError, match=r"trainer.max_epochs=-?[01] is out of range; allowed: >= 1, or -1"):
+            validate(compose_train(bad, tmp_path))
+
+
+def test_an_unset_required_value_and_an_unknown_top_level_key_are_named(tmp_path):
+    from recsys_compress.config import validate_marc, validate_probe
+
+    with pytest.raises(ConfigError, match="missing required key dataset.path: set it on the command line"):
+        validate(compose_train(["dataset=sequence_text"], tmp_path))
+    for validator, task in ((validate, "train"), (validate_probe, "mra_probe"), (validate_marc, "marc")):
+        with pytest.raises(ConfigError, match=r"unknown top-level key foo \(.*allowed top-level keys: alignment,"):
+            validator(compose_train([f"task={task}", "+foo=1"], tmp_path))
