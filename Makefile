@@ -1,7 +1,12 @@
-# Common tasks; every target is a thin wrapper over a documented command.
-PY ?= python
+# Common tasks; every target is a thin wrapper over a documented command. `make help` lists them.
+# python3, as in the README: it exists wherever Python 3 does (plain `python` may not).
+PY ?= python3
+.DEFAULT_GOAL := help
 
-.PHONY: install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
+.PHONY: help install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
+
+help:               ## list the targets and what each runs
+	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/  \1\t\2/' | expand -t 20
 
 install:            ## install the package with test extras (torch first, see README)
 	$(PY) -m pip install torch==2.13.0
@@ -77,5 +82,5 @@ cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4)
 	for s in 0 1 2; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
 	$(PY) experiments/report.py outputs/cold_export --out outputs/cold_export/report
 
-clean:
+clean:              ## remove outputs/, multirun/ and the pytest cache (not .cache/: cached models and data)
 	rm -rf outputs multirun .pytest_cache
