@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Bump when training code changes what a cached base model would be.
 CACHE_VERSION = 3  # 2: epoch-seeded training order; 3: data and model file contents in the key
-_IGNORED_CALLBACKS = {"progress_bar", "lr_monitor"}
+_IGNORED_CALLBACKS = {"progress_bar", "lr_monitor", "last_checkpoint"}  # they do not change the model
 _HASH_CHUNK = 1 << 20
 
 

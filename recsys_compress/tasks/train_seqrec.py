@@ -36,15 +36,10 @@ from recsys_compress.models.item_llm import (
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.tasks.base_cache import base_model_key, base_model_lock, load_base, store_base
 from recsys_compress.utils.callbacks import TrainingThroughput
+from recsys_compress.utils.ddp_sweep import multi_process
 from recsys_compress.utils.run_outputs import finish_run, global_rank
 
 log = logging.getLogger(__name__)
-
-
-def multi_process(cfg: DictConfig) -> bool:
-    """Whether the trainer runs several processes (decided by config: rank 0 learns it late)."""
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    return strategy.startswith(("ddp", "fsdp")) or cfg.trainer.get("devices", 1) not in (1, "1")
 
 
 def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
@@ -218,7 +213,9 @@ def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, lo
         "time/test_s": time.perf_counter() - t0,
         "time/train_step_s": throughput.step_s,
         "train/tokens_per_s": throughput.tokens_per_s,
+        "train/tokens": throughput.tokens,  # next-item targets this process trained on (1/N of each epoch under DDP)
         "train/epochs": trainer.current_epoch,
+        "train/start_step": throughput.start_step,  # > 0: resumed from a checkpoint of that step
     })
     if ckpt is not None and ckpt.best_model_score is not None:
         metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)

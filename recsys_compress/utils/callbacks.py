@@ -18,8 +18,13 @@ class TrainingThroughput(L.Callback):
         self.step_s = 0.0
         self.tokens = 0
         self._t0 = 0.0
+        self.start_step: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The optimiser step this process starts training at: 0 for a fresh run, the restored
+        # checkpoint's step after a resume.
+        if self.start_step is None:
+            self.start_step = trainer.global_step
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
