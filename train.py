@@ -33,9 +33,12 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
+    from recsys_compress.utils.ddp_sweep import rank_command_line
     from recsys_compress.utils.plugins import missing_plugin
 
     problem = missing_plugin(sys.argv[1:])
     if problem:
         sys.exit(f"error: {problem}")
+    # A DDP rank that Lightning started for one job of a multirun runs that job alone, not the sweep.
+    sys.argv = rank_command_line(sys.argv) or sys.argv
     main()

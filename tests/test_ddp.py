@@ -1,5 +1,6 @@
-"""DDP on CPU (gloo): calibration statistics are reduced across processes, and a 2-process run
-evaluates and compresses exactly like a single process."""
+"""DDP on CPU (gloo): calibration statistics are reduced across processes, a 2-process run
+evaluates and compresses exactly like a single process, each process trains on its share of the
+epoch, and a multirun of DDP jobs runs each job once with its ranks joined."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers
 from recsys_compress.models.item_llm import build_llama
 
-from conftest import REPO
+from conftest import REPO, run_train
 
 
 def model_and_batches():
@@ -55,7 +56,9 @@ def test_calibration_statistics_are_reduced_across_processes(tmp_path):
         torch.testing.assert_close(abs_sum, single[n].abs_sum, rtol=1e-12, atol=1e-12)
 
 
-def test_a_two_process_ddp_run_matches_one_process(tmp_path):
+def test_a_two_process_ddp_run_evaluates_and_compresses_like_one_process(tmp_path):
+    # No training here (limit_train_batches=0): the base models are the same initialisation, so
+    # evaluation, calibration and factorisation must agree; DDP training is tested below.
     common = [sys.executable, str(REPO / "train.py"), "compression=odllm", "ratio=0.5", "model.hidden_size=16",
               "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=4",
               "+trainer.limit_train_batches=0", "logger=none", "evaluation.popularity_baseline=false",
@@ -76,3 +79,40 @@ def test_a_two_process_ddp_run_matches_one_process(tmp_path):
     for key in ("base/test/ndcg@10", "base/test/hr@10", "test/ndcg@10", "test/hr@10", "test/mrr",
                 "compression/mean_rel_output_error"):
         assert abs(ddp[key] - single[key]) < 1e-4, (key, ddp[key], single[key])
+
+
+def test_a_ddp_multirun_runs_each_job_once_with_its_ranks_even_after_a_failed_job(tmp_path):
+    # Lightning starts rank 1 by re-running the command line; with -m in it, rank 1 used to run
+    # the whole sweep again (every job twice, four summary records for two jobs).
+    common = ["trainer=ddp", "compression=svd", "model.hidden_size=16", "model.intermediate_size=32",
+              "dataset.max_len=20", "compression.calib_batches=2", "trainer.max_epochs=1", "logger=none",
+              "evaluation.popularity_baseline=false", "export.save=false", "seed=11"]
+    sweep = tmp_path / "sweep"
+    out = run_train(["-m", *common, "ratio=0.5,7,0.7", f"paths.cache_dir={tmp_path / 'cache'}",
+                     f"hydra.sweep.dir={sweep}"])
+    log = out.stdout + out.stderr
+    assert out.returncode != 0  # job 1 failed, and the sweep says so
+    assert log.count("Launching 3 jobs locally") == 1 and log.count("sweep finished:") == 1
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"]) for r in records] == [(0, "completed"), (1, "failed"), (2, "completed")]
+    assert records[1]["error"].startswith("ConfigError: ratio=7 is out of range")
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "2"]
+    for job in ("0", "2"):  # both ranks ran the job, the second one after the failure too
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (sweep / job / "train_ddp_process_1.log").read_text()
+    swept = json.loads((sweep / "2" / "metrics.json").read_text())
+
+    alone = run_train([*common, "ratio=0.7", f"paths.cache_dir={tmp_path / 'cache_alone'}",
+                       f"hydra.run.dir={tmp_path / 'alone'}"])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    single = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    for key in ("base/test/ndcg@10", "base/test/hr@10", "test/ndcg@10", "test/hr@10", "test/mrr",
+                "compression/mean_rel_output_error", "val/ndcg@10"):
+        assert swept[key] == single[key], key
+
+    # Each process trained on its half of the epoch (Lightning's distributed sampler over ours).
+    one = run_train([*[c for c in common if c.split("=")[0] not in ("trainer", "compression", "compression.calib_batches")], "trainer=cpu",
+                     f"hydra.run.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    tokens_one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train/tokens"]
+    base_ddp = json.loads(next((tmp_path / "cache_alone" / "base_models").glob("*/metrics.json")).read_text())
+    assert 0.4 < base_ddp["train/tokens"] / tokens_one < 0.6

@@ -15,6 +15,7 @@ from recsys_compress.data.readers import DataFormatError
 from recsys_compress.tasks.marc import marc
 from recsys_compress.tasks.mra_probe import mra_probe
 from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.utils.ddp_sweep import ddp_job
 from recsys_compress.utils.run_dir import clear_stale_error, prepare_run_dir
 from recsys_compress.utils.run_outputs import global_rank
 
@@ -41,7 +42,8 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         cfg = prepare_run_dir(cfg, global_rank())
-        metrics = TASKS[name](cfg)
+        with ddp_job(cfg):  # in a multirun, the job's other ranks run this job only
+            metrics = TASKS[name](cfg)
     except BaseException as error:
         if isinstance(error, USER_ERRORS):
             log.error("%s: %s", type(error).__name__, error)
@@ -50,10 +52,11 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         else:
             log.exception("task %s failed", name)
         # The job's own folder says why it failed (a multirun goes on with the other jobs).
-        output_dir = Path(cfg.paths.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "error.txt").write_text(
-            f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error)))
+        if global_rank() == 0:
+            output_dir = Path(cfg.paths.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "error.txt").write_text(
+                f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error)))
         # One W&B run per job, marked failed so dashboards do not mistake it for a result.
         if wandb.run is not None:
             wandb.finish(exit_code=1)

@@ -7,6 +7,7 @@ status, the task's objective or the error) and prints a summary table when the s
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 from pathlib import Path
@@ -28,6 +29,10 @@ class SweepSummary(Callback):
         path = _summary_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")  # a re-used sweep dir starts a fresh summary
+        # Hydra raises a failed job's error at the end of the sweep without calling
+        # on_multirun_end; the summary is then printed as the process exits.
+        self._summarised = False
+        atexit.register(self._summarise, path)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
@@ -48,11 +53,14 @@ class SweepSummary(Callback):
             f.write(json.dumps(record, default=str) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = _summary_path(config)
-        if not path.is_file():
+        self._summarise(_summary_path(config))
+
+    def _summarise(self, path: Path) -> None:
+        if getattr(self, "_summarised", False) or not path.is_file():
             return
+        self._summarised = True
         records = [json.loads(line) for line in path.read_text().splitlines() if line]
         failed = [r for r in records if r["status"] == "failed"]
         log.info("sweep finished: %d jobs, %d failed (%s)", len(records), len(failed), path)
         for r in failed:
-            log.error("job %s (%s) failed: %s", r["job"], " ".join(r["overrides"]), r["error"])
+            log.error("job %s (%s) failed: %s", r["job"], " ".join(r["overrides"]), r.get("error") or "(no error recorded)")
