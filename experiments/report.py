@@ -30,6 +30,7 @@ what the runs are:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from collections import defaultdict
@@ -182,7 +183,20 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
             for (label, drawn), rows in groups.items()]
 
 
+def write_source_table(path: Path, columns: list[str], rows: list[tuple]) -> Path:
+    """The points a figure draws, beside it: read them, or check the figure against the runs."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
+    return path
+
+
 def draw_mra(curves, refs, out: Path) -> Path:
+    rows = [(f"{encoder} {compressor} dim {dim}{variant}", p[0], p[2].mean, p[2].std, len(p[2].values))
+            for (encoder, compressor, dim, variant), pts in curves.items() for p in pts]
+    rows += [(label, "", auc.mean, auc.std, len(auc.values)) for label, auc, _, drawn in refs if drawn]
+    write_source_table(out / "mra_curve.csv", ["curve", "layer", "test/auc", "std", "seeds"], rows)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (encoder, compressor, dim, variant), pts in curves.items():
         layers = [p[0] for p in pts]
@@ -295,10 +309,12 @@ def retention_table(rows, out: Path) -> list[str]:
             text = f"{cell[key]:.3f}" if key in cell else ""
             vals.append(f"{text} ({align_s[key]:.0f} s)" if key in align_s else text)
         lines.append(f"| {ratio} | " + " | ".join(vals) + " |")
+    points = [(m, a, x, cell[(m, a, x)]) for m, a in columns for x in ratios if (m, a, x) in cell]
+    write_source_table(out / "retention.csv", ["method", "alignment", "ratio", "retention/ndcg@10"], points)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, a in columns:
-        xs = [x for x in ratios if (m, a, x) in cell]
-        ax.plot(xs, [cell[(m, a, x)] for x in xs], marker="o", label=m if a == "none" else f"{m} + {a}")
+    for m, a in columns:  # drawn from the source table's points
+        drawn = [p for p in points if p[:2] == (m, a)]
+        ax.plot([p[2] for p in drawn], [p[3] for p in drawn], marker="o", label=m if a == "none" else f"{m} + {a}")
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xlabel("ratio (fraction of targeted parameters kept)")
     ax.set_ylabel("retention of test NDCG@10")

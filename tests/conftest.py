@@ -11,6 +11,16 @@ SMALL = REPO / "data" / "ml-latest-small"
 SHARED_MODELS = SHARED_DATA.parent / "models"
 
 
+def pytest_configure(config):
+    # Every RecBole-format and SmolLM2 test reads these; without them the suite would fail in a
+    # hundred places with errors that do not say why.
+    missing = [p for p in (SHARED_DATA / "ml-100k", SHARED_DATA / "ml-1m", SHARED_MODELS) if not p.is_dir()]
+    if missing:
+        raise pytest.UsageError(
+            f"test data not found: {', '.join(map(str, missing))}. Put the project's shared/ folder beside the "
+            "repository (../shared/data, ../shared/models) or set RECSYS_DATA_ROOT to its data folder.")
+
+
 def head_lines(src: Path, dst: Path, n: int) -> Path:
     """Copy the first ``n`` lines of ``src`` byte for byte (CRLF stays CRLF)."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,15 @@ def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
         assert not (tmp_path / "out" / "item_codes.safetensors").exists()
 
 
+def drawn_points(report_dir):
+    """The points the MRA figure draws (its source table), after checking the figure exists."""
+    import csv
+
+    assert (report_dir / "mra_curve.png").stat().st_size > 10_000
+    with open(report_dir / "mra_curve.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}"]
     metrics = mra_probe(compose_config([*overrides, "probe.layer=all"], tmp_path / "runs" / "all"))
@@ -237,7 +246,10 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
     assert "MRA curve: llama_tiny, linear compression to 32 dims" in text
     assert f"| ID-only CTR model | {id_only['test/auc']:.4f} |" in text
     assert f"| 1 | {metrics['layers/1/val/best_auc']:.4f} | {metrics['layers/1/test/auc']:.4f} |" in text
-    assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
+    drawn = drawn_points(tmp_path / "report")
+    assert [(r["layer"], float(r["test/auc"])) for r in drawn if r["layer"]] == \
+        [(str(layer), metrics[f"layers/{layer}/test/auc"]) for layer in range(3)]
+    assert [float(r["test/auc"]) for r in drawn if r["curve"] == "ID-only CTR model"] == [id_only["test/auc"]]
     with pytest.raises(ConfigError, match=r"probe.layer=9 is out of range for llama_tiny; allowed: 0..2"):
         mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):
@@ -276,7 +288,10 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     p = 0.5 if diff[0] * diff[1] > 0 else 1.0  # of the 4 sign patterns, 2 (same signs) or 4 reach |mean|
     assert (f"| ID-only CTR model [item-id dropout 0.5, item-grouped batches] | {statistics.fmean(diff):+.4f} ± "
             f"{statistics.stdev(diff):.4f} | {wins} of 2 | {p:.2f} |") in text, text
-    assert (tmp_path / "report" / "mra_curve.png").read_bytes()[:4] == b"\x89PNG"
+    (probe,) = [r for r in drawn_points(tmp_path / "report") if r["layer"] == "1"]  # the point and its error bar
+    aucs = [runs[("probe", seed)]["test/auc"] for seed in (0, 1)]
+    assert (float(probe["test/auc"]), float(probe["std"]), probe["seeds"]) == \
+        (statistics.fmean(aucs), statistics.stdev(aucs), "2")
 
 
 def test_sign_flip_test_counts_the_sign_patterns_by_hand():
@@ -338,3 +353,21 @@ def test_probe_with_user_representations(ml100k_slice, tmp_path):
 
     with pytest.raises(ConfigError, match="representation.users=true is supported by task=mra_probe only"):
         validate_marc(compose_config(["task=marc", "representation.users=true"], tmp_path / "bad"))
+
+
+def test_a_probe_reads_the_layer_it_names(ml100k_slice, tmp_path):
+    # PCA codes are a fixed function of the layer's representation: the codes a probe of layer l
+    # exports equal those computed here from the cached layer l, and layers 0 and 2 differ.
+    overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}",
+                 "probe.compressor=pca"]
+    codes = {}
+    for layer in (0, 2):
+        mra_probe(compose_config([*overrides, f"probe.layer={layer}"], tmp_path / str(layer)))
+        codes[layer] = load_file(str(tmp_path / str(layer) / "item_codes.safetensors"))["mu"]
+    (cache,) = (tmp_path / "cache" / "representations").glob("*.safetensors")
+    layers = load_file(str(cache))["layers"]
+    assert layers.shape[0] == 3  # token embeddings + 2 blocks
+    for layer in (0, 2):
+        expected = RepresentationCompressor(layers[layer], "pca", 32).eval()(torch.arange(layers.shape[1]))
+        torch.testing.assert_close(codes[layer], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(codes[0], codes[2], atol=1e-2)

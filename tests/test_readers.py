@@ -125,3 +125,18 @@ def test_unknown_format_lists_allowed():
 def test_shared_data_is_present():
     # The RecBole tests read slices of ../shared/data; fail loudly if it is not beside the repo.
     assert (SHARED_DATA / "ml-100k" / "ml-100k.inter").is_file(), f"expected shared data at {SHARED_DATA}"
+
+
+def test_the_suite_refuses_to_start_without_the_shared_data_naming_where_it_looked(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "RECSYS_DATA_ROOT": str(tmp_path / "nowhere")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_split.py"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert f"test data not found: {tmp_path / 'nowhere' / 'ml-100k'}" in out.stdout + out.stderr
+    assert "set RECSYS_DATA_ROOT" in out.stdout + out.stderr
