@@ -1,0 +1,137 @@
+"""Break the code on purpose, one known fault at a time, and check that the tests notice.
+
+Each fault is an exact text edit of one source file and the tests that must fail under it.
+The script copies the repository's tracked files to a temporary folder, applies one fault
+there (the checkout is never touched), runs those tests against the copy and reports the
+faults the tests let pass ("survivors"). Exit status 1 if any survived, so CI can run it.
+
+    python3 experiments/mutation_check.py             # every fault
+    python3 experiments/mutation_check.py --list      # the faults and their tests
+    python3 experiments/mutation_check.py resume_ignores_checkpoint marc_loss_drops_kl
+
+The faults are the ones an earlier review found unguarded (resume, MARC's KL term, the
+probe's layer, the base-model lock), plus one for each rule the user-facing commands rely on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("RECSYS_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+FAULTS = [
+    Fault("resume_ignores_checkpoint", "recsys_compress/tasks/train_seqrec.py",
+          "        return str(last)", "        return None",
+          ("tests/test_sweeps.py::test_kill_then_resume_gives_the_uninterrupted_result",)),
+    Fault("marc_loss_drops_kl", "recsys_compress/marc/marc_module.py",
+          "        loss = bce + self.hparams.beta * kl", "        loss = bce",
+          ("tests/test_marc.py::test_the_kl_weight_beta_pulls_marcs_posterior_towards_the_prior",)),
+    Fault("probe_reads_final_layer", "recsys_compress/tasks/mra_probe.py",
+          "RepresentationCompressor(None if reps is None else reps[layer],",
+          "RepresentationCompressor(None if reps is None else reps[-1],",
+          ("tests/test_mra_probe.py::test_a_probe_reads_the_layer_it_names",)),
+    Fault("base_model_lock_removed", "recsys_compress/tasks/base_cache.py",
+          "            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
+          ("tests/test_sweeps.py::test_two_concurrent_jobs_needing_one_base_model_train_it_once",)),
+    Fault("cache_key_ignores_data_content", "recsys_compress/tasks/base_cache.py",
+          '"data_sha256": content_fingerprint(c["dataset"]["path"], cache_dir),', '"data_sha256": None,',
+          ("tests/test_base_cache.py::test_an_edited_data_file_misses_the_cache_and_a_corrupt_entry_is_reported_and_rebuilt",)),
+    Fault("sigterm_exits_zero", "recsys_compress/tasks/runner.py",
+          "            raise SystemExit(SIGTERM_EXIT) from error", "            raise SystemExit(0) from error",
+          ("tests/test_user_commands.py::test_sigterm_exits_143_and_resume_continues_with_the_runs_own_config",)),
+    Fault("rerun_overwrites_finished_run", "recsys_compress/utils/run_dir.py",
+          "        if found:", "        if False:",
+          ("tests/test_user_commands.py::test_a_rerun_into_a_finished_run_is_refused_and_leaves_it_alone",)),
+    Fault("whitening_dropped", "recsys_compress/compression/low_rank.py",
+          "    WS = W64 if S is None else W64 @ S", "    WS = W64",
+          ("tests/test_low_rank.py::test_whitened_minimises_output_error_on_its_activations",)),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def apply(fault: Fault, root: Path) -> None:
+    path = root / fault.file
+    text = path.read_text()
+    if text.count(fault.old) != 1:  # the code moved: the fault list must follow it
+        raise SystemExit(f"fault {fault.name}: {fault.file} holds {text.count(fault.old)} copies of "
+                         f"{fault.old.strip()!r}, expected exactly 1; update experiments/mutation_check.py")
+    path.write_text(text.replace(fault.old, fault.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, float]:
+    env = {**os.environ, "PYTHONPATH": str(root), "RECSYS_DATA_ROOT": str(DATA_ROOT), "WANDB_MODE": "offline"}
+    env.pop("PROJECT_ROOT", None)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
+                         env=env, capture_output=True, text=True)
+    return out.returncode, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("faults", nargs="*", help="names of the faults to apply (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the faults and their tests")
+    parser.add_argument("--clean", action="store_true",
+                        help="also run each fault's tests on the unbroken copy first (they must pass)")
+    args = parser.parse_args(argv)
+    by_name = {f.name: f for f in FAULTS}
+    unknown = [n for n in args.faults if n not in by_name]
+    if unknown:
+        parser.error(f"unknown fault {unknown[0]}; allowed: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in args.faults] if args.faults else FAULTS
+    if args.list:
+        for f in chosen:
+            print(f"{f.name}: {f.file}: {f.old.strip()!r} -> {f.new.strip()!r}\n    " + "\n    ".join(f.tests))
+        return 0
+    survivors = []
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        for fault in chosen:
+            root = Path(tmp) / fault.name
+            copy_repo(root)
+            if args.clean:
+                code, _ = run_tests(root, fault.tests)
+                if code != 0:
+                    raise SystemExit(f"fault {fault.name}: its tests fail on the unbroken code; fix them first")
+            apply(fault, root)
+            code, seconds = run_tests(root, fault.tests)
+            caught = code != 0
+            print(f"{'caught  ' if caught else 'SURVIVED'} {fault.name:32s} {seconds:6.1f} s  ({len(fault.tests)} test)",
+                  flush=True)
+            if not caught:
+                survivors.append(fault.name)
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"{len(chosen) - len(survivors)} caught, {len(survivors)} survived"
+          + (f": {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
