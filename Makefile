@@ -3,7 +3,7 @@
 PY ?= python3
 .DEFAULT_GOAL := help
 
-.PHONY: help install test train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
+.PHONY: help install test mutation-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
 
 help:               ## list the targets and what each runs
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/  \1\t\2/' | expand -t 20
@@ -14,6 +14,9 @@ install:            ## install the package with test extras (torch first, see RE
 
 test:               ## the test suite (what CI runs)
 	$(PY) -m pytest
+
+mutation-check:     ## break the code with each known fault in a copy; fails if the tests miss one (CI runs it)
+	$(PY) experiments/mutation_check.py
 
 train:              ## the default run: llama_tiny on the vendored ml-latest-small
 	$(PY) train.py

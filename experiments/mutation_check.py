@@ -60,7 +60,7 @@ FAULTS = [
           ("tests/test_user_commands.py::test_sigterm_exits_143_and_resume_continues_with_the_runs_own_config",)),
     Fault("rerun_overwrites_finished_run", "recsys_compress/utils/run_dir.py",
           "        if found:", "        if False:",
-          ("tests/test_user_commands.py::test_a_rerun_into_a_finished_run_is_refused_and_leaves_it_alone",)),
+          ("tests/test_user_commands.py::test_a_rerun_into_a_finished_run_is_refused_and_resume_refuses_an_override_that_changes_it",)),
     Fault("whitening_dropped", "recsys_compress/compression/low_rank.py",
           "    WS = W64 if S is None else W64 @ S", "    WS = W64",
           ("tests/test_low_rank.py::test_whitened_minimises_output_error_on_its_activations",)),
