@@ -93,7 +93,8 @@ def run_train(args, cwd=None, timeout=600, **env):
 
     tests = str(Path(__file__).resolve().parent)
     environment = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}  # train.py sets it
-    environment.update({"WANDB_MODE": "offline", "PYTHONPATH": tests, **env})
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)  # keep a caller's path
+    environment.update({"WANDB_MODE": "offline", "PYTHONPATH": path, **env})
     script = Path(cwd) / "train.py" if cwd else REPO / "train.py"
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd or REPO, capture_output=True,
                           text=True, env=environment, timeout=timeout)
