@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from recsys_compress.alignment.runner import align
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import AlignmentConfig, from_mapping, validate
+from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
 from recsys_compress.tasks.base_cache import cache_folder, load_base
 from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
 from recsys_compress.utils.cli import split_overrides
@@ -103,17 +104,19 @@ def main() -> None:
         return from_mapping(AlignmentConfig, OmegaConf.to_container(node), "alignment")
 
     base = test()
+    base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
     rows = []
     for ratio in args.ratios:
         for method in args.methods:
             lit.model = copy.deepcopy(base_model)
             cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
             compressed_result = test([cb])  # the callback compresses at setup
+            compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
             summary = cb.summary()
             for alignment in args.alignments:
                 lit.model = copy.deepcopy(compressed_model)
-                result = compressed_result
+                result, per_user = compressed_result, compressed_per_user
                 row = {"method": method, "ratio": ratio, "alignment": alignment,
                        "compressed/test/ndcg@10": result["test/ndcg@10"],
                        "compression/kept_ratio": summary["compression/kept_ratio"],
@@ -122,21 +125,25 @@ def main() -> None:
                 if alignment != "none":
                     L.seed_everything(run.seed)
                     row.update(align(alignment_config(alignment), base_model, lit.model, dm.train_dataloader()))
-                    result = test()
+                    result, per_user = test(), lit.test_per_user
                 row["test/ndcg@10"] = result["test/ndcg@10"]
                 row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]
+                row["retention/ndcg@10_ci_low"], row["retention/ndcg@10_ci_high"] = paired_bootstrap_ratio(
+                    base_per_user, per_user, seed=run.seed)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
     print(f"\nbase {run.model.name} on {run.dataset.name} ({source}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
     columns = [(m, a) for m in args.methods for a in args.alignments]
+    print("Retention of test NDCG@10 [95% paired bootstrap interval over test users]\n")
     print("| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for ratio in args.ratios:
         cells = []
         for method, alignment in columns:
             r = next(r for r in rows if (r["method"], r["ratio"], r["alignment"]) == (method, ratio, alignment))
-            cell = f"{r['retention/ndcg@10']:.3f}"
+            cell = f"{r['retention/ndcg@10']:.3f} [{r['retention/ndcg@10_ci_low']:.3f}, " \
+                   f"{r['retention/ndcg@10_ci_high']:.3f}]"
             cell += f" (err {r['compression/mean_rel_output_error']:.3f})" if alignment == "none" \
                 else f" ({r['time/align_s']:.0f} s)"
             cells.append(cell)

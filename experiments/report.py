@@ -298,8 +298,12 @@ def retention_table(rows, out: Path) -> list[str]:
     ratios = sorted({r["_ratio"] for r in rows})
     columns = sorted({(r["_method"], r["_alignment"]) for r in rows})
     cell = {(r["_method"], r["_alignment"], r["_ratio"]): r["retention/ndcg@10"] for r in rows}
+    # 95% paired bootstrap interval over test users (runs from before it was recorded have none).
+    interval = {(r["_method"], r["_alignment"], r["_ratio"]): (r["retention/ndcg@10_ci_low"], r["retention/ndcg@10_ci_high"])
+                for r in rows if "retention/ndcg@10_ci_low" in r}
     align_s = {(r["_method"], r["_alignment"], r["_ratio"]): r["time/align_s"] for r in rows if "time/align_s" in r}
-    lines = ["### Retention of test NDCG@10 (alignment time in brackets)", "",
+    lines = ["### Retention of test NDCG@10 [95% paired bootstrap interval over test users] "
+             "(alignment time in brackets)", "",
              "| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for ratio in ratios:
@@ -307,14 +311,21 @@ def retention_table(rows, out: Path) -> list[str]:
         for m, a in columns:
             key = (m, a, ratio)
             text = f"{cell[key]:.3f}" if key in cell else ""
+            if key in interval:
+                text += f" [{interval[key][0]:.3f}, {interval[key][1]:.3f}]"
             vals.append(f"{text} ({align_s[key]:.0f} s)" if key in align_s else text)
         lines.append(f"| {ratio} | " + " | ".join(vals) + " |")
-    points = [(m, a, x, cell[(m, a, x)]) for m, a in columns for x in ratios if (m, a, x) in cell]
-    write_source_table(out / "retention.csv", ["method", "alignment", "ratio", "retention/ndcg@10"], points)
+    nan = float("nan")
+    points = [(m, a, x, cell[(m, a, x)], *interval.get((m, a, x), (nan, nan)))
+              for m, a in columns for x in ratios if (m, a, x) in cell]
+    write_source_table(out / "retention.csv", ["method", "alignment", "ratio", "retention/ndcg@10", "ci_low",
+                                               "ci_high"], points)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, a in columns:  # drawn from the source table's points
+    for m, a in columns:  # drawn from the source table's points, the intervals as error bars
         drawn = [p for p in points if p[:2] == (m, a)]
-        ax.plot([p[2] for p in drawn], [p[3] for p in drawn], marker="o", label=m if a == "none" else f"{m} + {a}")
+        errors = [[max(p[3] - p[4], 0) for p in drawn], [max(p[5] - p[3], 0) for p in drawn]]
+        ax.errorbar([p[2] for p in drawn], [p[3] for p in drawn], yerr=errors, marker="o", capsize=3,
+                    label=m if a == "none" else f"{m} + {a}")
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xlabel("ratio (fraction of targeted parameters kept)")
     ax.set_ylabel("retention of test NDCG@10")

@@ -88,7 +88,7 @@ def test_a_ddp_multirun_runs_each_job_once_with_its_ranks_even_after_a_failed_jo
               "dataset.max_len=20", "compression.calib_batches=2", "trainer.max_epochs=1", "logger=none",
               "evaluation.popularity_baseline=false", "export.save=false", "seed=11"]
     sweep = tmp_path / "sweep"
-    out = run_train(["-m", *common, "ratio=0.5,7,0.7", f"paths.cache_dir={tmp_path / 'cache'}",
+    out = run_train(["-m", *[c for c in common if c != "logger=none"], "logger=csv", "ratio=0.5,7,0.7", f"paths.cache_dir={tmp_path / 'cache'}",
                      f"hydra.sweep.dir={sweep}"])
     log = out.stdout + out.stderr
     assert out.returncode != 0  # job 1 failed, and the sweep says so
@@ -99,6 +99,7 @@ def test_a_ddp_multirun_runs_each_job_once_with_its_ranks_even_after_a_failed_jo
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "2"]
     for job in ("0", "2"):  # both ranks ran the job, the second one after the failure too
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (sweep / job / "train_ddp_process_1.log").read_text()
+        assert len(list((sweep / job / "csv").glob("version_*"))) == 1  # rank 0 alone logs
     swept = json.loads((sweep / "2" / "metrics.json").read_text())
 
     alone = run_train([*common, "ratio=0.7", f"paths.cache_dir={tmp_path / 'cache_alone'}",

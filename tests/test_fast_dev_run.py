@@ -60,7 +60,21 @@ def test_every_compression_option_end_to_end(method, tmp_path):
         assert metrics["params/total"] < metrics["params/base_total"]
         assert metrics["size/mb"] < metrics["size/base_mb"]
     assert metrics["retention/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"] / metrics["base/test/ndcg@10"])
+    low, high = metrics["retention/ndcg@10_ci_low"], metrics["retention/ndcg@10_ci_high"]  # 610 users, paired
+    assert low - 1e-6 <= metrics["retention/ndcg@10"] <= high + 1e-6  # [1, 1] where no ranking changed
     assert (tmp_path / "compression_layers.csv").read_text().count("\n") == 1 + 2 * 7
+
+
+def test_every_test_pass_reports_both_protocols_and_each_equals_a_run_configured_for_it(tmp_path):
+    common = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=1",
+              "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false"]
+    excluded = train_seqrec(compose_config([*common, "evaluation.exclude_seen=true"], tmp_path / "excluded"))
+    kept = train_seqrec(compose_config([*common, "evaluation.exclude_seen=false"], tmp_path / "kept"))
+    for name in ("ndcg@10", "hr@10", "mrr"):  # one epoch: one checkpoint, the same model in both runs
+        assert excluded[f"test/{name}"] == excluded[f"test/seen_excluded/{name}"] == kept[f"test/seen_excluded/{name}"]
+        assert kept[f"test/{name}"] == kept[f"test/seen_kept/{name}"] == excluded[f"test/seen_kept/{name}"]
+    # Removing seen items only moves the target up: strictly, for users with a seen item above it.
+    assert excluded["test/mrr"] > excluded["test/seen_kept/mrr"]
 
 
 def test_a_compression_sweep_trains_the_base_model_once(tmp_path):

@@ -81,3 +81,39 @@ def test_matches_torchmetrics_retrieval_metrics():
 def test_target_ranks_counts_ahead_and_ties():
     ahead, ties = target_ranks(torch.tensor([[0.0, 2.0, 1.0, 2.0, 3.0]]), torch.tensor([1]))
     assert ahead.tolist() == [1] and ties.tolist() == [1]
+
+
+def test_the_paired_bootstrap_interval_holds_the_estimate_shrinks_with_users_and_is_exact_for_equal_models():
+    from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+
+    generator = torch.Generator().manual_seed(0)
+
+    def users(n):
+        base = torch.rand(n, generator=generator)
+        return base, (base * 0.9 + 0.1 * torch.rand(n, generator=generator)).clamp(0, 1)
+
+    widths = []
+    for n in (100, 1000, 10000):
+        base, other = users(n)
+        low, high = paired_bootstrap_ratio(base, other)
+        point = float(other.mean() / base.mean())
+        assert low < point < high
+        widths.append(high - low)
+    assert widths[0] > 2 * widths[1] > 4 * widths[2]  # ~1/sqrt(n)
+    base, _ = users(500)
+    assert paired_bootstrap_ratio(base, base.clone()) == (1.0, 1.0)
+    assert paired_bootstrap_ratio(base, base * 0.5) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="paired per-user values"):
+        paired_bootstrap_ratio(base, base[:-1])
+
+
+def test_the_metric_keeps_each_examples_value_in_order():
+    metric = FullRankingMetrics(keep_per_example="ndcg@10")
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    metric.update(scores, torch.tensor([1, 1]))
+    metric.update(scores[:1], torch.tensor([2]))
+    kept = metric.per_example()
+    torch.testing.assert_close(kept, torch.tensor([1.0, 1 / math.log2(4), 1 / math.log2(3)], dtype=torch.float64))
+    assert float(metric.compute()["ndcg@10"]) == pytest.approx(float(kept.mean()))
+    with pytest.raises(ValueError, match="keep_per_example='auc'; allowed: hr@1"):
+        FullRankingMetrics(keep_per_example="auc")

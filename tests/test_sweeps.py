@@ -75,12 +75,13 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
 
     assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
-    assert f"| 0.5 | {metrics['retention/ndcg@10']:.3f} |" in text
+    low, high = metrics["retention/ndcg@10_ci_low"], metrics["retention/ndcg@10_ci_high"]
+    assert f"| 0.5 | {metrics['retention/ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in text
     assert "base model trained in 1 (" in text and "| svd | none | 0.5 | trained" in text
     assert "| ratio=7 compression=svd" in text and "ConfigError: ratio=7 is out of range" in text
     drawn = (tmp_path / "report" / "retention.csv").read_text().splitlines()  # the plotted points
-    assert drawn == ["method,alignment,ratio,retention/ndcg@10",
-                     f"svd,none,0.5,{metrics['retention/ndcg@10']!r}"]
+    assert drawn == ["method,alignment,ratio,retention/ndcg@10,ci_low,ci_high",
+                     f"svd,none,0.5,{metrics['retention/ndcg@10']!r},{low!r},{high!r}"]
     assert (tmp_path / "report" / "retention.png").stat().st_size > 10_000
 
 

@@ -77,14 +77,22 @@ class FullRankingMetrics(Metric):
         self,
         hr_ks: Sequence[int] = (1, 5, 10, 20),
         ndcg_ks: Sequence[int] = (5, 10, 20),
+        keep_per_example: str | None = None,
         **kwargs,
     ):
+        """``keep_per_example``: a metric name (e.g. ``ndcg@10``) whose per-example values are
+        also kept, in update order, for paired statistics (``per_example()``)."""
         super().__init__(**kwargs)
         self.hr_ks, self.ndcg_ks = tuple(hr_ks), tuple(ndcg_ks)
         self.names = [f"hr@{k}" for k in self.hr_ks] + [f"ndcg@{k}" for k in self.ndcg_ks] + ["mrr"]
+        if keep_per_example is not None and keep_per_example not in self.names:
+            raise ValueError(f"keep_per_example={keep_per_example!r}; allowed: {', '.join(self.names)}")
+        self.keep_per_example = keep_per_example
         for name in self.names:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if keep_per_example is not None:
+            self.add_state("kept", default=[], dist_reduce_fx="cat")
 
     def update(
         self, scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None = None
@@ -94,6 +102,17 @@ class FullRankingMetrics(Metric):
         for name in self.names:
             setattr(self, name, getattr(self, name) + per_example[name].sum())
         self.count += ahead.numel()
+        if self.keep_per_example is not None:
+            self.kept.append(per_example[self.keep_per_example])
+
+    def per_example(self) -> torch.Tensor:
+        """The kept metric of every example so far (gathered across processes), in order."""
+        if self.keep_per_example is None:
+            raise RuntimeError("this metric keeps no per-example values (keep_per_example=None)")
+        kept = self.kept
+        if isinstance(kept, torch.Tensor):  # torchmetrics has synced the list into one tensor
+            return kept
+        return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.float64)
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count.clamp(min=1)

@@ -45,7 +45,11 @@ class SeqRecLitModule(L.LightningModule):
         self.model = model
         self.embedding_dropout = torch.nn.Dropout(embedding_dropout)
         self.val_metrics = FullRankingMetrics(hr_ks, ndcg_ks)
-        self.test_metrics = FullRankingMetrics(hr_ks, ndcg_ks)
+        # Test: the configured protocol (per-user NDCG@10 kept for paired intervals) and, in the
+        # same pass, the other one, so figures compare with papers on either protocol.
+        self.test_metrics = FullRankingMetrics(hr_ks, ndcg_ks, keep_per_example="ndcg@10")
+        self.test_metrics_other = FullRankingMetrics(hr_ks, ndcg_ks)
+        self.test_per_user: torch.Tensor | None = None  # per-user test NDCG@10 of the last test pass
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden state at every position."""
@@ -78,10 +82,13 @@ class SeqRecLitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=ids.shape[0])
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: FullRankingMetrics) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: FullRankingMetrics,
+                   other_protocol: FullRankingMetrics | None = None) -> None:
         scores = self(batch["input_ids"], batch["attention_mask"])
         seen = batch["seen"] if self.hparams.exclude_seen else None
         metrics.update(scores, batch["target"], seen)
+        if other_protocol is not None:
+            other_protocol.update(scores, batch["target"], None if self.hparams.exclude_seen else batch["seen"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -93,11 +100,18 @@ class SeqRecLitModule(L.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, self.test_metrics_other)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
+        configured, other = self.test_metrics.compute(), self.test_metrics_other.compute()
+        excluded, kept = (configured, other) if self.hparams.exclude_seen else (other, configured)
+        self.log_dict({f"test/{k}": v for k, v in configured.items()})
+        self.log_dict({f"test/seen_excluded/{k}": v for k, v in excluded.items()})
+        self.log_dict({f"test/seen_kept/{k}": v for k, v in kept.items()})
+        with self.test_metrics.sync_context():  # every process's users, under DDP too
+            self.test_per_user = self.test_metrics.per_example().detach().cpu()
         self.test_metrics.reset()
+        self.test_metrics_other.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # With the RNG streams (dropout) saved, a resumed run continues exactly as an

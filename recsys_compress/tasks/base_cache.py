@@ -22,13 +22,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 # Bump when training code changes what a cached base model would be.
-CACHE_VERSION = 3  # 2: epoch-seeded training order; 3: data and model file contents in the key
+CACHE_VERSION = 3  # 2: epoch-seeded training order; 3: data and model file contents in the key, per-user test
 _IGNORED_CALLBACKS = {"progress_bar", "lr_monitor", "last_checkpoint"}  # they do not change the model
 _HASH_CHUNK = 1 << 20
 
@@ -140,13 +141,17 @@ def load_base(cache_dir: str | Path, key: str, model: nn.Module) -> dict[str, An
 
 
 def store_base(
-    cache_dir: str | Path, key: str, material: dict[str, Any], model: nn.Module, metrics: dict[str, Any]
+    cache_dir: str | Path, key: str, material: dict[str, Any], model: nn.Module, metrics: dict[str, Any],
+    test_per_user: torch.Tensor | None = None,
 ) -> Path:
+    """``test_per_user``: the base model's per-user test NDCG@10, kept for paired intervals."""
     folder = cache_folder(cache_dir, key)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
+    if test_per_user is not None:
+        save_file({"ndcg@10": test_per_user.contiguous()}, str(tmp / "test_per_user.safetensors"))
     (tmp / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True, default=str) + "\n")
     # metrics.json last: its presence marks a complete entry
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -155,6 +160,12 @@ def store_base(
     except OSError:  # another job stored the same base model first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def load_base_test_per_user(cache_dir: str | Path, key: str) -> torch.Tensor | None:
+    """The cached base model's per-user test NDCG@10 (None for an entry stored without it)."""
+    path = cache_folder(cache_dir, key) / "test_per_user.safetensors"
+    return load_file(str(path))["ndcg@10"] if path.is_file() else None
 
 
 @contextmanager

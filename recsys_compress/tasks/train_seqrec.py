@@ -25,6 +25,7 @@ from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, valida
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
+from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import (
     build_llama,
@@ -34,7 +35,13 @@ from recsys_compress.models.item_llm import (
     serialized_megabytes,
 )
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
-from recsys_compress.tasks.base_cache import base_model_key, base_model_lock, load_base, store_base
+from recsys_compress.tasks.base_cache import (
+    base_model_key,
+    base_model_lock,
+    load_base,
+    load_base_test_per_user,
+    store_base,
+)
 from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.ddp_sweep import multi_process
 from recsys_compress.utils.run_outputs import finish_run, global_rank
@@ -251,8 +258,11 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
         if cached is None:
             metrics = train_base(cfg, lit, dm, loggers, run.resume)
+            base_per_user = lit.test_per_user
             if caching and not cfg.trainer.get("fast_dev_run"):
-                store_base(cfg.paths.cache_dir, key, material, model, metrics)
+                store_base(cfg.paths.cache_dir, key, material, model, metrics, base_per_user)
+        else:
+            base_per_user = load_base_test_per_user(cfg.paths.cache_dir, key)
     if cached is None:
         metrics["base/cache_hit"] = 0
     else:
@@ -267,6 +277,10 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         metrics["time/base_test_s"] = metrics.pop("time/test_s")
         metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
         params, size_mb = count_parameters(model), serialized_megabytes(model)
+        if base_per_user is not None and lit.test_per_user is not None:
+            # The same test users ranked by both models: an interval for the retention ratio.
+            low, high = paired_bootstrap_ratio(base_per_user, lit.test_per_user, seed=run.seed)
+            metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
         metrics.update({
             "compression/method": run.compression.method,
             "compression/ratio": run.ratio,

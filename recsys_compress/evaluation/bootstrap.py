@@ -1,0 +1,36 @@
+"""Paired bootstrap intervals for metrics averaged over test users.
+
+A retention figure (compressed NDCG@10 / base NDCG@10) on ~1,000 test users moves by 0.01-0.02
+from seed to seed. Resampling the *users* (the same resampled users scored by both models)
+gives an interval that says which differences such a figure can separate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def paired_bootstrap_ratio(
+    base: torch.Tensor, other: torch.Tensor, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of ``mean(other) / mean(base)`` over users resampled with replacement.
+
+    ``base[i]`` and ``other[i]`` are one user's metric under the two models (paired). A
+    resample whose base mean is 0 is dropped (its ratio is undefined). Deterministic for a
+    ``seed``. Identical inputs give the interval [1, 1].
+    """
+    if base.shape != other.shape or base.ndim != 1 or base.numel() == 0:
+        raise ValueError(f"paired per-user values needed, got shapes {tuple(base.shape)} and {tuple(other.shape)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    generator = torch.Generator().manual_seed(seed)
+    n = base.numel()
+    idx = torch.randint(0, n, (resamples, n), generator=generator)
+    base64, other64 = base.double().cpu(), other.double().cpu()
+    num, den = other64[idx].sum(1), base64[idx].sum(1)
+    ratios = (num[den > 0] / den[den > 0])
+    if ratios.numel() == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(ratios, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return float(low), float(high)
