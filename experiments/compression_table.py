@@ -109,7 +109,7 @@ def main() -> None:
     for ratio in args.ratios:
         for method in args.methods:
             lit.model = copy.deepcopy(base_model)
-            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches)
+            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches, heldout_batches=4)
             compressed_result = test([cb])  # the callback compresses at setup
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
@@ -121,6 +121,7 @@ def main() -> None:
                        "compressed/test/ndcg@10": result["test/ndcg@10"],
                        "compression/kept_ratio": summary["compression/kept_ratio"],
                        "compression/mean_rel_output_error": summary["compression/mean_rel_output_error"],
+                       "compression/heldout_rel_output_error": summary["compression/heldout_rel_output_error"],
                        "time/compress_s": summary["time/compress_s"]}
                 if alignment != "none":
                     L.seed_everything(run.seed)
@@ -144,7 +145,8 @@ def main() -> None:
             r = next(r for r in rows if (r["method"], r["ratio"], r["alignment"]) == (method, ratio, alignment))
             cell = f"{r['retention/ndcg@10']:.3f} [{r['retention/ndcg@10_ci_low']:.3f}, " \
                    f"{r['retention/ndcg@10_ci_high']:.3f}]"
-            cell += f" (err {r['compression/mean_rel_output_error']:.3f})" if alignment == "none" \
+            cell += (f" (err {r['compression/mean_rel_output_error']:.3f}, held-out "
+                     f"{r['compression/heldout_rel_output_error']:.3f})") if alignment == "none" \
                 else f" ({r['time/align_s']:.0f} s)"
             cells.append(cell)
         print(f"| {ratio} | " + " | ".join(cells) + " |")

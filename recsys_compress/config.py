@@ -194,12 +194,14 @@ class CompressionConfig:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     calib_batches: int = 16
+    heldout_batches: int = 4  # further batches, of users outside calibration: held-out output error
     asvd_alpha: float = 0.5
     quantize: Literal["int8"] | None = None  # stack int8 on a low-rank or pruned model
     gram_dtype: Literal["float32", "float64"] = "float64"  # per-batch x^T x; sums are always float64
 
     def check(self, p: str) -> None:
         _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")
+        _require(self.heldout_batches >= 0, f"{p}.heldout_batches", self.heldout_batches, ">= 0 (0: no held-out error)")
         _require(self.asvd_alpha >= 0, f"{p}.asvd_alpha", self.asvd_alpha, ">= 0")
         if self.method != "none" and not self.include:
             raise ConfigError(f"{p}.include is empty: compression.method={self.method} needs layers to compress")

@@ -27,14 +27,14 @@ def test_leave_one_out_on_real_data():
     assert len(dm.train_set) == len(seqs) == len(dm.val_set) == len(dm.test_set) == 610
     for u in (0, 17, 609):
         s = seqs[u]
-        assert dm.train_set[u] == s[:-2][-6:]  # max_len inputs + 1 for the last target
+        assert dm.train_set[u] == (u, s[:-2][-6:])  # max_len inputs + 1 for the last target
         user, history, target = dm.val_set[u]
         assert (user, history, target) == (u, s[:-2], s[-2])
         user, history, target = dm.test_set[u]
         assert (user, history, target) == (u, s[:-1], s[-1])
     # no test target ever appears in a training window of the same user
     for u, s in enumerate(seqs[:50]):
-        assert len(dm.train_set[u]) <= 6 and dm.train_set[u] == s[: len(s) - 2][-6:]
+        assert len(dm.train_set[u][1]) <= 6 and dm.train_set[u] == (u, s[: len(s) - 2][-6:])
     batch = EvalCollator(5)([dm.test_set[0], dm.test_set[1]])
     assert batch["input_ids"].shape == (2, 5)
     assert batch["input_ids"][0].tolist() == seqs[0][-6:-1]

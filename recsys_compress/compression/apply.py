@@ -35,6 +35,8 @@ class LayerReport:
     params_after: int
     jitter: float
     seconds: float
+    # The same error on tokens of users the calibration never saw (nan without held-out data).
+    heldout_rel_output_error: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +48,13 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tens
     num = torch.einsum("ij,jk,ik->", D, gram, D)
     den = torch.einsum("ij,jk,ik->", W.double(), gram, W.double())
     return float((num.clamp(min=0) / den.clamp(min=1e-300)).sqrt())
+
+
+def _heldout_error(W: torch.Tensor, W_hat: torch.Tensor, heldout: dict[str, InputStats] | None, name: str) -> float:
+    s = heldout.get(name) if heldout else None
+    if s is None or s.gram is None or s.tokens == 0:
+        return float("nan")
+    return relative_output_error(W, W_hat, s.gram)
 
 
 def _finite_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -68,8 +77,12 @@ def compress_low_rank(
     ratio: float,
     stats: dict[str, InputStats],
     asvd_alpha: float = 0.5,
+    heldout: dict[str, InputStats] | None = None,
 ) -> list[LayerReport]:
-    """Factorise every layer in ``layer_names`` in place; returns one report per layer."""
+    """Factorise every layer in ``layer_names`` in place; returns one report per layer.
+
+    ``heldout``: input statistics of tokens outside the calibration set, on which each
+    layer's output error is measured too."""
     if method not in LOW_RANK_METHODS:
         raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
     reports = []
@@ -96,14 +109,15 @@ def compress_low_rank(
         _set_module(model, name, low)
         reports.append(LayerReport(
             name, m, n, rank, fac.energy_kept, error, m * n, rank * (m + n), fac.jitter,
-            time.perf_counter() - t0,
+            time.perf_counter() - t0, _heldout_error(W, fac.A @ fac.B, heldout, name),
         ))
     return reports
 
 
 @torch.no_grad()
 def prune_layers(
-    model: nn.Module, layer_names: list[str], method: str, ratio: float, stats: dict[str, InputStats]
+    model: nn.Module, layer_names: list[str], method: str, ratio: float, stats: dict[str, InputStats],
+    heldout: dict[str, InputStats] | None = None,
 ) -> list[LayerReport]:
     """Zero all but a ``ratio`` of every targeted layer's weights (magnitude or Wanda)."""
     if method not in PRUNING_METHODS:
@@ -122,7 +136,7 @@ def prune_layers(
         m, n = W.shape
         error = relative_output_error(original, W, gram) if gram is not None else float("nan")
         reports.append(LayerReport(name, m, n, 0, float("nan"), error, m * n, int(mask.sum()), 0.0,
-                                   time.perf_counter() - t0))
+                                   time.perf_counter() - t0, _heldout_error(original, W, heldout, name)))
     return reports
 
 

@@ -139,3 +139,30 @@ def collect_input_stats(
                 else:
                     tensor.copy_(reduced.cpu())
     return stats
+
+
+def split_calibration(
+    batches: Iterable[dict[str, torch.Tensor]], calib_batches: int, heldout_batches: int = 0
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The first ``calib_batches`` batches, and the next ``heldout_batches`` with every row of a
+    calibration user removed, so held-out figures are measured on users the statistics never saw.
+
+    Rows are matched by ``batch["user"]``; a batch left with no row is skipped (not counted).
+    Batches without a ``user`` field give no held-out batches (disjointness could not be told).
+    """
+    calibration: list[dict[str, torch.Tensor]] = []
+    heldout: list[dict[str, torch.Tensor]] = []
+    seen_users: set[int] = set()
+    for batch in batches:
+        if len(calibration) < calib_batches:
+            calibration.append(batch)
+            seen_users.update(int(u) for u in batch.get("user", ()))
+            continue
+        if len(heldout) >= heldout_batches or "user" not in batch:
+            break
+        keep = torch.tensor([int(u) not in seen_users for u in batch["user"]], dtype=torch.bool)
+        if keep.any():
+            rows = len(keep)
+            heldout.append({k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == (rows,) else v
+                            for k, v in batch.items()})
+    return calibration, heldout

@@ -28,7 +28,12 @@ from recsys_compress.compression.apply import (
     prune_layers,
     quantize_int8,
 )
-from recsys_compress.compression.calibration import DEFAULT_TARGETS, collect_input_stats, select_linear_layers
+from recsys_compress.compression.calibration import (
+    DEFAULT_TARGETS,
+    collect_input_stats,
+    select_linear_layers,
+    split_calibration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class SVDCompressionCallback(L.Callback):
         report_dir: str | Path | None = None,
         defer_quantize: bool = False,
         gram_dtype: str = "float64",
+        heldout_batches: int = 0,
     ):
         if method not in METHODS:
             raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
@@ -57,6 +63,9 @@ class SVDCompressionCallback(L.Callback):
         self.method, self.ratio = method, ratio
         self.include, self.exclude = tuple(include), tuple(exclude)
         self.calib_batches, self.asvd_alpha = calib_batches, asvd_alpha
+        self.heldout_batches = heldout_batches
+        self.calib_tokens = self.heldout_tokens = self.calib_batches_used = 0
+        self.rank_deficient_layers = 0
         if gram_dtype not in ("float32", "float64"):
             raise ValueError(f"compression.gram_dtype={gram_dtype!r}; allowed: float32, float64")
         self.gram_dtype = getattr(torch, gram_dtype)
@@ -96,17 +105,42 @@ class SVDCompressionCallback(L.Callback):
                 self.reports.append(LayerReport(n, *W.shape, 0, float("nan"), float("nan"),
                                                 W.numel(), W.numel(), 0.0, 0.0))
         else:
-            stats = collect_input_stats(
-                model, names, batches,
-                forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
-                                                          b["attention_mask"].to(pl_module.device)),
-                max_batches=self.calib_batches, gram_dtype=self.gram_dtype,
-            )
+            calibration, heldout_batches = split_calibration(batches, self.calib_batches, self.heldout_batches)
+
+            def statistics(chosen):
+                return collect_input_stats(
+                    model, names, chosen,
+                    forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
+                                                              b["attention_mask"].to(pl_module.device)),
+                    max_batches=len(chosen), gram_dtype=self.gram_dtype,
+                )
+
+            if len(calibration) < self.calib_batches:
+                log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
+                            "on all of them", self.calib_batches, len(calibration))
+            if self.heldout_batches and not heldout_batches:
+                log.warning("no training batches are left after calibration for the held-out error "
+                            "(compression.heldout_batches=%d): lower compression.calib_batches", self.heldout_batches)
+            self.calib_batches_used = len(calibration)
+            stats = statistics(calibration)
             self.calibrate_seconds = time.perf_counter() - t0
+            heldout = statistics(heldout_batches) if heldout_batches else None
+            self.calib_tokens = stats[names[0]].tokens
+            self.heldout_tokens = heldout[names[0]].tokens if heldout else 0
+            # Fewer tokens than input features: the Gram matrix is singular, and whitening fits
+            # those very tokens (the held-out error says by how much).
+            narrow = [n for n in names if stats[n].tokens < stats[n].abs_sum.numel()]
+            self.rank_deficient_layers = len(narrow)
+            if narrow:
+                widest = max(stats[n].abs_sum.numel() for n in names)
+                log.warning("calibration saw %d tokens, fewer than the %d input features of the widest targeted "
+                            "layer: %d of %d layers have a singular Gram matrix; raise compression.calib_batches",
+                            self.calib_tokens, widest, len(narrow), len(names))
             if self.method in LOW_RANK_METHODS:
-                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha)
+                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha,
+                                                 heldout)
             else:
-                self.reports = prune_layers(model, names, self.method, self.ratio, stats)
+                self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
         self.names = names
         if self.quantize == "int8" and not self.defer_quantize:
             self.apply_quantization(model)
@@ -132,6 +166,7 @@ class SVDCompressionCallback(L.Callback):
         before = sum(r.params_before for r in self.reports)
         after = sum(r.params_after for r in self.reports)
         errors = torch.tensor([r.rel_output_error for r in self.reports])
+        heldout = torch.tensor([r.heldout_rel_output_error for r in self.reports])
         energy = torch.tensor([r.energy_kept for r in self.reports])
         return {
             "compression/layers": len(self.reports),
@@ -139,6 +174,12 @@ class SVDCompressionCallback(L.Callback):
             "compression/targeted_params_before": before,
             "compression/targeted_params_after": after,
             "compression/mean_rel_output_error": float(errors.mean()),
+            # on tokens of users outside calibration (nan with compression.heldout_batches=0)
+            "compression/heldout_rel_output_error": float(heldout.mean()),
+            "compression/calib_batches": self.calib_batches_used,
+            "compression/calib_tokens": self.calib_tokens,
+            "compression/heldout_tokens": self.heldout_tokens,
+            "compression/rank_deficient_layers": self.rank_deficient_layers,
             "compression/max_rel_output_error": float(errors.max()),
             "compression/mean_energy_kept": float(energy.mean()),
             "compression/jittered_layers": sum(r.jitter > 0 for r in self.reports),

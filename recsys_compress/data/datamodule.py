@@ -40,14 +40,19 @@ def training_windows(sequence: list[int], max_len: int, mode: str) -> list[list[
 
 
 class TrainWindows(Dataset):
-    def __init__(self, windows: list[list[int]]):
-        self.windows = windows
+    """(user, window) pairs: the user travels with the window so calibration can keep held-out
+    users apart from the users its statistics saw."""
+
+    def __init__(self, windows: list[list[int]], users: list[int]):
+        if len(windows) != len(users):
+            raise ValueError(f"{len(windows)} windows but {len(users)} users")
+        self.windows, self.users = windows, users
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, i: int) -> list[int]:
-        return self.windows[i]
+    def __getitem__(self, i: int) -> tuple[int, list[int]]:
+        return self.users[i], self.windows[i]
 
 
 class NextItemExamples(Dataset):
@@ -78,9 +83,10 @@ def left_pad(seqs: list[list[int]], length: int | None = None) -> tuple[torch.Te
     return ids, (ids != 0).long()
 
 
-def collate_train(batch: list[list[int]]) -> dict[str, torch.Tensor]:
-    ids, mask = left_pad(batch)
-    return {"input_ids": ids, "attention_mask": mask}
+def collate_train(batch: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
+    users, windows = zip(*batch)
+    ids, mask = left_pad(list(windows))
+    return {"user": torch.tensor(users), "input_ids": ids, "attention_mask": mask}
 
 
 class EvalCollator:
@@ -149,12 +155,13 @@ class NextItemDataModule(L.LightningDataModule):
             return
         raw = read_interactions(self.format, self.path, self.name)
         self.data = build_sequences(raw, self.min_rating, self.k_core)
-        train = [
-            w
-            for s in self.data.sequences
+        pairs = [
+            (user, w)
+            for user, s in enumerate(self.data.sequences)
             for w in training_windows(s[:-2], self.max_len, self.train_windows)
         ]
-        self.train_set = TrainWindows(train)
+        train = [w for _, w in pairs]
+        self.train_set = TrainWindows(train, [user for user, _ in pairs])
         self.val_set = NextItemExamples(self.data.sequences, offset=2)
         self.test_set = NextItemExamples(self.data.sequences, offset=1)
         self.data.stats["train_windows"] = len(train)

@@ -132,6 +132,7 @@ def compress_and_test(
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
         calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize, gram_dtype=c.gram_dtype,
+        heldout_batches=c.heldout_batches,
         report_dir=cfg.paths.output_dir, defer_quantize=True,
     )
     quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
