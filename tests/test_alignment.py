@@ -221,4 +221,5 @@ def test_pipeline_compress_align_test(alignment, tmp_path):
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"| odllm + {alignment} |" in text
-    assert f"| 0.4 | {metrics['retention/ndcg@10']:.3f} ({metrics['time/align_s']:.0f} s) |" in text
+    interval = f"[{metrics['retention/ndcg@10_ci_low']:.3f}, {metrics['retention/ndcg@10_ci_high']:.3f}]"
+    assert f"| 0.4 | {metrics['retention/ndcg@10']:.3f} {interval} ({metrics['time/align_s']:.0f} s) |" in text
