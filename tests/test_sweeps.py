@@ -103,15 +103,36 @@ def test_the_joblib_launcher_records_a_failing_job_and_completes_the_other(tmp_p
 
 
 def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
-    common = [sys.executable, str(REPO / "train.py"), "compression=svd", "model.hidden_size=16",
-              "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
-              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
-              "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    jobs = [subprocess.Popen([*common, f"ratio={r}", f"hydra.run.dir={tmp_path / str(r)}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "WANDB_MODE": "offline"}) for r in (0.3, 0.6)]
+    import fcntl
+    import time
+
+    from recsys_compress.tasks.base_cache import base_model_key
+
+    overrides = ["compression=svd", "model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
+                 "compression.calib_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                 "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    key, _ = base_model_key(compose_config(overrides, tmp_path / "key"))
+    lock = tmp_path / "cache" / "locks" / f"base_model-{key}.lock"
+    lock.parent.mkdir(parents=True)
+    logs = [tmp_path / str(r) / "train.log" for r in (0.3, 0.6)]
+    with open(lock, "w") as held:
+        # Hold the entry's lock, as a third job training it would: both jobs must wait for it
+        # (timing cannot make this pass without the lock: nobody waits then).
+        fcntl.flock(held, fcntl.LOCK_EX)
+        jobs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"ratio={r}",
+                                  f"hydra.run.dir={tmp_path / str(r)}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "WANDB_MODE": "offline"}) for r in (0.3, 0.6)]
+        deadline = time.monotonic() + 300
+        waiting = lambda log: log.is_file() and "waiting for it" in log.read_text()  # noqa: E731
+        while not all(waiting(log) for log in logs) and time.monotonic() < deadline:
+            if any(job.poll() is not None for job in jobs):
+                break  # a job ended without waiting
+            time.sleep(0.5)
+        both_waited = all(waiting(log) for log in logs)
     for job in jobs:
         assert job.wait(timeout=600) == 0, job.stderr.read()[-2000:]
+    assert both_waited, [log.read_text()[-1000:] for log in logs]
     hits = sorted(json.loads((tmp_path / str(r) / "metrics.json").read_text())["base/cache_hit"] for r in (0.3, 0.6))
     assert hits == [0, 1]  # one trained, the other waited and reused it
     entries = [p for p in (tmp_path / "cache" / "base_models").iterdir() if p.is_dir()]
