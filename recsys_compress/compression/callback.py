@@ -105,7 +105,7 @@ class SVDCompressionCallback(L.Callback):
                 self.reports.append(LayerReport(n, *W.shape, 0, float("nan"), float("nan"),
                                                 W.numel(), W.numel(), 0.0, 0.0))
         else:
-            calibration, heldout_batches = split_calibration(batches, self.calib_batches, self.heldout_batches)
+            calibration, heldout_set = split_calibration(batches, self.calib_batches, self.heldout_batches)
 
             def statistics(chosen):
                 return collect_input_stats(
@@ -118,13 +118,13 @@ class SVDCompressionCallback(L.Callback):
             if len(calibration) < self.calib_batches:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
                             "on all of them", self.calib_batches, len(calibration))
-            if self.heldout_batches and not heldout_batches:
+            if self.heldout_batches and not heldout_set:
                 log.warning("no training batches are left after calibration for the held-out error "
                             "(compression.heldout_batches=%d): lower compression.calib_batches", self.heldout_batches)
             self.calib_batches_used = len(calibration)
             stats = statistics(calibration)
             self.calibrate_seconds = time.perf_counter() - t0
-            heldout = statistics(heldout_batches) if heldout_batches else None
+            heldout = statistics(heldout_set) if heldout_set else None
             self.calib_tokens = stats[names[0]].tokens
             self.heldout_tokens = heldout[names[0]].tokens if heldout else 0
             # Fewer tokens than input features: the Gram matrix is singular, and whitening fits

@@ -25,10 +25,16 @@ def paired_bootstrap_ratio(
         raise ValueError(f"level={level} must be in (0, 1)")
     generator = torch.Generator().manual_seed(seed)
     n = base.numel()
-    idx = torch.randint(0, n, (resamples, n), generator=generator)
     base64, other64 = base.double().cpu(), other.double().cpu()
-    num, den = other64[idx].sum(1), base64[idx].sum(1)
-    ratios = (num[den > 0] / den[den > 0])
+    # Resamples in blocks of ~2^22 indices, so memory stays bounded for any number of users.
+    block = max(1, (1 << 22) // n)
+    num, den = [], []
+    for start in range(0, resamples, block):
+        idx = torch.randint(0, n, (min(block, resamples - start), n), generator=generator)
+        num.append(other64[idx].sum(1))
+        den.append(base64[idx].sum(1))
+    num, den = torch.cat(num), torch.cat(den)
+    ratios = num[den > 0] / den[den > 0]
     if ratios.numel() == 0:
         return float("nan"), float("nan")
     alpha = (1 - level) / 2

@@ -50,7 +50,7 @@ def _plain(node: Any) -> Any:
 def _changed_by_overrides(saved: DictConfig, current: DictConfig, overrides: list[str]) -> list[str]:
     changed = []
     for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+        key = override.lstrip("+~").partition("=")[0]
         if key == "resume":
             continue
         before = _plain(OmegaConf.select(saved, key, default=None, throw_on_missing=False))
