@@ -19,9 +19,12 @@ what the runs are:
   and a paired table gives every layer's and reference's test AUC minus the final-layer
   probe's over the seeds both ran (same seed = same split), which cancels split-to-split
   variation, with the p-value of an exact sign-flip (paired randomisation) test;
-- compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method, alignment
-  and ratio with each aligned cell's alignment time, ``retention.png``, and what the runs cost
-  (base models trained vs reused from the cache, compression and alignment seconds);
+- compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method (with its rank
+  allocation when not uniform), alignment and ratio with each aligned cell's alignment time,
+  ``retention.png``, and what the runs cost (base models trained vs reused from the cache,
+  compression and alignment seconds); when runs differ in ``compression.allocation``, the rank
+  each matrix kept per decoder block and matrix type, uniform vs global, in ``ranks.png``
+  (source table ``ranks.csv``);
 - multiruns (``summary.jsonl`` of the sweep callback): the jobs that failed and why.
 
 ``report.md`` holds the markdown tables; ``report.json`` the rows behind them.
@@ -67,6 +70,8 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_alignment"] = metrics.get("alignment/method", cfg.get("alignment", {}).get("method", "none"))
             metrics["_method"] = metrics.get("compression/method", cfg.get("compression", {}).get("method", "none"))
             metrics["_ratio"] = metrics.get("compression/ratio", cfg.get("ratio"))
+            metrics["_allocation"] = metrics.get("compression/allocation",
+                                                 cfg.get("compression", {}).get("allocation", "uniform"))
             ctr = cfg.get("ctr", {})
             metrics["_seed"] = metrics.get("seed", cfg.get("seed"))
             metrics["_split_by"] = metrics.get("ctr/split_by", ctr.get("split_by", "time"))
@@ -294,14 +299,21 @@ def retention_rows(runs):
     return [r for r in runs if "retention/ndcg@10" in r]
 
 
+def _method_label(r: dict[str, Any]) -> str:
+    """The method, with its rank allocation when it is not the uniform default."""
+    return r["_method"] if r.get("_allocation", "uniform") == "uniform" else f"{r['_method']} ({r['_allocation']})"
+
+
 def retention_table(rows, out: Path) -> list[str]:
     ratios = sorted({r["_ratio"] for r in rows})
-    columns = sorted({(r["_method"], r["_alignment"]) for r in rows})
-    cell = {(r["_method"], r["_alignment"], r["_ratio"]): r["retention/ndcg@10"] for r in rows}
+    columns = sorted({(_method_label(r), r["_alignment"]) for r in rows})
+    cell = {(_method_label(r), r["_alignment"], r["_ratio"]): r["retention/ndcg@10"] for r in rows}
     # 95% paired bootstrap interval over test users (runs from before it was recorded have none).
-    interval = {(r["_method"], r["_alignment"], r["_ratio"]): (r["retention/ndcg@10_ci_low"], r["retention/ndcg@10_ci_high"])
+    interval = {(_method_label(r), r["_alignment"], r["_ratio"]): (r["retention/ndcg@10_ci_low"],
+                                                                  r["retention/ndcg@10_ci_high"])
                 for r in rows if "retention/ndcg@10_ci_low" in r}
-    align_s = {(r["_method"], r["_alignment"], r["_ratio"]): r["time/align_s"] for r in rows if "time/align_s" in r}
+    align_s = {(_method_label(r), r["_alignment"], r["_ratio"]): r["time/align_s"]
+               for r in rows if "time/align_s" in r}
     lines = ["### Retention of test NDCG@10 [95% paired bootstrap interval over test users] "
              "(alignment time in brackets)", "",
              "| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |",
@@ -337,6 +349,54 @@ def retention_table(rows, out: Path) -> list[str]:
     return lines + [""]
 
 
+def rank_points(rows) -> list[tuple]:
+    """(method, allocation, ratio, block, matrix type, rank, dense) from each compression run's
+    ``compression_layers.csv``; a dense layer's rank is min(m, n)."""
+    points = []
+    for r in rows:
+        path = Path(r["_run"]) / "compression_layers.csv"
+        if not path.is_file() or r["_method"] not in ("svd", "asvd", "odllm"):
+            continue
+        with open(path) as f:
+            for layer in csv.DictReader(f):
+                parts = layer["name"].split(".")
+                block = next((int(p) for p in parts if p.isdigit()), -1)
+                points.append((r["_method"], r["_allocation"], r["_ratio"], block, parts[-1], int(layer["rank"]),
+                               layer.get("dense") == "True"))
+    return sorted(set(points))
+
+
+def draw_ranks(points: list[tuple], out: Path) -> list[str]:
+    """Rank kept per block and matrix type, one panel per (method, ratio), allocations side by side."""
+    write_source_table(out / "ranks.csv", ["method", "allocation", "ratio", "block", "matrix", "rank", "dense"], points)
+    panels = sorted({(p[0], p[2]) for p in points})
+    matrices = sorted({p[4] for p in points})
+    styles = {"uniform": ":", "global": "-", "global_relative": "--"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (method, ratio) in zip(axes[0], panels):
+        for allocation in sorted({p[1] for p in points if p[0] == method and p[2] == ratio}):
+            for i, matrix in enumerate(matrices):
+                line = sorted((p[3], p[5], p[6]) for p in points if p[:3] == (method, allocation, ratio) and p[4] == matrix)
+                if not line:
+                    continue
+                ax.plot([b for b, _, _ in line], [k for _, k, _ in line], styles.get(allocation, "-."),
+                        color=colours[i % len(colours)], label=f"{matrix} ({allocation})", linewidth=1.2)
+                dense = [(b, k) for b, k, d in line if d]
+                if dense:
+                    ax.scatter(*zip(*dense), marker="s", color=colours[i % len(colours)], s=18)
+        ax.set_title(f"{method} at ratio {ratio}")
+        ax.set_xlabel("decoder block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("rank kept (squares: kept dense)")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "ranks.png", dpi=130)
+    plt.close(fig)
+    return ["![ranks kept per block and matrix](ranks.png)", ""]
+
+
 def cost_table(rows) -> list[str]:
     """What the compression runs cost: the base-model cache turns N trainings into one."""
     trained = [r for r in rows if r.get("base/cache_hit") == 0]
@@ -345,10 +405,10 @@ def cost_table(rows) -> list[str]:
              f"{len(rows)} compression runs; base model trained in {len(trained)} "
              f"({train_s:.0f} s of training), reused from the base-model cache in {len(rows) - len(trained)}.", "",
              "| method | alignment | ratio | base | compress s | align s |", "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["_method"], r["_alignment"], r["_ratio"])):
+    for r in sorted(rows, key=lambda r: (_method_label(r), r["_alignment"], r["_ratio"])):
         base = "cached" if r.get("base/cache_hit") == 1 else f"trained {r.get('time/train_s', float('nan')):.0f} s"
         align = f"{r['time/align_s']:.1f}" if "time/align_s" in r else "-"
-        lines.append(f"| {r['_method']} | {r['_alignment']} | {r['_ratio']} | {base} | "
+        lines.append(f"| {_method_label(r)} | {r['_alignment']} | {r['_ratio']} | {base} | "
                      f"{r.get('time/compress_s', float('nan')):.1f} | {align} |")
     return lines + [""]
 
@@ -386,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = retention_rows(runs)
     if rows:
         lines += retention_table(rows, args.out) + ["![retention](retention.png)", ""] + cost_table(rows)
+        ranks = rank_points(rows)
+        if len({p[1] for p in ranks}) > 1:  # only worth a figure when allocations differ
+            lines += draw_ranks(ranks, args.out)
     lines += failed_jobs(args.runs)
     if len(lines) == 2:
         raise SystemExit("none of the runs has probe, MARC or compression metrics to report")

@@ -123,6 +123,9 @@ class DatasetConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
+    # Learning rate of the item table (input embeddings and a tied head). null: ``lr``. A
+    # pretrained decoder wants a small rate, its new item vocabulary a large one.
+    item_lr: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 0
@@ -130,10 +133,29 @@ class OptimConfig:
 
     def check(self, p: str) -> None:
         _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        if self.item_lr is not None:
+            _require(self.item_lr > 0, f"{p}.item_lr", self.item_lr, "> 0 (or null: lr)")
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
                  self.betas, "two numbers in [0, 1)")
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, ">= 0")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (PEFT) on the decoder's linears; merged into the weights after training."""
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def check(self, p: str) -> None:
+        _require(self.r >= 1, f"{p}.r", self.r, ">= 1")
+        _require(self.alpha > 0, f"{p}.alpha", self.alpha, "> 0")
+        _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "[0, 1)")
+        _require(len(self.target_modules) >= 1, f"{p}.target_modules", self.target_modules,
+                 "at least one linear name (e.g. q_proj)")
 
 
 @dataclass
@@ -153,6 +175,11 @@ class ModelConfig:
     gguf_path: str | None = None
     item_init: Literal["text", "random"] = "text"
     embedding_dropout: float = 0.1
+    # full: every weight trains. lora: the decoder is frozen and LoRA adapters train beside the
+    # (always fully trained) item table; the adapters are merged after training, so the cached
+    # base model, compression and export see a stock model.
+    finetune: Literal["full", "lora"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self, p: str) -> None:
@@ -198,8 +225,15 @@ class CompressionConfig:
     asvd_alpha: float = 0.5
     quantize: Literal["int8"] | None = None  # stack int8 on a low-rank or pruned model
     gram_dtype: Literal["float32", "float64"] = "float64"  # per-batch x^T x; sums are always float64
+    # ranks: one ratio per matrix, or one budget over all (compression/allocation.py)
+    allocation: Literal["uniform", "global", "global_relative"] = "uniform"
+    min_rank: int = 1  # global allocations: the least rank any matrix keeps
 
     def check(self, p: str) -> None:
+        _require(self.min_rank >= 1, f"{p}.min_rank", self.min_rank, ">= 1")
+        if self.allocation != "uniform" and self.method not in ("svd", "asvd", "odllm"):
+            raise ConfigError(f"{p}.allocation={self.allocation} sets ranks: it applies to svd, asvd, odllm, "
+                              f"not {p}.method={self.method}")
         _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")
         _require(self.heldout_batches >= 0, f"{p}.heldout_batches", self.heldout_batches, ">= 0 (0: no held-out error)")
         _require(self.asvd_alpha >= 0, f"{p}.asvd_alpha", self.asvd_alpha, ">= 0")

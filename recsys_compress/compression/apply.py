@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from recsys_compress.compression.allocation import DENSE, allocate_ranks
 from recsys_compress.compression.calibration import InputStats
 from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
 from recsys_compress.compression.low_rank import (
     LowRankLinear,
     activation_aware_svd,
+    cholesky_with_jitter,
     plain_svd,
-    rank_for_ratio,
+    singular_values,
     whitened_svd,
 )
 
@@ -37,6 +39,7 @@ class LayerReport:
     seconds: float
     # The same error on tokens of users the calibration never saw (nan without held-out data).
     heldout_rel_output_error: float = float("nan")
+    dense: bool = False  # a global allocation kept the matrix whole (past its break-even rank)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +72,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def transformed_spectrum(W: torch.Tensor, method: str, stats: InputStats, asvd_alpha: float = 0.5) -> torch.Tensor:
+    """Singular values of the matrix each method truncates: W (svd), W diag(s) (asvd), W S
+    (odllm); for odllm their squares are exactly the calibration output error of each direction."""
+    W64 = W.double()
+    if method == "svd":
+        return singular_values(W64)
+    if method == "asvd":
+        return singular_values(W64 * stats.abs_mean.double().clamp(min=1e-8) ** asvd_alpha)
+    S, _ = cholesky_with_jitter(stats.gram)  # the factorisation reports the jitter
+    return singular_values(W64 @ S)
+
+
 @torch.no_grad()
 def compress_low_rank(
     model: nn.Module,
@@ -78,20 +93,35 @@ def compress_low_rank(
     stats: dict[str, InputStats],
     asvd_alpha: float = 0.5,
     heldout: dict[str, InputStats] | None = None,
+    allocation: str = "uniform",
+    min_rank: int = 1,
 ) -> list[LayerReport]:
     """Factorise every layer in ``layer_names`` in place; returns one report per layer.
 
+    ``allocation`` sets each layer's rank (``compression/allocation.py``): one ``ratio`` for
+    every layer, or one budget over all of them, where a layer may also stay dense.
     ``heldout``: input statistics of tokens outside the calibration set, on which each
     layer's output error is measured too."""
     if method not in LOW_RANK_METHODS:
         raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
+    # from the layers themselves: k/v are narrower under grouped-query attention
+    shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
+    spectra = None
+    if allocation != "uniform":
+        spectra = {name: transformed_spectrum(model.get_submodule(name).weight, method, stats[name], asvd_alpha)
+                   for name in layer_names}
+    ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()
         linear = model.get_submodule(name)
-        W = _finite_weight(model, name)
-        m, n = W.shape  # from the layer itself: k/v are narrower under grouped-query attention
-        rank = rank_for_ratio(m, n, ratio)
+        W = linear.weight
+        m, n = shapes[name]
+        rank = ranks[name]
+        if rank == DENSE:
+            reports.append(LayerReport(name, m, n, min(m, n), 1.0, 0.0, m * n, m * n, 0.0,
+                                       time.perf_counter() - t0, 0.0 if heldout else float("nan"), dense=True))
+            continue
         if rank < 1:
             raise ValueError(
                 f"ratio={ratio} gives rank 0 for layer {name} ({m} x {n}); the smallest ratio that "

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.apply import (
     LOW_RANK_METHODS,
     METHODS,
@@ -52,6 +53,8 @@ class SVDCompressionCallback(L.Callback):
         defer_quantize: bool = False,
         gram_dtype: str = "float64",
         heldout_batches: int = 0,
+        allocation: str = "uniform",
+        min_rank: int = 1,
     ):
         if method not in METHODS:
             raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
@@ -61,6 +64,14 @@ class SVDCompressionCallback(L.Callback):
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio={ratio} is out of range; allowed: (0, 1]")
         self.method, self.ratio = method, ratio
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"compression.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+        if allocation != "uniform" and method not in LOW_RANK_METHODS:
+            raise ValueError(f"compression.allocation={allocation} sets ranks: it applies to "
+                             f"{', '.join(LOW_RANK_METHODS)}, not {method}")
+        if min_rank < 1:
+            raise ValueError(f"compression.min_rank={min_rank} is out of range; allowed: >= 1")
+        self.allocation, self.min_rank = allocation, min_rank
         self.include, self.exclude = tuple(include), tuple(exclude)
         self.calib_batches, self.asvd_alpha = calib_batches, asvd_alpha
         self.heldout_batches = heldout_batches
@@ -138,7 +149,7 @@ class SVDCompressionCallback(L.Callback):
                             self.calib_tokens, widest, len(narrow), len(names))
             if self.method in LOW_RANK_METHODS:
                 self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha,
-                                                 heldout)
+                                                 heldout, self.allocation, self.min_rank)
             else:
                 self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
         self.names = names
@@ -155,8 +166,10 @@ class SVDCompressionCallback(L.Callback):
         """int8-quantise the compressed layers (both factors of low-rank ones); returns seconds."""
         t0 = time.perf_counter()
         names = self.names
-        if self.method in LOW_RANK_METHODS:
-            names = [f"{n}.{part}" for n in names for part in ("down", "up")]
+        if self.method in LOW_RANK_METHODS:  # both factors; a layer a global allocation kept dense, whole
+            dense = {r.name for r in self.reports or [] if r.dense}
+            names = [n if n in dense else f"{n}.{part}" for n in names
+                     for part in (("",) if n in dense else ("down", "up"))]
         quantize_int8(model, names)
         return time.perf_counter() - t0
 
@@ -170,6 +183,7 @@ class SVDCompressionCallback(L.Callback):
         energy = torch.tensor([r.energy_kept for r in self.reports])
         return {
             "compression/layers": len(self.reports),
+            "compression/dense_layers": sum(r.dense for r in self.reports),
             "compression/kept_ratio": after / before,
             "compression/targeted_params_before": before,
             "compression/targeted_params_after": after,

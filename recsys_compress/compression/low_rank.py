@@ -142,6 +142,14 @@ def truncated_factors(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return A, B, sigma
 
 
+def singular_values(M: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``M``, descending, from the eigenvalues of its smaller Gram matrix
+    (the spectrum ``truncated_factors`` truncates, without the eigenvectors)."""
+    M = M.double()
+    gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
+
+
 def _factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None, S_inv_apply) -> Factorization:
     W64 = W.double()
     WS = W64 if S is None else W64 @ S

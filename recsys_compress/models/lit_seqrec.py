@@ -31,6 +31,7 @@ class SeqRecLitModule(L.LightningModule):
         self,
         model: PreTrainedModel,
         lr: float = 1e-3,
+        item_lr: float | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 0,
@@ -131,16 +132,23 @@ class SeqRecLitModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
+        head = self.model.get_output_embeddings()
+        item_table = {id(self.model.get_input_embeddings().weight)} | ({id(head.weight)} if head is not None else set())
+        decay, no_decay, items = [], [], []
         for name, p in self.named_parameters():
-            if p.requires_grad:
-                # Norm gains and item embeddings are not weight-decayed (standard for LMs).
-                (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+            if not p.requires_grad:
+                continue
+            if id(p) in item_table:
+                items.append(p)
+            # Norm gains and embeddings are not weight-decayed (standard for LMs).
+            elif p.ndim < 2 or "embed" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0},
+                  {"params": items, "weight_decay": 0.0, "lr": hp.item_lr or hp.lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
         if hp.scheduler == "constant" and hp.warmup_steps == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

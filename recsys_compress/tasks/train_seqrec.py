@@ -19,13 +19,16 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from recsys_compress.alignment.runner import align
+from recsys_compress.compression.allocation import check_budget
+from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.compression.serialization import save_compressed
-from recsys_compress.config import DatasetConfig, ModelConfig, RunConfig, validate
+from recsys_compress.config import ConfigError, DatasetConfig, ModelConfig, RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import (
     build_llama,
@@ -91,6 +94,7 @@ def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
     return SeqRecLitModule(
         model,
         lr=o.lr,
+        item_lr=o.item_lr,
         weight_decay=o.weight_decay,
         betas=tuple(o.betas),
         warmup_steps=o.warmup_steps,
@@ -100,6 +104,18 @@ def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
         hr_ks=tuple(e.hr_ks),
         ndcg_ks=tuple(e.ndcg_ks),
     )
+
+
+def check_allocation(run: RunConfig, model: PreTrainedModel) -> None:
+    """Fail before training when a global rank budget cannot give every matrix its minimum."""
+    c = run.compression
+    if c.allocation == "uniform":
+        return
+    names = select_linear_layers(model, c.include, c.exclude)
+    try:
+        check_budget({n: tuple(model.get_submodule(n).weight.shape) for n in names}, run.ratio, c.min_rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
@@ -132,7 +148,7 @@ def compress_and_test(
     compressor = SVDCompressionCallback(
         method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
         calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize, gram_dtype=c.gram_dtype,
-        heldout_batches=c.heldout_batches,
+        heldout_batches=c.heldout_batches, allocation=c.allocation, min_rank=c.min_rank,
         report_dir=cfg.paths.output_dir, defer_quantize=True,
     )
     quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
@@ -224,6 +240,8 @@ def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, lo
         "train/tokens": throughput.tokens,  # next-item targets this process trained on (1/N of each epoch under DDP)
         "train/epochs": trainer.current_epoch,
         "train/start_step": throughput.start_step,  # > 0: resumed from a checkpoint of that step
+        # what the optimiser updated (LoRA: adapters and item table), counted before merging
+        "params/trained": sum(p.numel() for p in {id(p): p for p in lit.parameters() if p.requires_grad}.values()),
     })
     if ckpt is not None and ckpt.best_model_score is not None:
         metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)
@@ -242,6 +260,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     print_dataset_stats(run.dataset.name, stats)
 
     model = build_model(run.model, dm, cfg.paths.cache_dir)
+    check_allocation(run, model)
     lit = build_lit_module(run, model)
 
     loggers = instantiate_group(cfg.get("logger"))
@@ -258,7 +277,12 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     with base_model_lock(cfg.paths.cache_dir, key) if locking else contextlib.nullcontext():
         cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
         if cached is None:
+            if run.model.finetune == "lora":
+                lora = run.model.lora
+                add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
             metrics = train_base(cfg, lit, dm, loggers, run.resume)
+            if has_lora(model):  # the best checkpoint was tested with its adapters; keep a stock model
+                merge_lora(model)
             base_per_user = lit.test_per_user
             if caching and not cfg.trainer.get("fast_dev_run"):
                 store_base(cfg.paths.cache_dir, key, material, model, metrics, base_per_user)
@@ -284,6 +308,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
         metrics.update({
             "compression/method": run.compression.method,
+            "compression/allocation": run.compression.allocation,
             "compression/ratio": run.ratio,
             "alignment/method": run.alignment.method,
             "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),

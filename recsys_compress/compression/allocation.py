@@ -1,0 +1,124 @@
+"""How many singular directions each targeted matrix keeps: one ratio for all, or one budget.
+
+``uniform``: every m x n matrix keeps rank floor(m n rho / (m + n)), a ``rho`` of its
+parameters (OD-LLM, SVD-LLM).
+
+``global``: the same total budget, the sum of the uniform ranks' costs, filled greedily with
+the singular directions of *all* matrices in order of the error each removes per parameter
+it costs. For whitened SVD the output error a direction removes is its squared singular
+value of W S, exactly, on the calibration activations; a direction costs m + n parameters.
+The gains of one matrix fall with their index, so taking the best ratio first fills every
+matrix with a prefix of its spectrum, and the greedy choice is optimal up to the last
+direction that did not fit (the fractional knapsack bound). This is the allocation of
+Zero-Sum SVD and of SVD-LLM V2's loss-driven ratios, in their simplest exact form.
+
+``global_relative``: the same greedy rule on each matrix's spectrum normalised by its total
+energy (sum sigma^2 = ||W S||_F^2), so it minimises the sum of per-matrix *relative* errors:
+every matrix counts equally, whatever the scale of its activations. Absolute errors favour
+layers with large activations (in LLaMA the late MLPs); this normalisation is the per-matrix
+truncation-loss view that SVD-LLM V2 (Wang et al., NAACL 2025) allocates by.
+
+No matrix goes beyond its break-even rank floor(m n / (m + n)): the next step keeps it
+dense instead (zero error, m n parameters), counted in the budget at that price.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+from recsys_compress.compression.low_rank import rank_for_ratio
+
+ALLOCATIONS = ("uniform", "global", "global_relative")
+DENSE = -1  # the rank recorded for a matrix kept dense
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """The largest rank whose factors cost no more than the dense m x n matrix."""
+    return (m * n) // (m + n)
+
+
+def uniform_budget(shapes: dict[str, tuple[int, int]], ratio: float) -> int:
+    """Parameters the uniform allocation keeps over all matrices: the budget of every rule."""
+    return sum(rank_for_ratio(m, n, ratio) * (m + n) for m, n in shapes.values())
+
+
+def check_budget(shapes: dict[str, tuple[int, int]], ratio: float, min_rank: int) -> int:
+    """The budget, after checking it can give every matrix ``min_rank`` (the numbers if not)."""
+    if min_rank < 1:
+        raise ValueError(f"compression.min_rank={min_rank} is out of range; allowed: >= 1")
+    budget = uniform_budget(shapes, ratio)
+    floor = sum(min(min_rank, break_even_rank(m, n)) * (m + n) for m, n in shapes.values())
+    if floor > budget:
+        raise ValueError(
+            f"ratio={ratio} gives a budget of {budget:,} parameters over {len(shapes)} matrices, but "
+            f"compression.min_rank={min_rank} alone costs {floor:,}: lower compression.min_rank or raise ratio")
+    return budget
+
+
+def allocate_ranks(
+    shapes: dict[str, tuple[int, int]],
+    spectra: dict[str, torch.Tensor] | None,
+    ratio: float,
+    allocation: str = "uniform",
+    min_rank: int = 1,
+) -> dict[str, int]:
+    """Rank per matrix name (``DENSE``: keep the matrix dense).
+
+    ``spectra``: each matrix's singular values (of W S for whitened SVD, of W for plain SVD),
+    descending; not needed for ``uniform``.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"compression.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        return {name: rank_for_ratio(m, n, ratio) for name, (m, n) in shapes.items()}
+    if spectra is None or set(spectra) != set(shapes):
+        raise ValueError("a global allocation needs the singular values of every targeted matrix")
+    budget = check_budget(shapes, ratio, min_rank)
+
+    gains: dict[str, list[float]] = {}
+    for name, sigma in spectra.items():
+        energy = sigma.double() ** 2
+        if allocation == "global_relative":
+            energy = energy / energy.sum().clamp(min=1e-300)
+        gains[name] = energy.tolist()
+
+    ranks = {name: min(min_rank, break_even_rank(m, n)) for name, (m, n) in shapes.items()}
+    spent = sum(ranks[name] * (m + n) for name, (m, n) in shapes.items())
+
+    def next_step(name: str) -> tuple[float, int, float] | None:
+        """(gain, cost, gain per parameter) of the matrix's next step; None when it is dense."""
+        m, n = shapes[name]
+        k, top = ranks[name], break_even_rank(m, n)
+        if k == DENSE:
+            return None
+        if k < top:
+            gain, cost = gains[name][k] if k < len(gains[name]) else 0.0, m + n
+        else:  # past break-even: the dense matrix, which removes every remaining direction's error
+            gain, cost = math.fsum(gains[name][k:]), m * n - k * (m + n)
+        return gain, cost, gain / max(cost, 1)
+
+    heap = []  # max-heap on gain per parameter; the name breaks ties deterministically
+    for name in shapes:
+        step = next_step(name)
+        if step is not None:
+            heap.append((-step[2], name, step[1]))
+    heapq.heapify(heap)
+    while heap:
+        _, name, cost = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue  # the matrix's later steps cost as much or more: it stops here
+        spent += cost
+        m, n = shapes[name]
+        ranks[name] = ranks[name] + 1 if ranks[name] < break_even_rank(m, n) else DENSE
+        step = next_step(name)
+        if step is not None:
+            heapq.heappush(heap, (-step[2], name, step[1]))
+    return ranks
+
+
+def kept_parameters(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
+    """Parameters an allocation keeps (a dense matrix at its full m n)."""
+    return sum(m * n if ranks[name] == DENSE else ranks[name] * (m + n) for name, (m, n) in shapes.items())

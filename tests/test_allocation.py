@@ -1,0 +1,209 @@
+"""Rank allocation: uniform (one ratio per matrix) and global (one budget over all matrices)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys_compress.compression.allocation import (
+    DENSE,
+    allocate_ranks,
+    break_even_rank,
+    check_budget,
+    kept_parameters,
+    uniform_budget,
+)
+from recsys_compress.compression.apply import compress_low_rank, transformed_spectrum
+from recsys_compress.compression.calibration import InputStats
+from recsys_compress.compression.low_rank import LowRankLinear
+
+
+def test_identical_spectra_give_the_uniform_ranks():
+    shapes = {f"l{i}": (48, 32) for i in range(4)}
+    sigma = torch.linspace(3.0, 0.1, 32)
+    ranks = allocate_ranks(shapes, {n: sigma for n in shapes}, 0.5, "global")
+    assert ranks == allocate_ranks(shapes, None, 0.5, "uniform") == {n: 9 for n in shapes}
+
+
+def test_a_concentrated_spectrum_gets_a_lower_rank_than_a_flat_one():
+    shapes = {"flat": (40, 40), "peaked": (40, 40)}
+    flat = torch.ones(40)
+    peaked = torch.cat([torch.tensor([6.0]), torch.full((39,), 0.05)])
+    ranks = allocate_ranks(shapes, {"flat": flat, "peaked": peaked}, 0.3, "global")
+    assert ranks["peaked"] == 1 and ranks["flat"] > 2 * allocate_ranks(shapes, None, 0.3)["flat"] - 2
+    # normalised spectra: the peaked matrix's first direction already holds 94% of its energy
+    relative = allocate_ranks(shapes, {"flat": flat, "peaked": peaked}, 0.3, "global_relative")
+    assert relative["peaked"] < relative["flat"]
+
+
+def test_global_budget_equals_the_uniform_budget_within_one_direction():
+    torch.manual_seed(0)
+    shapes = {"q": (64, 64), "k": (16, 64), "up": (96, 64), "down": (64, 96), "o": (64, 64)}
+    spectra = {n: torch.rand(min(s)).sort(descending=True).values ** 3 * 10 ** torch.rand(1) for n, s in shapes.items()}
+    for ratio in (0.2, 0.5, 0.8):
+        budget = uniform_budget(shapes, ratio)
+        for rule in ("global", "global_relative"):
+            ranks = allocate_ranks(shapes, spectra, ratio, rule)
+            kept = kept_parameters(shapes, ranks)
+            assert budget - max(m + n for m, n in shapes.values()) < kept <= budget, (ratio, rule)
+
+
+def test_no_matrix_goes_past_break_even_and_a_dense_one_is_counted_whole():
+    shapes = {"big": (60, 60), "small": (60, 60)}
+    spectra = {"big": torch.full((60,), 10.0), "small": torch.full((60,), 1e-3)}
+    ranks = allocate_ranks(shapes, spectra, 0.6, "global")
+    assert ranks["big"] == DENSE and 1 <= ranks["small"] <= break_even_rank(60, 60)
+    assert kept_parameters(shapes, ranks) == 60 * 60 + ranks["small"] * 120 <= uniform_budget(shapes, 0.6)
+
+
+def test_budget_too_small_for_min_rank_fails_with_the_numbers():
+    shapes = {f"l{i}": (32, 32) for i in range(3)}
+    with pytest.raises(ValueError, match=r"budget of 576 parameters over 3 matrices, but compression.min_rank=4 "
+                                         r"alone costs 768"):
+        check_budget(shapes, 0.2, 4)
+    with pytest.raises(ValueError, match="min_rank=0 is out of range"):
+        check_budget(shapes, 0.5, 0)
+    with pytest.raises(ValueError, match="allocation='best'; allowed: uniform, global, global_relative"):
+        allocate_ranks(shapes, None, 0.5, "best")
+    ranks = allocate_ranks(shapes, {n: torch.ones(32) for n in shapes}, 0.5, "global", min_rank=3)
+    assert all(r == DENSE or r >= 3 for r in ranks.values()) and sorted(ranks.values()) == [DENSE, 3, 5]
+
+
+def _layers_and_stats(seed=0, tokens=400):
+    """A few linears of different shapes and scales with whitened-SVD statistics of real tokens."""
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    shapes = {"a": (48, 32), "b": (32, 32), "c": (64, 32), "d": (32, 64)}
+    stats, inputs = {}, {}
+    for i, (name, (m, n)) in enumerate(shapes.items()):
+        layer = torch.nn.Linear(n, m, bias=False)
+        with torch.no_grad():  # different spectra: a decaying one, scaled per layer
+            u, _, v = torch.linalg.svd(torch.randn(m, n), full_matrices=False)
+            layer.weight.copy_(u @ torch.diag(torch.logspace(0, -2 + i * 0.5, min(m, n)) * (i + 1)) @ v)
+        model.add_module(name, layer)
+        x = torch.randn(tokens, n) * torch.linspace(0.2, 2.0, n)
+        inputs[name] = x
+        x64 = x.double()
+        stats[name] = InputStats(x64.T @ x64, x64.abs().sum(0), tokens)
+    return model, list(shapes), stats, inputs
+
+
+def _total_whitened_error(original, model, names, inputs):
+    total = 0.0
+    for n in names:
+        W = original[n].double()
+        layer = model.get_submodule(n)
+        W_hat = (layer.dense_weight() if isinstance(layer, LowRankLinear) else layer.weight).double()
+        total += float(((inputs[n].double() @ (W - W_hat).T) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_global_whitened_error_is_at_most_uniform_on_the_calibration_tokens(ratio):
+    errors, kept = {}, {}
+    for rule in ("uniform", "global"):
+        model, names, stats, inputs = _layers_and_stats()
+        original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        reports = compress_low_rank(model, names, "odllm", ratio, stats, allocation=rule)
+        errors[rule] = _total_whitened_error(original, model, names, inputs)
+        kept[rule] = sum(r.params_after for r in reports)
+        # the squared singular values of W S a direction drops are exactly its output error
+        if rule == "global":
+            dropped = sum(float((transformed_spectrum(original[r.name], "odllm", stats[r.name])[r.rank:] ** 2).sum())
+                          for r in reports if not r.dense)
+            assert math.isclose(errors[rule], dropped, rel_tol=1e-6)
+    assert errors["global"] < errors["uniform"]
+    widest = max(m + n for m, n in ((48, 32), (32, 32), (64, 32), (32, 64)))
+    assert kept["uniform"] - widest < kept["global"] <= kept["uniform"]
+    assert len({r.rank for r in reports}) > 1  # the budget moved between matrices
+
+
+def test_a_mixed_rank_model_with_a_dense_layer_saves_loads_and_exports(tmp_path):
+    from recsys_compress.compression.calibration import select_linear_layers
+    from recsys_compress.compression.serialization import load_compressed, save_compressed
+    from recsys_compress.deploy.export import export_onnx
+    from recsys_compress.models.item_llm import build_llama
+
+    torch.manual_seed(0)
+    model = build_llama(40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64).eval()
+    names = select_linear_layers(model)
+    with torch.no_grad():  # one layer with far more output energy than the rest: worth keeping whole
+        model.get_submodule(names[0]).weight.mul_(30.0)
+    stats = {}
+    for n in names:
+        x = torch.randn(300, model.get_submodule(n).in_features, dtype=torch.float64)
+        stats[n] = InputStats(x.T @ x, x.abs().sum(0), 300)
+    reports = compress_low_rank(model, names, "odllm", 0.5, stats, allocation="global")
+    dense = [r.name for r in reports if r.dense]
+    assert dense == [names[0]] and len({r.rank for r in reports if not r.dense}) > 1
+    assert isinstance(model.get_submodule(names[0]), torch.nn.Linear)
+    save_compressed(model, tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m")
+    ids = torch.randint(1, 41, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    for r in reports:
+        layer = loaded.get_submodule(r.name)
+        assert isinstance(layer, torch.nn.Linear) if r.dense else layer.rank == r.rank
+    folder = export_onnx(model, tmp_path / "onnx", 12, [str(i) for i in range(1, 41)], [""] * 41)
+    import json
+
+    assert json.loads((folder / "deploy.json").read_text())["max_abs_deviation_from_eager"] < 1e-4
+
+
+def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
+    import csv
+    import json
+
+    from recsys_compress.tasks.train_seqrec import train_seqrec
+    from recsys_compress.utils.compose import compose_config
+
+    overrides = ["compression=odllm", "compression.allocation=global", "compression.quantize=int8", "ratio=0.3",
+                 "alignment=progressive_lstsq", "alignment.batches=2", "model.hidden_size=16",
+                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=4",
+                 "compression.heldout_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                 "logger=none", "export.onnx=true", "evaluation.popularity_baseline=false",
+                 f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    with open(tmp_path / "compression_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = {r["name"]: (int(r["out_features"]), int(r["in_features"])) for r in rows}
+    assert metrics["compression/allocation"] == "global"
+    assert uniform_budget(shapes, 0.3) - max(m + n for m, n in shapes.values()) \
+        < metrics["compression/targeted_params_after"] <= uniform_budget(shapes, 0.3)
+    assert len({r["rank"] for r in rows}) > 1
+    saved = json.loads((tmp_path / "model" / "compression.json").read_text())
+    assert saved["low_rank"] == {r["name"]: int(r["rank"]) for r in rows if r["dense"] == "False"}
+    # the ONNX graph is int8 here (float export equality: the mixed-rank test above)
+    assert metrics["export/max_abs_deviation"] < 0.05 and "time/quantize_s" in metrics
+    # The same base (cached) with uniform ranks; the report draws both allocations' ranks.
+    uniform = [o for o in overrides if not o.startswith(("compression.allocation", "alignment", "compression.quantize"))]
+    assert train_seqrec(compose_config(uniform, tmp_path / "uniform"))["base/cache_hit"] == 1
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import report
+
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "ranks.csv") as f:
+        drawn = list(csv.DictReader(f))
+    by_allocation = {a: {(int(p["block"]), p["matrix"]): int(p["rank"]) for p in drawn if p["allocation"] == a}
+                     for a in ("uniform", "global")}
+    assert len(by_allocation["uniform"]) == len(by_allocation["global"]) == len(rows)
+    assert by_allocation["global"] == {(int(r["name"].split(".")[2]), r["name"].split(".")[-1]): int(r["rank"])
+                                       for r in rows}
+    assert (tmp_path / "report" / "ranks.png").stat().st_size > 10_000
+    assert "odllm (global) + progressive_lstsq" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_budget_below_min_rank_fails_before_training(tmp_path):
+    from conftest import SMALL, run_train
+
+    result = run_train(["compression=odllm", "compression.allocation=global", "compression.min_rank=40",
+                        "ratio=0.3", f"dataset.path={SMALL}", "logger=none", f"hydra.run.dir={tmp_path}"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "compression.min_rank=40 alone costs" in output and "Epoch" not in output
+    bad = run_train(["compression=wanda", "+compression.allocation=global", "logger=none", f"hydra.run.dir={tmp_path / 'b'}"])
+    assert bad.returncode == 1 and "applies to svd, asvd, odllm, not compression.method=wanda" in bad.stdout + bad.stderr
