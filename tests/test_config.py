@@ -78,6 +78,15 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
          r"compression.gram_dtype='float16' is not allowed; allowed: float32, float64"),
         ("compression=wavelet", None),
         ("model=smollm2_135m model.gguf_path=null", r"model.source=pretrained needs model.pretrained_path"),
+        ("model.finetune=qlora", r"model.finetune='qlora' is not allowed; allowed: full, lora"),
+        ("model.lora.r=0", r"model.lora.r=0 is out of range; allowed: >= 1"),
+        ("model.lora.target_modules=[]", r"model.lora.target_modules=\[\] is out of range"),
+        ("model.optim.item_lr=0", r"model.optim.item_lr=0.0 is out of range; allowed: > 0"),
+        ("compression=odllm compression.allocation=best",
+         r"compression.allocation='best' is not allowed; allowed: uniform, global, global_relative"),
+        ("compression=odllm compression.min_rank=0", r"compression.min_rank=0 is out of range; allowed: >= 1"),
+        ("compression=wanda +compression.allocation=global",
+         r"compression.allocation=global sets ranks: it applies to svd, asvd, odllm, not compression.method=wanda"),
     ],
 )
 def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):

@@ -100,11 +100,10 @@ def allocate_ranks(
             gain, cost = math.fsum(gains[name][k:]), m * n - k * (m + n)
         return gain, cost, gain / max(cost, 1)
 
-    heap = []  # max-heap on gain per parameter; the name breaks ties deterministically
-    for name in shapes:
-        step = next_step(name)
-        if step is not None:
-            heap.append((-step[2], name, step[1]))
+    def entry(name: str, step: tuple[float, int, float]) -> tuple[float, str, int]:
+        return -step[2], name, step[1]  # a max-heap on gain per parameter; the name breaks ties
+
+    heap = [entry(name, step) for name in shapes if (step := next_step(name)) is not None]
     heapq.heapify(heap)
     while heap:
         _, name, cost = heapq.heappop(heap)
@@ -115,7 +114,7 @@ def allocate_ranks(
         ranks[name] = ranks[name] + 1 if ranks[name] < break_even_rank(m, n) else DENSE
         step = next_step(name)
         if step is not None:
-            heapq.heappush(heap, (-step[2], name, step[1]))
+            heapq.heappush(heap, entry(name, step))
     return ranks
 
 
