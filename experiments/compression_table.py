@@ -12,6 +12,11 @@ method), aligns and tests. Writes a markdown table and a JSON file.
         --alignments none progressive progressive_lstsq alignment.steps_per_layer=200
     python experiments/compression_table.py outputs/bench/smollm2_ml100k_odllm05 --calib-batches 1 \
         --methods svd odllm --ratios 0.3 0.5 0.7 --alignments none progressive progressive_lstsq
+    python experiments/compression_table.py RUN_DIR --methods odllm --ratios 0.3 0.5 \
+        --allocations uniform global global_relative --alignments none progressive_lstsq
+
+With several ``--allocations`` each low-rank cell is also compared with its uniform twin on the
+same test users (``vs_uniform/ndcg@10`` and its paired bootstrap interval).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 from omegaconf import OmegaConf
 
 from recsys_compress.alignment.runner import align
+from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import AlignmentConfig, from_mapping, validate
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+from recsys_compress.models.finetune import add_lora, merge_lora
 from recsys_compress.tasks.base_cache import cache_folder, load_base
 from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
 from recsys_compress.utils.cli import split_overrides
@@ -41,19 +48,28 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str) -> str:
-    """Put the run's trained base model into ``lit``; returns where the weights came from."""
-    ckpt = best_checkpoint(run_dir)
-    if ckpt is not None:
-        lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
-        return str(ckpt)
+def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run) -> str:
+    """Put the run's trained base model into ``lit``; returns where the weights came from.
+
+    The cached base model (named by ``base/cache_key`` in the run's metrics.json) comes first:
+    it is the exact model the run compressed, with LoRA adapters already merged. Otherwise the
+    best validation checkpoint, whose LoRA adapters (``model.finetune=lora``) are merged here."""
     metrics_path = run_dir / "metrics.json"
     key = json.loads(metrics_path.read_text()).get("base/cache_key") if metrics_path.is_file() else None
-    if key is None or load_base(cache_dir, key, lit.model) is None:
+    if key is not None and load_base(cache_dir, key, lit.model) is not None:
+        return str(cache_folder(cache_dir, key))
+    ckpt = best_checkpoint(run_dir)
+    if ckpt is None:
         raise FileNotFoundError(
-            f"{run_dir}: no checkpoints/epoch*.ckpt (best validation checkpoint) and no cached base "
-            f"model named by base/cache_key in its metrics.json (looked in {cache_dir}/base_models)")
-    return str(cache_folder(cache_dir, key))
+            f"{run_dir}: no cached base model named by base/cache_key in its metrics.json (looked in "
+            f"{cache_dir}/base_models) and no checkpoints/epoch*.ckpt (best validation checkpoint)")
+    if run.model.finetune == "lora":
+        lora = run.model.lora
+        add_lora(lit.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    if run.model.finetune == "lora":
+        merge_lora(lit.model)
+    return str(ckpt)
 
 
 def _parse(value: str):
@@ -67,6 +83,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "odllm"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--calib-batches", type=int, default=16)
+    parser.add_argument("--heldout-batches", type=int, default=4)
+    parser.add_argument("--allocations", nargs="+", default=["uniform"], choices=list(ALLOCATIONS),
+                        help="rank allocations of the low-rank methods (pruning always runs uniform)")
     parser.add_argument("--alignments", nargs="+", default=["none"],
                         choices=["none", "progressive", "progressive_lstsq"])
     parser.add_argument("--out", type=Path, default=None)
@@ -83,7 +102,7 @@ def main() -> None:
     L.seed_everything(run.seed)
     dm = build_datamodule(run.dataset, run.seed)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
-    source = load_base_weights(args.run_dir, lit, cfg.paths.cache_dir)
+    source = load_base_weights(args.run_dir, lit, cfg.paths.cache_dir, run)
     base_model = copy.deepcopy(lit.model)
 
     def test(callbacks=()) -> dict:
@@ -105,11 +124,14 @@ def main() -> None:
 
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
-    rows = []
+    rows, per_user_of = [], {}
+    low_rank = ("svd", "asvd", "odllm")
     for ratio in args.ratios:
-        for method in args.methods:
+        for method, allocation in [(m, a) for m in args.methods
+                                   for a in (args.allocations if m in low_rank else ["uniform"])]:
             lit.model = copy.deepcopy(base_model)
-            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches, heldout_batches=4)
+            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches,
+                                        heldout_batches=args.heldout_batches, allocation=allocation)
             compressed_result = test([cb])  # the callback compresses at setup
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
@@ -117,9 +139,11 @@ def main() -> None:
             for alignment in args.alignments:
                 lit.model = copy.deepcopy(compressed_model)
                 result, per_user = compressed_result, compressed_per_user
-                row = {"method": method, "ratio": ratio, "alignment": alignment,
+                row = {"method": method, "allocation": allocation, "ratio": ratio, "alignment": alignment,
                        "compressed/test/ndcg@10": result["test/ndcg@10"],
                        "compression/kept_ratio": summary["compression/kept_ratio"],
+                       "compression/targeted_params_after": summary["compression/targeted_params_after"],
+                       "compression/dense_layers": summary["compression/dense_layers"],
                        "compression/mean_rel_output_error": summary["compression/mean_rel_output_error"],
                        "compression/heldout_rel_output_error": summary["compression/heldout_rel_output_error"],
                        "time/compress_s": summary["time/compress_s"]}
@@ -131,18 +155,32 @@ def main() -> None:
                 row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]
                 row["retention/ndcg@10_ci_low"], row["retention/ndcg@10_ci_high"] = paired_bootstrap_ratio(
                     base_per_user, per_user, seed=run.seed)
+                per_user_of[(method, allocation, ratio, alignment)] = per_user
+                uniform = per_user_of.get((method, "uniform", ratio, alignment))
+                if allocation != "uniform" and uniform is not None:
+                    # the same users ranked by both allocations: is the difference real?
+                    row["vs_uniform/ndcg@10"] = float(per_user.mean() / uniform.mean())
+                    row["vs_uniform/ndcg@10_ci_low"], row["vs_uniform/ndcg@10_ci_high"] = paired_bootstrap_ratio(
+                        uniform, per_user, seed=run.seed)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
     print(f"\nbase {run.model.name} on {run.dataset.name} ({source}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
-    columns = [(m, a) for m in args.methods for a in args.alignments]
+    columns = [(m, al, a) for m in args.methods for al in (args.allocations if m in low_rank else ["uniform"])
+               for a in args.alignments]
+
+    def label(method: str, allocation: str, alignment: str) -> str:
+        text = method if allocation == "uniform" else f"{method} ({allocation})"
+        return text if alignment == "none" else f"{text} + {alignment}"
+
     print("Retention of test NDCG@10 [95% paired bootstrap interval over test users]\n")
-    print("| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |")
+    print("| ratio | " + " | ".join(label(*c) for c in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for ratio in args.ratios:
         cells = []
-        for method, alignment in columns:
-            r = next(r for r in rows if (r["method"], r["ratio"], r["alignment"]) == (method, ratio, alignment))
+        for method, allocation, alignment in columns:
+            r = next(r for r in rows if (r["method"], r["allocation"], r["ratio"], r["alignment"])
+                     == (method, allocation, ratio, alignment))
             cell = f"{r['retention/ndcg@10']:.3f} [{r['retention/ndcg@10_ci_low']:.3f}, " \
                    f"{r['retention/ndcg@10_ci_high']:.3f}]"
             cell += (f" (err {r['compression/mean_rel_output_error']:.3f}, held-out "
@@ -150,6 +188,19 @@ def main() -> None:
                 else f" ({r['time/align_s']:.0f} s)"
             cells.append(cell)
         print(f"| {ratio} | " + " | ".join(cells) + " |")
+    compared = [r for r in rows if "vs_uniform/ndcg@10" in r]
+    if compared:
+        print("\nAllocation vs uniform, same method, ratio and alignment: NDCG@10 ratio [95% paired bootstrap "
+              "interval]; targeted parameters kept (uniform's in brackets)\n")
+        print("| method | allocation | alignment | ratio | vs uniform | kept params | dense layers |")
+        print("|---|---|---|---|---|---|---|")
+        for r in compared:
+            u = next(x for x in rows if (x["method"], x["allocation"], x["ratio"], x["alignment"])
+                     == (r["method"], "uniform", r["ratio"], r["alignment"]))
+            print(f"| {r['method']} | {r['allocation']} | {r['alignment']} | {r['ratio']} | "
+                  f"{r['vs_uniform/ndcg@10']:.3f} [{r['vs_uniform/ndcg@10_ci_low']:.3f}, "
+                  f"{r['vs_uniform/ndcg@10_ci_high']:.3f}] | {r['compression/targeted_params_after']:,} "
+                  f"({u['compression/targeted_params_after']:,}) | {r['compression/dense_layers']} |")
     if args.out:
         args.out.write_text(json.dumps({"base": base, "base_weights": source, "rows": rows}, indent=2) + "\n")
 

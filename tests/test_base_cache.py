@@ -51,7 +51,8 @@ def test_the_fingerprint_sees_an_in_place_edit_of_equal_size_and_hashes_each_fil
     ("dataset.max_len=30", False), ("dataset.min_rating=4", False), ("model.hidden_size=32", False),
     ("model.optim.lr=0.01", False), ("trainer.max_epochs=3", False), ("evaluation.exclude_seen=false", False),
     ("seed=1", False), ("ckpt_path=null", False), ("callbacks.early_stopping.patience=3", False),
-    ("compression=odllm", True), ("ratio=0.3", True), ("logger=csv", True), ("alignment=progressive", True),
+    ("model.finetune=lora", False), ("model.lora.r=4", False), ("model.optim.item_lr=0.01", False),
+    ("trainer.precision=bf16-mixed", False), ("compression.allocation=global", True), ("compression=odllm", True), ("ratio=0.3", True), ("logger=csv", True), ("alignment=progressive", True),
     ("export.onnx=true", True), ("callbacks.progress_bar=null", True),
 ])
 def test_the_cache_key_covers_each_part_that_determines_the_base_model(tmp_path, override, same):
