@@ -48,4 +48,4 @@ def test_enough_tokens_give_close_figures_and_too_few_warn_and_fit_the_calibrati
     # Whitening fits those very tokens: in-sample the error is small, on other users it is not.
     assert few["compression/heldout_rel_output_error"] > 2 * few["compression/mean_rel_output_error"]
     rows = (tmp_path / "few" / "compression_layers.csv").read_text().splitlines()
-    assert rows[0].endswith(",heldout_rel_output_error") and len(rows) == 15
+    assert rows[0].endswith(",heldout_rel_output_error,dense") and len(rows) == 15
