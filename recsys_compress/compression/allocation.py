@@ -95,7 +95,7 @@ def allocate_ranks(
         if k == DENSE:
             return None
         if k < top:
-            gain, cost = gains[name][k] if k < len(gains[name]) else 0.0, m + n
+            gain, cost = gains[name][k], m + n  # k < break-even <= min(m, n): a direction exists
         else:  # past break-even: the dense matrix, which removes every remaining direction's error
             gain, cost = math.fsum(gains[name][k:]), m * n - k * (m + n)
         return gain, cost, gain / max(cost, 1)

@@ -14,6 +14,7 @@ from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
 from recsys_compress.compression.low_rank import (
     LowRankLinear,
     activation_aware_svd,
+    asvd_scale,
     cholesky_with_jitter,
     plain_svd,
     singular_values,
@@ -79,7 +80,7 @@ def transformed_spectrum(W: torch.Tensor, method: str, stats: InputStats, asvd_a
     if method == "svd":
         return singular_values(W64)
     if method == "asvd":
-        return singular_values(W64 * stats.abs_mean.double().clamp(min=1e-8) ** asvd_alpha)
+        return singular_values(W64 * asvd_scale(stats.abs_mean, asvd_alpha))
     S, _ = cholesky_with_jitter(stats.gram)  # the factorisation reports the jitter
     return singular_values(W64 @ S)
 

@@ -168,8 +168,7 @@ class SVDCompressionCallback(L.Callback):
         names = self.names
         if self.method in LOW_RANK_METHODS:  # both factors; a layer a global allocation kept dense, whole
             dense = {r.name for r in self.reports or [] if r.dense}
-            names = [n if n in dense else f"{n}.{part}" for n in names
-                     for part in (("",) if n in dense else ("down", "up"))]
+            names = [part for n in names for part in ([n] if n in dense else [f"{n}.down", f"{n}.up"])]
         quantize_int8(model, names)
         return time.perf_counter() - t0
 

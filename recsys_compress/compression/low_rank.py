@@ -166,9 +166,14 @@ def plain_svd(W: torch.Tensor, rank: int) -> Factorization:
     return _factorize(W, rank, None, None)
 
 
+def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's input-channel scale s_j = mean|x_j|^alpha (float64; dead channels floored)."""
+    return abs_mean.double().clamp(min=1e-8) ** alpha
+
+
 def activation_aware_svd(W: torch.Tensor, rank: int, abs_mean: torch.Tensor, alpha: float = 0.5) -> Factorization:
     """ASVD: scale input channel j by s_j = mean|x_j|^alpha before the SVD, undo it in B."""
-    s = abs_mean.double().clamp(min=1e-8) ** alpha
+    s = asvd_scale(abs_mean, alpha)
     return _factorize(W, rank, torch.diag(s), lambda B: B / s)
 
 

@@ -241,7 +241,7 @@ def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, lo
         "train/epochs": trainer.current_epoch,
         "train/start_step": throughput.start_step,  # > 0: resumed from a checkpoint of that step
         # what the optimiser updated (LoRA: adapters and item table), counted before merging
-        "params/trained": sum(p.numel() for p in {id(p): p for p in lit.parameters() if p.requires_grad}.values()),
+        "params/trained": sum(p.numel() for p in lit.parameters() if p.requires_grad),  # a tied head once
     })
     if ckpt is not None and ckpt.best_model_score is not None:
         metrics["val/best_ndcg@10"] = float(ckpt.best_model_score)
