@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsys_compress.compression.callback import SVDCompressionCallback
     from recsys_compress.config import validate
-    from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
+    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

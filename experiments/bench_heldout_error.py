@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsys_compress.compression.callback import SVDCompressionCallback
     from recsys_compress.config import validate
-    from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
+    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.utils.compose import compose_config
 
     cfg = compose_config([f"model={args.model}", *overrides])

@@ -41,7 +41,7 @@ def build_variant(args: argparse.Namespace, variant: str):
 
     from recsys_compress.compression.callback import SVDCompressionCallback
     from recsys_compress.config import validate
-    from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
+    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.utils.compose import compose_config
 
     torch.set_num_threads(args.threads)

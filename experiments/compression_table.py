@@ -37,8 +37,8 @@ from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.config import AlignmentConfig, from_mapping, validate
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
 from recsys_compress.models.finetune import add_lora, merge_lora
-from recsys_compress.tasks.base_cache import cache_folder, load_base
-from recsys_compress.tasks.train_seqrec import build_datamodule, build_lit_module, build_model
+from recsys_compress.models.base_cache import cache_folder, load_base
+from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
 

@@ -30,9 +30,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from recsys_compress.config import validate_marc, validate_probe
-from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.tasks.marc import deployed_codes
-from recsys_compress.tasks.mra_probe import ctr_datamodule, ctr_fields, fit_ctr
+from recsys_compress.ctr.model import RepresentationCompressor
+from recsys_compress.marc.bottleneck import deployed_codes
+from recsys_compress.builders import build_ctr_datamodule
+from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
 from recsys_compress.utils.run_outputs import finish_run
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     is_marc = cfg.task.name == "marc"
     run = validate_marc(cfg) if is_marc else validate_probe(cfg)
     d, c = run.dataset, run.ctr
-    dm = ctr_datamodule(run)
+    dm = build_ctr_datamodule(run)
     data = dm.data
     stored = load_file(str(codes_path))
     codes, noise = stored["mu"], None

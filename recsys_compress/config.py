@@ -141,14 +141,17 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, ">= 0")
 
 
+# The linears of a LLaMA decoder block: what LoRA adapts by default.
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapters (PEFT) on the decoder's linears; merged into the weights after training."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
 
     def check(self, p: str) -> None:
         _require(self.r >= 1, f"{p}.r", self.r, ">= 1")

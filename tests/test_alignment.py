@@ -17,8 +17,8 @@ from recsys_compress.compression.calibration import collect_input_stats, select_
 from recsys_compress.config import AlignmentConfig, ConfigError, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama
-from recsys_compress.models.lit_seqrec import position_ids_for
-from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 from conftest import REPO, SMALL
@@ -205,7 +205,7 @@ def test_pipeline_compress_align_test(alignment, tmp_path):
                  "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
     if alignment == "progressive":
         overrides.append("alignment.steps_per_layer=3")
-    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    metrics = run_task(compose_config(overrides, tmp_path))
     for key in ("stages/compressed/test/ndcg@10", "test/ndcg@10", "time/align_s", "align/mean_mse_after"):
         assert key in metrics, key
     assert metrics["align/layers"] == 2

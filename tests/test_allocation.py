@@ -156,7 +156,7 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
     import csv
     import json
 
-    from recsys_compress.tasks.train_seqrec import train_seqrec
+    from recsys_compress.tasks.runner import run_task
     from recsys_compress.utils.compose import compose_config
 
     overrides = ["compression=odllm", "compression.allocation=global", "compression.quantize=int8", "ratio=0.3",
@@ -165,7 +165,7 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
                  "compression.heldout_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
                  "logger=none", "export.onnx=true", "evaluation.popularity_baseline=false",
                  f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    metrics = run_task(compose_config(overrides, tmp_path))
     with open(tmp_path / "compression_layers.csv") as f:
         rows = list(csv.DictReader(f))
     shapes = {r["name"]: (int(r["out_features"]), int(r["in_features"])) for r in rows}
@@ -179,7 +179,7 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
     assert metrics["export/max_abs_deviation"] < 0.05 and "time/quantize_s" in metrics
     # The same base (cached) with uniform ranks; the report draws both allocations' ranks.
     uniform = [o for o in overrides if not o.startswith(("compression.allocation", "alignment", "compression.quantize"))]
-    assert train_seqrec(compose_config(uniform, tmp_path / "uniform"))["base/cache_hit"] == 1
+    assert run_task(compose_config(uniform, tmp_path / "uniform"))["base/cache_hit"] == 1
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

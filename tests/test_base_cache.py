@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from recsys_compress.tasks.base_cache import base_model_key, content_fingerprint
-from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.models.base_cache import base_model_key, content_fingerprint
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
@@ -67,12 +67,12 @@ def test_an_edited_data_file_misses_the_cache_and_a_corrupt_entry_is_reported_an
     write_sequences(data)
     common = [*TINY, "dataset=sequence_text", f"dataset.path={data}", "compression=svd",
               f"paths.cache_dir={cache}"]
-    first = train_seqrec(compose_config(common, tmp_path / "1"))
-    again = train_seqrec(compose_config(common, tmp_path / "2"))
+    first = run_task(compose_config(common, tmp_path / "1"))
+    again = run_task(compose_config(common, tmp_path / "2"))
     assert (first["base/cache_hit"], again["base/cache_hit"]) == (0, 1)
 
     write_sequences(data, reverse=True)  # the same size, other contents
-    edited = train_seqrec(compose_config(common, tmp_path / "3"))
+    edited = run_task(compose_config(common, tmp_path / "3"))
     assert edited["base/cache_hit"] == 0 and edited["base/cache_key"] != first["base/cache_key"]
     assert edited["base/test/ndcg@10"] != first["base/test/ndcg@10"]  # measured on the new data
 
@@ -80,11 +80,11 @@ def test_an_edited_data_file_misses_the_cache_and_a_corrupt_entry_is_reported_an
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated write
     with caplog.at_level(logging.WARNING):
-        rebuilt = train_seqrec(compose_config(common, tmp_path / "4"))
+        rebuilt = run_task(compose_config(common, tmp_path / "4"))
     assert f"the cached base model {entry} is unreadable (SafetensorError" in caplog.text
     assert "base_cache=false bypasses the cache" in caplog.text
     assert rebuilt["base/cache_hit"] == 0 and rebuilt["base/test/ndcg@10"] == edited["base/test/ndcg@10"]
-    assert train_seqrec(compose_config(common, tmp_path / "5"))["base/cache_hit"] == 1  # sound again
+    assert run_task(compose_config(common, tmp_path / "5"))["base/cache_hit"] == 1  # sound again
 
 
 def test_a_callback_switched_off_is_another_base_model(tmp_path):

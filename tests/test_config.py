@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from recsys_compress.config import ConfigError, validate
-from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.utils.instantiators import instantiate_group
 from recsys_compress.utils.compose import compose_config
 
 CONF = REPO / "conf"

@@ -11,7 +11,7 @@ from recsys_compress.compression.calibration import InputStats, select_linear_la
 from recsys_compress.deploy.export import ItemScorer, export_onnx
 from recsys_compress.deploy.recommend import Recommender, main
 from recsys_compress.models.item_llm import build_llama
-from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 N_ITEMS, MAX_LEN = 60, 12
@@ -115,7 +115,7 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path):
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
                  "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    metrics = run_task(compose_config(overrides, tmp_path))
     assert "stages/compressed/test/ndcg@10" in metrics and "time/quantize_s" in metrics
     assert json.loads((tmp_path / "model" / "compression.json").read_text())["quantize"] == "int8"
     deploy = json.loads((tmp_path / "onnx" / "deploy.json").read_text())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 FAST = ["+trainer.fast_dev_run=true", "logger=none", "evaluation.popularity_baseline=false"]
@@ -18,7 +18,7 @@ def test_llama_tiny_on_every_dataset(dataset, tmp_path):
         path.write_text("".join(f"u{u} " + " ".join(f"{(u * 7 + k) % 40}" for k in range(12)) + "\n"
                                 for u in range(30)))
         overrides.append(f"dataset.path={path}")
-    metrics = train_seqrec(compose_config(overrides, tmp_path / "out"))
+    metrics = run_task(compose_config(overrides, tmp_path / "out"))
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["test/ndcg@10"] == metrics["test/ndcg@10"] and saved["train/tokens_per_s"] > 0  # it trained
     expected = {"ml_latest_small": 9724, "ml_100k": 1682, "ml_1m": 3706, "sequence_text": 40}[dataset]
@@ -28,7 +28,7 @@ def test_llama_tiny_on_every_dataset(dataset, tmp_path):
 def test_smollm2_135m_fine_tunes_on_ml_100k(tmp_path):
     overrides = ["model=smollm2_135m", "dataset=ml_100k", "dataset.batch_size=4", "dataset.max_len=8",
                  "dataset.eval_batch_size=4", f"paths.cache_dir={tmp_path / 'cache'}", *FAST]
-    metrics = train_seqrec(compose_config(overrides, tmp_path / "out"))
+    metrics = run_task(compose_config(overrides, tmp_path / "out"))
     assert metrics["params/total"] == 134_515_008 - 49_152 * 576 + 1683 * 576  # item vocab replaces text vocab
     # One optimiser step on 4 windows of up to 8 inputs: at most 4 x 8 next-item targets.
     assert metrics["time/train_step_s"] > 0 and 0 < metrics["train/tokens"] <= 32
@@ -42,7 +42,7 @@ def test_every_compression_option_end_to_end(method, tmp_path):
                  "dataset.max_len=20", "compression.calib_batches=2" if method != "none" else "seed=42",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
                  "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = train_seqrec(compose_config(overrides, tmp_path))
+    metrics = run_task(compose_config(overrides, tmp_path))
     if method == "none":
         assert "base/test/ndcg@10" not in metrics and "retention/ndcg@10" not in metrics
         return
@@ -68,8 +68,8 @@ def test_every_compression_option_end_to_end(method, tmp_path):
 def test_every_test_pass_reports_both_protocols_and_each_equals_a_run_configured_for_it(tmp_path):
     common = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=1",
               "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false"]
-    excluded = train_seqrec(compose_config([*common, "evaluation.exclude_seen=true"], tmp_path / "excluded"))
-    kept = train_seqrec(compose_config([*common, "evaluation.exclude_seen=false"], tmp_path / "kept"))
+    excluded = run_task(compose_config([*common, "evaluation.exclude_seen=true"], tmp_path / "excluded"))
+    kept = run_task(compose_config([*common, "evaluation.exclude_seen=false"], tmp_path / "kept"))
     for name in ("ndcg@10", "hr@10", "mrr"):  # one epoch: one checkpoint, the same model in both runs
         assert excluded[f"test/{name}"] == excluded[f"test/seen_excluded/{name}"] == kept[f"test/seen_excluded/{name}"]
         assert kept[f"test/{name}"] == kept[f"test/seen_kept/{name}"] == excluded[f"test/seen_kept/{name}"]
@@ -81,8 +81,8 @@ def test_a_compression_sweep_trains_the_base_model_once(tmp_path):
     common = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
               "compression.calib_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
               "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    first = train_seqrec(compose_config(["compression=odllm", "ratio=0.5", *common], tmp_path / "a"))
-    second = train_seqrec(compose_config(["compression=svd", "ratio=0.3", *common], tmp_path / "b"))
+    first = run_task(compose_config(["compression=odllm", "ratio=0.5", *common], tmp_path / "a"))
+    second = run_task(compose_config(["compression=svd", "ratio=0.3", *common], tmp_path / "b"))
     assert first["base/cache_hit"] == 0 and second["base/cache_hit"] == 1
     assert first["base/cache_key"] == second["base/cache_key"]
     assert second["time/train_s"] == 0.0 and second["base/time/train_s"] == first["time/train_s"]
@@ -91,7 +91,7 @@ def test_a_compression_sweep_trains_the_base_model_once(tmp_path):
             assert second[key] == first[key], key
     assert second["compression/kept_ratio"] < first["compression/kept_ratio"]
     # a different seed is a different base model
-    third = train_seqrec(compose_config(["compression=svd", "seed=7", *common], tmp_path / "c"))
+    third = run_task(compose_config(["compression=svd", "seed=7", *common], tmp_path / "c"))
     assert third["base/cache_hit"] == 0 and third["base/cache_key"] != first["base/cache_key"]
     assert len(list((tmp_path / "cache" / "base_models").iterdir())) == 2
 
@@ -99,6 +99,6 @@ def test_a_compression_sweep_trains_the_base_model_once(tmp_path):
 def test_a_trained_model_beats_popularity_on_ml_100k(tmp_path):
     # A model that trains at all leaves popularity behind within a few epochs (seeded: 0.0666
     # against 0.0444 after 4 epochs); a broken loss, mask or ranking would not.
-    metrics = train_seqrec(compose_config(["dataset=ml_100k", "trainer.max_epochs=4", "logger=none"], tmp_path))
+    metrics = run_task(compose_config(["dataset=ml_100k", "trainer.max_epochs=4", "logger=none"], tmp_path))
     assert metrics["test/ndcg@10"] > 1.3 * metrics["baseline/popularity/test/ndcg@10"] > 0
     assert metrics["test/seen_kept/ndcg@10"] < metrics["test/ndcg@10"]  # seen items compete when kept

@@ -6,7 +6,7 @@ import logging
 
 from recsys_compress.compression.calibration import split_calibration
 from recsys_compress.data.datamodule import NextItemDataModule
-from recsys_compress.tasks.train_seqrec import train_seqrec
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 from conftest import SMALL
@@ -31,7 +31,7 @@ def test_held_out_batches_hold_only_users_outside_calibration():
 
 
 def test_enough_tokens_give_close_figures_and_too_few_warn_and_fit_the_calibration_tokens(tmp_path, caplog):
-    enough = train_seqrec(compose_config([*TINY, "dataset.max_len=20", "compression.calib_batches=2",
+    enough = run_task(compose_config([*TINY, "dataset.max_len=20", "compression.calib_batches=2",
                                           "compression.heldout_batches=2"], tmp_path / "enough"))
     assert enough["compression/calib_tokens"] > 1000 > 32 and enough["compression/heldout_tokens"] > 1000
     assert enough["compression/rank_deficient_layers"] == 0
@@ -39,7 +39,7 @@ def test_enough_tokens_give_close_figures_and_too_few_warn_and_fit_the_calibrati
     assert 0.8 < ratio < 1.25, ratio
 
     with caplog.at_level(logging.WARNING):
-        few = train_seqrec(compose_config([*TINY, "dataset.max_len=8", "dataset.batch_size=1",
+        few = run_task(compose_config([*TINY, "dataset.max_len=8", "dataset.batch_size=1",
                                            "compression.calib_batches=1", "compression.heldout_batches=4"],
                                           tmp_path / "few"))
     assert few["compression/calib_tokens"] <= 9 < 16  # one window of up to 9 items: fewer than any layer's inputs

@@ -12,11 +12,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from recsys_compress.config import ConfigError, MARCConfig
 from recsys_compress.marc.bottleneck import (VariationalBottleneck, hsic, informative_dims, kl_to_standard_normal,
                                              posterior_std)
-from recsys_compress.marc.llm_top import cached_token_states, llama_top, pooled, token_states
-from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.marc.ctr_data import ItemGroupBatchSampler
-from recsys_compress.marc.representations import extract_layer_means, load_encoder
-from recsys_compress.tasks.marc import deployed_codes, marc
+from recsys_compress.representations.token_states import cached_token_states, llama_top, pooled, token_states
+from recsys_compress.ctr.model import RepresentationCompressor
+from recsys_compress.ctr.data import ItemGroupBatchSampler
+from recsys_compress.representations.layer_means import extract_layer_means, load_encoder
+from recsys_compress.marc.bottleneck import deployed_codes
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 from conftest import REPO
@@ -153,7 +154,7 @@ FAST = ["task=marc", "representation=llama_tiny", "trainer.max_epochs=1", "logge
 def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, *variant, "dataset=ml_100k", f"dataset.path={ml100k_slice}",
                           f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
-    metrics = marc(cfg)
+    metrics = run_task(cfg)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("test/auc", "test/logloss", "marc/dim", "marc/kl", "time/extract_s", "time/train_s"):
         assert key in saved, key
@@ -204,9 +205,9 @@ def test_marc_bad_inputs_fail_at_start(tmp_path):
                          ("marc.export_dims=33", "marc.export_dims=33 is out of range; allowed: null (all) or "
                                                  "1..marc.dim (32)")]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            marc(compose_config([*FAST, bad], tmp_path))
+            run_task(compose_config([*FAST, bad], tmp_path))
     with pytest.raises(ConfigError, match="marc.trainable_layers=5 is out of range for llama_tiny; allowed: 0..2"):
-        marc(compose_config([*FAST, "marc.trainable_layers=5"], tmp_path))
+        run_task(compose_config([*FAST, "marc.trainable_layers=5"], tmp_path))
 
 
 def _marc_posterior_kl(beta: float) -> float:

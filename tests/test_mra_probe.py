@@ -11,16 +11,16 @@ from safetensors.torch import load_file
 
 from recsys_compress.config import ConfigError
 from recsys_compress.data.readers import ItemInfo
-from recsys_compress.marc.ctr_data import CTRDataModule, build_ctr_splits
-from recsys_compress.marc.ctr_model import CTRLitModule, DCNv2, RepresentationCompressor, pca_projection
-from recsys_compress.marc.representations import (
+from recsys_compress.ctr.data import CTRDataModule, build_ctr_splits
+from recsys_compress.ctr.model import CTRLitModule, DCNv2, RepresentationCompressor, pca_projection
+from recsys_compress.representations.layer_means import (
     cached_layer_means,
     extract_layer_means,
     item_texts,
     load_encoder,
     user_texts,
 )
-from recsys_compress.tasks.mra_probe import mra_probe
+from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
 from conftest import REPO, SMALL
@@ -196,7 +196,7 @@ FAST = ["task=mra_probe", "representation=llama_tiny", "trainer.max_epochs=1", "
 def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
     cfg = compose_config([*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", "probe.layer=1",
                           f"probe.compressor={compressor}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "out")
-    metrics = mra_probe(cfg)
+    metrics = run_task(cfg)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("probe/layer", "probe/dim", "test/auc", "test/logloss"):
         assert key in saved, key
@@ -232,11 +232,11 @@ def drawn_points(report_dir):
 
 def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = mra_probe(compose_config([*overrides, "probe.layer=all"], tmp_path / "runs" / "all"))
+    metrics = run_task(compose_config([*overrides, "probe.layer=all"], tmp_path / "runs" / "all"))
     assert metrics["probe/layer"] == "all" and metrics["probe/final_layer"] == 2
     assert (tmp_path / "runs" / "all" / "probe_layers.csv").read_text().count("\n") == 4  # header + layers 0..2
     assert metrics["test/auc"] == metrics[f"layers/{metrics['probe/best_layer']}/test/auc"]
-    id_only = mra_probe(compose_config([*overrides, "probe.compressor=none"], tmp_path / "runs" / "id_only"))
+    id_only = run_task(compose_config([*overrides, "probe.compressor=none"], tmp_path / "runs" / "id_only"))
 
     sys.path.insert(0, str(REPO / "experiments"))
     import report
@@ -251,21 +251,21 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
         [(str(layer), metrics[f"layers/{layer}/test/auc"]) for layer in range(3)]
     assert [float(r["test/auc"]) for r in drawn if r["curve"] == "ID-only CTR model"] == [id_only["test/auc"]]
     with pytest.raises(ConfigError, match=r"probe.layer=9 is out of range for llama_tiny; allowed: 0..2"):
-        mra_probe(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "probe.layer=9"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="probe.dim=0 is out of range"):
-        mra_probe(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "probe.dim=0"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="ctr.split_by='user' is not allowed; allowed: time, item"):
-        mra_probe(compose_config([*overrides, "ctr.split_by=user"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "ctr.split_by=user"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match=r"ctr.item_id_dropout=2.0 is out of range; allowed: \[0, 1\]"):
-        mra_probe(compose_config([*overrides, "ctr.item_id_dropout=2"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "ctr.item_id_dropout=2"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="sequence_text has no ratings"):
-        mra_probe(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
+        run_task(compose_config([*FAST, "dataset=sequence_text"], tmp_path / "bad"))
 
 
 def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", f"paths.cache_dir={tmp_path / 'cache'}",
                  "probe.layer=1"]
-    runs = {(what, seed): mra_probe(compose_config([*overrides, *extra, f"seed={seed}"], tmp_path / "runs" / f"{what}{seed}"))
+    runs = {(what, seed): run_task(compose_config([*overrides, *extra, f"seed={seed}"], tmp_path / "runs" / f"{what}{seed}"))
             for what, extra in [("probe", []), ("id_only", ["probe.compressor=none", "ctr.item_id_dropout=0.5",
                                                                  "ctr.batch_by=item"])]
             for seed in (0, 1)}
@@ -335,20 +335,20 @@ def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_sli
 def test_probe_with_user_representations(ml100k_slice, tmp_path):
     overrides = [*FAST, "dataset=ml_100k", f"dataset.path={ml100k_slice}", "probe.layer=2", "probe.dim=8",
                  "representation.users=true", "representation.user_history=5", f"paths.cache_dir={tmp_path / 'cache'}"]
-    metrics = mra_probe(compose_config(overrides, tmp_path / "users"))
+    metrics = run_task(compose_config(overrides, tmp_path / "users"))
     assert metrics["repr/users"] == 1 and metrics["repr/users_cache_hit"] == 0
     assert metrics["repr/users_without_profile"] == 0 and 0.0 <= metrics["test/auc"] <= 1.0
     ckpt = torch.load(next((tmp_path / "users" / "checkpoints").glob("*.ckpt")), weights_only=False)
     width = ckpt["state_dict"]["model.cross.layers.0.weight"].shape[1]
     assert width == 2 * 16 + 8 + 8  # user and item ids, item and user features
-    again = mra_probe(compose_config(overrides, tmp_path / "again"))
+    again = run_task(compose_config(overrides, tmp_path / "again"))
     assert again["repr/users_cache_hit"] == 1 and again["repr/cache_hit"] == 1
-    other = mra_probe(compose_config([*overrides, "representation.user_history=2"], tmp_path / "other"))
+    other = run_task(compose_config([*overrides, "representation.user_history=2"], tmp_path / "other"))
     assert other["repr/users_cache_hit"] == 0  # other texts, other cache entry
     with pytest.raises(ConfigError, match="representation.users=true needs representations"):
-        mra_probe(compose_config([*overrides, "probe.compressor=none"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "probe.compressor=none"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="representation.user_template=.* allowed fields: profile, history, id"):
-        mra_probe(compose_config([*overrides, "representation.user_template='{name}'"], tmp_path / "bad"))
+        run_task(compose_config([*overrides, "representation.user_template='{name}'"], tmp_path / "bad"))
     from recsys_compress.config import validate_marc
 
     with pytest.raises(ConfigError, match="representation.users=true is supported by task=mra_probe only"):
@@ -362,7 +362,7 @@ def test_a_probe_reads_the_layer_it_names(ml100k_slice, tmp_path):
                  "probe.compressor=pca"]
     codes = {}
     for layer in (0, 2):
-        mra_probe(compose_config([*overrides, f"probe.layer={layer}"], tmp_path / str(layer)))
+        run_task(compose_config([*overrides, f"probe.layer={layer}"], tmp_path / str(layer)))
         codes[layer] = load_file(str(tmp_path / str(layer) / "item_codes.safetensors"))["mu"]
     (cache,) = (tmp_path / "cache" / "representations").glob("*.safetensors")
     layers = load_file(str(cache))["layers"]

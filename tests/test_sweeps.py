@@ -106,7 +106,7 @@ def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
     import fcntl
     import time
 
-    from recsys_compress.tasks.base_cache import base_model_key
+    from recsys_compress.models.base_cache import base_model_key
 
     overrides = ["compression=svd", "model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
                  "compression.calib_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
@@ -140,18 +140,18 @@ def test_two_concurrent_jobs_needing_one_base_model_train_it_once(tmp_path):
 
 
 def test_kill_then_resume_gives_the_uninterrupted_result(tmp_path):
-    from recsys_compress.tasks.train_seqrec import train_seqrec
+    from recsys_compress.tasks.runner import run_task
 
     overrides = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=3",
                  "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false",
                  "model.optim.warmup_steps=2", "model.optim.scheduler=cosine",  # LR state must be restored too
                  "ckpt_path=null"]  # test the last epoch's weights, which the resumed part produced
-    straight = train_seqrec(compose_config(overrides, tmp_path / "straight"))
+    straight = run_task(compose_config(overrides, tmp_path / "straight"))
     with pytest.raises(RuntimeError, match="killed at the start of epoch 2"):
-        train_seqrec(compose_config([*overrides, "+callbacks.kill._target_=conftest.KillAfterEpoch",
+        run_task(compose_config([*overrides, "+callbacks.kill._target_=conftest.KillAfterEpoch",
                                      "+callbacks.kill.epoch=2"], tmp_path / "killed"))
     assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
-    resumed = train_seqrec(compose_config([*overrides, "resume=auto"], tmp_path / "killed"))
+    resumed = run_task(compose_config([*overrides, "resume=auto"], tmp_path / "killed"))
     for key in ("test/ndcg@10", "test/hr@10", "test/mrr", "val/best_ndcg@10"):
         assert resumed[key] == straight[key], key
     assert resumed["train/epochs"] == straight["train/epochs"] == 3
@@ -173,13 +173,13 @@ def test_a_missing_launcher_or_sweeper_names_the_package_to_install():
 
 
 def test_a_nan_loss_stops_training_with_the_epoch_and_step(tmp_path):
-    from recsys_compress.tasks.train_seqrec import train_seqrec
+    from recsys_compress.tasks.runner import run_task
 
     cfg = compose_config(["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20",
                           "trainer.max_epochs=1", "logger=none", "evaluation.popularity_baseline=false",
                           "model.optim.lr=1e30", "trainer.gradient_clip_val=null"], tmp_path)
     with pytest.raises(FloatingPointError, match=r"training loss is nan at epoch 0, step \d+: lower the learning rate"):
-        train_seqrec(cfg)
+        run_task(cfg)
 
 
 def test_an_optuna_search_runs_its_trials_on_the_validation_objective(tmp_path):

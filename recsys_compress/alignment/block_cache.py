@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from recsys_compress.models.lit_seqrec import position_ids_for
+from recsys_compress.models.item_llm import position_ids_for
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:

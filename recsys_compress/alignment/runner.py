@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 import warnings
@@ -19,6 +18,7 @@ from recsys_compress.alignment.block_cache import capture_teacher
 from recsys_compress.alignment.lstsq import progressive_lstsq
 from recsys_compress.alignment.progressive import ProgressiveAlignmentModule, check_alignable
 from recsys_compress.config import AlignmentConfig
+from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,6 @@ def align(
 
 
 def _write_reports(reports: list[dict[str, float]], output_dir: str | Path | None, loggers: list) -> None:
-    if not reports:
-        return
-    columns = list(reports[0])
-    if output_dir is not None:
-        with open(Path(output_dir) / "alignment_layers.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(reports)
-    for logger in loggers:
-        if hasattr(logger, "log_table"):  # W&B: one row per block, before and after
-            logger.log_table("align/layers_table", columns=columns, data=[list(r.values()) for r in reports])
+    # one row per block, before and after
+    write_table(reports, Path(output_dir) / "alignment_layers.csv" if output_dir is not None else None,
+                loggers, "align/layers_table")

@@ -11,7 +11,6 @@ a later ``trainer.fit(...)`` (progressive alignment) trains it.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from collections.abc import Sequence
@@ -35,6 +34,8 @@ from recsys_compress.compression.calibration import (
     select_linear_layers,
     split_calibration,
 )
+
+from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +205,8 @@ class SVDCompressionCallback(L.Callback):
 
     def _log(self, trainer: L.Trainer) -> None:
         assert self.reports is not None
-        rows = [r.as_dict() for r in self.reports]
-        columns = list(rows[0])
-        if self.report_dir is not None:
-            self.report_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.report_dir / "compression_layers.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
+        write_table([r.as_dict() for r in self.reports],
+                    self.report_dir / "compression_layers.csv" if self.report_dir is not None else None,
+                    trainer.loggers, "compression/layers_table")
         for logger in trainer.loggers:
-            if hasattr(logger, "log_table"):  # W&B: one table row per layer
-                logger.log_table("compression/layers_table", columns=columns, data=[list(r.values()) for r in rows])
             logger.log_metrics(self.summary())

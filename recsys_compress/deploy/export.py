@@ -29,7 +29,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import PreTrainedModel
 
-from recsys_compress.models.lit_seqrec import position_ids_for
+from recsys_compress.models.item_llm import position_ids_for
 
 log = logging.getLogger(__name__)
 

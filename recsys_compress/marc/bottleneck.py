@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recsys_compress.config import MARCConfig
+
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q || N(0, 1)) of each dimension of each row (``kl_to_standard_normal`` before its sum)."""
@@ -71,3 +73,13 @@ def hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     centre = torch.eye(n, device=x.device, dtype=x.dtype) - 1.0 / n
     k, l = _rbf_kernel(x), _rbf_kernel(y)
     return torch.trace(k @ centre @ l @ centre) / (n - 1) ** 2
+
+
+def deployed_codes(mu: torch.Tensor, logvar: torch.Tensor,
+                   m: MARCConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """What deployment caches and trains on: the codes (mu, or its ``m.export_dims`` most
+    informative dimensions), their posterior sigma when ``m.deploy_noise``, and the kept dimensions."""
+    kept = (informative_dims(mu, logvar, m.export_dims) if m.export_dims is not None
+            else torch.arange(mu.shape[1]))
+    codes = mu[:, kept].contiguous()
+    return codes, posterior_std(logvar[:, kept]) if m.deploy_noise else None, kept

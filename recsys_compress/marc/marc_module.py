@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
-from recsys_compress.marc.ctr_model import CTRMetricsMixin, DCNv2
-from recsys_compress.marc.llm_top import pooled
+from recsys_compress.ctr.model import CTRMetricsMixin, DCNv2
+from recsys_compress.representations.token_states import pooled
 
 
 class MARCModule(CTRMetricsMixin, L.LightningModule):

@@ -14,6 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count from each sequence's first real item, so left padding is invisible."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def build_llama(
     n_items: int,
     hidden_size: int = 64,

@@ -12,11 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from recsys_compress.evaluation.ranking import FullRankingMetrics
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count from each sequence's first real item, so left padding is invisible."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+from recsys_compress.models.item_llm import position_ids_for
 
 
 class SeqRecLitModule(L.LightningModule):

@@ -15,42 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import save_file
 
-from recsys_compress.config import ConfigError, MARCConfig, validate_marc
-from recsys_compress.marc.bottleneck import informative_dims, kl_to_standard_normal, posterior_std
-from recsys_compress.marc.ctr_model import RepresentationCompressor
-from recsys_compress.marc.llm_top import cached_token_states, llama_top
+from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.config import LLAMA_LINEARS, ConfigError, validate_marc
+from recsys_compress.ctr.fit import ctr_fields, fit_ctr
+from recsys_compress.ctr.model import RepresentationCompressor
+from recsys_compress.marc.bottleneck import deployed_codes, kl_to_standard_normal
 from recsys_compress.marc.marc_module import MARCModule
-from recsys_compress.marc.representations import item_texts
-from recsys_compress.tasks.mra_probe import build_encoder, callbacks_into, ctr_datamodule, ctr_fields, fit_ctr
-from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.models.finetune import add_lora
+from recsys_compress.representations.layer_means import item_texts
+from recsys_compress.representations.token_states import cached_token_states, llama_top
+from recsys_compress.utils.instantiators import instantiate_callbacks, instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
 
 log = logging.getLogger(__name__)
-
-
-def with_lora(top: torch.nn.Module, m: MARCConfig) -> torch.nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("marc.finetune=lora needs the peft package: pip install peft") from None
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(top, LoraConfig(r=m.lora_r, lora_alpha=2 * m.lora_r, target_modules=targets))
-
-
-def deployed_codes(mu: torch.Tensor, logvar: torch.Tensor,
-                   m: MARCConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """What deployment caches and trains on: the codes (mu, or its ``m.export_dims`` most
-    informative dimensions), their posterior sigma when ``m.deploy_noise``, and the kept dimensions."""
-    kept = (informative_dims(mu, logvar, m.export_dims) if m.export_dims is not None
-            else torch.arange(mu.shape[1]))
-    codes = mu[:, kept].contiguous()
-    return codes, posterior_std(logvar[:, kept]) if m.deploy_noise else None, kept
 
 
 def marc(cfg: DictConfig) -> dict[str, Any]:
@@ -59,7 +41,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
     d = run.dataset
-    dm = ctr_datamodule(run)
+    dm = build_ctr_datamodule(run)
     data = dm.data
 
     encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
@@ -77,7 +59,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     log.info("token states %s (%s): %s", cache_path, "cached" if hit else "extracted", tuple(states.shape))
     top = llama_top(encoder, m.trainable_layers) if m.trainable_layers else None
     if top is not None and m.finetune == "lora":
-        top = with_lora(top, m)
+        # the top's one-row token table is unused (its inputs are hidden states), so nothing else trains
+        add_lora(top, m.lora_r, 2 * m.lora_r, 0.0, list(LLAMA_LINEARS))
     del encoder
 
     c = run.ctr
@@ -92,7 +75,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=callbacks_into(cfg, output_dir / "checkpoints" / "marc", loggers))
+                                     callbacks=instantiate_callbacks(cfg, loggers, output_dir / "checkpoints" / "marc"))
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
     train_s = time.perf_counter() - t0

@@ -8,7 +8,6 @@ split), selected on validation AUC and tested. Representations come from the on-
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -16,31 +15,21 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
 
-from recsys_compress.config import (CTRConfig, ConfigError, MARCRunConfig, ProbeRunConfig, RepresentationConfig,
-                                    validate_probe)
-from recsys_compress.marc.ctr_data import CTRDataModule, CTRSplits, build_ctr_splits
-from recsys_compress.marc.ctr_model import CTRLitModule, RepresentationCompressor
-from recsys_compress.marc.representations import Encoder, cached_layer_means, item_texts, load_encoder, user_texts
-from recsys_compress.models.gguf_cache import convert_gguf
-from recsys_compress.tasks.train_seqrec import instantiate_group
+from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.config import ConfigError, ProbeRunConfig, validate_probe
+from recsys_compress.ctr.data import CTRSplits
+from recsys_compress.ctr.fit import ctr_fields, fit_ctr
+from recsys_compress.ctr.model import RepresentationCompressor
+from recsys_compress.representations.layer_means import cached_layer_means, item_texts, user_texts
+from recsys_compress.utils.instantiators import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
+from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
-
-
-def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -> Encoder:
-    if rep.model == "smollm2_135m" and not rep.path:
-        if not rep.gguf_path:
-            raise ConfigError("representation.gguf_path (or representation.path) is needed for smollm2_135m")
-        return load_encoder(rep.model, convert_gguf(rep.gguf_path, Path(cache_dir) / "models"))
-    return load_encoder(rep.model, rep.path, seed=seed)
 
 
 def layer_representations(
@@ -88,68 +77,11 @@ def layer_representations(
     return reps, user_reps, info
 
 
-def ctr_datamodule(run: ProbeRunConfig | MARCRunConfig) -> CTRDataModule:
-    """The run's CTR splits (``dataset``, ``ctr``, ``seed``) in a datamodule; ``.data`` holds them."""
-    d, c = run.dataset, run.ctr
-    data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
-    return CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed, c.batch_by, c.items_per_batch)
-
-
-def ctr_fields(c: CTRConfig) -> dict[str, Any]:
-    """What a CTR run records in metrics.json about how its CTR model was trained, so reports
-    pool only runs trained alike."""
-    return {"ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "ctr/batch_by": c.batch_by}
-
-
-def callbacks_into(cfg: DictConfig, checkpoint_dir: Path, loggers: list) -> list[L.Callback]:
-    """The run's callbacks, checkpointing into ``checkpoint_dir`` (one folder per model trained)."""
-    callbacks = []
-    for cb in instantiate_group(cfg.get("callbacks")):
-        if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = str(checkpoint_dir)
-        if isinstance(cb, LearningRateMonitor) and not loggers:
-            continue  # it refuses to start without a logger
-        callbacks.append(cb)
-    return callbacks
-
-
-def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
-            loggers: list, checkpoint_dir: Path,
-            user_compressor: RepresentationCompressor | None = None,
-            export_codes: Path | None = None) -> dict[str, float]:
-    """Train one CTR model on ``compressor``'s item features (and ``user_compressor``'s user
-    features, when given), select on val AUC, test. ``export_codes``: write the selected
-    model's compressed feature of every item there (``mu``, as MARC exports its codes), so a
-    fresh CTR model can be trained on them (experiments/evaluate_codes.py)."""
-    L.seed_everything(seed, workers=True)
-    lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
-                       cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
-                       weight_decay=c.weight_decay, user_compressor=user_compressor,
-                       item_id_dropout=c.item_id_dropout, known_items=dm.data.known_items())
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=callbacks_into(cfg, checkpoint_dir, loggers))
-    t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
-    train_s = time.perf_counter() - t0
-    ckpt = trainer.checkpoint_callback
-    best = "best" if ckpt is not None and ckpt.best_model_path else None
-    out = dict(trainer.test(lit, datamodule=dm, ckpt_path=best, verbose=False)[0])  # loads the best weights
-    out["time/train_s"] = train_s
-    if export_codes is not None and compressor.dim:
-        with torch.no_grad():
-            codes = lit.compressor.eval()(torch.arange(len(dm.data.item_ids), device=lit.device)).cpu()
-        save_file({"mu": codes.contiguous()}, str(export_codes),
-                  metadata={"kind": f"probe {compressor.kind}", "dim": str(codes.shape[1])})
-    if ckpt is not None and ckpt.best_model_score is not None:
-        out["val/best_auc"] = float(ckpt.best_model_score)
-    return out
-
-
 def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     run = validate_probe(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run.seed, workers=True)
-    dm = ctr_datamodule(run)
+    dm = build_ctr_datamodule(run)
     data = dm.data
     reps, user_reps, info = layer_representations(run, data, cfg.paths.cache_dir)
 
@@ -201,23 +133,18 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
 
 def write_layer_table(rows: list[dict[str, Any]], output_dir: Path, loggers: list) -> None:
     """``probe_layers.csv``, a console table, and a W&B table + line plot of AUC against layer."""
-    columns = ["layer", "val/best_auc", "test/auc", "test/logloss", "time/train_s"]
-    with open(output_dir / "probe_layers.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = write_table(rows, output_dir / "probe_layers.csv", loggers, "probe/layers_table",
+                          columns=["layer", "val/best_auc", "test/auc", "test/logloss", "time/train_s"])
     table = Table(title="MRA probe: AUC by layer")
     for c in columns:
         table.add_column(c)
     for r in rows:
         table.add_row(*(str(r[c]) if c == "layer" else f"{r[c]:.4f}" for c in columns))
     Console().print(table)
-    data = [[r[c] for c in columns] for r in rows]
     for logger in loggers:
         if hasattr(logger, "log_table"):
             import wandb
 
-            logger.log_table("probe/layers_table", columns=columns, data=data)
-            wandb_table = wandb.Table(columns=columns, data=data)
+            wandb_table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             logger.experiment.log({"probe/mra_curve": wandb.plot.line(
                 wandb_table, "layer", "test/auc", title="MRA curve: test AUC by layer")})

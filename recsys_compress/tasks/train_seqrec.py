@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -23,87 +22,28 @@ from recsys_compress.compression.allocation import check_budget
 from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.callback import SVDCompressionCallback
 from recsys_compress.compression.serialization import save_compressed
-from recsys_compress.config import ConfigError, DatasetConfig, ModelConfig, RunConfig, validate
+from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.config import ConfigError, RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
 from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
-from recsys_compress.models.gguf_cache import convert_gguf
-from recsys_compress.models.item_llm import (
-    build_llama,
-    count_nonzero_parameters,
-    count_parameters,
-    load_item_llm,
-    serialized_megabytes,
-)
-from recsys_compress.models.lit_seqrec import SeqRecLitModule
-from recsys_compress.tasks.base_cache import (
+from recsys_compress.models.base_cache import (
     base_model_key,
     base_model_lock,
     load_base,
     load_base_test_per_user,
     store_base,
 )
+from recsys_compress.models.item_llm import count_nonzero_parameters, count_parameters, serialized_megabytes
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.utils.callbacks import TrainingThroughput
+from recsys_compress.utils.instantiators import instantiate_callbacks, instantiate_group
 from recsys_compress.utils.ddp_sweep import multi_process
 from recsys_compress.utils.run_outputs import finish_run, global_rank
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
-    dm = NextItemDataModule(
-        format=cfg.format,
-        path=cfg.path,
-        name=cfg.file_name,
-        min_rating=cfg.min_rating,
-        k_core=cfg.k_core,
-        max_len=cfg.max_len,
-        train_windows=cfg.train_windows,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        num_workers=cfg.num_workers,
-        seed=seed,
-    )
-    dm.setup()
-    return dm
-
-
-def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path) -> PreTrainedModel:
-    assert dm.data is not None
-    if cfg.source == "scratch":
-        return build_llama(
-            dm.n_items,
-            hidden_size=cfg.hidden_size,
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_len=dm.max_len,
-            dropout=cfg.dropout,
-            tie_embeddings=cfg.tie_embeddings,
-        )
-    path = cfg.pretrained_path or convert_gguf(cfg.gguf_path, Path(cache_dir) / "models")
-    texts = dm.data.item_texts() if cfg.item_init == "text" else None
-    return load_item_llm(path, dm.n_items, texts, cfg.item_init)
-
-
-def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
-    o, e = run.model.optim, run.evaluation
-    return SeqRecLitModule(
-        model,
-        lr=o.lr,
-        item_lr=o.item_lr,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        warmup_steps=o.warmup_steps,
-        scheduler=o.scheduler,
-        embedding_dropout=run.model.embedding_dropout,
-        exclude_seen=e.exclude_seen,
-        hr_ks=tuple(e.hr_ks),
-        ndcg_ks=tuple(e.ndcg_ks),
-    )
 
 
 def check_allocation(run: RunConfig, model: PreTrainedModel) -> None:
@@ -123,13 +63,6 @@ def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
     for key, value in stats.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a logger/callbacks group (none: [])."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def compress_and_test(
@@ -217,9 +150,7 @@ def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, lo
                resume: str | None = None) -> dict[str, Any]:
     """Fit (or resume), then test the best-validation checkpoint; returns test and training metrics."""
     throughput = TrainingThroughput()
-    callbacks = instantiate_group(cfg.get("callbacks")) + [throughput]
-    if not loggers:  # logger=none: callbacks that only feed loggers would refuse to start
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks = instantiate_callbacks(cfg, loggers) + [throughput]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import LlamaModel
 
-from recsys_compress.marc.representations import Encoder, cache_entry, load_or_build
+from recsys_compress.representations.layer_means import Encoder, cache_entry, load_or_build
 
 
 def llama_top(encoder: Encoder, k: int) -> LlamaModel:

@@ -1,0 +1,94 @@
+"""Objects from validated config: what the tasks, the experiment scripts and the tests share.
+
+Each builder takes its config object whole and returns a ready object (a set-up datamodule, a
+model, a LightningModule, an encoder); none trains or writes results, so tasks stay the only
+orchestrators.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from recsys_compress.config import (ConfigError, DatasetConfig, MARCRunConfig, ModelConfig, ProbeRunConfig,
+                                    RepresentationConfig, RunConfig)
+from recsys_compress.ctr.data import CTRDataModule, build_ctr_splits
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.models.gguf_cache import convert_gguf
+from recsys_compress.models.item_llm import build_llama, load_item_llm
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.representations.layer_means import Encoder, load_encoder
+
+
+def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
+    """The next-item datamodule of ``cfg``, set up (its ``data`` is read and split)."""
+    dm = NextItemDataModule(
+        format=cfg.format,
+        path=cfg.path,
+        name=cfg.file_name,
+        min_rating=cfg.min_rating,
+        k_core=cfg.k_core,
+        max_len=cfg.max_len,
+        train_windows=cfg.train_windows,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        seed=seed,
+    )
+    dm.setup()
+    return dm
+
+
+def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path) -> PreTrainedModel:
+    """A LLaMA over ``dm``'s items: from scratch, or pretrained with a new item vocabulary."""
+    assert dm.data is not None
+    if cfg.source == "scratch":
+        return build_llama(
+            dm.n_items,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_len=dm.max_len,
+            dropout=cfg.dropout,
+            tie_embeddings=cfg.tie_embeddings,
+        )
+    path = cfg.pretrained_path or convert_gguf(cfg.gguf_path, Path(cache_dir) / "models")
+    texts = dm.data.item_texts() if cfg.item_init == "text" else None
+    return load_item_llm(path, dm.n_items, texts, cfg.item_init)
+
+
+def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
+    """The training/evaluation LightningModule around ``model``."""
+    o, e = run.model.optim, run.evaluation
+    return SeqRecLitModule(
+        model,
+        lr=o.lr,
+        item_lr=o.item_lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        warmup_steps=o.warmup_steps,
+        scheduler=o.scheduler,
+        embedding_dropout=run.model.embedding_dropout,
+        exclude_seen=e.exclude_seen,
+        hr_ks=tuple(e.hr_ks),
+        ndcg_ks=tuple(e.ndcg_ks),
+    )
+
+
+def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -> Encoder:
+    """The text encoder whose layer-wise representations the CTR tasks read."""
+    if rep.model == "smollm2_135m" and not rep.path:
+        if not rep.gguf_path:
+            raise ConfigError("representation.gguf_path (or representation.path) is needed for smollm2_135m")
+        return load_encoder(rep.model, convert_gguf(rep.gguf_path, Path(cache_dir) / "models"))
+    return load_encoder(rep.model, rep.path, seed=seed)
+
+
+def build_ctr_datamodule(run: ProbeRunConfig | MARCRunConfig) -> CTRDataModule:
+    """The run's CTR splits (``dataset``, ``ctr``, ``seed``) in a datamodule; ``.data`` holds them."""
+    d, c = run.dataset, run.ctr
+    data = build_ctr_splits(d.format, d.path, d.file_name, c.threshold, tuple(c.split), c.split_by, run.seed)
+    return CTRDataModule(data, c.batch_size, c.eval_batch_size, run.seed, c.batch_by, c.items_per_batch)
