@@ -9,6 +9,11 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__))
 # W&B is offline unless the user opts in (WANDB_MODE=online); no account or network needed.
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from recsys_compress.config import register_schemas  # noqa: E402
+
+# Every group's defaults come from its schema (GROUP/base); also in jobs a launcher starts anew.
+register_schemas()
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recsys_compress.compression.callback import SVDCompressionCallback
+    from recsys_compress.compression.callback import CompressionCallback
     from recsys_compress.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for gram_dtype, batches in variants:
             lit = copy.deepcopy(base)
-            cb = SVDCompressionCallback(method=args.method, ratio=args.ratio, calib_batches=batches,
-                                        gram_dtype=gram_dtype)
+            cb = CompressionCallback(run.compression.replace(method=args.method, calib_batches=batches,
+                                                             gram_dtype=gram_dtype), args.ratio)
             cb.compress(lit, dm.train_dataloader())
             summary = cb.summary()
             samples[(gram_dtype, batches)].append({**summary, "tokens": tokens[batches]})

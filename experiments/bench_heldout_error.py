@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recsys_compress.compression.callback import SVDCompressionCallback
+    from recsys_compress.compression.callback import CompressionCallback
     from recsys_compress.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.utils.compose import compose_config
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in args.ratios:
         for method in args.methods:
             lit = copy.deepcopy(base)
-            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches,
-                                        heldout_batches=args.heldout_batches)
+            cb = CompressionCallback(run.compression.replace(method=method, calib_batches=args.calib_batches,
+                                                             heldout_batches=args.heldout_batches), ratio)
             cb.compress(lit, dm.train_dataloader())
             s = cb.summary()
             rows.append({"method": method, "ratio": ratio, "in_sample": s["compression/mean_rel_output_error"],

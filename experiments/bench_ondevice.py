@@ -39,7 +39,7 @@ def build_variant(args: argparse.Namespace, variant: str):
     """The model of ``variant`` (base, METHOD@R, with +int8), its datamodule and compression time."""
     import torch
 
-    from recsys_compress.compression.callback import SVDCompressionCallback
+    from recsys_compress.compression.callback import CompressionCallback
     from recsys_compress.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.utils.compose import compose_config
@@ -55,9 +55,10 @@ def build_variant(args: argparse.Namespace, variant: str):
     method = method.removesuffix("+int8")
     compress_s = 0.0
     if method != "base" or quantize:
-        cb = SVDCompressionCallback(
-            method="int8" if method == "base" else method, ratio=float(ratio or 1.0),
-            calib_batches=args.calib_batches, quantize="int8" if quantize else None,
+        cb = CompressionCallback(
+            run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
+                                    quantize="int8" if quantize else None),
+            float(ratio or 1.0),
             defer_quantize=args.runtime == "onnx",  # onnxruntime quantises the exported graph
         )
         cb.compress(lit, dm.train_dataloader())

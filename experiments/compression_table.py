@@ -17,6 +17,12 @@ method), aligns and tests. Writes a markdown table and a JSON file.
 
 With several ``--allocations`` each low-rank cell is also compared with its uniform twin on the
 same test users (``vs_uniform/ndcg@10`` and its paired bootstrap interval).
+
+Every cell's config is composed by Hydra as ``train.py`` would compose it: the run's own command
+line (``RUN_DIR/.hydra/overrides.yaml``), then ``compression=METHOD ratio=R
+compression.allocation=A alignment=NAME``, then any ``KEY=VALUE`` given here (e.g.
+``alignment.lr=1e-4``, ``compression.asvd_alpha=0.3``, ``trainer.precision=32-true``); the
+Trainer is the run's ``trainer`` group.
 """
 
 from __future__ import annotations
@@ -29,18 +35,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from recsys_compress.alignment.runner import align
-from recsys_compress.compression.allocation import ALLOCATIONS
-from recsys_compress.compression.callback import SVDCompressionCallback
-from recsys_compress.config import AlignmentConfig, from_mapping, validate
-from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
-from recsys_compress.models.finetune import add_lora, merge_lora
-from recsys_compress.models.base_cache import cache_folder, load_base
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.compression.allocation import ALLOCATIONS
+from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
+from recsys_compress.config import RunConfig, validate
+from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+from recsys_compress.models.base_cache import cache_folder, load_base
+from recsys_compress.models.finetune import add_lora, merge_lora
 from recsys_compress.utils.cli import split_overrides
-from recsys_compress.utils.compose import PROJECT_ROOT
+from recsys_compress.utils.compose import compose_config
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
@@ -48,7 +56,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run) -> str:
+def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run: RunConfig) -> str:
     """Put the run's trained base model into ``lit``; returns where the weights came from.
 
     The cached base model (named by ``base/cache_key`` in the run's metrics.json) comes first:
@@ -72,15 +80,10 @@ def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run
     return str(ckpt)
 
 
-def _parse(value: str):
-    """A command-line value as YAML would read it (numbers, booleans, strings)."""
-    return OmegaConf.create(f"v: {value}").v
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "odllm"])
+    parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "odllm"], choices=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--heldout-batches", type=int, default=4)
@@ -89,16 +92,24 @@ def main() -> None:
     parser.add_argument("--alignments", nargs="+", default=["none"],
                         choices=["none", "progressive", "progressive_lstsq"])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*", help="alignment.KEY=VALUE settings (conf/alignment/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE Hydra overrides for every cell (e.g. alignment.lr=1e-4)")
     options, overrides = split_overrides(sys.argv[1:])
     args = parser.parse_args(options)
-    args.overrides = overrides
 
-    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
-    # The saved config keeps ${hydra:...} interpolations, which resolve only inside Hydra.
-    cfg.paths.root_dir = str(PROJECT_ROOT)
-    cfg.paths.output_dir = str(args.run_dir)
-    run = validate(cfg)
+    run_overrides = list(OmegaConf.load(args.run_dir / ".hydra" / "overrides.yaml"))
+
+    def cell(method: str = "none", ratio: float | None = None, allocation: str = "uniform",
+             alignment: str = "none"):
+        """The composed config and validated run of one cell."""
+        cell_overrides = [f"compression={method}", f"alignment={alignment}"]
+        if method != "none":
+            cell_overrides += [f"ratio={ratio}", f"compression.calib_batches={args.calib_batches}",
+                               f"compression.heldout_batches={args.heldout_batches}",
+                               f"compression.allocation={allocation}"]
+        cfg = compose_config([*run_overrides, *cell_overrides, *overrides], args.run_dir)
+        return cfg, validate(cfg)
+
+    cfg, run = cell()
     L.seed_everything(run.seed)
     dm = build_datamodule(run.dataset, run.seed)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
@@ -106,32 +117,21 @@ def main() -> None:
     base_model = copy.deepcopy(lit.model)
 
     def test(callbacks=()) -> dict:
-        trainer = L.Trainer(logger=False, callbacks=list(callbacks), enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", devices=1)
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=list(callbacks),
+                                         enable_checkpointing=False, enable_progress_bar=False,
+                                         enable_model_summary=False)
         return trainer.test(lit, datamodule=dm, verbose=False)[0]
-
-    def alignment_config(name: str) -> AlignmentConfig:
-        node = OmegaConf.load(PROJECT_ROOT / "conf" / "alignment" / f"{name}.yaml")
-        fields = AlignmentConfig.__dataclass_fields__
-        for item in args.overrides:
-            key, _, value = item.partition("=")
-            field = key.removeprefix("alignment.")
-            if not key.startswith("alignment.") or field not in fields:
-                parser.error(f"{item}: expected alignment.KEY=VALUE with KEY in {', '.join(fields)}")
-            if field in node:  # a key the chosen alignment uses
-                node[field] = _parse(value)
-        return from_mapping(AlignmentConfig, OmegaConf.to_container(node), "alignment")
 
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
     rows, per_user_of = [], {}
-    low_rank = ("svd", "asvd", "odllm")
+    low_rank = LOW_RANK_METHODS
     for ratio in args.ratios:
         for method, allocation in [(m, a) for m in args.methods
                                    for a in (args.allocations if m in low_rank else ["uniform"])]:
             lit.model = copy.deepcopy(base_model)
-            cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=args.calib_batches,
-                                        heldout_batches=args.heldout_batches, allocation=allocation)
+            _, compressing = cell(method, ratio, allocation)
+            cb = CompressionCallback(compressing.compression, ratio)
             compressed_result = test([cb])  # the callback compresses at setup
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
@@ -149,7 +149,9 @@ def main() -> None:
                        "time/compress_s": summary["time/compress_s"]}
                 if alignment != "none":
                     L.seed_everything(run.seed)
-                    row.update(align(alignment_config(alignment), base_model, lit.model, dm.train_dataloader()))
+                    aligning = cell(method, ratio, allocation, alignment)[1].alignment
+                    row.update(align(aligning, base_model, lit.model, dm.train_dataloader(),
+                                     trainer_factory=lambda **kw: instantiate(cfg.trainer, **kw)))
                     result, per_user = test(), lit.test_per_user
                 row["test/ndcg@10"] = result["test/ndcg@10"]
                 row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]

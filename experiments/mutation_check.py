@@ -43,7 +43,7 @@ FAULTS = [
           "        return str(last)", "        return None",
           ("tests/test_sweeps.py::test_kill_then_resume_gives_the_uninterrupted_result",)),
     Fault("marc_loss_drops_kl", "recsys_compress/marc/marc_module.py",
-          "        loss = bce + self.hparams.beta * kl", "        loss = bce",
+          "        loss = bce + self.marc.beta * kl", "        loss = bce",
           ("tests/test_marc.py::test_the_kl_weight_beta_pulls_marcs_posterior_towards_the_prior",)),
     Fault("probe_reads_final_layer", "recsys_compress/tasks/mra_probe.py",
           "RepresentationCompressor(None if reps is None else reps[layer],",

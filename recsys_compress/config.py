@@ -1,96 +1,143 @@
-"""Typed, validated views of the Hydra config groups that our own code consumes.
+"""Typed, validated schemas of the Hydra config groups that our own code consumes.
 
-Hydra composes YAML; these dataclasses check it before any work starts: unknown keys,
-wrong types, values outside their allowed set or range all fail with the full key name
-and what is allowed. Groups that configure third-party objects through ``_target_``
-(trainer, logger, callbacks) are validated by those objects' own constructors.
+Each schema is a pydantic model and declares every default of its group once. The defaults
+reach the composed config through Hydra's ConfigStore (``register_schemas``: each group's
+``base`` option, which the group's YAML files list first), so ``python train.py --cfg job``
+shows them and every key can be overridden without a ``+``; the YAML files set only what
+differs. pydantic rejects unknown keys and wrong types; each schema's ``check`` holds the
+range and cross-field rules. Every failure is a ``ConfigError`` naming the full key and what is
+allowed, raised before any work starts. Groups that configure third-party objects through
+``_target_`` (trainer, logger, callbacks) are validated by those objects' own constructors.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-from pathlib import Path
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recsys_compress.compression.allocation import ALLOCATIONS
+from recsys_compress.compression.calibration import DEFAULT_TARGETS
+from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
 
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: " + "; ".join(errors))
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return from_mapping(hint, value, key)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return value
-    return value
+S = typing.TypeVar("S", bound="Schema")
 
 
-T = typing.TypeVar("T")
+class Schema(BaseModel):
+    """A config group: unknown keys and wrong types fail (strict: no "3" for 3), then ``check``.
+
+    ``KEY`` is where the group sits in the composed config; messages name keys under it.
+    """
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=False)
+    KEY: ClassVar[str] = ""
+
+    def __init__(self, **data: Any) -> None:  # built in Python (scripts, tests): the same errors
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _config_error(type(self), e, self.KEY) from None
+
+    def replace(self: S, **changes: Any) -> S:
+        """A validated copy with ``changes`` (``dataclasses.replace`` for schemas)."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+    def check(self, p: str) -> None:
+        """Range and cross-field rules; raise ``ConfigError`` naming ``p.KEY``."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Schema:
+        self.check(self.KEY)
+        return self
 
 
-def from_mapping(cls: type[T], mapping: dict[str, Any], prefix: str) -> T:
-    """Build dataclass ``cls`` from ``mapping``, rejecting unknown keys and bad values."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(mapping) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}.{unknown[0]}; allowed keys in {prefix}: {', '.join(names)}"
-        )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}"
-        if f.name not in mapping:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"missing required key {key}")
+_TYPE_MESSAGES = {
+    "float_type": "must be a number", "int_type": "must be an integer", "bool_type": "must be true or false",
+    "string_type": "must be a string", "list_type": "must be a list", "model_type": "must be a mapping",
+    "dict_type": "must be a mapping", "int_from_float": "must be an integer",
+}
+
+
+def _schema_in(annotation: Any) -> type[Schema] | None:
+    candidates = (annotation, *typing.get_args(annotation))
+    return next((a for a in candidates if isinstance(a, type) and issubclass(a, Schema)), None)
+
+
+def _field_path(cls: type[Schema], loc: tuple[Any, ...]) -> tuple[list[str], type[Schema] | None]:
+    """The key path of a pydantic error location and the schema that holds its last key.
+    Inside a field that is not a schema, string parts are union-member tags ("int",
+    "literal['all']"), not keys."""
+    path: list[str] = []
+    owner, current = cls, cls
+    for part in loc:
+        if isinstance(part, int):
+            path[-1] += f"[{part}]"
+        elif current is not None:
+            owner = current
+            path.append(str(part))
+            field = current.model_fields.get(str(part))
+            current = _schema_in(field.annotation) if field is not None else None
+    return path, owner
+
+
+def _config_error(cls: type[Schema], error: ValidationError, prefix: str) -> ConfigError:
+    """The first problem of ``error`` as a ConfigError with the full key and what is allowed."""
+    errors = error.errors()
+    for e in errors:  # a rule of ``check``: its message is already complete
+        original = (e.get("ctx") or {}).get("error")
+        if isinstance(original, ConfigError):
+            return original
+    first = errors[0]
+    path, owner = _field_path(cls, first["loc"])
+    key = ".".join(p for p in (prefix, *path) if p)
+    same = [e for e in errors if _field_path(cls, e["loc"])[0] == path]  # union members of one field
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        parent = key.rpartition(".")[0] or "the top level"
+        allowed = ", ".join(owner.model_fields) if owner is not None else ""
+        return ConfigError(f"unknown key {key}; allowed keys in {parent}: {allowed}")
+    if first["type"] == "missing":
+        field = owner.model_fields.get(path[-1]) if owner is not None and path else None
+        group = field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, Schema)
+        if group:
+            return ConfigError(f"missing config group '{key}' (choose one with {key}=NAME)")
+        return ConfigError(f"missing required key {key}")
+    field = owner.model_fields.get(path[-1]) if owner is not None and path else None
+    nullable = field is not None and type(None) in typing.get_args(field.annotation)
+    parts = []
+    for e in same:
+        if e["type"] == "literal_error":
+            allowed = ("null, " if nullable else "") + e["ctx"]["expected"].replace("' or '", "', '").replace("'", "")
+            parts.append(("is not allowed; allowed: " if len(same) == 1 else "allowed: ") + allowed)
+        else:
+            parts.append(_TYPE_MESSAGES.get(e["type"], e["msg"].lower()))
+    return ConfigError(f"{key}={value!r} " + parts[0] if len(parts) == 1 else f"{key}={value!r}: " + "; ".join(parts))
+
+
+def parse(cls: type[S], mapping: dict[str, Any], prefix: str | None = None) -> S:
+    """``cls`` from plain data; raises ``ConfigError`` naming the offending key."""
+    try:
+        return cls.model_validate(mapping)
+    except ValidationError as e:
+        raise _config_error(cls, e, cls.KEY if prefix is None else prefix) from None
+
+
+def defaults_of(cls: type[Schema]) -> dict[str, Any]:
+    """The fields of ``cls`` that have defaults, as plain data (what its ``base`` option holds)."""
+    out = {}
+    for name, f in cls.model_fields.items():
+        if f.is_required():
             continue
-        kwargs[f.name] = _check_type(mapping[f.name], hints[f.name], key)
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(prefix)
-    return obj
+        value = f.get_default(call_default_factory=True)
+        out[name] = defaults_of(type(value)) if isinstance(value, Schema) else value
+    return out
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -98,15 +145,16 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
-@dataclass
-class DatasetConfig:
+class DatasetConfig(Schema):
+    KEY: ClassVar[str] = 'dataset'
     name: str
     format: Literal["grouplens_csv", "recbole_atomic", "sequence_text"]
     path: str
     file_name: str | None = None  # RecBole NAME of NAME.inter; defaults to the folder name
     min_rating: float | None = None  # None: every rating is an interaction
-    k_core: int = 0
-    max_len: int = 50
+    k_core: int = 0  # keep users and items with >= k interactions (0 or 1: off)
+    max_len: int = 50  # the history a model sees (items)
+    # recent: one training window per user (the latest max_len items); all: every window
     train_windows: Literal["recent", "all"] = "recent"
     batch_size: int = 128
     eval_batch_size: int = 256
@@ -120,14 +168,14 @@ class DatasetConfig:
         _require(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, ">= 0")
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Schema):
+    KEY: ClassVar[str] = 'model.optim'
     lr: float = 1e-3
     # Learning rate of the item table (input embeddings and a tied head). null: ``lr``. A
     # pretrained decoder wants a small rate, its new item vocabulary a large one.
     item_lr: float | None = None
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 0
     scheduler: Literal["constant", "cosine"] = "constant"
 
@@ -145,13 +193,13 @@ class OptimConfig:
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class LoraSettings:
+class LoraSettings(Schema):
     """LoRA adapters (PEFT) on the decoder's linears; merged into the weights after training."""
+    KEY: ClassVar[str] = 'model.lora'
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEARS))
 
     def check(self, p: str) -> None:
         _require(self.r >= 1, f"{p}.r", self.r, ">= 1")
@@ -161,29 +209,29 @@ class LoraSettings:
                  "at least one linear name (e.g. q_proj)")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Schema):
+    KEY: ClassVar[str] = 'model'
     name: str
     source: Literal["scratch", "pretrained"] = "scratch"
     # scratch LLaMA
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    num_kv_heads: int | None = None
-    intermediate_size: int | None = None
-    dropout: float = 0.1
+    num_kv_heads: int | None = None  # null: same as num_heads (no grouped-query attention)
+    intermediate_size: int | None = None  # null: 4 x hidden_size
+    dropout: float = 0.1  # attention dropout
     tie_embeddings: bool = True
     # pretrained: a local Hugging Face folder, or a GGUF file converted once into the cache
     pretrained_path: str | None = None
     gguf_path: str | None = None
-    item_init: Literal["text", "random"] = "text"
+    item_init: Literal["text", "random"] = "text"  # text: item embeddings start from the LLM's embeddings of the item text
     embedding_dropout: float = 0.1
     # full: every weight trains. lora: the decoder is frozen and LoRA adapters train beside the
     # (always fully trained) item table; the adapters are merged after training, so the cached
     # base model, compression and export see a stock model.
     finetune: Literal["full", "lora"] = "full"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
 
     def check(self, p: str) -> None:
         for key in ("hidden_size", "num_layers", "num_heads"):
@@ -202,12 +250,13 @@ class ModelConfig:
             )
 
 
-@dataclass
-class EvaluationConfig:
-    exclude_seen: bool = True
-    hr_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
-    ndcg_ks: list[int] = field(default_factory=lambda: [5, 10, 20])
-    popularity_baseline: bool = True
+class EvaluationConfig(Schema):
+    KEY: ClassVar[str] = 'evaluation'
+    # Full ranking over the whole catalogue, leave-one-out.
+    exclude_seen: bool = True  # items already in the user's history are not ranked
+    hr_ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    ndcg_ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    popularity_baseline: bool = True  # also report the popularity baseline under the same protocol
 
     def check(self, p: str) -> None:
         for key in ("hr_ks", "ndcg_ks"):
@@ -218,46 +267,55 @@ class EvaluationConfig:
         _require({5, 10, 20} <= set(self.ndcg_ks), f"{p}.ndcg_ks", self.ndcg_ks, "must include 5, 10, 20")
 
 
-@dataclass
-class CompressionConfig:
-    method: Literal["none", "svd", "asvd", "odllm", "prune_magnitude", "wanda", "int8"] = "none"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    calib_batches: int = 16
+class CompressionConfig(Schema):
+    KEY: ClassVar[str] = "compression"
+    method: Literal[("none",) + tuple(METHODS)] = "none"  # type: ignore[valid-type]  # compression/methods.py
+    # Globs over module names; default: q/k/v/o and gate/up/down of every decoder block.
+    include: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude: list[str] = Field(default_factory=list)
+    calib_batches: int = 16  # training batches of the recommendation data used for statistics
     heldout_batches: int = 4  # further batches, of users outside calibration: held-out output error
-    asvd_alpha: float = 0.5
+    asvd_alpha: float = 0.5  # asvd: channels scaled by mean|x|^alpha
     quantize: Literal["int8"] | None = None  # stack int8 on a low-rank or pruned model
-    gram_dtype: Literal["float32", "float64"] = "float64"  # per-batch x^T x; sums are always float64
-    # ranks: one ratio per matrix, or one budget over all (compression/allocation.py)
-    allocation: Literal["uniform", "global", "global_relative"] = "uniform"
+    # per-batch x^T x (sums are always float64); float32 is faster but can lose positive definiteness
+    gram_dtype: Literal["float32", "float64"] = "float64"
+    # uniform: every matrix keeps `ratio` of its parameters. global: the same total, spent on the
+    # singular directions that remove most error per parameter over all matrices; global_relative:
+    # the same on each matrix's normalised spectrum (compression/allocation.py).
+    allocation: Literal[ALLOCATIONS] = "uniform"  # type: ignore[valid-type]
     min_rank: int = 1  # global allocations: the least rank any matrix keeps
 
     def check(self, p: str) -> None:
         _require(self.min_rank >= 1, f"{p}.min_rank", self.min_rank, ">= 1")
-        if self.allocation != "uniform" and self.method not in ("svd", "asvd", "odllm"):
-            raise ConfigError(f"{p}.allocation={self.allocation} sets ranks: it applies to svd, asvd, odllm, "
-                              f"not {p}.method={self.method}")
+        if self.allocation != "uniform" and self.method not in LOW_RANK_METHODS:
+            raise ConfigError(f"{p}.allocation={self.allocation} sets ranks: it applies to "
+                              f"{', '.join(LOW_RANK_METHODS)}, not {p}.method={self.method}")
         _require(self.calib_batches >= 1, f"{p}.calib_batches", self.calib_batches, ">= 1")
         _require(self.heldout_batches >= 0, f"{p}.heldout_batches", self.heldout_batches, ">= 0 (0: no held-out error)")
         _require(self.asvd_alpha >= 0, f"{p}.asvd_alpha", self.asvd_alpha, ">= 0")
         if self.method != "none" and not self.include:
             raise ConfigError(f"{p}.include is empty: compression.method={self.method} needs layers to compress")
 
+    @property
+    def quantizes(self) -> str | None:
+        """The int8 step: compression=int8, or int8 stacked on another method."""
+        return "int8" if self.method == "int8" else self.quantize
 
-@dataclass
-class AlignmentConfig:
+
+class AlignmentConfig(Schema):
+    KEY: ClassVar[str] = "alignment"
     method: Literal["none", "progressive", "progressive_lstsq"] = "none"
-    batches: int = 16            # training batches whose hidden states drive the alignment
-    steps_per_layer: int = 100   # progressive: optimiser steps per decoder block
-    lr: float = 1e-3
+    batches: int = 16            # training batches whose hidden states are cached for alignment
+    steps_per_layer: int = 100   # progressive: AdamW steps per decoder block
+    lr: float = 1e-3             # progressive: 1e-4 for whitened SmolLM2 factors (BENCHMARKS.md)
     weight_decay: float = 0.0
     scheduler: Literal["constant", "cosine"] = "cosine"  # restarts with every block
     warmup_steps: int = 0
-    task_weight: float = 0.0     # + task_weight x next-item cross-entropy
-    distill_weight: float = 0.0  # + distill_weight x T^2 KL(teacher || student logits)
+    task_weight: float = 0.0     # + task_weight x next-item cross-entropy through the blocks above
+    distill_weight: float = 0.0  # + distill_weight x T^2 KL(teacher logits || student logits)
     distill_temperature: float = 1.0
-    ridge: float = 1e-4          # progressive_lstsq: Tikhonov term, relative to mean diag(ZZ^T)
-    checkpoint: bool = True      # progressive: checkpoint after every block (resume support)
+    ridge: float = 1e-4          # progressive_lstsq: Tikhonov term, relative to mean diag((B X)(B X)^T)
+    checkpoint: bool = True      # progressive: RUN_DIR/alignment/last.ckpt after every block (resume)
 
     def check(self, p: str) -> None:
         _require(self.batches >= 1, f"{p}.batches", self.batches, ">= 1")
@@ -272,26 +330,36 @@ class AlignmentConfig:
         _require(self.ridge >= 0, f"{p}.ridge", self.ridge, ">= 0")
 
 
-@dataclass
-class ExportConfig:
-    save: bool = True   # the final compressed model as safetensors in RUN_DIR/model
-    onnx: bool = False  # and as an ONNX artefact for `recsys-recommend` in RUN_DIR/onnx
+class ExportConfig(Schema):
+    KEY: ClassVar[str] = "export"
+    save: bool  # the final compressed model as safetensors in RUN_DIR/model (declared in conf/train.yaml)
+    onnx: bool  # and as an ONNX artefact for `recsys-recommend` in RUN_DIR/onnx
 
 
-@dataclass
-class RunConfig:
-    """The parts of the composed config that the training task reads directly."""
+class RunConfig(Schema):
+    """The parts of the composed config that the training task reads directly. The top-level
+    keys (seed, ratio, base_cache, resume, export) are declared in ``conf/train.yaml``."""
+    KEY: ClassVar[str] = ""
 
     seed: int
     dataset: DatasetConfig
     model: ModelConfig
     evaluation: EvaluationConfig
     compression: CompressionConfig
-    ratio: float
+    ratio: float  # the fraction of the targeted matrices' parameters kept
     base_cache: bool
-    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    resume: str | None = None
+    alignment: AlignmentConfig
+    export: ExportConfig
+    resume: str | None
+
+    def check(self, p: str) -> None:
+        _require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_file():
+            raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
+        if self.alignment.method != "none" and self.compression.method not in LOW_RANK_METHODS:
+            raise ConfigError(
+                f"alignment={self.alignment.method} refines low-rank factors, but compression.method="
+                f"{self.compression.method}; allowed with alignment: {', '.join(LOW_RANK_METHODS)}")
 
 
 # Top-level keys that the runner, Hydra's paths and Lightning read, besides the fields of the
@@ -300,8 +368,8 @@ _INFRASTRUCTURE_KEYS = ("task_name", "task", "paths", "trainer", "logger", "call
 
 
 def _known_top_level_keys() -> list[str]:
-    fields = {f.name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig) for f in dataclasses.fields(cls)}
-    return sorted(fields | {"probe", "marc", "representation", "ctr"} | set(_INFRASTRUCTURE_KEYS))
+    fields = {name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig) for name in cls.model_fields}
+    return sorted(fields | set(_INFRASTRUCTURE_KEYS))
 
 
 def _checked_container(cfg: DictConfig) -> dict[str, Any]:
@@ -325,24 +393,19 @@ def _checked_container(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
+def _fields_of(cls: type[Schema], container: dict[str, Any]) -> dict[str, Any]:
+    return {k: container[k] for k in cls.model_fields if k in container}
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Validate the composed config; raises ``ConfigError`` naming the offending key."""
     container = _checked_container(cfg)
-    for group in ("dataset", "model"):
-        if group not in container:
-            raise ConfigError(f"missing config group '{group}' (choose one with {group}=NAME)")
-    return RunConfig(
-        seed=_check_type(container.get("seed", 0), int, "seed"),
-        dataset=from_mapping(DatasetConfig, container["dataset"], "dataset"),
-        model=from_mapping(ModelConfig, container["model"], "model"),
-        evaluation=from_mapping(EvaluationConfig, container.get("evaluation", {}), "evaluation"),
-        compression=from_mapping(CompressionConfig, container.get("compression", {}), "compression"),
-        ratio=_check_ratio(container.get("ratio", 1.0)),
-        base_cache=_check_type(container.get("base_cache", True), bool, "base_cache"),
-        alignment=_check_alignment(container),
-        export=from_mapping(ExportConfig, container.get("export", {}), "export"),
-        resume=_check_resume(container.get("resume")),
-    )
+    run = parse(RunConfig, _fields_of(RunConfig, container))
+    strategy = str((container.get("trainer") or {}).get("strategy", "auto"))
+    if run.alignment.method == "progressive" and strategy.startswith(("ddp", "fsdp")):
+        raise ConfigError(f"alignment=progressive with trainer.strategy={strategy} is not supported: "
+                          "align on one device (trainer=default, cpu or gpu)")
+    return run
 
 
 def _check_trainer(container: dict[str, Any]) -> None:
@@ -362,39 +425,11 @@ def _check_trainer(container: dict[str, Any]) -> None:
                               "(CPU processes on gloo), trainer=default or cpu")
 
 
-def _check_resume(value: Any) -> str | None:
-    if value is None or value == "auto":
-        return value
-    path = _check_type(value, str, "resume")
-    if not Path(path).is_file():
-        raise ConfigError(f"resume={path!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
-    return path
-
-
-def _check_alignment(container: dict[str, Any]) -> AlignmentConfig:
-    alignment = from_mapping(AlignmentConfig, container.get("alignment", {}), "alignment")
-    method = container.get("compression", {}).get("method", "none")
-    strategy = str((container.get("trainer") or {}).get("strategy", "auto"))
-    if alignment.method == "progressive" and strategy.startswith(("ddp", "fsdp")):
-        raise ConfigError(f"alignment=progressive with trainer.strategy={strategy} is not supported: "
-                          "align on one device (trainer=default, cpu or gpu)")
-    if alignment.method != "none" and method not in ("svd", "asvd", "odllm"):
-        raise ConfigError(
-            f"alignment={alignment.method} refines low-rank factors, but compression.method={method}; "
-            "allowed with alignment: svd, asvd, odllm")
-    return alignment
-
-
-def _check_ratio(value: Any) -> float:
-    ratio = _check_type(value, float, "ratio")
-    _require(0 < ratio <= 1, "ratio", value, "(0, 1] (the fraction of targeted parameters kept)")
-    return ratio
-
-
-@dataclass
-class ProbeConfig:
-    layer: int | Literal["all"] = 15
+class ProbeConfig(Schema):
+    KEY: ClassVar[str] = 'probe'
+    layer: int | Literal["all"] = 15  # 0 (token embeddings) .. n_layers (final output), or all
     dim: int = 32
+    # linear (trained with the task) | pca (fitted once, frozen) | none (ID-only baseline)
     compressor: Literal["linear", "pca", "none"] = "linear"
 
     def check(self, p: str) -> None:
@@ -403,16 +438,17 @@ class ProbeConfig:
             _require(self.layer >= 0, f"{p}.layer", self.layer, "a layer index >= 0, or all")
 
 
-@dataclass
-class RepresentationConfig:
+class RepresentationConfig(Schema):
+    KEY: ClassVar[str] = 'representation'
     model: Literal["smollm2_135m", "minilm", "llama_tiny", "hf"] = "smollm2_135m"
-    path: str | None = None
+    path: str | None = None  # a Hugging Face folder (for smollm2_135m: instead of the GGUF conversion)
     gguf_path: str | None = None
-    template: str = "{title}. Genres: {genres}"
+    template: str = "{title}. Genres: {genres}"  # fields: title (with year), year, genres, id
     batch_size: int = 64
     max_tokens: int = 64
     # User representations (task=mra_probe): the user's profile and most recent training-split
     # items as text, encoded like the items and fed to the CTR model as a second feature.
+    # Template fields: profile, history, id.
     users: bool = False
     user_template: str = "A viewer ({profile}) who recently rated: {history}"
     user_history: int = 10
@@ -437,20 +473,27 @@ class RepresentationConfig:
                               "allowed fields: title, year, genres, id") from None
 
 
-@dataclass
-class CTRConfig:
-    threshold: float = 4.0
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+class CTRConfig(Schema):
+    KEY: ClassVar[str] = 'ctr'
+    threshold: float = 4.0  # label = rating >= threshold
+    split: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test fractions
+    # time: per user, time-ordered (warm items) | item: random item partition, val/test items
+    # never seen in training (item cold start; seeded by `seed`)
     split_by: Literal["time", "item"] = "time"
     id_dim: int = 16
     cross_layers: int = 2
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
     dropout: float = 0.1
+    # fraction of training samples whose item id embedding is zeroed, so the model learns to
+    # score items from their representation (cold items always get a zero id embedding);
+    # 1.0 = no item ids at all
     item_id_dropout: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 2048
     eval_batch_size: int = 8192
+    # sample: random batches of batch_size | item: every training sample of items_per_batch
+    # random items per step (how MARC's task module trains)
     batch_by: Literal["sample", "item"] = "sample"
     items_per_batch: int = 32
 
@@ -469,8 +512,8 @@ class CTRConfig:
         _require(self.items_per_batch >= 1, f"{p}.items_per_batch", self.items_per_batch, ">= 1")
 
 
-@dataclass
-class ProbeRunConfig:
+class ProbeRunConfig(Schema):
+    KEY: ClassVar[str] = ''
     seed: int
     dataset: DatasetConfig
     probe: ProbeConfig
@@ -487,43 +530,33 @@ def _checked_ctr_container(cfg: DictConfig) -> dict[str, Any]:
     return _checked_container(cfg)
 
 
-def _ctr_task_parts(container: dict[str, Any]) -> dict[str, Any]:
-    """seed, dataset, representation and ctr: what both CTR tasks (probe, MARC) read."""
-    if "dataset" not in container:
-        raise ConfigError("missing config group 'dataset' (choose one with dataset=NAME)")
-    dataset = from_mapping(DatasetConfig, container["dataset"], "dataset")
-    return {
-        "seed": _check_type(container.get("seed", 0), int, "seed"),
-        "dataset": dataset,
-        "representation": from_mapping(RepresentationConfig, container.get("representation", {}), "representation"),
-        "ctr": from_mapping(CTRConfig, container.get("ctr", {}), "ctr"),
-    }
-
-
 def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
     container = _checked_ctr_container(cfg)
-    run = ProbeRunConfig(probe=from_mapping(ProbeConfig, container.get("probe", {}), "probe"),
-                         **_ctr_task_parts(container))
+    run = parse(ProbeRunConfig, _fields_of(ProbeRunConfig, container))
     if run.representation.users and run.probe.compressor == "none":
         raise ConfigError("representation.users=true needs representations; probe.compressor=none is the "
                           "ID-only baseline (allowed with users: linear, pca)")
     return run
 
 
-@dataclass
-class MARCConfig:
-    dim: int = 32
-    beta: float = 1e-3
-    trainable_layers: int = 2
-    finetune: Literal["full", "lora"] = "full"
+class MARCConfig(Schema):
+    KEY: ClassVar[str] = 'marc'
+    dim: int = 32  # the code size of the bottleneck
+    beta: float = 1e-3  # weight of KL(q(z|h) || N(0, I))
+    trainable_layers: int = 2  # last k LLM blocks trained (0: frozen LLM); the states below are cached
+    finetune: Literal["full", "lora"] = "full"  # lora: PEFT LoRA on the trainable blocks
     lora_r: int = 8
-    constraint: Literal["none", "hsic"] = "none"
+    constraint: Literal["none", "hsic"] = "none"  # hsic: + hsic_weight x HSIC(z, task module's last hidden layer)
     hsic_weight: float = 0.1
-    items_per_batch: int = 32
-    lr: float = 1e-3
-    llm_lr: float = 1e-4
+    items_per_batch: int = 32  # a step takes every training sample of this many items
+    lr: float = 1e-3  # compression and task modules
+    llm_lr: float = 1e-4  # the trainable LLM blocks
+    # true: the deployed CTR model trains on samples mu + sigma * eps of the exported posterior
+    # (item_codes.safetensors holds mu and logvar) and is tested on mu
     deploy_noise: bool = False
+    # null: deployment caches all marc.dim dimensions of mu | k: only the k with the largest mean
+    # KL to the prior; a fresh model can memorise training items by the nearly empty ones
     export_dims: int | None = None
 
     def check(self, p: str) -> None:
@@ -540,8 +573,8 @@ class MARCConfig:
         _require(self.llm_lr > 0, f"{p}.llm_lr", self.llm_lr, "> 0")
 
 
-@dataclass
-class MARCRunConfig:
+class MARCRunConfig(Schema):
+    KEY: ClassVar[str] = ''
     seed: int
     dataset: DatasetConfig
     marc: MARCConfig
@@ -552,9 +585,27 @@ class MARCRunConfig:
 def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
     container = _checked_ctr_container(cfg)
-    run = MARCRunConfig(marc=from_mapping(MARCConfig, container.get("marc", {}), "marc"),
-                        **_ctr_task_parts(container))
+    run = parse(MARCRunConfig, _fields_of(MARCRunConfig, container))
     if run.representation.users:
         raise ConfigError("representation.users=true is supported by task=mra_probe only; task=marc learns "
                           "item representations (set representation.users=false)")
     return run
+
+
+# The config groups whose defaults the schemas declare: each gets a ``base`` option in Hydra's
+# ConfigStore, listed first in the defaults of every YAML option of the group.
+GROUP_SCHEMAS: dict[str, type[Schema]] = {
+    "dataset": DatasetConfig, "model": ModelConfig, "evaluation": EvaluationConfig,
+    "compression": CompressionConfig, "alignment": AlignmentConfig, "representation": RepresentationConfig,
+    "ctr": CTRConfig, "probe": ProbeConfig, "marc": MARCConfig,
+}
+
+
+def register_schemas() -> None:
+    """Put every group's schema defaults into Hydra's ConfigStore as ``GROUP/base`` (call
+    before composing: ``train.py`` and ``utils/compose.py`` do)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="base", node=defaults_of(schema))

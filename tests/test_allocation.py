@@ -14,7 +14,8 @@ from recsys_compress.compression.allocation import (
     kept_parameters,
     uniform_budget,
 )
-from recsys_compress.compression.apply import compress_low_rank, transformed_spectrum
+from recsys_compress.compression.apply import compress_low_rank
+from recsys_compress.compression.methods import METHODS
 from recsys_compress.compression.calibration import InputStats
 from recsys_compress.compression.low_rank import LowRankLinear
 
@@ -110,7 +111,7 @@ def test_global_whitened_error_is_at_most_uniform_on_the_calibration_tokens(rati
         kept[rule] = sum(r.params_after for r in reports)
         # the squared singular values of W S a direction drops are exactly its output error
         if rule == "global":
-            dropped = sum(float((transformed_spectrum(original[r.name], "odllm", stats[r.name])[r.rank:] ** 2).sum())
+            dropped = sum(float((METHODS["odllm"].spectrum(original[r.name], stats[r.name], 0.5)[r.rank:] ** 2).sum())
                           for r in reports if not r.dense)
             assert math.isclose(errors[rule], dropped, rel_tol=1e-6)
     assert errors["global"] < errors["uniform"]

@@ -1,11 +1,12 @@
-"""SVDCompressionCallback on a tiny model trained briefly on real MovieLens sequences."""
+"""CompressionCallback on a tiny model trained briefly on real MovieLens sequences."""
 
 import lightning as L
 import pytest
 import torch
 
 from conftest import SMALL
-from recsys_compress.compression.callback import SVDCompressionCallback
+from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.config import CompressionConfig, ConfigError
 from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.low_rank import LowRankLinear, rank_for_ratio
 from recsys_compress.data.datamodule import NextItemDataModule
@@ -32,7 +33,7 @@ def compressed(trained, method, ratio, **kw):
     lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
                                       num_kv_heads=1, intermediate_size=INTER, max_len=20))
     lit.load_state_dict(state)
-    cb = SVDCompressionCallback(method=method, ratio=ratio, calib_batches=4, **kw)
+    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, **kw), ratio)
     before = count_parameters(lit.model)
     trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False)
     test = trainer.test(lit, datamodule=dm, verbose=False)[0]
@@ -52,8 +53,8 @@ def test_callback_reaches_the_expected_parameter_count(trained):
     assert summary["compression/kept_ratio"] <= 0.5
     assert 0 < summary["time/calibrate_s"] < summary["time/compress_s"]
     assert summary["time/calibrate_s"] + summary["time/factorize_s"] == pytest.approx(summary["time/compress_s"])
-    with pytest.raises(ValueError, match="compression.gram_dtype='float16'; allowed: float32, float64"):
-        SVDCompressionCallback(gram_dtype="float16")
+    with pytest.raises(ConfigError, match="compression.gram_dtype='float16' is not allowed; allowed: float32, float64"):
+        CompressionConfig(gram_dtype="float16")
     assert summary["compression/layers"] == 14
 
 

@@ -72,7 +72,7 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         ("model.dropout=high", r"model.dropout='high' must be a number"),
         ("+dataset.shuffle=true", r"unknown key dataset.shuffle; allowed keys in dataset: name, format"),
         ("evaluation.hr_ks=[1,5]", r"evaluation.hr_ks=\[1, 5\] is out of range; allowed: must include 1, 5, 10, 20"),
-        ("ratio=7", r"ratio=7 is out of range; allowed: \(0, 1\]"),
+        ("ratio=7", r"ratio=7.0 is out of range; allowed: \(0, 1\]"),
         ("compression=odllm compression.calib_batches=0", r"compression.calib_batches=0 is out of range"),
         ("compression=odllm compression.gram_dtype=float16",
          r"compression.gram_dtype='float16' is not allowed; allowed: float32, float64"),
@@ -85,7 +85,7 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         ("compression=odllm compression.allocation=best",
          r"compression.allocation='best' is not allowed; allowed: uniform, global, global_relative"),
         ("compression=odllm compression.min_rank=0", r"compression.min_rank=0 is out of range; allowed: >= 1"),
-        ("compression=wanda +compression.allocation=global",
+        ("compression=wanda compression.allocation=global",
          r"compression.allocation=global sets ranks: it applies to svd, asvd, odllm, not compression.method=wanda"),
     ],
 )
@@ -133,3 +133,11 @@ def test_an_unset_required_value_and_an_unknown_top_level_key_are_named(tmp_path
     for validator, task in ((validate, "train"), (validate_probe, "mra_probe"), (validate_marc, "marc")):
         with pytest.raises(ConfigError, match=r"unknown top-level key foo \(.*allowed top-level keys: alignment,"):
             validator(compose_train([f"task={task}", "+foo=1"], tmp_path))
+
+
+def test_every_registered_method_has_a_config_option_and_every_option_a_method():
+    from recsys_compress.compression.methods import METHODS
+
+    assert set(options("compression")) == {"none", *METHODS}
+    for method in METHODS:  # each composes into a config the callback accepts
+        assert validate(compose_train([f"compression={method}"])).compression.method == method

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from recsys_compress.config import ConfigError, MARCConfig
+from recsys_compress.config import CTRConfig, ConfigError, MARCConfig
 from recsys_compress.marc.bottleneck import (VariationalBottleneck, hsic, informative_dims, kl_to_standard_normal,
                                              posterior_std)
 from recsys_compress.representations.token_states import cached_token_states, llama_top, pooled, token_states
@@ -221,7 +221,7 @@ def _marc_posterior_kl(beta: float) -> float:
     states, mask = torch.randn(n_items, 4, 8), torch.ones(n_items, 4, dtype=torch.long)
     users, items = torch.randint(0, n_users, (4000,)), torch.randint(0, n_items, (4000,))
     labels = (states[items, 0, 0] > 0).float()  # clicks the item representation explains
-    module = MARCModule(None, states, mask, n_users, dim=4, beta=beta, lr=1e-2)
+    module = MARCModule(None, states, mask, n_users, MARCConfig(dim=4, beta=beta, lr=1e-2), CTRConfig())
     L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(
         module, DataLoader(TensorDataset(users, items, labels), batch_size=250, shuffle=True))

@@ -43,9 +43,9 @@ def test_int8_stacked_on_low_rank_quantises_both_factors():
 
 
 def test_unknown_method_and_quantize_fail():
-    from recsys_compress.compression.callback import SVDCompressionCallback
+    from recsys_compress.config import CompressionConfig, ConfigError
 
-    with pytest.raises(ValueError, match="allowed: svd, asvd, odllm, prune_magnitude, wanda, int8"):
-        SVDCompressionCallback(method="gptq")
-    with pytest.raises(ValueError, match="compression.quantize='int4'; allowed: null, int8"):
-        SVDCompressionCallback(method="svd", quantize="int4")
+    with pytest.raises(ConfigError, match="allowed: none, svd, asvd, odllm, prune_magnitude, wanda, int8"):
+        CompressionConfig(method="gptq")
+    with pytest.raises(ConfigError, match="compression.quantize='int4' is not allowed; allowed: null, int8"):
+        CompressionConfig(method="svd", quantize="int4")

@@ -10,20 +10,8 @@ from torch import nn
 
 from recsys_compress.compression.allocation import DENSE, allocate_ranks
 from recsys_compress.compression.calibration import InputStats
-from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
-from recsys_compress.compression.low_rank import (
-    LowRankLinear,
-    activation_aware_svd,
-    asvd_scale,
-    cholesky_with_jitter,
-    plain_svd,
-    singular_values,
-    whitened_svd,
-)
-
-LOW_RANK_METHODS = ("svd", "asvd", "odllm")
-PRUNING_METHODS = ("prune_magnitude", "wanda")
-METHODS = LOW_RANK_METHODS + PRUNING_METHODS + ("int8",)
+from recsys_compress.compression.low_rank import LowRankLinear
+from recsys_compress.compression.methods import LOW_RANK_METHODS, PRUNING_METHODS, LowRank, Pruning, get_method
 
 
 @dataclass
@@ -73,18 +61,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def transformed_spectrum(W: torch.Tensor, method: str, stats: InputStats, asvd_alpha: float = 0.5) -> torch.Tensor:
-    """Singular values of the matrix each method truncates: W (svd), W diag(s) (asvd), W S
-    (odllm); for odllm their squares are exactly the calibration output error of each direction."""
-    W64 = W.double()
-    if method == "svd":
-        return singular_values(W64)
-    if method == "asvd":
-        return singular_values(W64 * asvd_scale(stats.abs_mean, asvd_alpha))
-    S, _ = cholesky_with_jitter(stats.gram)  # the factorisation reports the jitter
-    return singular_values(W64 @ S)
-
-
 @torch.no_grad()
 def compress_low_rank(
     model: nn.Module,
@@ -103,13 +79,14 @@ def compress_low_rank(
     every layer, or one budget over all of them, where a layer may also stay dense.
     ``heldout``: input statistics of tokens outside the calibration set, on which each
     layer's output error is measured too."""
-    if method not in LOW_RANK_METHODS:
-        raise ValueError(f"compression.method={method!r}; allowed: {', '.join(LOW_RANK_METHODS)}")
+    low_rank = get_method(method)
+    if not isinstance(low_rank, LowRank):
+        raise ValueError(f"compression.method={method!r} is not low-rank; allowed: {', '.join(LOW_RANK_METHODS)}")
     # from the layers themselves: k/v are narrower under grouped-query attention
     shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
     spectra = None
     if allocation != "uniform":
-        spectra = {name: transformed_spectrum(model.get_submodule(name).weight, method, stats[name], asvd_alpha)
+        spectra = {name: low_rank.spectrum(model.get_submodule(name).weight, stats[name], asvd_alpha)
                    for name in layer_names}
     ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
     reports = []
@@ -129,12 +106,7 @@ def compress_low_rank(
                 f"keeps rank 1 there is {(m + n) / (m * n):.4f}"
             )
         s = stats[name]
-        if method == "svd":
-            fac = plain_svd(W, rank)
-        elif method == "asvd":
-            fac = activation_aware_svd(W, rank, s.abs_mean, asvd_alpha)
-        else:
-            fac = whitened_svd(W, rank, s.gram)
+        fac = low_rank.factorize(W, rank, s, asvd_alpha)
         low = LowRankLinear.from_factors(fac.A, fac.B, linear.bias)
         error = relative_output_error(W, fac.A @ fac.B, s.gram) if s.gram is not None else float("nan")
         _set_module(model, name, low)
@@ -151,17 +123,15 @@ def prune_layers(
     heldout: dict[str, InputStats] | None = None,
 ) -> list[LayerReport]:
     """Zero all but a ``ratio`` of every targeted layer's weights (magnitude or Wanda)."""
-    if method not in PRUNING_METHODS:
-        raise ValueError(f"compression.method={method!r}; allowed: {', '.join(PRUNING_METHODS)}")
+    pruning = get_method(method)
+    if not isinstance(pruning, Pruning):
+        raise ValueError(f"compression.method={method!r} is not pruning; allowed: {', '.join(PRUNING_METHODS)}")
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()
         W = _finite_weight(model, name)
         gram = stats[name].gram
-        if method == "prune_magnitude":
-            mask = magnitude_mask(W, ratio)
-        else:
-            mask = wanda_mask(W, ratio, gram.diagonal())
+        mask = pruning.mask(W, ratio, stats[name])
         original = W.detach().clone()
         W.mul_(mask)
         m, n = W.shape

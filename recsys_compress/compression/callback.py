@@ -1,8 +1,9 @@
-"""``SVDCompressionCallback``: compression of the wrapped LLM as a Lightning callback.
+"""``CompressionCallback``: compression of the wrapped LLM as a Lightning callback.
 
-Low-rank methods (svd, asvd, odllm) and, through the same interface and parameter budget,
-the paper's baselines: unstructured pruning (prune_magnitude, wanda) and int8 dynamic
-quantisation, which can also be stacked on a low-rank or pruned model (``quantize='int8'``).
+Every method of the registry (``compression/methods.py``): low-rank factorisation (svd, asvd,
+odllm) and, through the same interface and parameter budget, the paper's baselines:
+unstructured pruning (prune_magnitude, wanda) and int8 dynamic quantisation, which can also be
+stacked on a low-rank or pruned model (``compression.quantize=int8``).
 
 Attached to a Trainer, it compresses the LightningModule's model once, at the start of the
 first stage it sees (``setup``), so ``trainer.test(...)`` evaluates the compressed model and
@@ -13,78 +14,38 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from recsys_compress.compression.allocation import ALLOCATIONS
-from recsys_compress.compression.apply import (
-    LOW_RANK_METHODS,
-    METHODS,
-    LayerReport,
-    compress_low_rank,
-    prune_layers,
-    quantize_int8,
-)
-from recsys_compress.compression.calibration import (
-    DEFAULT_TARGETS,
-    collect_input_stats,
-    select_linear_layers,
-    split_calibration,
-)
-
+from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
+from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+from recsys_compress.compression.methods import LowRank, Quantization, get_method
+from recsys_compress.config import CompressionConfig
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
 
 
-class SVDCompressionCallback(L.Callback):
-    def __init__(
-        self,
-        method: str = "odllm",
-        ratio: float = 0.5,
-        include: Sequence[str] = DEFAULT_TARGETS,
-        exclude: Sequence[str] = (),
-        calib_batches: int = 16,
-        asvd_alpha: float = 0.5,
-        quantize: str | None = None,
-        report_dir: str | Path | None = None,
-        defer_quantize: bool = False,
-        gram_dtype: str = "float64",
-        heldout_batches: int = 0,
-        allocation: str = "uniform",
-        min_rank: int = 1,
-    ):
-        if method not in METHODS:
-            raise ValueError(f"compression.method={method!r}; allowed: {', '.join(METHODS)}")
-        if quantize not in (None, "int8"):
-            raise ValueError(f"compression.quantize={quantize!r}; allowed: null, int8")
-        self.quantize = "int8" if method == "int8" else quantize
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio={ratio} is out of range; allowed: (0, 1]")
-        self.method, self.ratio = method, ratio
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"compression.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
-        if allocation != "uniform" and method not in LOW_RANK_METHODS:
-            raise ValueError(f"compression.allocation={allocation} sets ranks: it applies to "
-                             f"{', '.join(LOW_RANK_METHODS)}, not {method}")
-        if min_rank < 1:
-            raise ValueError(f"compression.min_rank={min_rank} is out of range; allowed: >= 1")
-        self.allocation, self.min_rank = allocation, min_rank
-        self.include, self.exclude = tuple(include), tuple(exclude)
-        self.calib_batches, self.asvd_alpha = calib_batches, asvd_alpha
-        self.heldout_batches = heldout_batches
+class CompressionCallback(L.Callback):
+    """Compress with ``config`` (a validated ``CompressionConfig``) at ``ratio``.
+
+    ``report_dir``: where ``compression_layers.csv`` goes. ``defer_quantize``: factorise/prune
+    only; the pipeline calls ``apply_quantization`` itself, after alignment and the float export.
+    """
+
+    def __init__(self, config: CompressionConfig, ratio: float, report_dir: str | Path | None = None,
+                 defer_quantize: bool = False):
+        self.config, self.ratio = config, ratio
+        self.method = config.method
+        self.kind = get_method(config.method)
+        self.quantize = config.quantizes  # int8 for compression=int8 or a stacked compression.quantize=int8
+        self.gram_dtype = getattr(torch, config.gram_dtype)
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.defer_quantize = defer_quantize
         self.calib_tokens = self.heldout_tokens = self.calib_batches_used = 0
         self.rank_deficient_layers = 0
-        if gram_dtype not in ("float32", "float64"):
-            raise ValueError(f"compression.gram_dtype={gram_dtype!r}; allowed: float32, float64")
-        self.gram_dtype = getattr(torch, gram_dtype)
-        self.report_dir = Path(report_dir) if report_dir else None
-        # The pipeline quantises last (after alignment and the float export): with
-        # defer_quantize the callback factorises/prunes only and apply_quantization() follows.
-        self.defer_quantize = defer_quantize
         self.reports: list[LayerReport] | None = None
         self.names: list[str] = []
         self.seconds = 0.0
@@ -95,7 +56,7 @@ class SVDCompressionCallback(L.Callback):
             return
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise RuntimeError("SVDCompressionCallback needs a datamodule for calibration batches")
+            raise RuntimeError("CompressionCallback needs a datamodule for calibration batches")
         datamodule.setup(stage)
         self.compress(pl_module, datamodule.train_dataloader())
         self._log(trainer)
@@ -104,12 +65,13 @@ class SVDCompressionCallback(L.Callback):
         """Calibrate on ``batches`` (training sequences) and factorise the targeted layers."""
         t0 = time.perf_counter()
         model = pl_module.model
-        names = select_linear_layers(model, self.include, self.exclude)
+        c = self.config
+        names = select_linear_layers(model, c.include, c.exclude)
         if not names:
-            raise ValueError(f"compression include={self.include} minus exclude={self.exclude} selects no layer")
+            raise ValueError(f"compression.include={c.include} minus compression.exclude={c.exclude} selects no layer")
         was_training = pl_module.training
         pl_module.eval()  # no dropout in the statistics
-        if self.method == "int8":
+        if isinstance(self.kind, Quantization):
             # No factorisation or calibration: every weight is kept, in int8.
             self.reports = []
             for n in names:
@@ -117,7 +79,7 @@ class SVDCompressionCallback(L.Callback):
                 self.reports.append(LayerReport(n, *W.shape, 0, float("nan"), float("nan"),
                                                 W.numel(), W.numel(), 0.0, 0.0))
         else:
-            calibration, heldout_set = split_calibration(batches, self.calib_batches, self.heldout_batches)
+            calibration, heldout_set = split_calibration(batches, c.calib_batches, c.heldout_batches)
 
             def statistics(chosen):
                 return collect_input_stats(
@@ -127,12 +89,12 @@ class SVDCompressionCallback(L.Callback):
                     max_batches=len(chosen), gram_dtype=self.gram_dtype,
                 )
 
-            if len(calibration) < self.calib_batches:
+            if len(calibration) < c.calib_batches:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
-                            "on all of them", self.calib_batches, len(calibration))
-            if self.heldout_batches and not heldout_set:
+                            "on all of them", c.calib_batches, len(calibration))
+            if c.heldout_batches and not heldout_set:
                 log.warning("no training batches are left after calibration for the held-out error "
-                            "(compression.heldout_batches=%d): lower compression.calib_batches", self.heldout_batches)
+                            "(compression.heldout_batches=%d): lower compression.calib_batches", c.heldout_batches)
             self.calib_batches_used = len(calibration)
             stats = statistics(calibration)
             self.calibrate_seconds = time.perf_counter() - t0
@@ -148,9 +110,9 @@ class SVDCompressionCallback(L.Callback):
                 log.warning("calibration saw %d tokens, fewer than the %d input features of the widest targeted "
                             "layer: %d of %d layers have a singular Gram matrix; raise compression.calib_batches",
                             self.calib_tokens, widest, len(narrow), len(names))
-            if self.method in LOW_RANK_METHODS:
-                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, self.asvd_alpha,
-                                                 heldout, self.allocation, self.min_rank)
+            if isinstance(self.kind, LowRank):
+                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
+                                                 heldout, c.allocation, c.min_rank)
             else:
                 self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
         self.names = names
@@ -167,7 +129,7 @@ class SVDCompressionCallback(L.Callback):
         """int8-quantise the compressed layers (both factors of low-rank ones); returns seconds."""
         t0 = time.perf_counter()
         names = self.names
-        if self.method in LOW_RANK_METHODS:  # both factors; a layer a global allocation kept dense, whole
+        if isinstance(self.kind, LowRank):  # both factors; a layer a global allocation kept dense, whole
             dense = {r.name for r in self.reports or [] if r.dense}
             names = [part for n in names for part in ([n] if n in dense else [f"{n}.down", f"{n}.up"])]
         quantize_int8(model, names)

@@ -20,43 +20,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
+from recsys_compress.config import CTRConfig, MARCConfig
 from recsys_compress.ctr.model import CTRMetricsMixin, DCNv2
 from recsys_compress.representations.token_states import pooled
 
 
 class MARCModule(CTRMetricsMixin, L.LightningModule):
+    """``marc`` sets the bottleneck, the loss and the learning rates; ``ctr`` the task module."""
+
     def __init__(
         self,
         top: nn.Module | None,
         states: torch.Tensor,
         mask: torch.Tensor,
         n_users: int,
-        dim: int = 32,
-        beta: float = 1e-3,
-        constraint: str = "none",
-        hsic_weight: float = 0.1,
-        id_dim: int = 16,
-        cross_layers: int = 2,
-        hidden: tuple[int, ...] = (128, 64),
-        dropout: float = 0.1,
-        item_id_dropout: float = 0.0,
+        marc: MARCConfig,
+        ctr: CTRConfig,
         known_items: torch.Tensor | None = None,
-        lr: float = 1e-3,
-        llm_lr: float = 1e-4,
-        weight_decay: float = 0.0,
         eval_item_batch: int = 256,
     ):
         super().__init__()
-        if constraint not in ("none", "hsic"):
-            raise ValueError(f"marc.constraint={constraint!r}; allowed: none, hsic")
-        self.save_hyperparameters(ignore=["top", "states", "mask", "known_items"])
+        self.marc, self.ctr, self.eval_item_batch = marc, ctr, eval_item_batch
+        self.save_hyperparameters({"marc": marc.model_dump(), "ctr": ctr.model_dump(), "n_users": n_users})
         self.top = top
         # Cached inputs of the trainable top: not parameters, not checkpointed.
         self.register_buffer("states", states, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.bottleneck = VariationalBottleneck(states.shape[-1], dim)
-        self.task = DCNv2(n_users, states.shape[0], dim, id_dim, cross_layers, hidden, dropout, item_id_dropout,
-                          known_items)
+        self.bottleneck = VariationalBottleneck(states.shape[-1], marc.dim)
+        self.task = DCNv2(n_users, states.shape[0], marc.dim, ctr.id_dim, ctr.cross_layers, tuple(ctr.hidden),
+                          ctr.dropout, ctr.item_id_dropout, known_items)
         self.init_ctr_metrics()
         self._codes: torch.Tensor | None = None
 
@@ -70,8 +62,8 @@ class MARCModule(CTRMetricsMixin, L.LightningModule):
         was_training = self.training
         self.eval()
         mus, logvars = [], []
-        for start in range(0, self.states.shape[0], self.hparams.eval_item_batch):
-            items = torch.arange(start, min(start + self.hparams.eval_item_batch, self.states.shape[0]),
+        for start in range(0, self.states.shape[0], self.eval_item_batch):
+            items = torch.arange(start, min(start + self.eval_item_batch, self.states.shape[0]),
                                  device=self.states.device)
             _, mu, logvar = self.bottleneck(self.item_hidden(items))
             mus.append(mu)
@@ -87,11 +79,11 @@ class MARCModule(CTRMetricsMixin, L.LightningModule):
         logits, task_hidden = self.task.forward_with_hidden(users, items, z[inverse])
         bce = F.binary_cross_entropy_with_logits(logits, labels)
         kl = kl_to_standard_normal(mu, logvar).mean()
-        loss = bce + self.hparams.beta * kl
-        if self.hparams.constraint == "hsic":
+        loss = bce + self.marc.beta * kl
+        if self.marc.constraint == "hsic":
             rows = torch.randperm(len(items), device=items.device)[:512]  # HSIC is O(n^2)
             decoupling = hsic(z[inverse][rows], task_hidden[rows])
-            loss = loss + self.hparams.hsic_weight * decoupling
+            loss = loss + self.marc.hsic_weight * decoupling
             self.log("train/hsic", decoupling)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"MARC loss is {loss.item()} at step {self.global_step}: lower marc.lr")
@@ -109,9 +101,8 @@ class MARCModule(CTRMetricsMixin, L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = [{"params": list(self.bottleneck.parameters()) + list(self.task.parameters()), "lr": hp.lr}]
+        groups = [{"params": list(self.bottleneck.parameters()) + list(self.task.parameters()), "lr": self.marc.lr}]
         llm = [p for p in self.top.parameters() if p.requires_grad] if self.top is not None else []
         if llm:
-            groups.append({"params": llm, "lr": hp.llm_lr})  # the pretrained blocks move slowly
-        return torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+            groups.append({"params": llm, "lr": self.marc.llm_lr})  # the pretrained blocks move slowly
+        return torch.optim.AdamW(groups, weight_decay=self.ctr.weight_decay)

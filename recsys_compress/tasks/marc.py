@@ -64,11 +64,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     del encoder
 
     c = run.ctr
-    module = MARCModule(top, states, mask, len(data.user_ids), dim=m.dim, beta=m.beta, constraint=m.constraint,
-                        hsic_weight=m.hsic_weight, id_dim=c.id_dim, cross_layers=c.cross_layers,
-                        hidden=tuple(c.hidden), dropout=c.dropout, item_id_dropout=c.item_id_dropout,
-                        known_items=data.known_items(), lr=m.lr, llm_lr=m.llm_lr,
-                        weight_decay=c.weight_decay)
+    module = MARCModule(top, states, mask, len(data.user_ids), m, c, known_items=data.known_items())
     train = dm.item_grouped_loader(m.items_per_batch)  # the LLM top runs once per item per epoch
 
     loggers = instantiate_group(cfg.get("logger"))

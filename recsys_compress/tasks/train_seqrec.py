@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from recsys_compress.alignment.runner import align
 from recsys_compress.compression.allocation import check_budget
 from recsys_compress.compression.calibration import select_linear_layers
-from recsys_compress.compression.callback import SVDCompressionCallback
+from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.config import ConfigError, RunConfig, validate
@@ -78,12 +78,7 @@ def compress_and_test(
     c = run.compression
     aligning = run.alignment.method != "none"
     teacher = copy.deepcopy(lit.model).eval() if aligning else None
-    compressor = SVDCompressionCallback(
-        method=c.method, ratio=run.ratio, include=c.include, exclude=c.exclude,
-        calib_batches=c.calib_batches, asvd_alpha=c.asvd_alpha, quantize=c.quantize, gram_dtype=c.gram_dtype,
-        heldout_batches=c.heldout_batches, allocation=c.allocation, min_rank=c.min_rank,
-        report_dir=cfg.paths.output_dir, defer_quantize=True,
-    )
+    compressor = CompressionCallback(c, run.ratio, report_dir=cfg.paths.output_dir, defer_quantize=True)
     quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False

@@ -15,6 +15,9 @@ def compose_config(
     overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train"
 ) -> DictConfig:
     """The config `python train.py OVERRIDES` would run with (Hydra's own paths pinned)."""
+    from recsys_compress.config import register_schemas
+
+    register_schemas()  # the groups' ``base`` options
     output_dir = output_dir or PROJECT_ROOT / "outputs" / "adhoc"
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose(
