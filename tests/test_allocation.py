@@ -151,6 +151,24 @@ def test_a_mixed_rank_model_with_a_dense_layer_saves_loads_and_exports(tmp_path)
     import json
 
     assert json.loads((folder / "deploy.json").read_text())["max_abs_deviation_from_eager"] < 1e-4
+    # int8 stacked on top: the dense layer is quantised whole, a low-rank one factor by factor
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.config import CompressionConfig
+
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    cb = CompressionCallback(CompressionConfig(method="odllm", allocation="global", quantize="int8"), 0.5)
+    cb.names, cb.reports = names, reports
+    cb.apply_quantization(model)
+    assert isinstance(model.get_submodule(names[0]), DynamicInt8Linear)
+    low = next(r.name for r in reports if not r.dense)
+    assert isinstance(model.get_submodule(low).down, DynamicInt8Linear)
+    assert isinstance(model.get_submodule(low).up, DynamicInt8Linear)
+    with torch.no_grad():
+        quantised = model(input_ids=ids).logits
+    assert 0 < float((quantised - reference).norm() / reference.norm()) < 0.05
 
 
 def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
