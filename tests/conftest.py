@@ -53,14 +53,15 @@ def ml1m_slice(tmp_path: Path) -> Path:
 
 class KillAfterEpoch:
     """A Lightning callback (instantiated by Hydra from `+callbacks.kill`) that dies mid-run,
-    as a pre-empted job would, once epoch ``epoch`` has been checkpointed."""
+    as a pre-empted job would, once epoch ``epoch`` has been checkpointed. A run resumed from a
+    checkpoint (with the run's own config, which names this callback too) is not killed again."""
 
     def __new__(cls, epoch: int):
         import lightning as L
 
         class _Kill(L.Callback):
             def on_train_epoch_start(self, trainer, pl_module):
-                if trainer.current_epoch == epoch:
+                if trainer.current_epoch == epoch and trainer.ckpt_path is None:
                     raise RuntimeError(f"killed at the start of epoch {epoch}")
 
         return _Kill()

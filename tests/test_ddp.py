@@ -95,7 +95,7 @@ def test_a_ddp_multirun_runs_each_job_once_with_its_ranks_even_after_a_failed_jo
     assert log.count("Launching 3 jobs locally") == 1 and log.count("sweep finished:") == 1
     records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [(r["job"], r["status"]) for r in records] == [(0, "completed"), (1, "failed"), (2, "completed")]
-    assert records[1]["error"].startswith("ConfigError: ratio=7 is out of range")
+    assert records[1]["error"].startswith("ConfigError: ratio=7.0 is out of range")
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "2"]
     for job in ("0", "2"):  # both ranks ran the job, the second one after the failure too
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (sweep / job / "train_ddp_process_1.log").read_text()

@@ -61,7 +61,7 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
            "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     assert out.returncode != 0  # the sweep as a whole reports the failure...
-    assert "ratio=7 is out of range; allowed: (0, 1]" in (sweep / "0" / "error.txt").read_text()
+    assert "ratio=7.0 is out of range; allowed: (0, 1]" in (sweep / "0" / "error.txt").read_text()
     assert (sweep / "1" / "metrics.json").is_file()  # ...after the other job ran to the end
     records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["failed", "completed"]
@@ -78,7 +78,7 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
     low, high = metrics["retention/ndcg@10_ci_low"], metrics["retention/ndcg@10_ci_high"]
     assert f"| 0.5 | {metrics['retention/ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in text
     assert "base model trained in 1 (" in text and "| svd | none | 0.5 | trained" in text
-    assert "| ratio=7 compression=svd" in text and "ConfigError: ratio=7 is out of range" in text
+    assert "| ratio=7 compression=svd" in text and "ConfigError: ratio=7.0 is out of range" in text
     drawn = (tmp_path / "report" / "retention.csv").read_text().splitlines()  # the plotted points
     assert drawn == ["method,alignment,ratio,retention/ndcg@10,ci_low,ci_high",
                      f"svd,none,0.5,{metrics['retention/ndcg@10']!r},{low!r},{high!r}"]
@@ -97,7 +97,7 @@ def test_the_joblib_launcher_records_a_failing_job_and_completes_the_other(tmp_p
     records = sorted((json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()),
                      key=lambda r: r["job"])
     assert [(r["job"], r["status"]) for r in records] == [(0, "failed"), (1, "completed")]
-    assert records[0]["error"].startswith("ConfigError: ratio=7 is out of range")
+    assert records[0]["error"].startswith("ConfigError: ratio=7.0 is out of range")
     metrics = json.loads((sweep / "1" / "metrics.json").read_text())
     assert records[1]["objective"] == metrics["val/ndcg@10"] and metrics["compression/ratio"] == 0.5
 

@@ -91,7 +91,7 @@ def test_a_rerun_into_a_finished_run_is_refused_and_resume_refuses_an_override_t
 
 def test_a_config_error_prints_its_message_once_without_a_traceback(tmp_path):
     # (Each error's message is tested in test_config.py; this is what the command line shows.)
-    message = "ConfigError: ratio=7 is out of range; allowed: (0, 1]"
+    message = "ConfigError: ratio=7.0 is out of range; allowed: (0, 1]"
     out = run_train(["ratio=7", f"hydra.run.dir={tmp_path / 'run'}"])
     text = out.stdout + out.stderr
     assert out.returncode == 1
