@@ -136,7 +136,7 @@ def main() -> None:
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
             summary = cb.summary()
-            for alignment in args.alignments:
+            for alignment in (args.alignments if method in low_rank else ["none"]):  # alignment refines factors
                 lit.model = copy.deepcopy(compressed_model)
                 result, per_user = compressed_result, compressed_per_user
                 row = {"method": method, "allocation": allocation, "ratio": ratio, "alignment": alignment,
@@ -169,7 +169,7 @@ def main() -> None:
 
     print(f"\nbase {run.model.name} on {run.dataset.name} ({source}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
     columns = [(m, al, a) for m in args.methods for al in (args.allocations if m in low_rank else ["uniform"])
-               for a in args.alignments]
+               for a in (args.alignments if m in low_rank else ["none"])]
 
     def label(method: str, allocation: str, alignment: str) -> str:
         text = method if allocation == "uniform" else f"{method} ({allocation})"

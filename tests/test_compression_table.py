@@ -1,0 +1,43 @@
+"""experiments/compression_table.py, as BENCHMARKS.md runs it, on a tiny trained run."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false"]
+
+
+def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(tmp_path):
+    run_dir = tmp_path / "run"
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    subprocess.run([sys.executable, "train.py", "compression=odllm", cache, *TINY, f"hydra.run.dir={run_dir}"],
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "table.json"
+    done = subprocess.run(
+        [sys.executable, "experiments/compression_table.py", str(run_dir), "--methods", "odllm", "wanda",
+         "--ratios", "0.5", "--allocations", "uniform", "global", "--alignments", "none", "progressive_lstsq",
+         "--calib-batches", "2", "--heldout-batches", "1", "--out", str(out), "alignment.batches=2", cache],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())
+    # the cached base of the run, tested again: the same figure
+    assert table["base"]["test/ndcg@10"] == trained["base/test/ndcg@10"]
+    cells = {(r["method"], r["allocation"], r["alignment"]) for r in table["rows"]}
+    # pruning runs uniform and unaligned; odllm gets every allocation x alignment
+    assert cells == {("wanda", "uniform", "none"), *{("odllm", a, al) for a in ("uniform", "global")
+                                                      for al in ("none", "progressive_lstsq")}}
+    for r in table["rows"]:
+        assert r["retention/ndcg@10_ci_low"] <= r["retention/ndcg@10"] <= r["retention/ndcg@10_ci_high"]
+        assert ("vs_uniform/ndcg@10" in r) == (r["allocation"] == "global")
+    # the uniform odllm cell keeps the ranks the run itself kept (ranks depend on shapes and ratio only)
+    uniform = next(r for r in table["rows"] if r["method"] == "odllm" and r["allocation"] == "uniform"
+                   and r["alignment"] == "none")
+    assert uniform["compression/targeted_params_after"] == trained["compression/targeted_params_after"]
+    glob = next(r for r in table["rows"] if r["method"] == "odllm" and r["allocation"] == "global"
+                and r["alignment"] == "none")
+    assert glob["compression/mean_rel_output_error"] != uniform["compression/mean_rel_output_error"]
+    assert "| 0.5 |" in done.stdout and "odllm (global) + progressive_lstsq" in done.stdout
