@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from recsys_compress.config import LoraSettings
 from recsys_compress.models.finetune import add_lora
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import load_item_llm
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def time_steps(model, ids: torch.Tensor, steps: int, bf16: bool) -> tuple[float, float, float]:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for bf16 in (False, True):
             model = load_item_llm(folder, args.n_items, item_init="random")
             if finetune == "lora":
-                add_lora(model, args.lora_r, 2.0 * args.lora_r, 0.05, TARGETS)
+                add_lora(model, LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.05))  # all 7 linears
             f, b, o = time_steps(model, ids, args.steps, bf16)
             print(f"| {finetune} {'bf16-mixed' if bf16 else 'float32'} | {f:.2f} | {b:.2f} | {o:.2f} | {f + b + o:.2f} |",
                   flush=True)

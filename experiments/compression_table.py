@@ -72,8 +72,7 @@ def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run
             f"{run_dir}: no cached base model named by base/cache_key in its metrics.json (looked in "
             f"{cache_dir}/base_models) and no checkpoints/epoch*.ckpt (best validation checkpoint)")
     if run.model.finetune == "lora":
-        lora = run.model.lora
-        add_lora(lit.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        add_lora(lit.model, run.model.lora)
     lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     if run.model.finetune == "lora":
         merge_lora(lit.model)

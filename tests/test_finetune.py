@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SMALL, run_train
+from recsys_compress.config import LoraSettings
 from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
@@ -23,7 +24,7 @@ def tiny(seed: int = 0):
 def test_merged_lora_model_equals_the_unmerged_peft_model():
     model = tiny()
     stock_keys = set(model.state_dict())
-    add_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=TARGETS)
+    add_lora(model, LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=TARGETS))
     assert has_lora(model)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -45,7 +46,7 @@ def test_merged_lora_model_equals_the_unmerged_peft_model():
 
 def test_lora_names_linears_the_model_does_not_have():
     with pytest.raises(ValueError, match=r"target_modules: \['qkv'\] are not linears.*q_proj"):
-        add_lora(tiny(), r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "qkv"])
+        add_lora(tiny(), LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "qkv"]))
 
 
 def test_item_table_gets_its_own_learning_rate():

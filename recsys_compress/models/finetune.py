@@ -14,25 +14,27 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
+from recsys_compress.config import LoraSettings
+
 log = logging.getLogger(__name__)
 
 # PEFT wraps this model in place; the wrapper is remembered so the adapters can be merged.
 _PEFT_WRAPPER = "_recsys_peft_wrapper"
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float,
-             target_modules: list[str]) -> PreTrainedModel:
-    """Freeze ``model`` except the item table and add LoRA adapters to ``target_modules``.
+def add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    """Freeze ``model`` except the item table and add LoRA adapters to ``lora.target_modules``.
 
     The item embeddings (and a tied head with them) stay fully trainable: they are a new
     vocabulary the pretrained weights know nothing about, so a low-rank update cannot learn them.
     """
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    missing = sorted(set(target_modules) - names)
+    missing = sorted(set(lora.target_modules) - names)
     if missing:
         raise ValueError(f"model.lora.target_modules: {missing} are not linears of this model; "
                          f"its linears are {sorted(names)}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules))
     wrapper = get_peft_model(model, config)
     if wrapper.base_model.model is not model:  # PEFT's contract; merging relies on it
         raise RuntimeError("PEFT did not wrap the model in place")
@@ -43,7 +45,7 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float,
     object.__setattr__(model, _PEFT_WRAPPER, wrapper)  # not a submodule: keeps state_dict keys
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d on %s: %d of %d parameters train (%.1f%%)", r, ",".join(target_modules),
+    log.info("LoRA r=%d on %s: %d of %d parameters train (%.1f%%)", lora.r, ",".join(lora.target_modules),
              trainable, total, 100 * trainable / total)
     return model
 

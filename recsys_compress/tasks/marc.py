@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import LLAMA_LINEARS, ConfigError, validate_marc
+from recsys_compress.config import ConfigError, LoraSettings, validate_marc
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes, kl_to_standard_normal
@@ -60,7 +60,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     top = llama_top(encoder, m.trainable_layers) if m.trainable_layers else None
     if top is not None and m.finetune == "lora":
         # the top's one-row token table is unused (its inputs are hidden states), so nothing else trains
-        add_lora(top, m.lora_r, 2 * m.lora_r, 0.0, list(LLAMA_LINEARS))
+        add_lora(top, LoraSettings(r=m.lora_r, alpha=2.0 * m.lora_r, dropout=0.0))
     del encoder
 
     c = run.ctr

@@ -204,8 +204,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         cached = load_base(cfg.paths.cache_dir, key, model) if caching else None
         if cached is None:
             if run.model.finetune == "lora":
-                lora = run.model.lora
-                add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+                add_lora(model, run.model.lora)
             metrics = train_base(cfg, lit, dm, loggers, run.resume)
             if has_lora(model):  # the best checkpoint was tested with its adapters; keep a stock model
                 merge_lora(model)
