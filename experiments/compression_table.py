@@ -124,10 +124,9 @@ def main() -> None:
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
     rows, per_user_of = [], {}
-    low_rank = LOW_RANK_METHODS
     for ratio in args.ratios:
         for method, allocation in [(m, a) for m in args.methods
-                                   for a in (args.allocations if m in low_rank else ["uniform"])]:
+                                   for a in (args.allocations if m in LOW_RANK_METHODS else ["uniform"])]:
             lit.model = copy.deepcopy(base_model)
             _, compressing = cell(method, ratio, allocation)
             cb = CompressionCallback(compressing.compression, ratio)
@@ -135,7 +134,7 @@ def main() -> None:
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
             summary = cb.summary()
-            for alignment in (args.alignments if method in low_rank else ["none"]):  # alignment refines factors
+            for alignment in (args.alignments if method in LOW_RANK_METHODS else ["none"]):  # it refines factors
                 lit.model = copy.deepcopy(compressed_model)
                 result, per_user = compressed_result, compressed_per_user
                 row = {"method": method, "allocation": allocation, "ratio": ratio, "alignment": alignment,
@@ -167,8 +166,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
 
     print(f"\nbase {run.model.name} on {run.dataset.name} ({source}): test NDCG@10 {base['test/ndcg@10']:.4f}\n")
-    columns = [(m, al, a) for m in args.methods for al in (args.allocations if m in low_rank else ["uniform"])
-               for a in (args.alignments if m in low_rank else ["none"])]
+    columns = list(dict.fromkeys((r["method"], r["allocation"], r["alignment"]) for r in rows))  # in run order
 
     def label(method: str, allocation: str, alignment: str) -> str:
         text = method if allocation == "uniform" else f"{method} ({allocation})"
