@@ -36,7 +36,7 @@ class Schema(BaseModel):
 
     ``KEY`` is where the group sits in the composed config; messages name keys under it.
     """
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
     KEY: ClassVar[str] = ""
 
     def __init__(self, **data: Any) -> None:  # built in Python (scripts, tests): the same errors
@@ -99,17 +99,15 @@ def _config_error(cls: type[Schema], error: ValidationError, prefix: str) -> Con
     key = ".".join(p for p in (prefix, *path) if p)
     same = [e for e in errors if _field_path(cls, e["loc"])[0] == path]  # union members of one field
     value = first.get("input")
+    field = owner.model_fields.get(path[-1]) if owner is not None and path else None
     if first["type"] == "extra_forbidden":
         parent = key.rpartition(".")[0] or "the top level"
         allowed = ", ".join(owner.model_fields) if owner is not None else ""
         return ConfigError(f"unknown key {key}; allowed keys in {parent}: {allowed}")
     if first["type"] == "missing":
-        field = owner.model_fields.get(path[-1]) if owner is not None and path else None
-        group = field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, Schema)
-        if group:
+        if field is not None and _schema_in(field.annotation) is not None:
             return ConfigError(f"missing config group '{key}' (choose one with {key}=NAME)")
         return ConfigError(f"missing required key {key}")
-    field = owner.model_fields.get(path[-1]) if owner is not None and path else None
     nullable = field is not None and type(None) in typing.get_args(field.annotation)
     parts = []
     for e in same:
@@ -121,12 +119,12 @@ def _config_error(cls: type[Schema], error: ValidationError, prefix: str) -> Con
     return ConfigError(f"{key}={value!r} " + parts[0] if len(parts) == 1 else f"{key}={value!r}: " + "; ".join(parts))
 
 
-def parse(cls: type[S], mapping: dict[str, Any], prefix: str | None = None) -> S:
+def parse(cls: type[S], mapping: dict[str, Any]) -> S:
     """``cls`` from plain data; raises ``ConfigError`` naming the offending key."""
     try:
         return cls.model_validate(mapping)
     except ValidationError as e:
-        raise _config_error(cls, e, cls.KEY if prefix is None else prefix) from None
+        raise _config_error(cls, e, cls.KEY) from None
 
 
 def defaults_of(cls: type[Schema]) -> dict[str, Any]:
@@ -146,7 +144,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 class DatasetConfig(Schema):
-    KEY: ClassVar[str] = 'dataset'
+    KEY: ClassVar[str] = "dataset"
     name: str
     format: Literal["grouplens_csv", "recbole_atomic", "sequence_text"]
     path: str
@@ -169,7 +167,7 @@ class DatasetConfig(Schema):
 
 
 class OptimConfig(Schema):
-    KEY: ClassVar[str] = 'model.optim'
+    KEY: ClassVar[str] = "model.optim"
     lr: float = 1e-3
     # Learning rate of the item table (input embeddings and a tied head). null: ``lr``. A
     # pretrained decoder wants a small rate, its new item vocabulary a large one.
@@ -195,7 +193,7 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 class LoraSettings(Schema):
     """LoRA adapters (PEFT) on the decoder's linears; merged into the weights after training."""
-    KEY: ClassVar[str] = 'model.lora'
+    KEY: ClassVar[str] = "model.lora"
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -210,7 +208,7 @@ class LoraSettings(Schema):
 
 
 class ModelConfig(Schema):
-    KEY: ClassVar[str] = 'model'
+    KEY: ClassVar[str] = "model"
     name: str
     source: Literal["scratch", "pretrained"] = "scratch"
     # scratch LLaMA
@@ -251,7 +249,7 @@ class ModelConfig(Schema):
 
 
 class EvaluationConfig(Schema):
-    KEY: ClassVar[str] = 'evaluation'
+    KEY: ClassVar[str] = "evaluation"
     # Full ranking over the whole catalogue, leave-one-out.
     exclude_seen: bool = True  # items already in the user's history are not ranked
     hr_ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
@@ -426,7 +424,7 @@ def _check_trainer(container: dict[str, Any]) -> None:
 
 
 class ProbeConfig(Schema):
-    KEY: ClassVar[str] = 'probe'
+    KEY: ClassVar[str] = "probe"
     layer: int | Literal["all"] = 15  # 0 (token embeddings) .. n_layers (final output), or all
     dim: int = 32
     # linear (trained with the task) | pca (fitted once, frozen) | none (ID-only baseline)
@@ -439,7 +437,7 @@ class ProbeConfig(Schema):
 
 
 class RepresentationConfig(Schema):
-    KEY: ClassVar[str] = 'representation'
+    KEY: ClassVar[str] = "representation"
     model: Literal["smollm2_135m", "minilm", "llama_tiny", "hf"] = "smollm2_135m"
     path: str | None = None  # a Hugging Face folder (for smollm2_135m: instead of the GGUF conversion)
     gguf_path: str | None = None
@@ -474,7 +472,7 @@ class RepresentationConfig(Schema):
 
 
 class CTRConfig(Schema):
-    KEY: ClassVar[str] = 'ctr'
+    KEY: ClassVar[str] = "ctr"
     threshold: float = 4.0  # label = rating >= threshold
     split: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test fractions
     # time: per user, time-ordered (warm items) | item: random item partition, val/test items
@@ -513,7 +511,7 @@ class CTRConfig(Schema):
 
 
 class ProbeRunConfig(Schema):
-    KEY: ClassVar[str] = ''
+    KEY: ClassVar[str] = ""
     seed: int
     dataset: DatasetConfig
     probe: ProbeConfig
@@ -541,7 +539,7 @@ def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
 
 
 class MARCConfig(Schema):
-    KEY: ClassVar[str] = 'marc'
+    KEY: ClassVar[str] = "marc"
     dim: int = 32  # the code size of the bottleneck
     beta: float = 1e-3  # weight of KL(q(z|h) || N(0, I))
     trainable_layers: int = 2  # last k LLM blocks trained (0: frozen LLM); the states below are cached
@@ -574,7 +572,7 @@ class MARCConfig(Schema):
 
 
 class MARCRunConfig(Schema):
-    KEY: ClassVar[str] = ''
+    KEY: ClassVar[str] = ""
     seed: int
     dataset: DatasetConfig
     marc: MARCConfig

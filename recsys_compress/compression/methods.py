@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -33,20 +34,20 @@ class LowRank:
     asvd_alpha)``: the singular values of the matrix the factorisation truncates."""
     factorize: Callable[[torch.Tensor, int, InputStats, float], Factorization]
     spectrum: Callable[[torch.Tensor, InputStats, float], torch.Tensor]
-    kind: str = "low_rank"
+    kind: ClassVar[str] = "low_rank"
 
 
 @dataclass(frozen=True)
 class Pruning:
     """Zero all but a fraction of the weights; ``mask(W, ratio, stats)`` is 1 where kept."""
     mask: Callable[[torch.Tensor, float, InputStats], torch.Tensor]
-    kind: str = "pruning"
+    kind: ClassVar[str] = "pruning"
 
 
 @dataclass(frozen=True)
 class Quantization:
     """Every weight kept, in int8 (dynamic quantisation); no calibration."""
-    kind: str = "quantization"
+    kind: ClassVar[str] = "quantization"
 
 
 def _svd(W: torch.Tensor, rank: int, stats: InputStats, alpha: float) -> Factorization:
