@@ -39,6 +39,14 @@ class Fault:
 
 
 FAULTS = [
+    Fault("sequential_skips_propagation", "recsys_compress/compression/sequential.py",
+          '        if propagate == "compressed":\n            _propagate(block, calib_inputs)',
+          '        if propagate == "compressed":\n            pass',
+          ("tests/test_sequential.py::test_compressed_propagation_keeps_block_0_and_refits_the_blocks_above",)),
+    Fault("sequential_keeps_every_blocks_stats", "recsys_compress/compression/sequential.py",
+          "        del stats, held  # one block's statistics at a time",
+          "        reports[-1].__dict__['stats'] = (stats, held)",
+          ("tests/test_sequential.py::test_only_one_blocks_statistics_are_alive_at_once",)),
     Fault("resume_ignores_checkpoint", "recsys_compress/tasks/train_seqrec.py",
           "        return str(last)", "        return None",
           ("tests/test_sweeps.py::test_kill_then_resume_gives_the_uninterrupted_result",)),

@@ -282,6 +282,10 @@ class CompressionConfig(Schema):
     # the same on each matrix's normalised spectrum (compression/allocation.py).
     allocation: Literal[ALLOCATIONS] = "uniform"  # type: ignore[valid-type]
     min_rank: int = 1  # global allocations: the least rank any matrix keeps
+    # one decoder block at a time, each calibrated on the output of the compressed blocks below
+    # it; only one block's statistics are alive (compression/sequential.py). false: every
+    # targeted layer of the model is hooked at once and calibrated on the original activations.
+    sequential: bool = False
 
     def check(self, p: str) -> None:
         _require(self.min_rank >= 1, f"{p}.min_rank", self.min_rank, ">= 1")

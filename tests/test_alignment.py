@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from recsys_compress.alignment.block_cache import capture_teacher, decoder_blocks, run_block
+from recsys_compress.alignment.block_cache import capture_teacher
+from recsys_compress.models.blocks import decoder_blocks, run_block
 from recsys_compress.alignment.lstsq import progressive_lstsq, refit_left_factor
 from recsys_compress.alignment.progressive import AlignmentError, ProgressiveAlignmentModule, check_alignable
 from recsys_compress.alignment.runner import align

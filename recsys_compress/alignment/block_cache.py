@@ -14,23 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
+from recsys_compress.models.blocks import decoder_blocks, run_block
 from recsys_compress.models.item_llm import position_ids_for
-
-
-def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (``model.base_model.layers``)."""
-    blocks = getattr(model.base_model, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no decoder blocks at base_model.layers")
-    return blocks
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @dataclass

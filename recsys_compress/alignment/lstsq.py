@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from recsys_compress.alignment.block_cache import AlignmentBatch, decoder_blocks, run_block
+from recsys_compress.alignment.block_cache import AlignmentBatch
+from recsys_compress.models.blocks import decoder_blocks, run_block
 from recsys_compress.alignment.progressive import check_alignable, low_rank_layers, masked_mse
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from recsys_compress.alignment.block_cache import AlignmentBatch, capture_teacher, decoder_blocks, run_block
+from recsys_compress.alignment.block_cache import AlignmentBatch, capture_teacher
+from recsys_compress.models.blocks import decoder_blocks, run_block
 from recsys_compress.compression.low_rank import LowRankLinear
 
 log = logging.getLogger(__name__)

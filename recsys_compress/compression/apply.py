@@ -72,11 +72,14 @@ def compress_low_rank(
     heldout: dict[str, InputStats] | None = None,
     allocation: str = "uniform",
     min_rank: int = 1,
+    ranks: dict[str, int] | None = None,
 ) -> list[LayerReport]:
     """Factorise every layer in ``layer_names`` in place; returns one report per layer.
 
     ``allocation`` sets each layer's rank (``compression/allocation.py``): one ``ratio`` for
     every layer, or one budget over all of them, where a layer may also stay dense.
+    ``ranks``: ranks already allocated (sequential compression allocates over every block
+    before it factorises the first); ``allocation`` is then not consulted.
     ``heldout``: input statistics of tokens outside the calibration set, on which each
     layer's output error is measured too."""
     low_rank = get_method(method)
@@ -84,11 +87,12 @@ def compress_low_rank(
         raise ValueError(f"compression.method={method!r} is not low-rank; allowed: {', '.join(LOW_RANK_METHODS)}")
     # from the layers themselves: k/v are narrower under grouped-query attention
     shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
-    spectra = None
-    if allocation != "uniform":
-        spectra = {name: low_rank.spectrum(model.get_submodule(name).weight, stats[name], asvd_alpha)
-                   for name in layer_names}
-    ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
+    if ranks is None:
+        spectra = None
+        if allocation != "uniform":
+            spectra = {name: low_rank.spectrum(model.get_submodule(name).weight, stats[name], asvd_alpha)
+                       for name in layer_names}
+        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ import torch
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
 from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
+from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig
 from recsys_compress.utils.tables import write_table
 
@@ -81,13 +82,9 @@ class CompressionCallback(L.Callback):
         else:
             calibration, heldout_set = split_calibration(batches, c.calib_batches, c.heldout_batches)
 
-            def statistics(chosen):
-                return collect_input_stats(
-                    model, names, chosen,
-                    forward=lambda b: pl_module.hidden_states(b["input_ids"].to(pl_module.device),
-                                                              b["attention_mask"].to(pl_module.device)),
-                    max_batches=len(chosen), gram_dtype=self.gram_dtype,
-                )
+            def forward(b):
+                return pl_module.hidden_states(b["input_ids"].to(pl_module.device),
+                                               b["attention_mask"].to(pl_module.device))
 
             if len(calibration) < c.calib_batches:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
@@ -96,25 +93,35 @@ class CompressionCallback(L.Callback):
                 log.warning("no training batches are left after calibration for the held-out error "
                             "(compression.heldout_batches=%d): lower compression.calib_batches", c.heldout_batches)
             self.calib_batches_used = len(calibration)
-            stats = statistics(calibration)
-            self.calibrate_seconds = time.perf_counter() - t0
-            heldout = statistics(heldout_set) if heldout_set else None
-            self.calib_tokens = stats[names[0]].tokens
-            self.heldout_tokens = heldout[names[0]].tokens if heldout else 0
+            if c.sequential:
+                result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
+                                             forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype)
+                self.reports, self.calibrate_seconds = result.reports, result.calibrate_seconds
+                self.calib_tokens, self.heldout_tokens = result.calib_tokens, result.heldout_tokens
+                self.rank_deficient_layers = result.rank_deficient_layers
+            else:
+                def statistics(chosen):
+                    return collect_input_stats(model, names, chosen, forward=forward, max_batches=len(chosen),
+                                               gram_dtype=self.gram_dtype)
+
+                stats = statistics(calibration)
+                self.calibrate_seconds = time.perf_counter() - t0
+                heldout = statistics(heldout_set) if heldout_set else None
+                self.calib_tokens = stats[names[0]].tokens
+                self.heldout_tokens = heldout[names[0]].tokens if heldout else 0
+                self.rank_deficient_layers = sum(stats[n].tokens < stats[n].abs_sum.numel() for n in names)
+                if isinstance(self.kind, LowRank):
+                    self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
+                                                     heldout, c.allocation, c.min_rank)
+                else:
+                    self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
             # Fewer tokens than input features: the Gram matrix is singular, and whitening fits
             # those very tokens (the held-out error says by how much).
-            narrow = [n for n in names if stats[n].tokens < stats[n].abs_sum.numel()]
-            self.rank_deficient_layers = len(narrow)
-            if narrow:
-                widest = max(stats[n].abs_sum.numel() for n in names)
+            if self.rank_deficient_layers:
+                widest = max(model.get_submodule(n).in_features for n in names)
                 log.warning("calibration saw %d tokens, fewer than the %d input features of the widest targeted "
                             "layer: %d of %d layers have a singular Gram matrix; raise compression.calib_batches",
-                            self.calib_tokens, widest, len(narrow), len(names))
-            if isinstance(self.kind, LowRank):
-                self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
-                                                 heldout, c.allocation, c.min_rank)
-            else:
-                self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
+                            self.calib_tokens, widest, self.rank_deficient_layers, len(names))
         self.names = names
         if self.quantize == "int8" and not self.defer_quantize:
             self.apply_quantization(model)

@@ -1,0 +1,213 @@
+"""Sequential, memory-bounded compression: one decoder block at a time (SVD-LLM's layer-wise path).
+
+The whole-model path hooks every targeted layer at once and holds every Gram matrix until
+factorisation: for LLaMA-7B in float64, 32 x (3 x 4096^2 + 11008^2) x 8 bytes ~ 44 GB. Here
+
+1. the calibration (and held-out) batches run through the embeddings only, up to the input of
+   block 0 (a pre-hook stops the forward there; the GPTQ "catcher"); those hidden states and the
+   arguments the model gives its blocks (causal mask, rotary embeddings) are kept on the CPU;
+2. for each block in turn: its Gram matrices are accumulated from the cached hidden states, its
+   linears are factorised (or pruned) and replaced, and the hidden states are propagated through
+   the *compressed* block to become the next block's inputs, so each block is fitted to the
+   error of the blocks below it, as it will see it when deployed; that block's statistics are
+   then freed.
+
+Only one block's statistics (calibration + held-out) are alive at a time; the activations cost
+batches x batch_size x max_len x hidden x 4 bytes (README, "Memory at scale").
+
+A global rank allocation needs every matrix's spectrum before the first factorisation: a first
+pass over the blocks (propagating through the original blocks, so the spectra are exactly the
+whole-model path's) keeps only the singular values, then the second pass compresses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys_compress.models.blocks import decoder_blocks, run_block
+from recsys_compress.compression.allocation import allocate_ranks
+from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers
+from recsys_compress.compression.calibration import InputStats, collect_input_stats
+from recsys_compress.compression.methods import LowRank, get_method
+
+PROPAGATIONS = ("compressed", "original")
+
+
+class _ReachedFirstBlock(Exception):
+    """Raised by the catcher: nothing above the first block needs to run."""
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def first_block_inputs(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], forward: Callable[[dict], Any],
+    store: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """Per batch: the hidden state entering block 0, the block arguments and the token mask,
+    on ``store``. ``forward(batch)`` runs the model; it stops at block 0."""
+    first = decoder_blocks(model)[0]
+    caught: dict[str, Any] = {}
+
+    def catch(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
+        caught["kwargs"] = {k: v for k, v in kwargs.items()
+                            if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
+        raise _ReachedFirstBlock
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    inputs = []
+    try:
+        for batch in batches:
+            try:
+                forward(batch)
+            except _ReachedFirstBlock:
+                pass
+            else:
+                raise RuntimeError("the forward never reached decoder block 0")
+            inputs.append({"attention_mask": batch["attention_mask"].to(store),
+                           "hidden": caught.pop("hidden").to(store), "kwargs": _to(caught.pop("kwargs"), store)})
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _block_layers(model: nn.Module, layer_names: Sequence[str]) -> list[list[str]]:
+    """``layer_names`` grouped by decoder block, in block order; a name outside every block fails."""
+    blocks = decoder_blocks(model)
+    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    grouped: list[list[str]] = [[] for _ in blocks]
+    for name in layer_names:
+        index = owner.get(id(model.get_submodule(name)))
+        if index is None:
+            raise ValueError(f"compression.sequential=true compresses decoder blocks, and layer {name} lies "
+                             "outside them: exclude it (compression.exclude) or set compression.sequential=false")
+        grouped[index].append(name)
+    return grouped
+
+
+@torch.no_grad()
+def _propagate(block: nn.Module, inputs: list[dict[str, Any]]) -> None:
+    device = next(block.parameters()).device
+    for item in inputs:
+        out = run_block(block, item["hidden"].to(device), _to(item["kwargs"], device))
+        item["hidden"] = out.to(item["hidden"].device)
+
+
+def _block_stats(model: nn.Module, block: nn.Module, names: list[str], inputs: list[dict[str, Any]],
+                 gram_dtype: torch.dtype) -> dict[str, InputStats]:
+    device = next(block.parameters()).device
+    return collect_input_stats(
+        model, names, inputs,
+        forward=lambda item: run_block(block, item["hidden"].to(device), _to(item["kwargs"], device)),
+        max_batches=len(inputs), gram_dtype=gram_dtype)
+
+
+@dataclass
+class SequentialResult:
+    reports: list[LayerReport]
+    calib_tokens: int
+    heldout_tokens: int
+    rank_deficient_layers: int
+    calibrate_seconds: float  # capture, statistics and propagation (factorisation excluded)
+    # largest number of layers whose statistics were alive at once (calibration + held-out)
+    peak_live_stats: int = 0
+    blocks: int = 0
+    spectra_pass: bool = False
+    per_block_seconds: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def compress_sequential(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    method: str,
+    ratio: float,
+    calibration: Sequence[dict[str, torch.Tensor]],
+    heldout: Sequence[dict[str, torch.Tensor]],
+    forward: Callable[[dict], Any],
+    asvd_alpha: float = 0.5,
+    allocation: str = "uniform",
+    min_rank: int = 1,
+    gram_dtype: torch.dtype = torch.float64,
+    propagate: str = "compressed",
+) -> SequentialResult:
+    """Compress ``layer_names`` block by block (see the module docstring).
+
+    ``forward(batch)`` runs the model on a batch (it is stopped at block 0). ``propagate``:
+    ``compressed`` (the method) or ``original``, which feeds every block the original model's
+    activations, so the factors equal the whole-model path's (the tests' check)."""
+    if propagate not in PROPAGATIONS:
+        raise ValueError(f"propagate={propagate!r}; allowed: {', '.join(PROPAGATIONS)}")
+    kind = get_method(method)
+    grouped = _block_layers(model, layer_names)
+    blocks = decoder_blocks(model)
+    t0 = time.perf_counter()
+    factorize_seconds = 0.0
+
+    ranks = None
+    spectra_pass = isinstance(kind, LowRank) and allocation != "uniform"
+    if spectra_pass:
+        spectra: dict[str, torch.Tensor] = {}
+        inputs = first_block_inputs(model, calibration, forward)
+        for block, names in zip(blocks, grouped):
+            if names:
+                stats = _block_stats(model, block, names, inputs, gram_dtype)
+                t1 = time.perf_counter()
+                spectra.update({n: kind.spectrum(model.get_submodule(n).weight, stats[n], asvd_alpha) for n in names})
+                factorize_seconds += time.perf_counter() - t1
+                del stats
+            _propagate(block, inputs)
+        shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in layer_names}
+        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
+        del inputs, spectra
+
+    calib_inputs = first_block_inputs(model, calibration, forward)
+    heldout_inputs = first_block_inputs(model, heldout, forward) if heldout else []
+    reports: list[LayerReport] = []
+    calib_tokens = heldout_tokens = narrow = peak = 0
+    per_block: list[float] = []
+    for block, names in zip(blocks, grouped):
+        tb = time.perf_counter()
+        if not names:
+            _propagate(block, calib_inputs)
+            _propagate(block, heldout_inputs)
+            per_block.append(time.perf_counter() - tb)
+            continue
+        stats = _block_stats(model, block, names, calib_inputs, gram_dtype)
+        held = _block_stats(model, block, names, heldout_inputs, gram_dtype) if heldout_inputs else None
+        peak = max(peak, len(stats) + (len(held) if held else 0))
+        calib_tokens = stats[names[0]].tokens
+        heldout_tokens = held[names[0]].tokens if held else 0
+        narrow += sum(stats[n].tokens < stats[n].abs_sum.numel() for n in names)
+        if propagate == "original":
+            _propagate(block, calib_inputs)
+            _propagate(block, heldout_inputs)
+        t1 = time.perf_counter()
+        if isinstance(kind, LowRank):
+            reports += compress_low_rank(model, names, method, ratio, stats, asvd_alpha, held,
+                                         ranks=None if ranks is None else {n: ranks[n] for n in names})
+        else:
+            reports += prune_layers(model, names, method, ratio, stats, held)
+        factorize_seconds += time.perf_counter() - t1
+        del stats, held  # one block's statistics at a time
+        if propagate == "compressed":
+            _propagate(block, calib_inputs)
+            _propagate(block, heldout_inputs)
+        per_block.append(time.perf_counter() - tb)
+    return SequentialResult(reports, calib_tokens, heldout_tokens, narrow,
+                            time.perf_counter() - t0 - factorize_seconds, peak, len(blocks), spectra_pass, per_block)

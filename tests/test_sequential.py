@@ -1,0 +1,137 @@
+"""Sequential (block-by-block) compression against the whole-model path, on real MovieLens batches."""
+
+import weakref
+
+import pytest
+import torch
+
+from conftest import SMALL
+from recsys_compress.compression import callback as callback_module
+from recsys_compress.compression import sequential as sequential_module
+from recsys_compress.compression.apply import relative_output_error
+from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.sequential import compress_sequential
+from recsys_compress.config import CompressionConfig
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.models.item_llm import build_llama
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
+
+LAYERS, PER_BLOCK = 3, 7
+
+
+@pytest.fixture(scope="module")
+def data():
+    dm = NextItemDataModule("grouplens_csv", SMALL, max_len=20, batch_size=64)
+    dm.setup()
+    return dm
+
+
+def fresh(dm) -> SeqRecLitModule:
+    torch.manual_seed(0)
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=32, num_layers=LAYERS, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=64, max_len=20))
+    return lit.eval()
+
+
+def whole_model(dm, method, allocation="uniform"):
+    lit = fresh(dm)
+    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, allocation=allocation), 0.5)
+    cb.compress(lit, dm.train_dataloader())
+    return lit, cb
+
+
+def sequential(dm, method, propagate, allocation="uniform"):
+    lit = fresh(dm)
+    calibration, heldout = split_calibration(dm.train_dataloader(), 4, 4)
+    result = compress_sequential(lit.model, select_linear_layers(lit.model), method, 0.5, calibration, heldout,
+                                 lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]),
+                                 allocation=allocation, propagate=propagate)
+    return lit, result
+
+
+def block_of(key: str) -> int | None:
+    return int(key.split(".layers.")[1].split(".")[0]) if ".layers." in key else None
+
+
+@pytest.mark.parametrize("method,allocation", [("odllm", "uniform"), ("odllm", "global"), ("asvd", "uniform"),
+                                               ("wanda", "uniform")])
+def test_original_propagation_gives_the_whole_model_factors(data, method, allocation):
+    reference, cb = whole_model(data, method, allocation)
+    lit, result = sequential(data, method, "original", allocation)
+    expected, got = reference.model.state_dict(), lit.model.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-10, msg=key)
+    for a, b in zip(cb.reports, result.reports):
+        assert (a.name, a.rank, a.dense) == (b.name, b.rank, b.dense)
+        assert b.rel_output_error == pytest.approx(a.rel_output_error, rel=1e-9)
+        assert b.heldout_rel_output_error == pytest.approx(a.heldout_rel_output_error, rel=1e-9)
+    assert result.spectra_pass == (allocation != "uniform")
+
+
+def test_compressed_propagation_keeps_block_0_and_refits_the_blocks_above(data):
+    reference, _ = whole_model(data, "odllm")
+    lit, result = sequential(data, "odllm", "compressed")
+    expected, got = reference.model.state_dict(), lit.model.state_dict()
+    differs = {}
+    for key in expected:
+        block = block_of(key)
+        if block is not None:
+            differs[block] = differs.get(block, False) or not torch.equal(expected[key], got[key])
+    assert differs == {0: False, 1: True, 2: True}
+    # the same ranks and budget: only the factors' fit differs
+    assert [r.rank for r in result.reports] == [r.rank for r in _.reports]
+    # Each block was fitted on the activations the *compressed* model feeds it: the q/k/v inputs
+    # of the finished model (the first thing a block computes) give the reported errors exactly.
+    original = fresh(data).model
+    calibration, _ = split_calibration(data.train_dataloader(), 4, 0)
+    qkv = [r for r in result.reports if r.name.endswith(("q_proj", "k_proj", "v_proj"))]
+    deployed = collect_input_stats(lit.model, [r.name for r in qkv], calibration,
+                                   lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]), len(calibration))
+    for r in qkv:
+        W_hat = lit.model.get_submodule(r.name)
+        with torch.no_grad():
+            error = relative_output_error(original.get_submodule(r.name).weight, W_hat.A @ W_hat.B,
+                                          deployed[r.name].gram)
+        assert error == pytest.approx(r.rel_output_error, rel=1e-6), r.name
+
+
+def test_only_one_blocks_statistics_are_alive_at_once(data, monkeypatch):
+    """Every Gram matrix is counted as the statistics hooks create it, and as it is freed."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    peak = {"grams": 0}
+
+    def counting(real):
+        def collect(*args, **kwargs):
+            stats = real(*args, **kwargs)
+            live.update(s.gram for s in stats.values())
+            peak["grams"] = max(peak["grams"], len(live))
+            return stats
+        return collect
+
+    monkeypatch.setattr(sequential_module, "collect_input_stats", counting(sequential_module.collect_input_stats))
+    monkeypatch.setattr(callback_module, "collect_input_stats", counting(callback_module.collect_input_stats))
+    sequential(data, "odllm", "compressed", allocation="global")
+    assert peak["grams"] == 2 * PER_BLOCK  # one block: calibration + held-out
+    peak["grams"] = 0
+    live.clear()
+    whole_model(data, "odllm")
+    assert peak["grams"] == 2 * PER_BLOCK * LAYERS
+
+
+def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_blocks_fails(data):
+    lit = fresh(data)
+    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, sequential=True), 0.5)
+    cb.compress(lit, data.train_dataloader())
+    direct, _ = sequential(data, "odllm", "compressed")
+    for key, value in direct.model.state_dict().items():
+        assert torch.equal(lit.model.state_dict()[key], value), key
+    summary = cb.summary()
+    assert summary["compression/calib_tokens"] > 0 and summary["compression/heldout_tokens"] > 0
+    assert 0 < summary["time/calibrate_s"] < summary["time/compress_s"]
+
+    outside = CompressionCallback(CompressionConfig(method="odllm", calib_batches=2, sequential=True,
+                                                    include=["*.mlp.up_proj", "lm_head"]), 0.5)
+    with pytest.raises(ValueError, match="layer lm_head lies outside them: exclude it .* compression.sequential=false"):
+        outside.compress(fresh(data), data.train_dataloader())
