@@ -3,7 +3,7 @@
 PY ?= python3
 .DEFAULT_GOAL := help
 
-.PHONY: help install test mutation-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
+.PHONY: help install test mutation-check gpu-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
 
 help:               ## list the targets and what each runs
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/  \1\t\2/' | expand -t 20
@@ -17,6 +17,9 @@ test:               ## the test suite (what CI runs)
 
 mutation-check:     ## break the code with each known fault in a copy; fails if the tests miss one (CI runs it)
 	$(PY) experiments/mutation_check.py
+
+gpu-check:          ## the paper pipeline on one CUDA GPU in < 8 min, figures in gpu_check.json (refuses without CUDA)
+	$(PY) experiments/gpu_check.py --out gpu_check.json
 
 train:              ## the default run: llama_tiny on the vendored ml-latest-small
 	$(PY) train.py

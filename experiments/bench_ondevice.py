@@ -10,6 +10,7 @@ reports medians over rounds and ratios to the base.
     python experiments/bench_ondevice.py --model llama_tiny --ratios 0.3 0.5 0.7 dataset=ml_100k
     python experiments/bench_ondevice.py --model smollm2_135m --ratios 0.3 0.5 0.7 dataset=ml_100k
     python experiments/bench_ondevice.py --runtime onnx --model smollm2_135m --ratios 0.5 dataset=ml_100k
+    python experiments/bench_ondevice.py --device cuda --model smollm2_135m --ratios 0.5 dataset=ml_1m  # GPU, float only
 
 ``--runtime onnx`` measures the deployable artefact instead: each variant is exported once
 (``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph), then every
@@ -49,7 +50,7 @@ def build_variant(args: argparse.Namespace, variant: str):
     run = validate(cfg)
     dm = build_datamodule(run.dataset, run.seed)
     torch.manual_seed(0)
-    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval()
+    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval().to(args.device)
     method, _, ratio = variant.partition("@")
     quantize = method.endswith("+int8")
     method = method.removesuffix("+int8")
@@ -113,7 +114,13 @@ def worker(args: argparse.Namespace) -> dict:
     from recsys_compress.models.item_llm import count_parameters, serialized_megabytes
 
     lit, dm, compress_s, _ = build_variant(args, args.worker)
-    history = torch.randint(1, dm.n_items + 1, (1, args.length))
+    device = torch.device(args.device)
+
+    def wait() -> None:  # CUDA kernels run asynchronously: time them to completion
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    history = torch.randint(1, dm.n_items + 1, (1, args.length), device=device)
     one = torch.ones_like(history)
     batch = history.expand(args.batch, -1).contiguous()
     ones = torch.ones_like(batch)
@@ -122,13 +129,17 @@ def worker(args: argparse.Namespace) -> dict:
             lit(history, one)
         times = []
         for _ in range(args.reps):
+            wait()
             t0 = time.perf_counter()
             lit(history, one)
+            wait()
             times.append(time.perf_counter() - t0)
         lit(batch, ones)
+        wait()
         t0 = time.perf_counter()
         for _ in range(3):
             lit(batch, ones)
+        wait()
         throughput = 3 * args.batch / (time.perf_counter() - t0)
     return {
         "variant": args.worker,
@@ -154,6 +165,7 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
+    parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -168,12 +180,16 @@ def main() -> None:
         print(json.dumps(onnx_worker(args) if args.runtime == "onnx" else worker(args)))
         return
 
-    variants = ["base", "base+int8"]
+    if args.device != "cpu" and args.runtime != "torch":
+        parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
+    # dynamic int8 (torch.ao and onnxruntime) runs on CPUs only
+    int8 = args.device == "cpu"
+    variants = ["base"] + (["base+int8"] if int8 else [])
     for r in args.ratios:
-        variants += [f"{args.method}@{r}", f"{args.method}+int8@{r}"]
+        variants += [f"{args.method}@{r}"] + ([f"{args.method}+int8@{r}"] if int8 else [])
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime")]
+                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
 
     def call(*extra: str) -> dict:
         out = subprocess.run([sys.executable, __file__, *passthrough, *extra, *args.overrides],

@@ -418,13 +418,30 @@ def _check_trainer(container: dict[str, Any]) -> None:
     _require(max_epochs is None or max_epochs >= 1 or (max_epochs == -1 and trainer.get("max_time") is not None),
              "trainer.max_epochs", max_epochs, ">= 1, or -1 (no epoch limit) with trainer.max_time set")
     strategy, accelerator = str(trainer.get("strategy", "auto")), str(trainer.get("accelerator", "auto"))
-    if strategy.startswith("fsdp"):
-        import torch
+    precision = str(trainer.get("precision", "32-true"))
+    import torch
 
-        if accelerator == "cpu" or not torch.cuda.is_available():
-            raise ConfigError(f"trainer.strategy={strategy} with trainer.accelerator={accelerator}: Lightning's FSDP "
-                              "shards over CUDA GPUs and this machine has none; allowed here: trainer=ddp "
-                              "(CPU processes on gloo), trainer=default or cpu")
+    cuda = torch.cuda.is_available()
+    if strategy.startswith("fsdp") and (accelerator == "cpu" or not cuda):
+        raise ConfigError(f"trainer.strategy={strategy} with trainer.accelerator={accelerator}: Lightning's FSDP "
+                          "shards over CUDA GPUs and this machine has none; allowed here: trainer=ddp "
+                          "(CPU processes on gloo), trainer=default or cpu")
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no CUDA GPU "
+                          "(torch.cuda.is_available() is False); allowed here: trainer=default or trainer=cpu")
+    # bf16 autocast on a CPU without bf16 arithmetic is emulated and slower than float32.
+    if precision.startswith("bf16") and not cuda and not _cpu_has_bf16():
+        raise ConfigError(f"trainer.precision={precision}, but there is no CUDA GPU and this CPU has no "
+                          "avx512_bf16/AMX: set trainer.precision=32-true")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class ProbeConfig(Schema):

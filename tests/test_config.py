@@ -116,6 +116,26 @@ def test_fsdp_without_a_gpu_fails_at_start_naming_what_works(tmp_path):
             validate(compose_train(overrides, tmp_path))
 
 
+def test_a_gpu_trainer_or_bf16_without_cuda_fails_at_start_naming_the_alternative(tmp_path, monkeypatch):
+    import torch
+
+    import recsys_compress.config as config_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu, but this machine has no CUDA GPU .* "
+                                          r"allowed here: trainer=default or trainer=cpu"):
+        validate(compose_train(["trainer=gpu"], tmp_path))
+    bf16 = ["trainer.precision=bf16-mixed"]
+    monkeypatch.setattr(config_module, "_cpu_has_bf16", lambda: True)  # avx512_bf16: CPU autocast is real
+    validate(compose_train(bf16, tmp_path))
+    monkeypatch.setattr(config_module, "_cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"trainer.precision=bf16-mixed, but there is no CUDA GPU and this CPU "
+                                          r"has no avx512_bf16/AMX: set trainer.precision=32-true"):
+        validate(compose_train(bf16, tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(compose_train(["trainer=gpu"], tmp_path))
+
+
 def test_a_time_cap_needs_no_plus_and_zero_epochs_are_refused(tmp_path):
     run_cfg = compose_train(["trainer.max_time=00:00:30:00", "trainer.max_epochs=-1"], tmp_path)
     validate(run_cfg)
