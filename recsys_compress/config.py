@@ -318,6 +318,9 @@ class AlignmentConfig(Schema):
     distill_temperature: float = 1.0
     ridge: float = 1e-4          # progressive_lstsq: Tikhonov term, relative to mean diag((B X)(B X)^T)
     checkpoint: bool = True      # progressive: RUN_DIR/alignment/last.ckpt after every block (resume)
+    # keep the teacher's cached per-block hidden states in CPU memory; one at a time goes to the
+    # accelerator (README, "Memory at scale")
+    offload_states: bool = False
 
     def check(self, p: str) -> None:
         _require(self.batches >= 1, f"{p}.batches", self.batches, ">= 1")

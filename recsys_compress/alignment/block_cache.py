@@ -28,6 +28,10 @@ class AlignmentBatch:
     # teacher[l] enters block l of the teacher; teacher[-1] leaves the last block (pre-norm).
     teacher: list[torch.Tensor] = field(default_factory=list)
 
+    def teacher_at(self, index: int) -> torch.Tensor:
+        """``teacher[index]`` on the batch's device (the states may be offloaded to the CPU)."""
+        return self.teacher[index].to(self.attention_mask.device, non_blocking=True)
+
     @property
     def tokens(self) -> torch.Tensor:
         """Boolean mask of the real (non-padding) positions."""
@@ -36,18 +40,24 @@ class AlignmentBatch:
 
 @torch.no_grad()
 def capture_teacher(
-    teacher: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], max_batches: int, device: torch.device
+    teacher: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], max_batches: int, device: torch.device,
+    offload: bool = False,
 ) -> list[AlignmentBatch]:
-    """Run the teacher over ``max_batches`` batches, recording every block's input and output."""
+    """Run the teacher over ``max_batches`` batches, recording every block's input and output.
+
+    ``offload``: keep those (layers + 1) hidden states per batch in CPU memory, so the accelerator
+    holds only the block at work (``AlignmentBatch.teacher_at`` brings one state over)."""
     blocks = decoder_blocks(teacher)
     records: dict[str, Any] = {}
 
     def before_first(_module, args, kwargs):
         records["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-        records["hidden"] = [args[0] if args else kwargs["hidden_states"]]
+        first = args[0] if args else kwargs["hidden_states"]
+        records["hidden"] = [first.cpu() if offload else first]
 
     def after_each(_module, _args, _kwargs, output):
-        records["hidden"].append(output[0] if isinstance(output, tuple) else output)
+        state = output[0] if isinstance(output, tuple) else output
+        records["hidden"].append(state.cpu() if offload else state)
 
     handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
     handles += [b.register_forward_hook(after_each, with_kwargs=True) for b in blocks]

@@ -74,10 +74,11 @@ def progressive_lstsq(
         low_rank = low_rank_layers(s_block)
         if low_rank:
             t0 = time.perf_counter()
-            before = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher[l + 1], b.tokens)
+            before = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher_at(l + 1),
+                                                 b.tokens)
                                         for h, b in zip(hidden, batches)]).mean())
             start = {n: m.up.weight.clone() for n, m in low_rank.items()}
-            teacher_inputs = _capture_inputs(t_block, list(low_rank), batches, [b.teacher[l] for b in batches])
+            teacher_inputs = _capture_inputs(t_block, list(low_rank), batches, [b.teacher_at(l) for b in batches])
             remaining = list(low_rank)
             while remaining:
                 student_inputs = _capture_inputs(s_block, remaining, batches, hidden)
@@ -96,7 +97,8 @@ def progressive_lstsq(
                         yz += (xt[name] @ W.T).T @ z
                     layer.up.weight.copy_(refit_left_factor(zz, yz, ridge).to(layer.up.weight.dtype))
                 remaining = [n for n in remaining if n not in group]
-            after = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher[l + 1], b.tokens)
+            after = float(torch.stack([masked_mse(run_block(s_block, h, b.block_kwargs), b.teacher_at(l + 1),
+                                                 b.tokens)
                                        for h, b in zip(hidden, batches)]).mean())
             reverted = after >= before
             if reverted:  # per-layer least squares need not lower the block's error: never make it worse

@@ -87,6 +87,7 @@ class ProgressiveAlignmentModule(L.LightningModule):
         task_weight: float = 0.0,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        offload_states: bool = False,
     ):
         super().__init__()
         check_alignable(teacher, student)
@@ -113,7 +114,8 @@ class ProgressiveAlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if not self.cache:
             self.teacher.to(self.device)
-            self.cache = capture_teacher(self.teacher, self._batches, self.hparams.num_batches, self.device)
+            self.cache = capture_teacher(self.teacher, self._batches, self.hparams.num_batches, self.device,
+                                         self.hparams.offload_states)
 
     def train_dataloader(self):
         # Steps index the cached batches (step % n); the loader only paces Lightning's loop.
@@ -139,7 +141,7 @@ class ProgressiveAlignmentModule(L.LightningModule):
     def block_error(self, layer: int) -> float:
         """Mean over cached batches of the block's MSE against the teacher's block output."""
         block = decoder_blocks(self.student)[layer]
-        errors = [masked_mse(run_block(block, h, b.block_kwargs), b.teacher[layer + 1], b.tokens)
+        errors = [masked_mse(run_block(block, h, b.block_kwargs), b.teacher_at(layer + 1), b.tokens)
                   for h, b in zip(self._hidden, self.cache)]
         return float(torch.stack(errors).mean())
 
@@ -201,7 +203,7 @@ class ProgressiveAlignmentModule(L.LightningModule):
         index = self.global_step % len(self.cache)
         cached = self.cache[index]
         output = run_block(decoder_blocks(self.student)[layer], self._hidden[index], cached.block_kwargs)
-        mse = masked_mse(output, cached.teacher[layer + 1], cached.tokens)
+        mse = masked_mse(output, cached.teacher_at(layer + 1), cached.tokens)
         loss = mse
         if hp.task_weight > 0 or hp.distill_weight > 0:
             loss = loss + self._task_terms(output, layer, cached)
@@ -224,7 +226,7 @@ class ProgressiveAlignmentModule(L.LightningModule):
         loss = hp.task_weight * F.cross_entropy(logits, cached.input_ids[:, 1:][has_target])
         if hp.distill_weight > 0:
             with torch.no_grad():
-                teacher_hidden = self.teacher.base_model.norm(cached.teacher[-1])[:, :-1][has_target]
+                teacher_hidden = self.teacher.base_model.norm(cached.teacher_at(-1))[:, :-1][has_target]
                 teacher_logits = self.teacher.get_output_embeddings()(teacher_hidden).float()
             t = hp.distill_temperature
             kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),

@@ -43,7 +43,7 @@ def align(
     t0 = time.perf_counter()
     if cfg.method == "progressive_lstsq":
         device = next(student.parameters()).device
-        cache = capture_teacher(teacher.to(device), batches, cfg.batches, device)
+        cache = capture_teacher(teacher.to(device), batches, cfg.batches, device, cfg.offload_states)
         was_training = student.training
         student.eval()
         reports = progressive_lstsq(teacher, student, cache, cfg.ridge)
@@ -54,7 +54,7 @@ def align(
             teacher, student, batches, num_batches=cfg.batches, steps_per_layer=cfg.steps_per_layer, lr=cfg.lr,
             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps,
             task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
-            distill_temperature=cfg.distill_temperature,
+            distill_temperature=cfg.distill_temperature, offload_states=cfg.offload_states,
         )
         callbacks, ckpt_path = [], None
         if cfg.checkpoint and output_dir is not None:
