@@ -9,7 +9,12 @@ from conftest import SMALL
 from recsys_compress.compression import callback as callback_module
 from recsys_compress.compression import sequential as sequential_module
 from recsys_compress.compression.apply import relative_output_error
-from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+from recsys_compress.compression.calibration import (
+    collect_input_stats,
+    select_linear_layers,
+    split_calibration,
+    statistics_bytes,
+)
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig
@@ -135,3 +140,19 @@ def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_b
                                                     include=["*.mlp.up_proj", "lm_head"]), 0.5)
     with pytest.raises(ValueError, match="layer lm_head lies outside them: exclude it .* compression.sequential=false"):
         outside.compress(fresh(data), data.train_dataloader())
+
+
+def test_statistics_that_would_not_fit_are_refused_with_the_numbers(data, monkeypatch):
+    in_features = [[32] * 6 + [64]] * LAYERS  # q/k/v/o/gate/up read the hidden state, down the MLP's
+    one_block = 2 * 8 * (6 * (32 * 32 + 32) + 64 * 64 + 64)
+    assert statistics_bytes(in_features, 32, 0, heldout=True, sequential=False) == LAYERS * one_block
+    assert statistics_bytes(in_features, 32, 1000, heldout=True, sequential=True) == one_block + 4 * 32 * 1000
+    monkeypatch.setattr(callback_module, "available_memory_bytes", lambda: 100_000)
+    whole, one = LAYERS * one_block / 2**20, (one_block + 4 * 32 * 10_752) / 2**20
+    for sequential, expected, mode, hint in (
+            (False, f"{whole:.1f}", "every layer at once", "set compression.sequential=true"),
+            (True, f"{one:.1f}", "one block at a time", "lower compression.calib_batches or compression.heldout_batches")):
+        cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, sequential=sequential), 0.5)
+        with pytest.raises(MemoryError, match=rf"calibration statistics need {expected} MiB \(21 layers, {mode}, "
+                                              rf"10,752 padded tokens\), and 0.1 MiB are available: {hint}"):
+            cb.compress(fresh(data), data.train_dataloader())

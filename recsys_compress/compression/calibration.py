@@ -166,3 +166,28 @@ def split_calibration(
             heldout.append({k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == (rows,) else v
                             for k, v in batch.items()})
     return calibration, heldout
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (``MemAvailable``; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def statistics_bytes(in_features: Sequence[Sequence[int]], hidden_size: int, padded_tokens: int,
+                     heldout: bool, sequential: bool) -> int:
+    """Host memory the calibration statistics need: one float64 Gram matrix and |x| sum per layer
+    (twice with held-out statistics). ``in_features``: the targeted layers' input widths, grouped
+    by decoder block. The sequential path holds one block's statistics plus the cached float32
+    hidden states of every calibration and held-out position (``padded_tokens``)."""
+    copies = 2 if heldout else 1
+    per_block = [copies * sum(8 * (n * n + n) for n in block) for block in in_features]
+    if sequential:
+        return max(per_block, default=0) + 4 * hidden_size * padded_tokens
+    return sum(per_block)

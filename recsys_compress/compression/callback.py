@@ -20,10 +20,17 @@ import lightning as L
 import torch
 
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
-from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+from recsys_compress.compression.calibration import (
+    available_memory_bytes,
+    collect_input_stats,
+    select_linear_layers,
+    split_calibration,
+    statistics_bytes,
+)
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig
+from recsys_compress.models.blocks import decoder_blocks
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,7 @@ class CompressionCallback(L.Callback):
                 log.warning("no training batches are left after calibration for the held-out error "
                             "(compression.heldout_batches=%d): lower compression.calib_batches", c.heldout_batches)
             self.calib_batches_used = len(calibration)
+            self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
                                              forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype)
@@ -131,6 +139,32 @@ class CompressionCallback(L.Callback):
         if jittered:
             log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
         return self.reports
+
+    def _check_memory(self, model: torch.nn.Module, names: list[str], batches: list, heldout: bool) -> None:
+        """Refuse, with the numbers, statistics that would not fit in the memory available now."""
+        available = available_memory_bytes()
+        if available is None:
+            return
+        try:
+            blocks = decoder_blocks(model)
+        except TypeError:  # not a Hugging Face decoder stack: one group
+            blocks = []
+        owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+        grouped: dict[int, list[int]] = {}
+        for n in names:
+            module = model.get_submodule(n)
+            grouped.setdefault(owner.get(id(module), -1), []).append(module.in_features)
+        padded = sum(int(b["attention_mask"].numel()) for b in batches)
+        sequential = self.config.sequential
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
+        needed = statistics_bytes(list(grouped.values()), hidden, padded, heldout, sequential)
+        if needed > available:
+            hint = ("lower compression.calib_batches or compression.heldout_batches" if sequential else
+                    "set compression.sequential=true (one block's statistics at a time)")
+            raise MemoryError(
+                f"calibration statistics need {needed / 2**20:,.1f} MiB ({len(names)} layers, "
+                f"{'one block at a time' if sequential else 'every layer at once'}, {padded:,} padded tokens), "
+                f"and {available / 2**20:,.1f} MiB are available: {hint}")
 
     def apply_quantization(self, model: torch.nn.Module) -> float:
         """int8-quantise the compressed layers (both factors of low-rank ones); returns seconds."""
