@@ -46,7 +46,7 @@ def _heldout_error(W: torch.Tensor, W_hat: torch.Tensor, heldout: dict[str, Inpu
     s = heldout.get(name) if heldout else None
     if s is None or s.gram is None or s.tokens == 0:
         return float("nan")
-    return relative_output_error(W, W_hat, s.gram)
+    return relative_output_error(W, W_hat, s.gram.to(W.device))
 
 
 def _finite_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -90,7 +90,8 @@ def compress_low_rank(
     if ranks is None:
         spectra = None
         if allocation != "uniform":
-            spectra = {name: low_rank.spectrum(model.get_submodule(name).weight, stats[name], asvd_alpha)
+            spectra = {name: low_rank.spectrum(model.get_submodule(name).weight,
+                                               stats[name].to(model.get_submodule(name).weight.device), asvd_alpha)
                        for name in layer_names}
         ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
     reports = []
@@ -109,7 +110,7 @@ def compress_low_rank(
                 f"ratio={ratio} gives rank 0 for layer {name} ({m} x {n}); the smallest ratio that "
                 f"keeps rank 1 there is {(m + n) / (m * n):.4f}"
             )
-        s = stats[name]
+        s = stats[name].to(W.device)  # summed on the CPU; factorised where the weight lives
         fac = low_rank.factorize(W, rank, s, asvd_alpha)
         low = LowRankLinear.from_factors(fac.A, fac.B, linear.bias)
         error = relative_output_error(W, fac.A @ fac.B, s.gram) if s.gram is not None else float("nan")
@@ -134,8 +135,9 @@ def prune_layers(
     for name in layer_names:
         t0 = time.perf_counter()
         W = _finite_weight(model, name)
-        gram = stats[name].gram
-        mask = pruning.mask(W, ratio, stats[name])
+        s = stats[name].to(W.device)
+        gram = s.gram
+        mask = pruning.mask(W, ratio, s)
         original = W.detach().clone()
         W.mul_(mask)
         m, n = W.shape

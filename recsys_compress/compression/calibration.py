@@ -51,6 +51,10 @@ class InputStats:
     abs_sum: torch.Tensor  # n float64, sum_t |x_t|
     tokens: int
 
+    def to(self, device: torch.device | str) -> InputStats:
+        """The statistics on ``device`` (they are summed on the CPU; factorisation runs by the weight)."""
+        return InputStats(None if self.gram is None else self.gram.to(device), self.abs_sum.to(device), self.tokens)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)

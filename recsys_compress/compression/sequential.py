@@ -168,7 +168,9 @@ def compress_sequential(
             if names:
                 stats = _block_stats(model, block, names, inputs, gram_dtype)
                 t1 = time.perf_counter()
-                spectra.update({n: kind.spectrum(model.get_submodule(n).weight, stats[n], asvd_alpha) for n in names})
+                spectra.update({n: kind.spectrum(model.get_submodule(n).weight,
+                                                stats[n].to(model.get_submodule(n).weight.device), asvd_alpha).cpu()
+                                for n in names})
                 factorize_seconds += time.perf_counter() - t1
                 del stats
             _propagate(block, inputs)
