@@ -140,11 +140,11 @@ def test_progressive_lstsq_lowers_every_block_error(teacher_student, batches):
     assert [r["layer"] for r in reports] == [0, 1]
     assert all(r["mse_after"] < r["mse_before"] for r in reports)
     assert all(a < b for a, b in zip(hidden_errors(teacher, student, data), errors_before))
-    # the same refit from states kept in CPU memory (alignment.offload_states; on a GPU the
-    # accelerator then holds one state at a time)
+    # The same refit through the offloading path (alignment.offload_states: teacher_at brings each
+    # state to the batch's device). On this CPU-only machine the states are on the CPU either way,
+    # so where they live is a GPU check (experiments/gpu_check.py), not this test's.
     offloaded = copy.deepcopy(teacher_student[1])
     cache = capture_teacher(teacher, data, 4, torch.device("cpu"), offload=True)
-    assert all(state.device.type == "cpu" for b in cache for state in b.teacher)
     untimed = [{k: v for k, v in r.items() if "second" not in k and not k.endswith("_s")} for r in reports]
     again = progressive_lstsq(teacher, offloaded, cache, ridge=1e-6)
     assert [{k: r[k] for k in u} for r, u in zip(again, untimed)] == untimed
