@@ -30,7 +30,7 @@ from recsys_compress.compression.calibration import (
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig
-from recsys_compress.models.blocks import decoder_blocks
+from recsys_compress.models.blocks import layers_by_block
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,14 @@ class CompressionCallback(L.Callback):
         if available is None:
             return
         try:
-            blocks = decoder_blocks(model)
+            grouped = layers_by_block(model, names)
         except TypeError:  # not a Hugging Face decoder stack: one group
-            blocks = []
-        owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
-        grouped: dict[int, list[int]] = {}
-        for n in names:
-            module = model.get_submodule(n)
-            grouped.setdefault(owner.get(id(module), -1), []).append(module.in_features)
+            grouped = {None: names}
+        in_features = [[model.get_submodule(n).in_features for n in group] for group in grouped.values()]
         padded = sum(int(b["attention_mask"].numel()) for b in batches)
         sequential = self.config.sequential
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
-        needed = statistics_bytes(list(grouped.values()), hidden, padded, heldout, sequential)
+        needed = statistics_bytes(in_features, hidden, padded, heldout, sequential)
         if needed > available:
             hint = ("lower compression.calib_batches or compression.heldout_batches" if sequential else
                     "set compression.sequential=true (one block's statistics at a time)")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recsys_compress.models.blocks import decoder_blocks, run_block
+from recsys_compress.models.blocks import decoder_blocks, layers_by_block, run_block
 from recsys_compress.compression.allocation import allocate_ranks
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers
 from recsys_compress.compression.calibration import InputStats, collect_input_stats
@@ -88,16 +88,11 @@ def first_block_inputs(
 
 def _block_layers(model: nn.Module, layer_names: Sequence[str]) -> list[list[str]]:
     """``layer_names`` grouped by decoder block, in block order; a name outside every block fails."""
-    blocks = decoder_blocks(model)
-    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
-    grouped: list[list[str]] = [[] for _ in blocks]
-    for name in layer_names:
-        index = owner.get(id(model.get_submodule(name)))
-        if index is None:
-            raise ValueError(f"compression.sequential=true compresses decoder blocks, and layer {name} lies "
-                             "outside them: exclude it (compression.exclude) or set compression.sequential=false")
-        grouped[index].append(name)
-    return grouped
+    grouped = layers_by_block(model, list(layer_names))
+    if None in grouped:
+        raise ValueError(f"compression.sequential=true compresses decoder blocks, and layer {grouped[None][0]} lies "
+                         "outside them: exclude it (compression.exclude) or set compression.sequential=false")
+    return [grouped.get(i, []) for i in range(len(decoder_blocks(model)))]
 
 
 @torch.no_grad()

@@ -25,3 +25,13 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     """One block's output hidden state for ``hidden`` and the arguments the model passes its blocks."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def layers_by_block(model: PreTrainedModel, names: list[str] | tuple[str, ...]) -> dict[int | None, list[str]]:
+    """``names`` grouped by the index of the decoder block holding each module (None: outside
+    every block), blocks in order."""
+    owner = {id(m): i for i, block in enumerate(decoder_blocks(model)) for m in block.modules()}
+    grouped: dict[int | None, list[str]] = {}
+    for name in names:
+        grouped.setdefault(owner.get(id(model.get_submodule(name))), []).append(name)
+    return grouped
