@@ -62,6 +62,19 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def layer_spectra(model: nn.Module, layer_names: list[str], method: str, stats: dict[str, InputStats],
+                  asvd_alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per layer, the singular values the low-rank ``method`` truncates (what global allocations
+    rank directions by), computed where the weight lives and kept on the CPU."""
+    low_rank = get_method(method)
+    spectra = {}
+    for name in layer_names:
+        W = model.get_submodule(name).weight
+        spectra[name] = low_rank.spectrum(W, stats[name].to(W.device), asvd_alpha).cpu()
+    return spectra
+
+
+@torch.no_grad()
 def compress_low_rank(
     model: nn.Module,
     layer_names: list[str],
@@ -88,11 +101,7 @@ def compress_low_rank(
     # from the layers themselves: k/v are narrower under grouped-query attention
     shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
     if ranks is None:
-        spectra = None
-        if allocation != "uniform":
-            spectra = {name: low_rank.spectrum(model.get_submodule(name).weight,
-                                               stats[name].to(model.get_submodule(name).weight.device), asvd_alpha)
-                       for name in layer_names}
+        spectra = layer_spectra(model, layer_names, method, stats, asvd_alpha) if allocation != "uniform" else None
         ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
     reports = []
     for name in layer_names:

@@ -56,6 +56,11 @@ class InputStats:
         return InputStats(None if self.gram is None else self.gram.to(device), self.abs_sum.to(device), self.tokens)
 
     @property
+    def rank_deficient(self) -> bool:
+        """Fewer tokens than input features: the Gram matrix is singular."""
+        return self.tokens < self.abs_sum.numel()
+
+    @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
 

@@ -117,7 +117,7 @@ class CompressionCallback(L.Callback):
                 heldout = statistics(heldout_set) if heldout_set else None
                 self.calib_tokens = stats[names[0]].tokens
                 self.heldout_tokens = heldout[names[0]].tokens if heldout else 0
-                self.rank_deficient_layers = sum(stats[n].tokens < stats[n].abs_sum.numel() for n in names)
+                self.rank_deficient_layers = sum(stats[n].rank_deficient for n in names)
                 if isinstance(self.kind, LowRank):
                     self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
                                                      heldout, c.allocation, c.min_rank)

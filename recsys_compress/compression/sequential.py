@@ -32,7 +32,7 @@ from torch import nn
 
 from recsys_compress.models.blocks import decoder_blocks, layers_by_block, run_block
 from recsys_compress.compression.allocation import allocate_ranks
-from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers
+from recsys_compress.compression.apply import LayerReport, compress_low_rank, layer_spectra, prune_layers
 from recsys_compress.compression.calibration import InputStats, collect_input_stats
 from recsys_compress.compression.methods import LowRank, get_method
 
@@ -163,9 +163,7 @@ def compress_sequential(
             if names:
                 stats = _block_stats(model, block, names, inputs, gram_dtype)
                 t1 = time.perf_counter()
-                spectra.update({n: kind.spectrum(model.get_submodule(n).weight,
-                                                stats[n].to(model.get_submodule(n).weight.device), asvd_alpha).cpu()
-                                for n in names})
+                spectra.update(layer_spectra(model, names, method, stats, asvd_alpha))
                 factorize_seconds += time.perf_counter() - t1
                 del stats
             _propagate(block, inputs)
@@ -190,7 +188,7 @@ def compress_sequential(
         peak = max(peak, len(stats) + (len(held) if held else 0))
         calib_tokens = stats[names[0]].tokens
         heldout_tokens = held[names[0]].tokens if held else 0
-        narrow += sum(stats[n].tokens < stats[n].abs_sum.numel() for n in names)
+        narrow += sum(stats[n].rank_deficient for n in names)
         if propagate == "original":
             _propagate(block, calib_inputs)
             _propagate(block, heldout_inputs)
