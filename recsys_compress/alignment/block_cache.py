@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from recsys_compress.models.blocks import decoder_blocks, run_block
+from recsys_compress.models.blocks import decoder_blocks
 from recsys_compress.models.item_llm import position_ids_for
 
 

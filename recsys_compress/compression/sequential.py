@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,21 +95,22 @@ def _block_layers(model: nn.Module, layer_names: Sequence[str]) -> list[list[str
     return [grouped.get(i, []) for i in range(len(decoder_blocks(model)))]
 
 
+def _run(block: nn.Module, item: dict[str, Any]) -> torch.Tensor:
+    """The block's output for one cached batch, computed on the block's device."""
+    device = next(block.parameters()).device
+    return run_block(block, item["hidden"].to(device), _to(item["kwargs"], device))
+
+
 @torch.no_grad()
 def _propagate(block: nn.Module, inputs: list[dict[str, Any]]) -> None:
-    device = next(block.parameters()).device
     for item in inputs:
-        out = run_block(block, item["hidden"].to(device), _to(item["kwargs"], device))
-        item["hidden"] = out.to(item["hidden"].device)
+        item["hidden"] = _run(block, item).to(item["hidden"].device)
 
 
 def _block_stats(model: nn.Module, block: nn.Module, names: list[str], inputs: list[dict[str, Any]],
                  gram_dtype: torch.dtype) -> dict[str, InputStats]:
-    device = next(block.parameters()).device
-    return collect_input_stats(
-        model, names, inputs,
-        forward=lambda item: run_block(block, item["hidden"].to(device), _to(item["kwargs"], device)),
-        max_batches=len(inputs), gram_dtype=gram_dtype)
+    return collect_input_stats(model, names, inputs, forward=lambda item: _run(block, item),
+                               max_batches=len(inputs), gram_dtype=gram_dtype)
 
 
 @dataclass
@@ -119,11 +120,7 @@ class SequentialResult:
     heldout_tokens: int
     rank_deficient_layers: int
     calibrate_seconds: float  # capture, statistics and propagation (factorisation excluded)
-    # largest number of layers whose statistics were alive at once (calibration + held-out)
-    peak_live_stats: int = 0
-    blocks: int = 0
-    spectra_pass: bool = False
-    per_block_seconds: list[float] = field(default_factory=list)
+    spectra_pass: bool = False  # a global allocation's first pass ran
 
 
 @torch.no_grad()
@@ -174,35 +171,25 @@ def compress_sequential(
     calib_inputs = first_block_inputs(model, calibration, forward)
     heldout_inputs = first_block_inputs(model, heldout, forward) if heldout else []
     reports: list[LayerReport] = []
-    calib_tokens = heldout_tokens = narrow = peak = 0
-    per_block: list[float] = []
+    calib_tokens = heldout_tokens = narrow = 0
     for block, names in zip(blocks, grouped):
-        tb = time.perf_counter()
-        if not names:
-            _propagate(block, calib_inputs)
-            _propagate(block, heldout_inputs)
-            per_block.append(time.perf_counter() - tb)
-            continue
-        stats = _block_stats(model, block, names, calib_inputs, gram_dtype)
-        held = _block_stats(model, block, names, heldout_inputs, gram_dtype) if heldout_inputs else None
-        peak = max(peak, len(stats) + (len(held) if held else 0))
-        calib_tokens = stats[names[0]].tokens
-        heldout_tokens = held[names[0]].tokens if held else 0
-        narrow += sum(stats[n].rank_deficient for n in names)
-        if propagate == "original":
-            _propagate(block, calib_inputs)
-            _propagate(block, heldout_inputs)
-        t1 = time.perf_counter()
-        if isinstance(kind, LowRank):
-            reports += compress_low_rank(model, names, method, ratio, stats, asvd_alpha, held,
-                                         ranks=None if ranks is None else {n: ranks[n] for n in names})
-        else:
-            reports += prune_layers(model, names, method, ratio, stats, held)
-        factorize_seconds += time.perf_counter() - t1
-        del stats, held  # one block's statistics at a time
-        if propagate == "compressed":
-            _propagate(block, calib_inputs)
-            _propagate(block, heldout_inputs)
-        per_block.append(time.perf_counter() - tb)
+        if names:
+            stats = _block_stats(model, block, names, calib_inputs, gram_dtype)
+            held = _block_stats(model, block, names, heldout_inputs, gram_dtype) if heldout_inputs else None
+            calib_tokens = stats[names[0]].tokens
+            heldout_tokens = held[names[0]].tokens if held else 0
+            narrow += sum(stats[n].rank_deficient for n in names)
+            if propagate == "original":
+                _propagate(block, calib_inputs + heldout_inputs)
+            t1 = time.perf_counter()
+            if isinstance(kind, LowRank):
+                reports += compress_low_rank(model, names, method, ratio, stats, asvd_alpha, held,
+                                             ranks=None if ranks is None else {n: ranks[n] for n in names})
+            else:
+                reports += prune_layers(model, names, method, ratio, stats, held)
+            factorize_seconds += time.perf_counter() - t1
+            del stats, held  # one block's statistics at a time
+        if not names or propagate == "compressed":
+            _propagate(block, calib_inputs + heldout_inputs)
     return SequentialResult(reports, calib_tokens, heldout_tokens, narrow,
-                            time.perf_counter() - t0 - factorize_seconds, peak, len(blocks), spectra_pass, per_block)
+                            time.perf_counter() - t0 - factorize_seconds, spectra_pass)
