@@ -25,26 +25,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What runs on the GPU; every key is a train.py override (README, "Commands").
+# The steps both runs take: compress with sequential odllm at 0.5, align, evaluate (train.py overrides).
+PIPELINE = [
+    "compression=odllm", "ratio=0.5", "compression.sequential=true", "alignment=progressive",
+    "base_cache=false", "logger=csv",
+]
+# What runs on the GPU: the model, data and sizes, then the pipeline.
 GPU_RUN = [
     "experiment=ml100k_smollm2_lora", "dataset=ml_1m", "trainer=gpu",
     # one window per user per epoch (6,040 sequences): epochs of seconds, so validation picks the best
     "dataset.train_windows=recent", "dataset.batch_size=64", "dataset.eval_batch_size=256",
     "trainer.max_epochs=20", "trainer.max_time=00:00:04:00",
-    "compression=odllm", "ratio=0.5", "compression.sequential=true",
-    "compression.calib_batches=16", "compression.heldout_batches=4",
-    "alignment=progressive", "alignment.lr=1e-4", "alignment.steps_per_layer=50",
-    "base_cache=false", "logger=csv",
+    *PIPELINE, "compression.calib_batches=16", "compression.heldout_batches=4",
+    "alignment.lr=1e-4", "alignment.steps_per_layer=50",
 ]
 GPU_BENCH = ["--device", "cuda", "--model", "smollm2_135m", "--ratios", "0.5", "--rounds", "3", "--reps", "30",
              "--batch", "8", "--calib-batches", "4", "dataset=ml_1m"]
 # The same steps at toy size on the CPU: what CI checks.
 DRY_RUN = [
     "model=llama_tiny", "dataset=ml_latest_small", "trainer=cpu", "trainer.max_epochs=1",
-    "compression=odllm", "ratio=0.5", "compression.sequential=true",
-    "compression.calib_batches=2", "compression.heldout_batches=1",
-    "alignment=progressive", "alignment.steps_per_layer=2", "alignment.batches=2",
-    "base_cache=false", "logger=csv",
+    *PIPELINE, "compression.calib_batches=2", "compression.heldout_batches=1",
+    "alignment.steps_per_layer=2", "alignment.batches=2",
 ]
 DRY_BENCH = ["--device", "cpu", "--model", "llama_tiny", "--ratios", "0.5", "--rounds", "1", "--reps", "3",
              "--batch", "4", "--calib-batches", "1", "dataset=ml_latest_small"]
