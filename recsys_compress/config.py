@@ -282,6 +282,9 @@ class CompressionConfig(Schema):
     # the same on each matrix's normalised spectrum (compression/allocation.py).
     allocation: Literal[ALLOCATIONS] = "uniform"  # type: ignore[valid-type]
     min_rank: int = 1  # global allocations: the least rank any matrix keeps
+    # every rank a multiple of this, in the same parameter budget (compression/allocation.align_ranks);
+    # 1: ranks as allocated
+    rank_align: int = 1
     # one decoder block at a time, each calibrated on the output of the compressed blocks below
     # it; only one block's statistics are alive (compression/sequential.py). false: every
     # targeted layer of the model is hooked at once and calibrated on the original activations.
@@ -289,6 +292,10 @@ class CompressionConfig(Schema):
 
     def check(self, p: str) -> None:
         _require(self.min_rank >= 1, f"{p}.min_rank", self.min_rank, ">= 1")
+        _require(self.rank_align >= 1, f"{p}.rank_align", self.rank_align, ">= 1")
+        if self.rank_align > 1 and self.method not in LOW_RANK_METHODS:
+            raise ConfigError(f"{p}.rank_align={self.rank_align} rounds ranks: it applies to "
+                              f"{', '.join(LOW_RANK_METHODS)}, not {p}.method={self.method}")
         if self.allocation != "uniform" and self.method not in LOW_RANK_METHODS:
             raise ConfigError(f"{p}.allocation={self.allocation} sets ranks: it applies to "
                               f"{', '.join(LOW_RANK_METHODS)}, not {p}.method={self.method}")

@@ -8,6 +8,7 @@ import torch
 
 from recsys_compress.compression.allocation import (
     DENSE,
+    align_ranks,
     allocate_ranks,
     break_even_rank,
     check_budget,
@@ -69,6 +70,45 @@ def test_budget_too_small_for_min_rank_fails_with_the_numbers():
         allocate_ranks(shapes, None, 0.5, "best")
     ranks = allocate_ranks(shapes, {n: torch.ones(32) for n in shapes}, 0.5, "global", min_rank=3)
     assert all(r == DENSE or r >= 3 for r in ranks.values()) and sorted(ranks.values()) == [DENSE, 3, 5]
+
+
+SMOLLM2_SHAPES = {**{f"{i}.q": (576, 576) for i in range(30)}, **{f"{i}.k": (192, 576) for i in range(30)},
+                  **{f"{i}.up": (1536, 576) for i in range(30)}, **{f"{i}.down": (576, 1536) for i in range(30)}}
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 32])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_aligned_ranks_keep_the_budget_and_stay_below_break_even(multiple, ratio):
+    shapes = {**SMOLLM2_SHAPES, "odd": (1000, 333)}
+    ranks = allocate_ranks(shapes, None, ratio)
+    aligned = align_ranks(shapes, ranks, multiple)
+    assert aligned == allocate_ranks(shapes, None, ratio, rank_align=multiple)
+    budget, kept = kept_parameters(shapes, ranks), kept_parameters(shapes, aligned)
+    slack = budget - kept
+    assert slack >= 0  # never more parameters than the unaligned allocation
+    for name, (m, n) in shapes.items():
+        k, a = ranks[name], aligned[name]
+        assert a % multiple == 0 and abs(a - k) < multiple and a <= max(k, break_even_rank(m, n))
+        if a < k and a + multiple <= break_even_rank(m, n):
+            assert slack < multiple * (m + n), name  # a raise was skipped only for the budget
+    # the stated tolerance: less than one raise of the widest matrix, here 0.4% of the budget
+    assert slack < multiple * max(m + n for m, n in shapes.values())
+
+
+def test_alignment_above_a_rank_fails_naming_the_option_and_a_dense_matrix_stays_dense():
+    shapes = {"a": (32, 32), "b": (64, 64), "c": (8, 8)}
+    with pytest.raises(ValueError, match=r"compression.rank_align=16 is larger than the rank 8 of a \(1 matrices "
+                                         r"below it\); allowed: 1 to 8"):
+        align_ranks(shapes, {"a": 8, "b": 16, "c": DENSE}, 16)
+    with pytest.raises(ValueError, match="rank_align=0 is out of range; allowed: >= 1"):
+        align_ranks(shapes, {"a": 8, "b": 16, "c": DENSE}, 0)
+    assert align_ranks(shapes, {"a": 9, "b": 17, "c": DENSE}, 8) == {"a": 8, "b": 16, "c": DENSE}
+    # 15 -> 12 and 17 -> 16 free 3 * 64 + 1 * 128 = 320; raising a (which lost most) back to 16
+    # costs 256; raising b to 20 would cost 512 more than the 64 left
+    assert align_ranks(shapes, {"a": 15, "b": 17, "c": DENSE}, 4) == {"a": 16, "b": 16, "c": DENSE}
+    # the next multiples, 24 and 36, pass the break-even ranks 16 and 32: both go down, and the
+    # 384 parameters freed stay unspent
+    assert align_ranks(shapes, {"a": 14, "b": 26, "c": DENSE}, 12) == {"a": 12, "b": 24, "c": DENSE}
 
 
 def _layers_and_stats(seed=0, tokens=400):
@@ -224,3 +264,18 @@ def test_a_budget_below_min_rank_fails_before_training(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "compression.min_rank=40 alone costs" in output and "Epoch" not in output
+
+
+def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
+    from recsys_compress.config import ConfigError, validate
+    from recsys_compress.models.item_llm import build_llama
+    from recsys_compress.tasks.train_seqrec import check_allocation
+    from recsys_compress.utils.compose import compose_config
+
+    model = build_llama(50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                        max_len=8)
+    # at ratio 0.5 k/v (16 x 32) keep rank 5, the smallest
+    run = validate(compose_config(["compression=odllm", "compression.rank_align=8"], tmp_path))
+    with pytest.raises(ConfigError, match=r"rank_align=8 is larger than the rank 5 of model.layers.0.self_attn.k_proj"):
+        check_allocation(run, model)
+    check_allocation(validate(compose_config(["compression=odllm", "compression.rank_align=4"], tmp_path)), model)

@@ -39,19 +39,20 @@ def fresh(dm) -> SeqRecLitModule:
     return lit.eval()
 
 
-def whole_model(dm, method, allocation="uniform"):
+def whole_model(dm, method, allocation="uniform", rank_align=1):
     lit = fresh(dm)
-    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, allocation=allocation), 0.5)
+    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, allocation=allocation,
+                                               rank_align=rank_align), 0.5)
     cb.compress(lit, dm.train_dataloader())
     return lit, cb
 
 
-def sequential(dm, method, propagate, allocation="uniform"):
+def sequential(dm, method, propagate, allocation="uniform", rank_align=1):
     lit = fresh(dm)
     calibration, heldout = split_calibration(dm.train_dataloader(), 4, 4)
     result = compress_sequential(lit.model, select_linear_layers(lit.model), method, 0.5, calibration, heldout,
                                  lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]),
-                                 allocation=allocation, propagate=propagate)
+                                 allocation=allocation, propagate=propagate, rank_align=rank_align)
     return lit, result
 
 
@@ -59,11 +60,13 @@ def block_of(key: str) -> int | None:
     return int(key.split(".layers.")[1].split(".")[0]) if ".layers." in key else None
 
 
-@pytest.mark.parametrize("method,allocation", [("odllm", "uniform"), ("odllm", "global"), ("asvd", "uniform"),
-                                               ("wanda", "uniform")])
-def test_original_propagation_gives_the_whole_model_factors(data, method, allocation):
-    reference, cb = whole_model(data, method, allocation)
-    lit, result = sequential(data, method, "original", allocation)
+@pytest.mark.parametrize("method,allocation,rank_align", [
+    ("odllm", "uniform", 1), ("odllm", "global", 1), ("asvd", "uniform", 1), ("wanda", "uniform", 1),
+    ("odllm", "uniform", 4),  # aligned ranks: one budget over every block in both paths
+])
+def test_original_propagation_gives_the_whole_model_factors(data, method, allocation, rank_align):
+    reference, cb = whole_model(data, method, allocation, rank_align)
+    lit, result = sequential(data, method, "original", allocation, rank_align)
     expected, got = reference.model.state_dict(), lit.model.state_dict()
     assert expected.keys() == got.keys()
     for key in expected:
@@ -73,6 +76,12 @@ def test_original_propagation_gives_the_whole_model_factors(data, method, alloca
         assert b.rel_output_error == pytest.approx(a.rel_output_error, rel=1e-9)
         assert b.heldout_rel_output_error == pytest.approx(a.heldout_rel_output_error, rel=1e-9)
     assert result.spectra_pass == (allocation != "uniform")
+    if rank_align > 1:
+        assert {r.rank % rank_align for r in result.reports} == {0}
+        # unaligned, the MLP matrices keep rank 10 and k/v rank 5: all go down to 8 and 4, and the
+        # 2,016 parameters freed over all blocks raise five MLP matrices (384 each) to 12
+        assert sorted(r.rank for r in result.reports if r.in_features + r.out_features == 96) == [8] * 4 + [12] * 5
+        assert sorted(r.rank for r in result.reports if r.out_features == 16) == [4] * 6
 
 
 def test_compressed_propagation_keeps_block_0_and_refits_the_blocks_above(data):

@@ -64,16 +64,19 @@ def allocate_ranks(
     ratio: float,
     allocation: str = "uniform",
     min_rank: int = 1,
+    rank_align: int = 1,
 ) -> dict[str, int]:
     """Rank per matrix name (``DENSE``: keep the matrix dense).
 
     ``spectra``: each matrix's singular values (of W S for whitened SVD, of W for plain SVD),
-    descending; not needed for ``uniform``.
+    descending; not needed for ``uniform``. ``rank_align``: ranks end as multiples of it
+    (``align_ranks``).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"compression.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
     if allocation == "uniform":
-        return {name: rank_for_ratio(m, n, ratio) for name, (m, n) in shapes.items()}
+        return align_ranks(shapes, {name: rank_for_ratio(m, n, ratio) for name, (m, n) in shapes.items()},
+                           rank_align)
     if spectra is None or set(spectra) != set(shapes):
         raise ValueError("a global allocation needs the singular values of every targeted matrix")
     budget = check_budget(shapes, ratio, min_rank)
@@ -115,7 +118,37 @@ def allocate_ranks(
         step = next_step(name)
         if step is not None:
             heapq.heappush(heap, entry(name, step))
-    return ranks
+    return align_ranks(shapes, ranks, rank_align)
+
+
+def align_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], multiple: int) -> dict[str, int]:
+    """Ranks made multiples of ``multiple`` (matrix kernels run skinny factors fastest at
+    multiples of their register/cache tiles) without spending more parameters than ``ranks``.
+
+    Every rank goes down to its multiple; the parameters that freed are then spent raising
+    ranks to the next multiple, the ranks that lost most first, skipping any raise that would
+    pass the matrix's break-even rank or the budget. So the result never keeps more
+    parameters than ``ranks``, and the parameters left unspent are fewer than the cost
+    (``multiple`` (m + n)) of any raise it skipped for the budget. ``DENSE`` stays dense.
+    """
+    if multiple < 1:
+        raise ValueError(f"compression.rank_align={multiple} is out of range; allowed: >= 1")
+    if multiple == 1:
+        return dict(ranks)
+    small = {name: k for name, k in ranks.items() if k != DENSE and k < multiple}
+    if small:
+        name, k = min(small.items(), key=lambda kv: kv[1])
+        raise ValueError(f"compression.rank_align={multiple} is larger than the rank {k} of {name} "
+                         f"({len(small)} matrices below it); allowed: 1 to {k}, or a higher ratio")
+    aligned = {name: k if k == DENSE else k - k % multiple for name, k in ranks.items()}
+    slack = kept_parameters(shapes, ranks) - kept_parameters(shapes, aligned)
+    for name in sorted((n for n in ranks if ranks[n] != DENSE), key=lambda n: (-(ranks[n] % multiple), n)):
+        m, n = shapes[name]
+        raised = aligned[name] + multiple
+        if ranks[name] % multiple and raised <= break_even_rank(m, n) and multiple * (m + n) <= slack:
+            aligned[name] = raised
+            slack -= multiple * (m + n)
+    return aligned
 
 
 def kept_parameters(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:

@@ -86,13 +86,15 @@ def compress_low_rank(
     allocation: str = "uniform",
     min_rank: int = 1,
     ranks: dict[str, int] | None = None,
+    rank_align: int = 1,
 ) -> list[LayerReport]:
     """Factorise every layer in ``layer_names`` in place; returns one report per layer.
 
     ``allocation`` sets each layer's rank (``compression/allocation.py``): one ``ratio`` for
     every layer, or one budget over all of them, where a layer may also stay dense.
     ``ranks``: ranks already allocated (sequential compression allocates over every block
-    before it factorises the first); ``allocation`` is then not consulted.
+    before it factorises the first); ``allocation`` and ``rank_align`` are then not consulted.
+    ``rank_align``: every rank a multiple of it, within the same budget (``align_ranks``).
     ``heldout``: input statistics of tokens outside the calibration set, on which each
     layer's output error is measured too."""
     low_rank = get_method(method)
@@ -102,7 +104,7 @@ def compress_low_rank(
     shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
     if ranks is None:
         spectra = layer_spectra(model, layer_names, method, stats, asvd_alpha) if allocation != "uniform" else None
-        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
+        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank, rank_align)
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()

@@ -103,7 +103,8 @@ class CompressionCallback(L.Callback):
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
-                                             forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype)
+                                             forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype,
+                                             rank_align=c.rank_align)
                 self.reports, self.calibrate_seconds = result.reports, result.calibrate_seconds
                 self.calib_tokens, self.heldout_tokens = result.calib_tokens, result.heldout_tokens
                 self.rank_deficient_layers = result.rank_deficient_layers
@@ -120,7 +121,7 @@ class CompressionCallback(L.Callback):
                 self.rank_deficient_layers = sum(stats[n].rank_deficient for n in names)
                 if isinstance(self.kind, LowRank):
                     self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
-                                                     heldout, c.allocation, c.min_rank)
+                                                     heldout, c.allocation, c.min_rank, rank_align=c.rank_align)
                 else:
                     self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
             # Fewer tokens than input features: the Gram matrix is singular, and whitening fits

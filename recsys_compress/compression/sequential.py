@@ -137,6 +137,7 @@ def compress_sequential(
     min_rank: int = 1,
     gram_dtype: torch.dtype = torch.float64,
     propagate: str = "compressed",
+    rank_align: int = 1,
 ) -> SequentialResult:
     """Compress ``layer_names`` block by block (see the module docstring).
 
@@ -152,6 +153,7 @@ def compress_sequential(
     factorize_seconds = 0.0
 
     ranks = None
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in layer_names}
     spectra_pass = isinstance(kind, LowRank) and allocation != "uniform"
     if spectra_pass:
         spectra: dict[str, torch.Tensor] = {}
@@ -164,9 +166,10 @@ def compress_sequential(
                 factorize_seconds += time.perf_counter() - t1
                 del stats
             _propagate(block, inputs)
-        shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in layer_names}
-        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank)
+        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank, rank_align)
         del inputs, spectra
+    elif isinstance(kind, LowRank):  # aligned ranks share one budget over all blocks, as in the whole-model path
+        ranks = allocate_ranks(shapes, None, ratio, allocation, min_rank, rank_align)
 
     calib_inputs = first_block_inputs(model, calibration, forward)
     heldout_inputs = first_block_inputs(model, heldout, forward) if heldout else []

@@ -18,7 +18,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from recsys_compress.alignment.runner import align
-from recsys_compress.compression.allocation import check_budget
+from recsys_compress.compression.allocation import allocate_ranks, check_budget
 from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.serialization import save_compressed
@@ -47,13 +47,18 @@ log = logging.getLogger(__name__)
 
 
 def check_allocation(run: RunConfig, model: PreTrainedModel) -> None:
-    """Fail before training when a global rank budget cannot give every matrix its minimum."""
+    """Fail before training when a global rank budget cannot give every matrix its minimum,
+    or when ``rank_align`` exceeds a uniform allocation's ranks."""
     c = run.compression
-    if c.allocation == "uniform":
+    if c.allocation == "uniform" and c.rank_align == 1:
         return
     names = select_linear_layers(model, c.include, c.exclude)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     try:
-        check_budget({n: tuple(model.get_submodule(n).weight.shape) for n in names}, run.ratio, c.min_rank)
+        if c.allocation == "uniform":
+            allocate_ranks(shapes, None, run.ratio, rank_align=c.rank_align)
+        else:
+            check_budget(shapes, run.ratio, c.min_rank)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
