@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +35,14 @@ import time
 from pathlib import Path
 
 from recsys_compress.utils.cli import split_overrides
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def batch_calls(reps: int) -> int:
+    """Timed calls at ``--batch``: as many as batch-1 calls (fewer left the tiny model's
+    millisecond throughput calls with a spread wider than the ratios they compare)."""
+    return reps
 
 
 def build_variant(args: argparse.Namespace, variant: str):
@@ -52,13 +61,15 @@ def build_variant(args: argparse.Namespace, variant: str):
     torch.manual_seed(0)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval().to(args.device)
     method, _, ratio = variant.partition("@")
+    ratio, _, align = ratio.partition("/a")  # METHOD[+int8]@RATIO[/aN]: ranks aligned to multiples of N
     quantize = method.endswith("+int8")
     method = method.removesuffix("+int8")
     compress_s = 0.0
     if method != "base" or quantize:
         cb = CompressionCallback(
             run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
-                                    quantize="int8" if quantize else None),
+                                    quantize="int8" if quantize else None, rank_align=int(align or 1),
+                                    heldout_batches=0),  # latency needs no held-out error
             float(ratio or 1.0),
             defer_quantize=args.runtime == "onnx",  # onnxruntime quantises the exported graph
         )
@@ -72,38 +83,56 @@ def export_worker(args: argparse.Namespace) -> dict:
     from recsys_compress.models.item_llm import count_parameters
 
     lit, dm, compress_s, quantize = build_variant(args, args.export)
+    info = {"variant": args.export, "params": count_parameters(lit.model), "compress_s": compress_s}
     export_onnx(lit.model, args.folder, max(args.length, dm.max_len), dm.data.item_ids, dm.data.item_texts(),
-                quantize="int8" if quantize else None)
-    return {"params": count_parameters(lit.model), "compress_s": compress_s}
+                quantize="int8" if quantize else None, info=info, fuse=args.fuse)
+    return info
 
 
-def onnx_worker(args: argparse.Namespace) -> dict:
-    """Latency/throughput/RSS of an exported artefact; this process never imports torch."""
+def time_recommender(rec, length: int, batch: int, reps: int) -> dict:
+    """Batch-1 latency (median of ``reps`` calls) and throughput at ``batch`` of one artefact."""
     import numpy as np
 
-    from recsys_compress.deploy.recommend import Recommender
-
-    rec = Recommender(args.folder, threads=args.threads)
     rng = np.random.default_rng(0)
-    history = [rec.item_ids[i] for i in rng.integers(0, len(rec.item_ids), args.length)]
-    batch = [history] * args.batch
-    for _ in range(5):
+    history = [rec.item_ids[i] for i in rng.integers(0, len(rec.item_ids), length)]
+    for _ in range(5):  # also lets the previous session's worker threads go idle
         rec.scores([history])
     times = []
-    for _ in range(args.reps):
+    for _ in range(reps):
         t0 = time.perf_counter()
         rec.scores([history])
         times.append(time.perf_counter() - t0)
-    rec.scores(batch)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        rec.scores(batch)
-    throughput = 3 * args.batch / (time.perf_counter() - t0)
+    rec.scores([history] * batch)
+    batch_times = []
+    for _ in range(batch_calls(reps)):
+        t0 = time.perf_counter()
+        rec.scores([history] * batch)
+        batch_times.append(time.perf_counter() - t0)
+    return {"latency_ms": 1000 * statistics.median(times), "throughput_seq_s": batch / statistics.median(batch_times)}
+
+
+def onnx_round_worker(args: argparse.Namespace) -> dict:
+    """One round: every variant's artefact loaded in this process and timed in turn, in an
+    order rotated by the round, so the load of the machine during the round hits all alike.
+    This process never imports torch."""
+    from recsys_compress.deploy.recommend import Recommender
+
+    variants = args.variants.split(",")
+    recs = {v: Recommender(Path(args.folder) / v, threads=args.threads) for v in variants}
+    k = args.time_round % len(variants)
+    out = {v: time_recommender(recs[v], args.length, args.batch, args.reps) for v in variants[k:] + variants[:k]}
+    assert "torch" not in sys.modules
+    return out
+
+
+def onnx_worker(args: argparse.Namespace) -> dict:
+    """Peak RSS and file size of one artefact in a process of its own (no torch imported)."""
+    from recsys_compress.deploy.recommend import Recommender
+
+    rec = Recommender(args.folder, threads=args.threads)
+    time_recommender(rec, args.length, args.batch, 5)  # RSS after running, as a device would
     assert "torch" not in sys.modules
     return {
-        "variant": args.worker,
-        "latency_ms": 1000 * statistics.median(times),
-        "throughput_seq_s": throughput,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "file_mb": (Path(args.folder) / "model.onnx").stat().st_size / 2**20,
     }
@@ -135,16 +164,17 @@ def worker(args: argparse.Namespace) -> dict:
             wait()
             times.append(time.perf_counter() - t0)
         lit(batch, ones)
-        wait()
-        t0 = time.perf_counter()
-        for _ in range(3):
+        batch_times = []
+        for _ in range(batch_calls(args.reps)):
+            wait()
+            t0 = time.perf_counter()
             lit(batch, ones)
-        wait()
-        throughput = 3 * args.batch / (time.perf_counter() - t0)
+            wait()
+            batch_times.append(time.perf_counter() - t0)
     return {
         "variant": args.worker,
         "latency_ms": 1000 * statistics.median(times),
-        "throughput_seq_s": throughput,
+        "throughput_seq_s": args.batch / statistics.median(batch_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "file_mb": serialized_megabytes(lit.model),
         "params": count_parameters(lit.model),
@@ -157,18 +187,28 @@ def main() -> None:
     parser.add_argument("--model", default="llama_tiny")
     parser.add_argument("--method", default="odllm")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--rank-aligns", nargs="+", type=int, default=[1],
+                        help="compressed variants with ranks aligned to each multiple (compression.rank_align)")
     parser.add_argument("--length", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="onnx: export with onnxruntime's fused operators (export.fuse_for_onnxruntime)")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="onnx: keep each variant's artefact in DIR/VARIANT (default: a temporary folder)")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="onnx: measure the artefacts already in --export-dir instead of exporting again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--time-round", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
     options, overrides = split_overrides(sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
     args = parser.parse_args(options)
@@ -176,57 +216,95 @@ def main() -> None:
     if args.export:
         print(json.dumps(export_worker(args)))
         return
+    if args.time_round is not None:
+        print(json.dumps(onnx_round_worker(args)))
+        return
     if args.worker:
         print(json.dumps(onnx_worker(args) if args.runtime == "onnx" else worker(args)))
         return
 
+    if args.reuse_exports and not args.export_dir:
+        parser.error("--reuse-exports needs --export-dir")
     if args.device != "cpu" and args.runtime != "torch":
         parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
     # dynamic int8 (torch.ao and onnxruntime) runs on CPUs only
     int8 = args.device == "cpu"
     variants = ["base"] + (["base+int8"] if int8 else [])
     for r in args.ratios:
-        variants += [f"{args.method}@{r}"] + ([f"{args.method}+int8@{r}"] if int8 else [])
+        for a in args.rank_aligns:
+            tag = f"@{r}" + (f"/a{a}" if a > 1 else "")
+            variants += [f"{args.method}{tag}"] + ([f"{args.method}+int8{tag}"] if int8 else [])
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                    ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
+    passthrough.append("--fuse" if args.fuse else "--no-fuse")
+
+    # Every library's thread pool pinned to --threads, so no variant gets more cores than another.
+    env = {**os.environ, **{k: str(args.threads) for k in THREAD_VARIABLES}}
 
     def call(*extra: str) -> dict:
         out = subprocess.run([sys.executable, __file__, *passthrough, *extra, *args.overrides],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
         if out.returncode:
             raise RuntimeError(f"{' '.join(extra)} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.export_dir or scratch
         exported = {}
         if args.runtime == "onnx":
             for v in variants:
-                exported[v] = call(f"--export={v}", f"--folder={tmp}/{v}")
-        for _ in range(args.rounds):
-            for v in variants:
-                if args.runtime == "onnx":
-                    results[v].append({**exported[v], **call(f"--worker={v}", f"--folder={tmp}/{v}")})
+                kept = Path(tmp) / v / "deploy.json"
+                if args.reuse_exports and kept.is_file():
+                    exported[v] = {k: json.loads(kept.read_text())[k] for k in ("params", "compress_s")}
+                    print(f"{v}: reusing the artefact in {kept.parent}", file=sys.stderr)
                 else:
-                    results[v].append(call(f"--worker={v}"))
-    base = {k: statistics.median(r[k] for r in results["base"]) for k in ("latency_ms", "file_mb")}
-    rows = []
-    for v in variants:
-        row = {"variant": v, "params": results[v][0]["params"]}  # fixed by the variant, not measured
-        for k in ("latency_ms", "throughput_seq_s", "peak_rss_mb", "file_mb", "compress_s"):
-            row[k] = statistics.median(r[k] for r in results[v])
-        row["latency_x_base"] = row["latency_ms"] / base["latency_ms"]
-        row["file_x_base"] = row["file_mb"] / base["file_mb"]
-        rows.append(row)
+                    exported[v] = call(f"--export={v}", f"--folder={tmp}/{v}")
+            alone = {v: call(f"--worker={v}", f"--folder={tmp}/{v}") for v in variants}
+        for k in range(args.rounds):
+            if args.runtime == "onnx":
+                timed = call(f"--time-round={k}", f"--folder={tmp}", f"--variants={','.join(variants)}")
+                for v in variants:
+                    results[v].append({**exported[v], **alone[v], **timed[v]})
+                continue
+            # rotated each round, so no variant always runs first (or right after the same one)
+            for v in variants[k % len(variants):] + variants[: k % len(variants)]:
+                results[v].append(call(f"--worker={v}"))
+    rows = summarize(results, "base")
     print(f"{args.model} ({args.runtime}), history {args.length}, batch {args.batch}, {args.threads} threads, "
-          f"median of {args.rounds} rounds x {args.reps} calls")
-    print("| variant | latency ms | x base | seq/s @batch | peak RSS MB | file MB | x base | params |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.rounds} rounds x {args.reps} calls; x base: median of the per-round ratios "
+          f"[quartiles] (95% bootstrap interval of the median)")
+    print("| variant | latency ms | x base | seq/s @batch | x base | peak RSS MB | file MB | x base | params |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['latency_ms']:.2f} | {r['latency_x_base']:.2f} | {r['throughput_seq_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['file_mb']:.2f} | {r['file_x_base']:.2f} | {r['params']:,} |")
+        print(f"| {r['variant']} | {r['latency_ms']:.2f} | {_ratio_text(r['latency_x_base'])} | "
+              f"{r['throughput_seq_s']:.1f} | {_ratio_text(r['throughput_x_base'])} | {r['peak_rss_mb']:.0f} | "
+              f"{r['file_mb']:.2f} | {r['file_x_base']:.2f} | {r['params']:,} |")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "rounds": results}, indent=2) + "\n")
+
+
+def summarize(results: dict[str, list[dict]], base: str) -> list[dict]:
+    """One row per variant: medians over rounds, and latency/throughput ratios to ``base``
+    paired by round (``paired_median_ratio``: median, quartiles, bootstrap interval)."""
+    from recsys_compress.evaluation.bootstrap import paired_median_ratio
+
+    rows = []
+    base_file = statistics.median(r["file_mb"] for r in results[base])
+    for v, rounds in results.items():
+        row = {"variant": v, "params": rounds[0]["params"]}  # fixed by the variant, not measured
+        for k in ("latency_ms", "throughput_seq_s", "peak_rss_mb", "file_mb", "compress_s"):
+            row[k] = statistics.median(r[k] for r in rounds)
+        for k, name in (("latency_ms", "latency_x_base"), ("throughput_seq_s", "throughput_x_base")):
+            row[name] = paired_median_ratio([r[k] for r in results[base]], [r[k] for r in rounds])
+        row["file_x_base"] = row["file_mb"] / base_file
+        rows.append(row)
+    return rows
+
+
+def _ratio_text(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} [{s['q1']:.2f}, {s['q3']:.2f}] ({s['low']:.2f}-{s['high']:.2f})"
 
 
 if __name__ == "__main__":

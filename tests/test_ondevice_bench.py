@@ -1,0 +1,50 @@
+"""The on-device benchmark's statistics on synthetic timings, and the profiler's attribution on
+real (tiny) artefacts."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys_compress.evaluation.bootstrap import paired_median_ratio
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paired_median_ratio_on_synthetic_timings():
+    # every round the variant takes half the base's time, whatever the round's load
+    exact = paired_median_ratio([10.0, 11.0, 9.0, 10.0, 12.0], [5.0, 5.5, 4.5, 5.0, 6.0])
+    assert exact == {"median": 0.5, "q1": 0.5, "q3": 0.5, "low": 0.5, "high": 0.5, "rounds": 5}
+    spread = paired_median_ratio([1.0] * 5, [0.4, 0.45, 0.5, 0.55, 0.6])
+    assert (spread["median"], spread["q1"], spread["q3"]) == pytest.approx((0.5, 0.45, 0.55))
+    assert 0.4 <= spread["low"] < 0.5 < spread["high"] <= 0.6  # the median of 5 resampled rounds
+    assert paired_median_ratio([1.0] * 5, [0.4, 0.45, 0.5, 0.55, 0.6], seed=0) == spread  # deterministic
+    nine = paired_median_ratio([1.0] * 9, [0.4, 0.45, 0.47, 0.49, 0.5, 0.51, 0.53, 0.55, 0.6])
+    assert spread["low"] < nine["low"] and nine["high"] < spread["high"]  # more rounds, a narrower interval
+    with pytest.raises(ValueError, match="paired per-round values needed, got 2 and 3"):
+        paired_median_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="base values must be positive"):
+        paired_median_ratio([0.0], [1.0])
+
+
+def test_benchmark_rows_pair_the_rounds():
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import summarize
+
+    def rounds(latencies, throughputs, file_mb):
+        return [{"latency_ms": lat, "throughput_seq_s": thr, "peak_rss_mb": 100.0, "file_mb": file_mb,
+                 "compress_s": 0.0, "params": 10} for lat, thr in zip(latencies, throughputs)]
+
+    # rounds 2, 4 and 5 ran under load (3x slower for both variants while each was timed) except
+    # round 5 of the variant: paired by round the variant is 0.5x (one round 1/6x); the ratio of
+    # the two medians would say 1/6x
+    results = {
+        "base": rounds([10, 30, 10, 30, 30], [8, 8 / 3, 8, 8 / 3, 8 / 3], 4.0),
+        "odllm@0.5": rounds([5, 15, 5, 15, 5], [16, 16 / 3, 16, 16 / 3, 16], 2.0),
+    }
+    base, odllm = summarize(results, "base")
+    assert base["latency_x_base"]["median"] == 1.0 and base["latency_x_base"]["high"] == 1.0
+    assert odllm["latency_x_base"]["median"] == pytest.approx(0.5)
+    assert odllm["latency_x_base"]["q1"] == pytest.approx(0.5) and odllm["latency_x_base"]["low"] == pytest.approx(1 / 6)
+    assert odllm["throughput_x_base"]["median"] == pytest.approx(2.0)
+    assert odllm["latency_ms"] == 5 and odllm["file_x_base"] == 0.5 and odllm["params"] == 10
