@@ -39,6 +39,16 @@ class Fault:
 
 
 FAULTS = [
+    Fault("aligned_ranks_pass_break_even", "recsys_compress/compression/allocation.py",
+          "if ranks[name] % multiple and raised <= break_even_rank(m, n) and multiple * (m + n) <= slack:",
+          "if ranks[name] % multiple and multiple * (m + n) <= slack:",
+          ("tests/test_allocation.py::test_alignment_above_a_rank_fails_naming_the_option_and_a_dense_matrix_stays_dense",)),
+    Fault("timing_ratios_not_paired_by_round", "recsys_compress/evaluation/bootstrap.py",
+          "ratios = o / b\n", "ratios = o / b.median()\n",
+          ("tests/test_ondevice_bench.py::test_benchmark_rows_pair_the_rounds",)),
+    Fault("int8_graph_loses_module_paths", "recsys_compress/deploy/export.py",
+          "        carry_module_paths(float_path, path)\n", "",
+          ("tests/test_deploy.py::test_the_profile_attributes_every_kernel_to_its_role",)),
     Fault("sequential_skips_propagation", "recsys_compress/compression/sequential.py",
           '        if not names or propagate == "compressed":\n            _propagate(block, calib_inputs + heldout_inputs)',
           '        if not names or propagate == "compressed":\n            pass',

@@ -106,9 +106,10 @@ def test_alignment_above_a_rank_fails_naming_the_option_and_a_dense_matrix_stays
     # 15 -> 12 and 17 -> 16 free 3 * 64 + 1 * 128 = 320; raising a (which lost most) back to 16
     # costs 256; raising b to 20 would cost 512 more than the 64 left
     assert align_ranks(shapes, {"a": 15, "b": 17, "c": DENSE}, 4) == {"a": 16, "b": 16, "c": DENSE}
-    # the next multiples, 24 and 36, pass the break-even ranks 16 and 32: both go down, and the
-    # 384 parameters freed stay unspent
-    assert align_ranks(shapes, {"a": 14, "b": 26, "c": DENSE}, 12) == {"a": 12, "b": 24, "c": DENSE}
+    # 13 -> 12 and 99 -> 96 free 64 + 1,200 parameters, enough to raise a to 24 (768), but 24
+    # passes a's break-even rank 16 (and 108 passes c's 100): both stay down, the budget unspent
+    wide = {"a": (32, 32), "c": (200, 200)}
+    assert align_ranks(wide, {"a": 13, "c": 99}, 12) == {"a": 12, "c": 96}
 
 
 def _layers_and_stats(seed=0, tokens=400):

@@ -103,6 +103,8 @@ def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
     model = compressed_model()
     with pytest.raises(ValueError, match="item_ids has 3 entries but the model scores 60 items"):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS[:3])
+    with pytest.raises(ValueError, match=r"quantize='int4'; allowed: null, int8"):
+        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int4")
     from recsys_compress.compression.apply import quantize_int8
 
     quantize_int8(model, ["model.layers.0.mlp.down_proj.up"])
@@ -123,3 +125,25 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path):
     rec = Recommender(tmp_path / "onnx")
     assert rec.item_ids[:3] == ["1", "2", "3"] and "Toy Story" in rec.texts[0]
     assert len(rec.recommend(["1", "2", "3"], k=10)) == 10
+
+
+def test_the_profile_attributes_every_kernel_to_its_role(artefacts):
+    """On the low-rank artefacts every targeted layer is two factor matmuls; in the int8 graph
+    too, whose nodes the quantiser rewrote (export carries their module paths over)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from profile_onnx import ROLES, profile
+
+    _, root = artefacts
+    float_profile, int8_profile = (profile(root / kind, reps=3, length=MAX_LEN, threads=1) for kind in ("float", "int8"))
+    assert json.loads((root / "float" / "deploy.json").read_text())["fusions"]  # the fused graph was profiled
+    for p in (float_profile, int8_profile):
+        assert set(p["roles_ms"]) == set(ROLES)
+        assert sum(p["roles_ms"].values()) == pytest.approx(p["kernel_ms_per_call"])
+        assert p["roles_ms"]["factor matmuls"] > 0 and p["roles_ms"]["dense projections"] == 0
+        assert p["roles_ms"]["attention"] > 0 and p["roles_ms"]["norms"] > 0 and p["roles_ms"]["item head"] > 0
+        assert p["call_ms_median"] >= p["kernel_ms_per_call"] * 0.5
+    assert float_profile["roles_ms"]["quantise/dequantise"] == 0 < int8_profile["roles_ms"]["quantise/dequantise"]
+    assert any(op.startswith(("MatMulInteger", "DynamicQuantizeMatMul")) for op in int8_profile["ops_ms"])
