@@ -39,6 +39,13 @@ class Fault:
 
 
 FAULTS = [
+    Fault("encoder_run_ignored", "recsys_compress/builders.py",
+          "            apply_proxy_encoder(encoder, rep.encoder_run)\n", "            pass\n",
+          ("tests/test_proxy.py::test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_trained_states",)),
+    Fault("mrl_trains_the_full_code_only", "recsys_compress/representations/proxy.py",
+          "return sum(info_nce(queries[:, :d], keys[:, :d], temperature) for d in mrl_prefixes(queries.shape[1], levels))",
+          "return levels * info_nce(queries, keys, temperature)",
+          ("tests/test_proxy.py::test_mrl_is_the_sum_of_its_prefix_losses",)),
     Fault("aligned_ranks_pass_break_even", "recsys_compress/compression/allocation.py",
           "if ranks[name] % multiple and raised <= break_even_rank(m, n) and multiple * (m + n) <= slack:",
           "if ranks[name] % multiple and multiple * (m + n) <= slack:",

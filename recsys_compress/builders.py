@@ -19,6 +19,7 @@ from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import build_llama, load_item_llm
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.representations.layer_means import Encoder, load_encoder
+from recsys_compress.representations.proxy import apply_proxy_encoder
 
 
 def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
@@ -79,12 +80,20 @@ def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
 
 
 def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -> Encoder:
-    """The text encoder whose layer-wise representations the CTR tasks read."""
+    """The text encoder whose layer-wise representations the CTR tasks read: the pretrained
+    model, with the blocks a task=proxy run fine-tuned when ``representation.encoder_run``."""
     if rep.model == "smollm2_135m" and not rep.path:
         if not rep.gguf_path:
             raise ConfigError("representation.gguf_path (or representation.path) is needed for smollm2_135m")
-        return load_encoder(rep.model, convert_gguf(rep.gguf_path, Path(cache_dir) / "models"))
-    return load_encoder(rep.model, rep.path, seed=seed)
+        encoder = load_encoder(rep.model, convert_gguf(rep.gguf_path, Path(cache_dir) / "models"))
+    else:
+        encoder = load_encoder(rep.model, rep.path, seed=seed)
+    if rep.encoder_run:
+        try:
+            apply_proxy_encoder(encoder, rep.encoder_run)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return encoder
 
 
 def build_ctr_datamodule(run: ProbeRunConfig | MARCRunConfig) -> CTRDataModule:

@@ -12,6 +12,7 @@ allowed, raised before any work starts. Groups that configure third-party object
 
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -380,7 +381,7 @@ _INFRASTRUCTURE_KEYS = ("task_name", "task", "paths", "trainer", "logger", "call
 
 
 def _known_top_level_keys() -> list[str]:
-    fields = {name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig) for name in cls.model_fields}
+    fields = {name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig, ProxyRunConfig) for name in cls.model_fields}
     return sorted(fields | set(_INFRASTRUCTURE_KEYS))
 
 
@@ -482,6 +483,9 @@ class RepresentationConfig(Schema):
     user_template: str = "A viewer ({profile}) who recently rated: {history}"
     user_history: int = 10
     user_max_tokens: int = 160
+    # A task=proxy run directory: its fine-tuned top blocks replace the pretrained ones in every
+    # consumer (probes at every layer, MARC, the caches, keyed on the changed weights).
+    encoder_run: str | None = None
 
     def check(self, p: str) -> None:
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
@@ -563,6 +567,7 @@ def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     """Validate a ``task=mra_probe`` config; raises ``ConfigError`` naming the offending key."""
     container = _checked_ctr_container(cfg)
     run = parse(ProbeRunConfig, _fields_of(ProbeRunConfig, container))
+    check_encoder_run(run)
     if run.representation.users and run.probe.compressor == "none":
         raise ConfigError("representation.users=true needs representations; probe.compressor=none is the "
                           "ID-only baseline (allowed with users: linear, pca)")
@@ -611,14 +616,98 @@ class MARCRunConfig(Schema):
     ctr: CTRConfig
 
 
+class ProxyConfig(Schema):
+    KEY: ClassVar[str] = "proxy"
+    # contrastive: InfoNCE between a user's text (profile + recent training items) and an item
+    # the user rated positively, in-batch negatives | mrl: the same on the nested prefixes
+    # dim, dim/2, ..., dim/2^(mrl_levels-1) (Matryoshka), losses summed
+    objective: Literal["contrastive", "mrl"] = "contrastive"
+    dim: int = 32  # the compression head's output: the proxy's deployed code
+    mrl_levels: int = 3
+    temperature: float = 0.05
+    trainable_layers: int = 2  # last k LLM blocks trained; the states below are cached (as task=marc)
+    steps: int = 300
+    batch_size: int = 64  # (user, positive item) pairs per step
+    lr: float = 1e-3  # the compression head
+    llm_lr: float = 1e-4  # the trainable LLM blocks
+
+    def check(self, p: str) -> None:
+        _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")
+        _require(self.mrl_levels >= 1, f"{p}.mrl_levels", self.mrl_levels, ">= 1")
+        if self.objective == "mrl" and self.dim % 2 ** (self.mrl_levels - 1):
+            raise ConfigError(f"{p}.dim={self.dim} is not divisible by 2^({p}.mrl_levels-1) = "
+                              f"{2 ** (self.mrl_levels - 1)}: MRL's prefixes halve it {self.mrl_levels - 1} times; "
+                              f"allowed: a multiple of {2 ** (self.mrl_levels - 1)}, or fewer levels")
+        _require(self.temperature > 0, f"{p}.temperature", self.temperature, "> 0")
+        _require(self.trainable_layers >= 1, f"{p}.trainable_layers", self.trainable_layers, ">= 1")
+        _require(self.steps >= 1, f"{p}.steps", self.steps, ">= 1")
+        _require(self.batch_size >= 2, f"{p}.batch_size", self.batch_size, ">= 2 (in-batch negatives)")
+        _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
+        _require(self.llm_lr > 0, f"{p}.llm_lr", self.llm_lr, "> 0")
+
+
+class ProxyRunConfig(Schema):
+    KEY: ClassVar[str] = ""
+    seed: int
+    dataset: DatasetConfig
+    proxy: ProxyConfig
+    representation: RepresentationConfig
+    ctr: CTRConfig
+
+
+def validate_proxy(cfg: DictConfig) -> ProxyRunConfig:
+    """Validate a ``task=proxy`` config; raises ``ConfigError`` naming the offending key."""
+    container = _checked_ctr_container(cfg)
+    run = parse(ProxyRunConfig, _fields_of(ProxyRunConfig, container))
+    if run.representation.encoder_run:
+        raise ConfigError("representation.encoder_run is what task=proxy writes; it starts from the pretrained "
+                          "model (set representation.encoder_run=null)")
+    return run
+
+
 def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
     container = _checked_ctr_container(cfg)
     run = parse(MARCRunConfig, _fields_of(MARCRunConfig, container))
+    check_encoder_run(run)
     if run.representation.users:
         raise ConfigError("representation.users=true is supported by task=mra_probe only; task=marc learns "
                           "item representations (set representation.users=false)")
     return run
+
+
+PROXY_ENCODER_FORMAT = "recsys-compress/proxy-encoder-v1"
+
+
+def proxy_encoder_identity(run: Any) -> dict[str, Any]:
+    """What a proxy-fine-tuned encoder must share with a run that reads it: the pretrained
+    model and the data whose CTR training split it was trained on."""
+    c = run.ctr
+    return {"representation": run.representation.model, "dataset": run.dataset.name, "ctr.split": list(c.split),
+            "ctr.split_by": c.split_by, "ctr.threshold": c.threshold, "seed": run.seed}
+
+
+def check_encoder_run(run: Any) -> None:
+    """``representation.encoder_run`` names a task=proxy run trained on this run's data and split."""
+    folder = run.representation.encoder_run
+    if folder is None:
+        return
+    info_path = Path(folder) / "encoder" / "encoder.json"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"representation.encoder_run={folder} does not exist (a task=proxy run directory)")
+    if not info_path.is_file():
+        raise ConfigError(f"representation.encoder_run={folder} holds no encoder ({info_path} is missing): "
+                          "give the run directory of a finished task=proxy run")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != PROXY_ENCODER_FORMAT:
+        raise ConfigError(f"{info_path} has format {info.get('format')!r}, expected {PROXY_ENCODER_FORMAT!r}")
+    # the seed decides an item split's partition; a time split is the same for every seed
+    differ = [f"{k}: encoder {info['trained_on'].get(k)!r}, this run {v!r}"
+              for k, v in proxy_encoder_identity(run).items()
+              if info["trained_on"].get(k) != v and not (k == "seed" and run.ctr.split_by == "time")]
+    if differ:
+        raise ConfigError(f"representation.encoder_run={folder} was trained on other data or another split ("
+                          + "; ".join(differ) + "): its CTR training split may hold this run's test samples")
 
 
 # The config groups whose defaults the schemas declare: each gets a ``base`` option in Hydra's
@@ -626,7 +715,7 @@ def validate_marc(cfg: DictConfig) -> MARCRunConfig:
 GROUP_SCHEMAS: dict[str, type[Schema]] = {
     "dataset": DatasetConfig, "model": ModelConfig, "evaluation": EvaluationConfig,
     "compression": CompressionConfig, "alignment": AlignmentConfig, "representation": RepresentationConfig,
-    "ctr": CTRConfig, "probe": ProbeConfig, "marc": MARCConfig,
+    "ctr": CTRConfig, "probe": ProbeConfig, "marc": MARCConfig, "proxy": ProxyConfig,
 }
 
 

@@ -71,6 +71,14 @@ def user_texts(
     return texts, counts
 
 
+def split_user_texts(data, template: str, history: int) -> tuple[list[str], dict[str, int]]:
+    """``user_texts`` of every user of CTR splits ``data``: profile and the titles of their
+    last ``history`` training-split items (never the validation or test period)."""
+    titles, _ = item_texts(data.item_ids, data.item_info, "{title}")  # same "Item <id>" fallback
+    recent = [[titles[i] for i in items] for items in data.recent_train_items(history)]
+    return user_texts(data.user_ids, data.user_info, recent, template)
+
+
 @dataclass
 class Encoder:
     name: str

@@ -11,6 +11,7 @@ real tokens keep positions 0..n-1 and never attend to padding under the causal m
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def token_states(
 
 def cached_token_states(
     encoder: Encoder, dataset: str, item_ids: Sequence[str], texts: Sequence[str], template: str, layer: int,
-    cache_dir: str | Path, batch_size: int = 64, max_tokens: int = 64,
+    cache_dir: str | Path, batch_size: int = 64, max_tokens: int = 64, key_texts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, bool, Path]:
     """``token_states`` of the items, cached on disk like the layer means (same key: encoder
     fingerprint, dataset, exact item list, template, max_tokens; plus the layer), so MARC runs
@@ -76,8 +77,10 @@ def cached_token_states(
 
     Returns ``(states, mask, cache_hit, path)``.
     """
-    path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir,
-                             {"kind": "token_states", "layer": str(layer)})
+    extra = {"kind": "token_states", "layer": str(layer)}
+    if key_texts:  # texts that depend on more than the template (user texts: the split, the history)
+        extra["texts"] = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir, extra)
 
     def build() -> dict[str, torch.Tensor]:
         states, mask = token_states(encoder, texts, layer, batch_size, max_tokens)

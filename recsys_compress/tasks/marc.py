@@ -30,6 +30,7 @@ from recsys_compress.models.finetune import add_lora
 from recsys_compress.representations.layer_means import item_texts
 from recsys_compress.representations.token_states import cached_token_states, llama_top
 from recsys_compress.utils.instantiators import instantiate_callbacks, instantiate_group
+from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.utils.run_outputs import finish_run
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         "marc/dim": m.dim, "marc/beta": m.beta, "marc/kl": kl, "marc/trainable_layers": m.trainable_layers,
         "marc/constraint": m.constraint, "marc/deploy_noise": int(m.deploy_noise), "marc/finetune": m.finetune,
         "marc/export_dims": len(kept), "marc/exported_kl": exported_kl,
-        "repr/encoder": run.representation.model, "repr/items_without_text": missing, "data/name": d.name,
+        "repr/encoder": encoder_label(run.representation.model, run.representation.encoder_run), "repr/items_without_text": missing, "data/name": d.name,
         **ctr_fields(c), "seed": run.seed,
         "repr/cache_hit": int(hit), "repr/cache_mb": cache_path.stat().st_size / 2**20,
         "time/extract_s": extract_s, "time/train_s": train_s, "time/deploy_train_s": time.perf_counter() - t0,

@@ -24,8 +24,9 @@ from recsys_compress.config import ConfigError, ProbeRunConfig, validate_probe
 from recsys_compress.ctr.data import CTRSplits
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
-from recsys_compress.representations.layer_means import cached_layer_means, item_texts, user_texts
+from recsys_compress.representations.layer_means import cached_layer_means, item_texts, split_user_texts
 from recsys_compress.utils.instantiators import instantiate_group
+from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.utils.run_outputs import finish_run
 from recsys_compress.utils.tables import write_table
 
@@ -58,9 +59,7 @@ def layer_representations(
     log.info("representations %s (%s): %s", path, "cached" if hit else "extracted", tuple(reps.shape))
     if not rep.users:
         return reps, None, {**info, "repr/users": 0}
-    titles, _ = item_texts(data.item_ids, data.item_info, "{title}")  # same "Item <id>" fallback
-    history = [[titles[i] for i in items] for items in data.recent_train_items(rep.user_history)]
-    utexts, counts = user_texts(data.user_ids, data.user_info, history, rep.user_template)
+    utexts, counts = split_user_texts(data, rep.user_template, rep.user_history)
     for what, n_users in counts.items():
         if n_users:
             log.warning("%d of %d users are %s", n_users, len(utexts), what.replace("_", " "))
@@ -96,7 +95,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
-                               "repr/encoder": run.representation.model, "data/name": run.dataset.name,
+                               "repr/encoder": encoder_label(run.representation.model, run.representation.encoder_run), "data/name": run.dataset.name,
                                **ctr_fields(run.ctr),
                                "seed": run.seed, **info, **{f"data/{k}": v for k, v in data.stats().items()}}
     if reps is None or run.probe.layer != "all":

@@ -14,6 +14,7 @@ from recsys_compress.config import ConfigError
 from recsys_compress.data.readers import DataFormatError
 from recsys_compress.tasks.marc import marc
 from recsys_compress.tasks.mra_probe import mra_probe
+from recsys_compress.tasks.proxy import proxy
 from recsys_compress.tasks.train_seqrec import train_seqrec
 from recsys_compress.utils.ddp_sweep import ddp_job
 from recsys_compress.utils.run_dir import clear_stale_error, prepare_run_dir
@@ -21,7 +22,7 @@ from recsys_compress.utils.run_outputs import global_rank
 
 log = logging.getLogger(__name__)
 
-TASKS = {"train": train_seqrec, "mra_probe": mra_probe, "marc": marc}
+TASKS = {"train": train_seqrec, "mra_probe": mra_probe, "marc": marc, "proxy": proxy}
 # Errors in what the user gave (config values, data files): their message says everything, so
 # they are reported without a traceback.
 USER_ERRORS = (ConfigError, DataFormatError)

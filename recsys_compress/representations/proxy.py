@@ -1,0 +1,149 @@
+"""Proxy fine-tuning: the LLM's final layer trained to a compact representation (MARC's setting).
+
+The MARC paper finds the mid-layer advantage after an LLM has been fine-tuned with a proxy
+objective that compresses its final layer: the final layer specialises in the proxy task and
+middle layers then serve a downstream CTR model better. Here the last ``trainable_layers``
+blocks of the LLM (over the cached hidden states entering them, as ``task=marc`` trains them)
+and a linear compression head to ``dim`` on the mean-pooled final layer learn one of:
+
+- ``contrastive``: InfoNCE between a user's representation (the LLM over the text of the
+  user's profile and recent training-split items) and that of an item the user rated
+  positively; the other items of the batch are the negatives (an item that occurs twice in a
+  batch is then also a negative of itself: rare with thousands of items, and left in);
+- ``mrl``: the same on the nested prefixes dim, dim/2, ..., dim/2^(levels-1) of the code
+  (Matryoshka representation learning), the prefix losses summed.
+
+The trained blocks are saved (``save_proxy_encoder``) and replace the pretrained ones wherever
+``representation.encoder_run`` names the run (``apply_proxy_encoder``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recsys_compress.representations.layer_means import Encoder
+from recsys_compress.representations.token_states import pooled
+
+FORMAT = "recsys-compress/proxy-encoder-v1"  # = config.PROXY_ENCODER_FORMAT, which checks it at start
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean cross-entropy of row i's cosine similarities (/ temperature) to every key, where
+    ``keys[i]`` is its positive and the other rows its negatives."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+
+
+def mrl_prefixes(dim: int, levels: int) -> list[int]:
+    """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains."""
+    if dim % 2 ** (levels - 1):
+        raise ValueError(f"proxy.dim={dim} is not divisible by 2^(proxy.mrl_levels-1) = {2 ** (levels - 1)}")
+    return [dim >> level for level in range(levels)]
+
+
+def matryoshka_info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, levels: int) -> torch.Tensor:
+    """The sum of ``info_nce`` over the nested prefixes of the codes."""
+    return sum(info_nce(queries[:, :d], keys[:, :d], temperature) for d in mrl_prefixes(queries.shape[1], levels))
+
+
+class ProxyModule(L.LightningModule):
+    """The trainable top blocks and the compression head, trained on (user, item) positives."""
+
+    def __init__(self, top: nn.Module, hidden: int, item_states: torch.Tensor, item_mask: torch.Tensor,
+                 user_states: torch.Tensor, user_mask: torch.Tensor, proxy: Any):
+        super().__init__()
+        self.top, self.head = top, nn.Linear(hidden, proxy.dim)
+        self.proxy = proxy
+        # cached inputs of the top, kept on the CPU; a step moves only its rows
+        self.item_states, self.item_mask = item_states, item_mask
+        self.user_states, self.user_mask = user_states, user_mask
+        self.losses: list[float] = []
+
+    def encode(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Codes ``[rows, dim]``: the head on the mean-pooled output of the top blocks."""
+        return self.head(pooled(self.top, states.to(self.device), mask.to(self.device)))
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        u = self.encode(self.user_states[users.cpu()], self.user_mask[users.cpu()])
+        i = self.encode(self.item_states[items.cpu()], self.item_mask[items.cpu()])
+        p = self.proxy
+        if p.objective == "mrl":
+            return matryoshka_info_nce(u, i, p.temperature, p.mrl_levels)
+        return info_nce(u, i, p.temperature)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(*batch)
+        self.log("proxy/loss", loss, prog_bar=True, batch_size=len(batch[0]))
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": self.top.parameters(), "lr": self.proxy.llm_lr},
+                                  {"params": self.head.parameters(), "lr": self.proxy.lr}])
+
+    @torch.no_grad()
+    def item_codes(self, batch_size: int = 256) -> torch.Tensor:
+        """The deployed code ``[n_items, dim]`` of every item."""
+        was = self.training
+        self.eval()
+        codes = torch.cat([self.encode(self.item_states[s:s + batch_size], self.item_mask[s:s + batch_size]).cpu()
+                           for s in range(0, len(self.item_states), batch_size)])
+        self.train(was)
+        return codes
+
+
+def save_proxy_encoder(folder: Path, module: ProxyModule, encoder: Encoder, info: dict[str, Any]) -> Path:
+    """``folder/encoder``: the trained blocks and final norm (``blocks.safetensors``), the head
+    (``head.safetensors``) and ``encoder.json`` (what they were trained on, and from which
+    pretrained weights)."""
+    out = Path(folder) / "encoder"
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = {k: v.detach().cpu().contiguous() for k, v in module.top.state_dict().items()
+              if k.startswith(("layers.", "norm."))}
+    save_file(blocks, str(out / "blocks.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()},
+              str(out / "head.safetensors"))
+    (out / "encoder.json").write_text(json.dumps({
+        "format": FORMAT, "base_fingerprint": encoder.fingerprint(), "n_layers": encoder.n_layers,
+        "trainable_layers": len(module.top.layers), **info}, indent=2) + "\n")
+    return out
+
+
+def apply_proxy_encoder(encoder: Encoder, run_dir: str | Path) -> Encoder:
+    """``encoder`` with its last blocks and final norm replaced by those a task=proxy run
+    trained; the weights change, so every representation cache keys anew."""
+    folder = Path(run_dir) / "encoder"
+    info = json.loads((folder / "encoder.json").read_text())
+    if info["base_fingerprint"] != encoder.fingerprint():
+        raise ValueError(f"representation.encoder_run={run_dir} was fine-tuned from other pretrained weights "
+                         f"(fingerprint {info['base_fingerprint']}, this encoder {encoder.fingerprint()})")
+    n, k = encoder.n_layers, info["trainable_layers"]
+    model = encoder.model
+    remapped = {}
+    for key, value in load_file(str(folder / "blocks.safetensors")).items():
+        if key.startswith("layers."):
+            index, rest = key.removeprefix("layers.").split(".", 1)
+            key = f"layers.{n - k + int(index)}.{rest}"
+        remapped[key] = value
+    missing = set(remapped) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{folder}/blocks.safetensors has weights the encoder lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(remapped, strict=False)
+    return encoder
+
+
+def encoder_label(model: str, encoder_run: str | None) -> str:
+    """What a run records as its representation encoder (``repr/encoder``): the pretrained
+    model, or that model after a proxy run's fine-tuning, so reports draw one curve per proxy."""
+    if not encoder_run:
+        return model
+    info = json.loads((Path(encoder_run) / "encoder" / "encoder.json").read_text())
+    return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"

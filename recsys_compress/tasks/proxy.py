@@ -1,0 +1,115 @@
+"""``task=proxy``: fine-tune the LLM's top blocks with a proxy objective, save the encoder, and
+test the proxy's own deployed code (its compressed final layer) in a fresh CTR model.
+
+The saved encoder (``RUN_DIR/encoder``) is read by every representation consumer through
+``representation.encoder_run=RUN_DIR``: the MRA probe at any layer (``probe.layer=all`` draws
+the curve of the fine-tuned LLM) and MARC. The objectives are in
+``recsys_compress/representations/proxy.py``; training uses the CTR training split only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.config import ConfigError, proxy_encoder_identity, validate_proxy
+from recsys_compress.ctr.fit import ctr_fields, fit_ctr
+from recsys_compress.ctr.model import RepresentationCompressor
+from recsys_compress.representations.layer_means import item_texts, split_user_texts
+from recsys_compress.representations.proxy import ProxyModule, save_proxy_encoder
+from recsys_compress.representations.token_states import cached_token_states, llama_top
+from recsys_compress.utils.instantiators import instantiate_group
+from recsys_compress.utils.run_outputs import finish_run
+
+log = logging.getLogger(__name__)
+
+
+def proxy(cfg: DictConfig) -> dict[str, Any]:
+    run = validate_proxy(cfg)
+    p, rep, d = run.proxy, run.representation, run.dataset
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(run.seed, workers=True)
+    dm = build_ctr_datamodule(run)
+    data = dm.data
+
+    encoder = build_encoder(rep, cfg.paths.cache_dir, run.seed)
+    n = encoder.n_layers
+    if p.trainable_layers > n:
+        raise ConfigError(f"proxy.trainable_layers={p.trainable_layers} is out of range for {rep.model}; "
+                          f"allowed: 1..{n}")
+    below = n - p.trainable_layers
+    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
+    utexts, counts = split_user_texts(data, rep.user_template, rep.user_history)
+    t0 = time.perf_counter()
+    item_states, item_mask, item_hit, item_path = cached_token_states(
+        encoder, d.name, data.item_ids, texts, rep.template, below, cfg.paths.cache_dir, rep.batch_size,
+        rep.max_tokens)
+    user_states, user_mask, user_hit, user_path = cached_token_states(
+        encoder, f"{d.name}/users", data.user_ids, utexts, f"{rep.user_template}|history={rep.user_history}", below,
+        cfg.paths.cache_dir, rep.batch_size, rep.user_max_tokens, key_texts=True)
+    extract_s = time.perf_counter() - t0
+    top = llama_top(encoder, p.trainable_layers)
+
+    users, items, labels = data.splits["train"]
+    positives = labels > 0.5
+    pairs = TensorDataset(users[positives], items[positives])
+    if len(pairs) < p.batch_size:
+        raise ConfigError(f"proxy.batch_size={p.batch_size} exceeds the {len(pairs)} positive training pairs")
+    loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(run.seed))
+    module = ProxyModule(top, encoder.model.config.hidden_size, item_states, item_mask, user_states, user_mask, p)
+
+    loggers = instantiate_group(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[], max_steps=p.steps,
+                                     max_epochs=-1, min_epochs=None, enable_checkpointing=False,
+                                     limit_val_batches=0, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    train_s = time.perf_counter() - t0
+    save_proxy_encoder(output_dir, module, encoder,
+                       {"objective": p.objective, "dim": p.dim, "trained_on": proxy_encoder_identity(run)})
+    codes = module.item_codes()
+    save_file({"mu": codes.contiguous()}, str(output_dir / "item_codes.safetensors"),
+              metadata={"kind": f"proxy {p.objective}", "dim": str(p.dim)})
+    del encoder
+
+    # The proxy's deployment: a fresh CTR model that sees only the cached final-layer codes.
+    t0 = time.perf_counter()
+    deployed = fit_ctr(cfg, run.ctr, run.seed, dm, RepresentationCompressor(codes, "fixed"), loggers,
+                       output_dir / "checkpoints" / "deployed")
+    window = max(1, min(20, len(module.losses) // 5))
+    metrics: dict[str, Any] = {
+        "test/auc": deployed["test/auc"], "test/logloss": deployed["test/logloss"],
+        "val/best_auc": deployed.get("val/best_auc", float("nan")),
+        "proxy/objective": p.objective, "proxy/dim": p.dim, "proxy/steps": p.steps,
+        "proxy/trainable_layers": p.trainable_layers, "proxy/pairs": len(pairs),
+        # mean loss over the first and the last steps (a window of up to 20)
+        "proxy/first_loss": sum(module.losses[:window]) / window,
+        "proxy/last_loss": sum(module.losses[-window:]) / window,
+        "repr/encoder": rep.model, "repr/items_without_text": missing, "data/name": d.name,
+        **{f"repr/{k}": v for k, v in counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
+        "repr/cache_hit": int(item_hit and user_hit),
+        "repr/cache_mb": (item_path.stat().st_size + user_path.stat().st_size) / 2**20,
+        "time/extract_s": 0.0 if item_hit and user_hit else extract_s, "time/proxy_train_s": train_s,
+        "time/deploy_train_s": time.perf_counter() - t0,
+        **{f"data/{k}": v for k, v in data.stats().items()},
+    }
+    metrics["objective"] = metrics["val/best_auc"]  # what hyper-parameter searches maximise
+    path = finish_run(output_dir, metrics, loggers)
+    Console().print(f"[bold]proxy {p.objective} (dim {p.dim}): loss {metrics['proxy/first_loss']:.3f} -> "
+                    f"{metrics['proxy/last_loss']:.3f}, deployed test auc {metrics['test/auc']:.4f}  -> {path}  "
+                    f"(read it with representation.encoder_run={output_dir})")
+    return metrics

@@ -1,0 +1,116 @@
+"""Proxy fine-tuning: the objectives' losses, the task end to end, and the encoder it saves as
+every representation consumer reads it (representation.encoder_run)."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.config import ConfigError, validate_probe
+from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
+from recsys_compress.representations.proxy import encoder_label, info_nce, matryoshka_info_nce, mrl_prefixes
+from recsys_compress.tasks.runner import run_task
+from recsys_compress.utils.compose import compose_config
+
+FAST = ["representation=llama_tiny", "trainer.max_epochs=1", "logger=none", "ctr.batch_size=512", "dataset=ml_100k"]
+PROXY = ["task=proxy", *FAST, "proxy.steps=30", "proxy.batch_size=32", "proxy.lr=1e-2", "proxy.llm_lr=1e-3"]
+
+
+def test_info_nce_equals_a_hand_computed_example():
+    queries = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], [3.0, 3.0]])  # cosines: row 0 -> (1, 1/sqrt 2), row 1 -> (0, 1/sqrt 2)
+    c = 1 / math.sqrt(2)
+    t = 0.5
+    row0 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(c / t)))
+    row1 = -math.log(math.exp(c / t) / (math.exp(0) + math.exp(c / t)))
+    assert float(info_nce(queries, keys, t)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_mrl_is_the_sum_of_its_prefix_losses():
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, 16, generator=generator), torch.randn(6, 16, generator=generator)
+    assert mrl_prefixes(16, 3) == [16, 8, 4]
+    expected = sum(float(info_nce(q[:, :d], k[:, :d], 0.1)) for d in (16, 8, 4))
+    assert float(matryoshka_info_nce(q, k, 0.1, 3)) == pytest.approx(expected, rel=1e-6)
+    assert float(matryoshka_info_nce(q, k, 0.1, 1)) == pytest.approx(float(info_nce(q, k, 0.1)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"proxy.dim=12 is not divisible by 2\^\(proxy.mrl_levels-1\) = 8"):
+        mrl_prefixes(12, 4)
+
+
+@pytest.fixture
+def proxy_run(request, ml100k_slice, tmp_path):
+    objective = getattr(request, "param", "mrl")
+    out = tmp_path / "proxy"
+    cfg = compose_config([*PROXY, f"proxy.objective={objective}", f"dataset.path={ml100k_slice}",
+                          f"paths.cache_dir={tmp_path / 'cache'}"], out)
+    return run_task(cfg), out, ml100k_slice, tmp_path
+
+
+def check_trained_and_deployed(metrics, out):
+    assert metrics["proxy/last_loss"] < metrics["proxy/first_loss"]
+    assert 0 <= metrics["test/auc"] <= 1 and metrics["proxy/pairs"] > 0
+    assert load_file(str(out / "item_codes.safetensors"))["mu"].shape[1] == 32
+    assert {p.name for p in (out / "encoder").iterdir()} == {"blocks.safetensors", "head.safetensors", "encoder.json"}
+
+
+@pytest.mark.parametrize("proxy_run", ["contrastive"], indirect=True)
+def test_contrastive_trains_its_loss_decreases_and_its_code_is_deployed(proxy_run):
+    check_trained_and_deployed(*proxy_run[:2])
+
+
+def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_trained_states(proxy_run):
+    metrics, out, data, tmp_path = proxy_run
+    check_trained_and_deployed(metrics, out)
+    overrides = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    pretrained = validate_probe(compose_config(overrides, tmp_path / "a"))
+    finetuned = validate_probe(compose_config([*overrides, f"representation.encoder_run={out}"], tmp_path / "b"))
+    base = build_encoder(pretrained.representation, tmp_path / "cache", pretrained.seed)
+    encoder = build_encoder(finetuned.representation, tmp_path / "cache", finetuned.seed)
+    # the head on the fine-tuned final layer, as every consumer now computes it, is the code the
+    # proxy run exported from its trained module (over the cached states below its top)
+    splits = build_ctr_datamodule(finetuned).data
+    texts, _ = item_texts(splits.item_ids, splits.item_info, finetuned.representation.template)
+    head = load_file(str(out / "encoder" / "head.safetensors"))
+    final = extract_layer_means(encoder, texts, progress=False)[-1]
+    codes = final @ head["weight"].T + head["bias"]
+    torch.testing.assert_close(codes, load_file(str(out / "item_codes.safetensors"))["mu"], atol=2e-4, rtol=1e-4)
+    # the cache keys on the weights: a probe of the fine-tuned encoder never reads the pretrained cache
+    args = ("ml_100k", splits.item_ids, finetuned.representation.template, 64, tmp_path / "cache")
+    assert cache_entry(base, *args)[0] != cache_entry(encoder, *args)[0]
+    # the token embeddings below the trained blocks stay pretrained; the final layer moved
+    before, after = extract_layer_means(base, texts[:5], progress=False), extract_layer_means(encoder, texts[:5],
+                                                                                              progress=False)
+    torch.testing.assert_close(before[0], after[0], rtol=0, atol=0)
+    assert not torch.allclose(before[-1], after[-1], atol=1e-3)
+
+    assert encoder_label("llama_tiny", str(out)) == "llama_tiny + mrl proxy (proxy)"  # the report's curve label
+    # bad input fails at start, naming the problem
+    probe = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    for override, message in [
+        (f"representation.encoder_run={tmp_path / 'nowhere'}", "does not exist"),
+        (f"representation.encoder_run={tmp_path}", r"holds no encoder \(.*encoder.json is missing\)"),
+        ("ctr.split_by=item", r"was trained on other data or another split \(ctr.split_by: encoder 'time', "
+                              r"this run 'item'"),
+    ]:
+        extra = [override] if "encoder_run" in override else [override, f"representation.encoder_run={out}"]
+        with pytest.raises(ConfigError, match=message):
+            validate_probe(compose_config([*probe, *extra], tmp_path / "bad"))
+    for override, message in [("proxy.objective=larr", "proxy.objective='larr' is not allowed; allowed: contrastive, mrl"),
+                              ("proxy.dim=30", r"proxy.dim=30 is not divisible by 2\^\(proxy.mrl_levels-1\) = 4"),
+                              (f"representation.encoder_run={out}", "it starts from the pretrained model")]:
+        with pytest.raises(ConfigError, match=message):
+            run_task(compose_config([*PROXY, "proxy.objective=mrl", override, f"dataset.path={data}"], tmp_path / "x"))
+
+
+@pytest.mark.parametrize("task,subject", [("task=mra_probe", "minilm"), ("task=marc", "minilm"),
+                                          ("task=proxy", "minilm"), ("task=train", "llama_tiny")])
+def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([task, "representation=minilm", "logger=wandb"] if task != "task=train"
+                         else [task, "logger=wandb"], tmp_path)
+    wandb = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    assert wandb["name"] == f"{task.split('=')[1]}-ml_latest_small-{subject}"
+    assert wandb["tags"] == ["ml_latest_small", subject]
