@@ -39,6 +39,11 @@ from recsys_compress.utils.cli import split_overrides
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def artefact_dir(root: str | Path, variant: str) -> Path:
+    """Where a variant's artefact is exported: ``odllm@0.5/a32`` -> ``ROOT/odllm@0.5_a32``."""
+    return Path(root) / variant.replace("/", "_")
+
+
 def batch_calls(reps: int) -> int:
     """Timed calls at ``--batch``: as many as batch-1 calls (fewer left the tiny model's
     millisecond throughput calls with a spread wider than the ratios they compare)."""
@@ -118,7 +123,7 @@ def onnx_round_worker(args: argparse.Namespace) -> dict:
     from recsys_compress.deploy.recommend import Recommender
 
     variants = args.variants.split(",")
-    recs = {v: Recommender(Path(args.folder) / v, threads=args.threads) for v in variants}
+    recs = {v: Recommender(artefact_dir(args.folder, v), threads=args.threads) for v in variants}
     k = args.time_round % len(variants)
     out = {v: time_recommender(recs[v], args.length, args.batch, args.reps) for v in variants[k:] + variants[:k]}
     assert "torch" not in sys.modules
@@ -254,13 +259,13 @@ def main() -> None:
         exported = {}
         if args.runtime == "onnx":
             for v in variants:
-                kept = Path(tmp) / v / "deploy.json"
+                kept = artefact_dir(tmp, v) / "deploy.json"
                 if args.reuse_exports and kept.is_file():
                     exported[v] = {k: json.loads(kept.read_text())[k] for k in ("params", "compress_s")}
                     print(f"{v}: reusing the artefact in {kept.parent}", file=sys.stderr)
                 else:
-                    exported[v] = call(f"--export={v}", f"--folder={tmp}/{v}")
-            alone = {v: call(f"--worker={v}", f"--folder={tmp}/{v}") for v in variants}
+                    exported[v] = call(f"--export={v}", f"--folder={artefact_dir(tmp, v)}")
+            alone = {v: call(f"--worker={v}", f"--folder={artefact_dir(tmp, v)}") for v in variants}
         for k in range(args.rounds):
             if args.runtime == "onnx":
                 timed = call(f"--time-round={k}", f"--folder={tmp}", f"--variants={','.join(variants)}")
