@@ -1,21 +1,29 @@
 """On-device figures: base vs compressed vs compressed+int8, side by side in one run.
 
-For each variant (base, odllm at each ratio, each of those + int8): batch-1 next-item
-latency (median over ``--reps`` calls, history length ``--length``), throughput at
-``--batch`` sequences, peak RSS of the process that built and ran it, and the size of the
-saved state dict. Every variant runs in a fresh subprocess (so peak RSS is its own), and
-``--rounds`` alternate through all variants so machine noise hits each alike; the table
-reports medians over rounds and ratios to the base.
+For each variant (base, odllm at each ratio and rank alignment, each of those + int8): batch-1
+next-item latency (median over ``--reps`` calls, history length ``--length``), throughput at
+``--batch`` sequences (median over as many calls), peak RSS, and the file size. Ratios to the
+base are computed per round and summarised over ``--rounds`` (5) as the median ratio, its
+quartiles and a 95% bootstrap interval of the median (``paired_median_ratio``): machine load
+that hits one round hits both sides of its ratios. Every thread pool is pinned to ``--threads``.
 
     python experiments/bench_ondevice.py --model llama_tiny --ratios 0.3 0.5 0.7 dataset=ml_100k
-    python experiments/bench_ondevice.py --model smollm2_135m --ratios 0.3 0.5 0.7 dataset=ml_100k
-    python experiments/bench_ondevice.py --runtime onnx --model smollm2_135m --ratios 0.5 dataset=ml_100k
+    python experiments/bench_ondevice.py --runtime onnx --model smollm2_135m --ratios 0.5 --rank-aligns 1 32 dataset=ml_100k
     python experiments/bench_ondevice.py --device cuda --model smollm2_135m --ratios 0.5 dataset=ml_1m  # GPU, float only
 
-``--runtime onnx`` measures the deployable artefact instead: each variant is exported once
-(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph), then every
-round loads only the artefact with onnxruntime in a process that never imports torch, so
-peak RSS is what a device running the recommender needs.
+``--runtime torch`` (default): eager PyTorch; each variant is built and timed in a fresh
+subprocess per round, the variants' order rotated round by round.
+
+``--runtime onnx`` measures the deployable artefact: each variant is exported once
+(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph); then each
+round is one process that loads every artefact with onnxruntime (never importing torch) and
+times them in turn, in an order rotated by the round. (Timing each variant in its own
+process instead let the ratios move by 0.1 between invocations: the load of a shared machine
+changes over the minutes between processes.) Peak RSS and file size come from a process per
+artefact of its own, so they are what a device running that recommender needs.
+``--rank-aligns 1 32`` adds variants whose ranks are multiples of 32 (``compression.rank_align``);
+``--export-dir DIR`` keeps the artefacts (``--reuse-exports`` measures them again) for
+``experiments/profile_onnx.py``.
 
 Latency does not depend on what the weights learned, so the base model is the untrained
 architecture (pretrained weights for smollm2_135m); compression calibrates on real batches.
