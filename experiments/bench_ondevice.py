@@ -17,9 +17,9 @@ subprocess per round, the variants' order rotated round by round.
 ``--runtime onnx`` measures the deployable artefact: each variant is exported once
 (``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph); then each
 round is one process that loads every artefact with onnxruntime (never importing torch) and
-times them in turn, in an order rotated by the round. (Timing each variant in its own
-process instead let the ratios move by 0.1 between invocations: the load of a shared machine
-changes over the minutes between processes.) Peak RSS and file size come from a process per
+times them in turn, in an order rotated by the round. (Timed each in a process of its own,
+one after the other, two invocations of the same command gave odllm@0.5 0.58x and 0.67x.)
+Peak RSS and file size come from a process per
 artefact of its own, so they are what a device running that recommender needs.
 ``--rank-aligns 1 32`` adds variants whose ranks are multiples of 32 (``compression.rank_align``);
 ``--export-dir DIR`` keeps the artefacts (``--reuse-exports`` measures them again) for
