@@ -293,9 +293,33 @@ def main() -> None:
         print(f"| {r['variant']} | {r['latency_ms']:.2f} | {_ratio_text(r['latency_x_base'])} | "
               f"{r['throughput_seq_s']:.1f} | {_ratio_text(r['throughput_x_base'])} | {r['peak_rss_mb']:.0f} | "
               f"{r['file_mb']:.2f} | {r['file_x_base']:.2f} | {r['params']:,} |")
+    pairs = pairwise(results)
+    if pairs:
+        print("\nlatency ratios of related variants, paired by round (median [quartiles] (95% interval)):")
+        for p in pairs:
+            print(f"- {p['variant']} / {p['reference']}: {_ratio_text(p['latency'])}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "rounds": results}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results},
+                                       indent=2) + "\n")
+
+
+def pairwise(results: dict[str, list[dict]]) -> list[dict]:
+    """Each compressed+int8 variant against int8 alone (do the size and latency levers
+    compose?) and each aligned variant against its unaligned twin, paired by round."""
+    from recsys_compress.evaluation.bootstrap import paired_median_ratio
+
+    pairs = []
+    for v in results:
+        method, _, rest = v.partition("@")
+        references = ["base+int8"] if method.endswith("+int8") else []
+        if "/a" in rest:
+            references.append(v.split("/a")[0])
+        for ref in references:
+            if ref in results and ref != v:
+                pairs.append({"variant": v, "reference": ref, "latency": paired_median_ratio(
+                    [r["latency_ms"] for r in results[ref]], [r["latency_ms"] for r in results[v]])})
+    return pairs
 
 
 def summarize(results: dict[str, list[dict]], base: str) -> list[dict]:

@@ -29,7 +29,7 @@ def test_paired_median_ratio_on_synthetic_timings():
 
 def test_benchmark_rows_pair_the_rounds():
     sys.path.insert(0, str(REPO / "experiments"))
-    from bench_ondevice import summarize
+    from bench_ondevice import pairwise, summarize
 
     def rounds(latencies, throughputs, file_mb):
         return [{"latency_ms": lat, "throughput_seq_s": thr, "peak_rss_mb": 100.0, "file_mb": file_mb,
@@ -48,3 +48,8 @@ def test_benchmark_rows_pair_the_rounds():
     assert odllm["latency_x_base"]["q1"] == pytest.approx(0.5) and odllm["latency_x_base"]["low"] == pytest.approx(1 / 6)
     assert odllm["throughput_x_base"]["median"] == pytest.approx(2.0)
     assert odllm["latency_ms"] == 5 and odllm["file_x_base"] == 0.5 and odllm["params"] == 10
+    results["odllm+int8@0.5"] = rounds([4, 12, 4, 12, 4], [1] * 5, 1.0)
+    results["base+int8"] = rounds([5, 15, 5, 15, 5], [1] * 5, 1.0)
+    results["odllm@0.5/a32"] = rounds([4, 12, 4, 12, 4], [1] * 5, 2.0)
+    by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
+    assert by_pair == pytest.approx({("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8})
