@@ -132,10 +132,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--labels", nargs="+", default=None, help="column names (default: the folder names)")
     args = parser.parse_args()
+    if args.labels and len(args.labels) != len(args.artefacts):
+        parser.error(f"--labels gives {len(args.labels)} names for {len(args.artefacts)} artefacts")
     rows = [profile(folder, args.reps, args.length, args.threads) for folder in args.artefacts]
     assert "torch" not in sys.modules
-    names = [Path(r["artefact"]).name for r in rows]
+    names = args.labels or [Path(r["artefact"]).name for r in rows]
     print(f"batch 1, history {args.length}, {args.threads} threads, ms per call over {args.reps} profiled calls")
     print("| role | " + " | ".join(names) + " |")
     print("|---" * (len(rows) + 1) + "|")
