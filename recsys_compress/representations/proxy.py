@@ -82,7 +82,7 @@ class ProxyModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
         self.log("proxy/loss", loss, prog_bar=True, batch_size=len(batch[0]))
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
