@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
-from recsys_compress.representations.proxy import encoder_label, info_nce, matryoshka_info_nce, mrl_prefixes
+from recsys_compress.representations.proxy import encoder_label, info_nce, load_proxy_head, matryoshka_info_nce, mrl_prefixes
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
@@ -72,9 +72,9 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
     # proxy run exported from its trained module (over the cached states below its top)
     splits = build_ctr_datamodule(finetuned).data
     texts, _ = item_texts(splits.item_ids, splits.item_info, finetuned.representation.template)
-    head = load_file(str(out / "encoder" / "head.safetensors"))
     final = extract_layer_means(encoder, texts, progress=False)[-1]
-    codes = final @ head["weight"].T + head["bias"]
+    with torch.no_grad():
+        codes = load_proxy_head(out)(final, "item")
     torch.testing.assert_close(codes, load_file(str(out / "item_codes.safetensors"))["mu"], atol=2e-4, rtol=1e-4)
     # the cache keys on the weights: a probe of the fine-tuned encoder never reads the pretrained cache
     args = ("ml_100k", splits.item_ids, finetuned.representation.template, 64, tmp_path / "cache")
