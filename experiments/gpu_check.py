@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "retention/", "compression/", "align"))},
         "train/tokens_per_s": metrics.get("train/tokens_per_s", metrics.get("base/train/tokens_per_s")),
         "calibration/tokens_per_s": metrics.get("compression/calib_tokens", 0) / calib_s if calib_s else None,
-        "bench": json.loads(bench_json.read_text()),
+        "bench": json.loads(bench_json.read_text())["rows"],
         "run_dir": str(run_dir),
     }
     args.out.write_text(json.dumps(figures, indent=2, default=float) + "\n")
