@@ -157,9 +157,14 @@ def extract_layer_means(
     return out
 
 
+def list_digest(strings: Sequence[str]) -> str:
+    """A short hash of an ordered list of strings (item ids, texts) for cache keys."""
+    return hashlib.sha256("\n".join(strings).encode()).hexdigest()[:16]
+
+
 def representation_key(encoder_id: str, dataset: str, item_ids: Sequence[str], template: str,
                        max_tokens: int, extra: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
-    items = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
+    items = list_digest(item_ids)
     meta = {"encoder": encoder_id, "dataset": dataset, "items": items, "n_items": str(len(item_ids)),
             "template": template, "max_tokens": str(max_tokens), **(extra or {})}
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20], meta
@@ -175,7 +180,7 @@ def cached_layer_means(
     the template (user texts depend on the split and the history length).
     Returns ``(representations, cache_hit, path)``.
     """
-    extra = {"texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]} if key_texts else None
+    extra = {"texts": list_digest(texts)} if key_texts else None
     path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir, extra)
     tensors, hit = load_or_build(path, meta, lambda: {
         "layers": extract_layer_means(encoder, texts, batch_size, max_tokens)})

@@ -11,7 +11,6 @@ real tokens keep positions 0..n-1 and never attend to padding under the causal m
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from transformers import LlamaModel
 
-from recsys_compress.representations.layer_means import Encoder, cache_entry, load_or_build
+from recsys_compress.representations.layer_means import Encoder, cache_entry, list_digest, load_or_build
 
 
 def llama_top(encoder: Encoder, k: int) -> LlamaModel:
@@ -79,7 +78,7 @@ def cached_token_states(
     """
     extra = {"kind": "token_states", "layer": str(layer)}
     if key_texts:  # texts that depend on more than the template (user texts: the split, the history)
-        extra["texts"] = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+        extra["texts"] = list_digest(texts)
     path, meta = cache_entry(encoder, dataset, item_ids, template, max_tokens, cache_dir, extra)
 
     def build() -> dict[str, torch.Tensor]:
