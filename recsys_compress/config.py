@@ -634,10 +634,13 @@ class ProxyConfig(Schema):
     def check(self, p: str) -> None:
         _require(self.dim >= 1, f"{p}.dim", self.dim, ">= 1")
         _require(self.mrl_levels >= 1, f"{p}.mrl_levels", self.mrl_levels, ">= 1")
-        if self.objective == "mrl" and self.dim % 2 ** (self.mrl_levels - 1):
-            raise ConfigError(f"{p}.dim={self.dim} is not divisible by 2^({p}.mrl_levels-1) = "
-                              f"{2 ** (self.mrl_levels - 1)}: MRL's prefixes halve it {self.mrl_levels - 1} times; "
-                              f"allowed: a multiple of {2 ** (self.mrl_levels - 1)}, or fewer levels")
+        if self.objective == "mrl":
+            from recsys_compress.representations.proxy import mrl_prefixes  # the rule, declared there
+
+            try:
+                mrl_prefixes(self.dim, self.mrl_levels)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _require(self.temperature > 0, f"{p}.temperature", self.temperature, "> 0")
         _require(self.trainable_layers >= 1, f"{p}.trainable_layers", self.trainable_layers, ">= 1")
         _require(self.steps >= 1, f"{p}.steps", self.steps, ">= 1")

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from recsys_compress.config import PROXY_ENCODER_FORMAT
 from recsys_compress.representations.layer_means import Encoder
 from recsys_compress.representations.token_states import pooled
 
-FORMAT = "recsys-compress/proxy-encoder-v1"  # = config.PROXY_ENCODER_FORMAT, which checks it at start
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,9 +43,12 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> t
 
 
 def mrl_prefixes(dim: int, levels: int) -> list[int]:
-    """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains."""
-    if dim % 2 ** (levels - 1):
-        raise ValueError(f"proxy.dim={dim} is not divisible by 2^(proxy.mrl_levels-1) = {2 ** (levels - 1)}")
+    """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains
+    (``ProxyConfig.check`` applies this rule at start)."""
+    step = 2 ** (levels - 1)
+    if dim % step:
+        raise ValueError(f"proxy.dim={dim} is not divisible by 2^(proxy.mrl_levels-1) = {step}: MRL's prefixes "
+                         f"halve it {levels - 1} times; allowed: a multiple of {step}, or fewer levels")
     return [dim >> level for level in range(levels)]
 
 
@@ -133,16 +136,21 @@ def save_proxy_encoder(folder: Path, module: ProxyModule, encoder: Encoder, info
     save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()},
               str(out / "head.safetensors"))
     (out / "encoder.json").write_text(json.dumps({
-        "format": FORMAT, "base_fingerprint": encoder.fingerprint(), "n_layers": encoder.n_layers,
+        "format": PROXY_ENCODER_FORMAT, "base_fingerprint": encoder.fingerprint(), "n_layers": encoder.n_layers,
         "trainable_layers": len(module.top.layers), **info}, indent=2) + "\n")
     return out
+
+
+def encoder_info(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A task=proxy run's encoder folder and its ``encoder.json``."""
+    folder = Path(run_dir) / "encoder"
+    return folder, json.loads((folder / "encoder.json").read_text())
 
 
 def apply_proxy_encoder(encoder: Encoder, run_dir: str | Path) -> Encoder:
     """``encoder`` with its last blocks and final norm replaced by those a task=proxy run
     trained; the weights change, so every representation cache keys anew."""
-    folder = Path(run_dir) / "encoder"
-    info = json.loads((folder / "encoder.json").read_text())
+    folder, info = encoder_info(run_dir)
     if info["base_fingerprint"] != encoder.fingerprint():
         raise ValueError(f"representation.encoder_run={run_dir} was fine-tuned from other pretrained weights "
                          f"(fingerprint {info['base_fingerprint']}, this encoder {encoder.fingerprint()})")
@@ -163,8 +171,7 @@ def apply_proxy_encoder(encoder: Encoder, run_dir: str | Path) -> Encoder:
 
 def load_proxy_head(run_dir: str | Path) -> CompressionHead:
     """The compression head a task=proxy run trained, in eval mode (item codes: ``head(x, "item")``)."""
-    folder = Path(run_dir) / "encoder"
-    info = json.loads((folder / "encoder.json").read_text())
+    folder, info = encoder_info(run_dir)
     state = load_file(str(folder / "head.safetensors"))
     head = CompressionHead(state["linear.weight"].shape[1], info["dim"])
     head.load_state_dict(state)
@@ -176,5 +183,5 @@ def encoder_label(model: str, encoder_run: str | None) -> str:
     model, or that model after a proxy run's fine-tuning, so reports draw one curve per proxy."""
     if not encoder_run:
         return model
-    info = json.loads((Path(encoder_run) / "encoder" / "encoder.json").read_text())
+    _, info = encoder_info(encoder_run)
     return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"
