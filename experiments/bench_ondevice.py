@@ -52,10 +52,11 @@ def artefact_dir(root: str | Path, variant: str) -> Path:
     return Path(root) / variant.replace("/", "_")
 
 
-def batch_calls(reps: int) -> int:
-    """Timed calls at ``--batch``: as many as batch-1 calls (fewer left the tiny model's
-    millisecond throughput calls with a spread wider than the ratios they compare)."""
-    return reps
+def parse_variant(variant: str) -> tuple[str, bool, float, int]:
+    """``METHOD[+int8]@RATIO[/aN]`` (or ``base[+int8]``) -> (method, int8, ratio, rank_align)."""
+    method, _, rest = variant.partition("@")
+    ratio, _, align = rest.partition("/a")
+    return method.removesuffix("+int8"), method.endswith("+int8"), float(ratio or 1.0), int(align or 1)
 
 
 def build_variant(args: argparse.Namespace, variant: str):
@@ -73,17 +74,14 @@ def build_variant(args: argparse.Namespace, variant: str):
     dm = build_datamodule(run.dataset, run.seed)
     torch.manual_seed(0)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval().to(args.device)
-    method, _, ratio = variant.partition("@")
-    ratio, _, align = ratio.partition("/a")  # METHOD[+int8]@RATIO[/aN]: ranks aligned to multiples of N
-    quantize = method.endswith("+int8")
-    method = method.removesuffix("+int8")
+    method, quantize, ratio, align = parse_variant(variant)
     compress_s = 0.0
     if method != "base" or quantize:
         cb = CompressionCallback(
             run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
-                                    quantize="int8" if quantize else None, rank_align=int(align or 1),
+                                    quantize="int8" if quantize else None, rank_align=align,
                                     heldout_batches=0),  # latency needs no held-out error
-            float(ratio or 1.0),
+            ratio,
             defer_quantize=args.runtime == "onnx",  # onnxruntime quantises the exported graph
         )
         cb.compress(lit, dm.train_dataloader())
@@ -117,7 +115,7 @@ def time_recommender(rec, length: int, batch: int, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
     rec.scores([history] * batch)
     batch_times = []
-    for _ in range(batch_calls(reps)):
+    for _ in range(reps):  # as many as batch-1 calls: fewer left llama_tiny's spread wider than its ratios
         t0 = time.perf_counter()
         rec.scores([history] * batch)
         batch_times.append(time.perf_counter() - t0)
@@ -178,7 +176,7 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
         lit(batch, ones)
         batch_times = []
-        for _ in range(batch_calls(args.reps)):
+        for _ in range(args.reps):  # as many as batch-1 calls, as in time_recommender
             wait()
             t0 = time.perf_counter()
             lit(batch, ones)
@@ -311,9 +309,9 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
 
     pairs = []
     for v in results:
-        method, _, rest = v.partition("@")
-        references = ["base+int8"] if method.endswith("+int8") else []
-        if "/a" in rest:
+        _, int8, _, align = parse_variant(v)
+        references = ["base+int8"] if int8 else []
+        if align > 1:
             references.append(v.split("/a")[0])
         for ref in references:
             if ref in results and ref != v:
