@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
-from recsys_compress.representations.proxy import encoder_label, info_nce, load_proxy_head, matryoshka_info_nce, mrl_prefixes
+from recsys_compress.representations.proxy import (chance_loss, encoder_label, held_out_pairs, info_nce, load_proxy_head,
+                                                   matryoshka_info_nce, mrl_prefixes)
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
@@ -39,6 +40,20 @@ def test_mrl_is_the_sum_of_its_prefix_losses():
         mrl_prefixes(12, 4)
 
 
+def test_chance_loss_and_held_out_pairs():
+    assert chance_loss("mrl", 64, 3) == pytest.approx(3 * math.log(64))
+    assert chance_loss("contrastive", 64, 3) == pytest.approx(math.log(64))
+    users, items = torch.arange(10), torch.arange(100, 110)
+    labels = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1, 0, 1])
+    u, i = held_out_pairs((users, items, labels), limit=5, batch_size=2, seed=0)
+    assert len(u) == 4 and bool((labels[u] > 0.5).all()) and torch.equal(i, u + 100)
+    assert len(set(u.tolist())) == 4
+    u_all, _ = held_out_pairs((users, items, labels), limit=100, batch_size=3, seed=0)
+    assert len(u_all) == 6  # 7 positives, in whole batches of 3
+    with pytest.raises(ConfigError, match="proxy.batch_size=8 exceeds the 7 positive validation pairs"):
+        held_out_pairs((users, items, labels), limit=100, batch_size=8, seed=0)
+
+
 @pytest.fixture
 def proxy_run(request, ml100k_slice, tmp_path):
     objective = getattr(request, "param", "mrl")
@@ -51,6 +66,9 @@ def proxy_run(request, ml100k_slice, tmp_path):
 def check_trained_and_deployed(metrics, out):
     assert metrics["proxy/last_loss"] < metrics["proxy/first_loss"]
     assert 0 <= metrics["test/auc"] <= 1 and metrics["proxy/pairs"] > 0
+    # the held-out loss is measured on whole validation batches, before and after training
+    assert metrics["proxy/val_pairs"] > 0 and metrics["proxy/val_pairs"] % 32 == 0
+    assert math.isfinite(metrics["proxy/val_loss"]) and metrics["proxy/val_loss"] != metrics["proxy/val_loss_before"]
     assert load_file(str(out / "item_codes.safetensors"))["mu"].shape[1] == 32
     assert {p.name for p in (out / "encoder").iterdir()} == {"blocks.safetensors", "head.safetensors", "encoder.json"}
 

@@ -20,6 +20,7 @@ The trained blocks are saved (``save_proxy_encoder``) and replace the pretrained
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recsys_compress.config import PROXY_ENCODER_FORMAT
+from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError
 from recsys_compress.representations.layer_means import Encoder
 from recsys_compress.representations.token_states import pooled
 
@@ -52,9 +53,26 @@ def mrl_prefixes(dim: int, levels: int) -> list[int]:
     return [dim >> level for level in range(levels)]
 
 
+def chance_loss(objective: str, batch_size: int, levels: int) -> float:
+    """The proxy loss of codes that carry no information: ln(batch) per InfoNCE term."""
+    return (levels if objective == "mrl" else 1) * math.log(batch_size)
+
+
 def matryoshka_info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, levels: int) -> torch.Tensor:
     """The sum of ``info_nce`` over the nested prefixes of the codes."""
     return sum(info_nce(queries[:, :d], keys[:, :d], temperature) for d in mrl_prefixes(queries.shape[1], levels))
+
+
+def held_out_pairs(split: tuple[torch.Tensor, ...], limit: int, batch_size: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``limit`` positive (user, item) pairs of a split, shuffled by ``seed``, in whole batches."""
+    users, items, labels = split
+    positives = (labels > 0.5).nonzero().squeeze(1)
+    order = positives[torch.randperm(len(positives), generator=torch.Generator().manual_seed(seed))]
+    keep = min(limit, len(order)) // batch_size * batch_size
+    if keep == 0:
+        raise ConfigError(f"proxy.batch_size={batch_size} exceeds the {len(order)} positive validation pairs")
+    return users[order[:keep]], items[order[:keep]]
 
 
 class CompressionHead(nn.Module):
@@ -101,6 +119,17 @@ class ProxyModule(L.LightningModule):
         if p.objective == "mrl":
             return matryoshka_info_nce(u, i, p.temperature, p.mrl_levels)
         return info_nce(u, i, p.temperature)
+
+    @torch.no_grad()
+    def held_out_loss(self, users: torch.Tensor, items: torch.Tensor) -> float:
+        """The proxy loss, in eval mode, averaged over consecutive batches of ``batch_size``
+        (user, item) pairs: the training objective measured on pairs it never saw."""
+        was = self.training
+        self.eval()
+        b = self.proxy.batch_size
+        losses = [float(self.loss(users[s:s + b], items[s:s + b])) for s in range(0, len(users) - b + 1, b)]
+        self.train(was)
+        return sum(losses) / len(losses)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)

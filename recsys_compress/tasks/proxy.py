@@ -27,7 +27,7 @@ from recsys_compress.config import ConfigError, proxy_encoder_identity, validate
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.representations.layer_means import item_texts, split_user_texts
-from recsys_compress.representations.proxy import ProxyModule, save_proxy_encoder
+from recsys_compress.representations.proxy import ProxyModule, chance_loss, held_out_pairs, save_proxy_encoder
 from recsys_compress.representations.token_states import cached_token_states, llama_top
 from recsys_compress.utils.instantiators import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
@@ -69,6 +69,8 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(run.seed))
     module = ProxyModule(top, encoder.model.config.hidden_size, item_states, item_mask, user_states, user_mask, p)
+    val_users, val_items = held_out_pairs(data.splits["val"], p.val_pairs, p.batch_size, run.seed)
+    val_loss_before = module.held_out_loss(val_users, val_items)
 
     loggers = instantiate_group(cfg.get("logger"))
     for lg in loggers:
@@ -79,6 +81,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     train_s = time.perf_counter() - t0
+    val_loss = module.held_out_loss(val_users, val_items)
     save_proxy_encoder(output_dir, module, encoder,
                        {"objective": p.objective, "dim": p.dim, "trained_on": proxy_encoder_identity(run)})
     codes = module.item_codes()
@@ -99,6 +102,8 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         # mean loss over the first and the last steps (a window of up to 20)
         "proxy/first_loss": sum(module.losses[:window]) / window,
         "proxy/last_loss": sum(module.losses[-window:]) / window,
+        "proxy/val_loss_before": val_loss_before, "proxy/val_loss": val_loss, "proxy/val_pairs": len(val_users),
+        "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels),
         "repr/encoder": rep.model, "repr/items_without_text": missing, "data/name": d.name,
         **{f"repr/{k}": v for k, v in counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
         "repr/cache_hit": int(item_hit and user_hit),
@@ -110,6 +115,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
     metrics["objective"] = metrics["val/best_auc"]  # what hyper-parameter searches maximise
     path = finish_run(output_dir, metrics, loggers)
     Console().print(f"[bold]proxy {p.objective} (dim {p.dim}): loss {metrics['proxy/first_loss']:.3f} -> "
-                    f"{metrics['proxy/last_loss']:.3f}, deployed test auc {metrics['test/auc']:.4f}  -> {path}  "
+                    f"{metrics['proxy/last_loss']:.3f}, held-out {val_loss_before:.3f} -> {val_loss:.3f} "
+                    f"(chance {metrics['proxy/chance_loss']:.3f}), deployed test auc {metrics['test/auc']:.4f}  -> {path}  "
                     f"(read it with representation.encoder_run={output_dir})")
     return metrics
