@@ -630,11 +630,13 @@ class ProxyConfig(Schema):
     objective: Literal["contrastive", "mrl"] = "contrastive"
     dim: int = 32  # the compression head's output: the proxy's deployed code
     mrl_levels: int = 3
-    temperature: float = 0.05
+    # 0.2 and lr 1e-2: head-only sweep on ML-1M (BENCHMARKS.md, proxy section): at 0.05 the
+    # random head starts at twice the chance loss and spends its steps unlearning that
+    temperature: float = 0.2
     trainable_layers: int = 2  # last k LLM blocks trained; the states below are cached (as task=marc)
     steps: int = 300
     batch_size: int = 64  # (user, positive item) pairs per step
-    lr: float = 1e-3  # the compression head
+    lr: float = 1e-2  # the compression head
     llm_lr: float = 1e-4  # the trainable LLM blocks
     # positive validation pairs the held-out proxy loss is measured on, before and after training
     # (whole batches of batch_size; on an item split these items are cold: the loss says whether
@@ -734,10 +736,20 @@ GROUP_SCHEMAS: dict[str, type[Schema]] = {
 }
 
 
+def encoder_subject(model: str, encoder_run: str | None) -> str:
+    """What a representation run is about, for its W&B name, group and tags: the model, or
+    ``model+RUN`` when it reads a proxy run's fine-tuned encoder (``RUN`` its folder's name), so
+    that the runs of one encoder group together and apart from the pretrained model's."""
+    return f"{model}+{Path(encoder_run).name}" if encoder_run else model
+
+
 def register_schemas() -> None:
-    """Put every group's schema defaults into Hydra's ConfigStore as ``GROUP/base`` (call
-    before composing: ``train.py`` and ``utils/compose.py`` do)."""
+    """Put every group's schema defaults into Hydra's ConfigStore as ``GROUP/base``, and the
+    config's resolvers into OmegaConf (call before composing: ``train.py`` and
+    ``utils/compose.py`` do)."""
     from hydra.core.config_store import ConfigStore
+
+    OmegaConf.register_new_resolver("encoder_subject", encoder_subject, replace=True)
 
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():

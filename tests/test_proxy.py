@@ -1,7 +1,9 @@
 """Proxy fine-tuning: the objectives' losses, the task end to end, and the encoder it saves as
 every representation consumer reads it (representation.encoder_run)."""
 
+import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -104,6 +106,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
     assert not torch.allclose(before[-1], after[-1], atol=1e-3)
 
     assert encoder_label("llama_tiny", str(out)) == "llama_tiny + mrl proxy (proxy)"  # the report's curve label
+    check_wandb_groups_probe_runs_by_encoder(overrides, out, tmp_path)
     # bad input fails at start, naming the problem
     probe = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]
     for override, message in [
@@ -122,6 +125,35 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
             run_task(compose_config([*PROXY, "proxy.objective=mrl", override, f"dataset.path={data}"], tmp_path / "x"))
 
 
+def check_wandb_groups_probe_runs_by_encoder(overrides, out, tmp_path):
+    """The offline W&B run of a probe.layer=all run of the fine-tuned encoder, as `wandb leet
+    inspect` reads it: named, grouped and tagged by that encoder, with the per-layer table and
+    the curve; probe runs of one encoder at other layers share the group and differ in config."""
+    from omegaconf import OmegaConf
+
+    probe = [*[o for o in overrides if o != "logger=none"], f"representation.encoder_run={out}"]
+    metrics = run_task(compose_config([*probe, "logger=wandb", "probe.layer=all"], tmp_path / "wandb_all"))
+    run_dir = next((tmp_path / "wandb_all" / "wandb").glob("offline-run-*"))
+    inspect = ["wandb", "leet", "inspect", "--json"]
+    summary = json.loads(subprocess.run([*inspect, "--summary", str(run_dir)], capture_output=True, text=True,
+                                        timeout=120, check=True).stdout)
+    records = [json.loads(line) for line in subprocess.run([*inspect, str(run_dir)], capture_output=True, text=True,
+                                                           timeout=120, check=True).stdout.splitlines()]
+    run_record = next(r["run"] for r in records if r["type"] == "run")
+    assert run_record["run_group"] == "ml_100k-llama_tiny+proxy"
+    assert summary["name"] == "mra_probe-ml_100k-llama_tiny+proxy" and summary["tags"] == ["ml_100k", "llama_tiny+proxy"]
+    assert summary["config"]["probe"]["layer"] == "all"
+    assert summary["config"]["representation"]["encoder_run"] == str(out)
+    logged = summary["summary"]
+    assert logged["probe/mra_curve_table"]["nrows"] == 3 and logged["probe/layers_table"]["nrows"] == 3
+    for layer in range(3):
+        assert logged[f"layers/{layer}/test/auc"] == pytest.approx(metrics[f"layers/{layer}/test/auc"], rel=1e-6)
+    groups = {OmegaConf.select(compose_config([*probe, "logger=wandb", f"probe.layer={layer}"], tmp_path / "c"),
+                               "logger.wandb.group", throw_on_missing=True) for layer in (0, 2)}
+    pretrained = compose_config([*overrides, "logger=wandb"], tmp_path / "c").logger.wandb.group
+    assert groups == {"ml_100k-llama_tiny+proxy"} and pretrained == "ml_100k-llama_tiny"
+
+
 @pytest.mark.parametrize("task,subject", [("task=mra_probe", "minilm"), ("task=marc", "minilm"),
                                           ("task=proxy", "minilm"), ("task=train", "llama_tiny")])
 def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_path):
@@ -131,4 +163,4 @@ def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_pat
                          else [task, "logger=wandb"], tmp_path)
     wandb = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert wandb["name"] == f"{task.split('=')[1]}-ml_latest_small-{subject}"
-    assert wandb["tags"] == ["ml_latest_small", subject]
+    assert wandb["tags"] == ["ml_latest_small", subject] and wandb["group"] == f"ml_latest_small-{subject}"
