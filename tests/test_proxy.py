@@ -164,3 +164,22 @@ def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_pat
     wandb = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert wandb["name"] == f"{task.split('=')[1]}-ml_latest_small-{subject}"
     assert wandb["tags"] == ["ml_latest_small", subject] and wandb["group"] == f"ml_latest_small-{subject}"
+
+
+def test_the_head_sweep_script_prints_one_row_per_setting(ml100k_slice, tmp_path, capsys):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import proxy_head_sweep
+
+    assert proxy_head_sweep.main(["--temperatures", "0.2", "--lrs", "1e-2", "--steps", "100", *FAST,
+                                  "proxy.batch_size=32", f"dataset.path={ml100k_slice}",
+                                  f"paths.cache_dir={tmp_path / 'cache'}"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.2 |")]
+    assert len(rows) == 2  # fixed and learned temperature
+    fixed, learned = ([float(v) for v in row.split("|")[4:8]] for row in rows)
+    assert all(math.isfinite(v) for v in fixed + learned)
+    assert fixed[0] == learned[0]  # the same untrained head on the same held-out pairs
+    assert fixed[3] == 0.2 and learned[3] != 0.2  # only the learned temperature moves
