@@ -586,10 +586,6 @@ class MARCConfig(Schema):
     items_per_batch: int = 32  # a step takes every training sample of this many items
     lr: float = 1e-3  # compression and task modules
     llm_lr: float = 1e-4  # the trainable LLM blocks
-    # positive validation pairs the held-out proxy loss is measured on, before and after training
-    # (whole batches of batch_size; on an item split these items are cold: the loss says whether
-    # the proxy generalises from text, which the training loss cannot)
-    val_pairs: int = 2048
     # true: the deployed CTR model trains on samples mu + sigma * eps of the exported posterior
     # (item_codes.safetensors holds mu and logvar) and is tested on mu
     deploy_noise: bool = False
@@ -609,8 +605,6 @@ class MARCConfig(Schema):
         _require(self.items_per_batch >= 1, f"{p}.items_per_batch", self.items_per_batch, ">= 1")
         _require(self.lr > 0, f"{p}.lr", self.lr, "> 0")
         _require(self.llm_lr > 0, f"{p}.llm_lr", self.llm_lr, "> 0")
-        _require(self.val_pairs >= self.batch_size, f"{p}.val_pairs", self.val_pairs,
-                 f">= proxy.batch_size ({self.batch_size}): one whole batch")
 
 
 class MARCRunConfig(Schema):
