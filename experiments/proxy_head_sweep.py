@@ -20,26 +20,18 @@ import torch
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import validate_proxy
-from recsys_compress.representations.layer_means import item_texts, split_user_texts
-from recsys_compress.representations.proxy import CompressionHead, held_out_pairs, info_nce
-from recsys_compress.representations.token_states import cached_token_states, llama_top, pooled
+from recsys_compress.representations.proxy import CompressionHead, held_out_pairs, info_nce, proxy_token_states
+from recsys_compress.representations.token_states import llama_top, pooled
 from recsys_compress.utils.compose import compose_config
 
 
 @torch.no_grad()
-def pooled_finals(run, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_finals(run, cfg, data) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled final-layer states of every user and item, through the frozen top blocks."""
-    rep, d, p = run.representation, run.dataset, run.proxy
-    data = build_ctr_datamodule(run).data
-    encoder = build_encoder(rep, cfg.paths.cache_dir, run.seed)
-    below = encoder.n_layers - p.trainable_layers
-    texts, _ = item_texts(data.item_ids, data.item_info, rep.template)
-    utexts, _ = split_user_texts(data, rep.user_template, rep.user_history)
-    i_s, i_m, *_ = cached_token_states(encoder, d.name, data.item_ids, texts, rep.template, below,
-                                       cfg.paths.cache_dir, rep.batch_size, rep.max_tokens)
-    u_s, u_m, *_ = cached_token_states(encoder, f"{d.name}/users", data.user_ids, utexts,
-                                       f"{rep.user_template}|history={rep.user_history}", below,
-                                       cfg.paths.cache_dir, rep.batch_size, rep.user_max_tokens, key_texts=True)
+    p = run.proxy
+    encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
+    (i_s, i_m, *_), (u_s, u_m, *_), _, _ = proxy_token_states(
+        encoder, data, run.representation, run.dataset.name, encoder.n_layers - p.trainable_layers, cfg.paths.cache_dir)
     top = llama_top(encoder, p.trainable_layers).eval()
     items = torch.cat([pooled(top, i_s[s:s + 128], i_m[s:s + 128]) for s in range(0, len(i_s), 128)])
     users = torch.cat([pooled(top, u_s[s:s + 64], u_m[s:s + 64]) for s in range(0, len(u_s), 64)])
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run = validate_proxy(cfg)
     p = run.proxy
     data = build_ctr_datamodule(run).data
-    users, items = pooled_finals(run, cfg)
+    users, items = pooled_finals(run, cfg, data)
     tu, ti, tl = data.splits["train"]
     train_pairs = (tu[tl > 0.5], ti[tl > 0.5])
     val_pairs = held_out_pairs(data.splits["val"], p.val_pairs, p.batch_size, run.seed)

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError
-from recsys_compress.representations.layer_means import Encoder
-from recsys_compress.representations.token_states import pooled
+from recsys_compress.representations.layer_means import Encoder, item_texts, split_user_texts
+from recsys_compress.representations.token_states import cached_token_states, pooled
 
 
 
@@ -51,6 +51,22 @@ def mrl_prefixes(dim: int, levels: int) -> list[int]:
         raise ValueError(f"proxy.dim={dim} is not divisible by 2^(proxy.mrl_levels-1) = {step}: MRL's prefixes "
                          f"halve it {levels - 1} times; allowed: a multiple of {step}, or fewer levels")
     return [dim >> level for level in range(levels)]
+
+
+def proxy_token_states(encoder: Encoder, data: Any, rep: Any, dataset_name: str, below: int,
+                       cache_dir: str | Path) -> tuple[tuple, tuple, int, dict[str, Any]]:
+    """The cached token states entering block ``below``: of every item's text and of every user's
+    training-split text (``representation.users``' texts). Returns ``(items, users, missing,
+    counts)``: each of items and users is ``cached_token_states``' (states, mask, cache hit,
+    path); ``missing`` counts items without text, ``counts`` describes the user texts."""
+    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
+    user_texts, counts = split_user_texts(data, rep.user_template, rep.user_history)
+    items = cached_token_states(encoder, dataset_name, data.item_ids, texts, rep.template, below, cache_dir,
+                                rep.batch_size, rep.max_tokens)
+    users = cached_token_states(encoder, f"{dataset_name}/users", data.user_ids, user_texts,
+                                f"{rep.user_template}|history={rep.user_history}", below, cache_dir, rep.batch_size,
+                                rep.user_max_tokens, key_texts=True)
+    return items, users, missing, counts
 
 
 def chance_loss(objective: str, batch_size: int, levels: int) -> float:

@@ -26,9 +26,9 @@ from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, proxy_encoder_identity, validate_proxy
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
-from recsys_compress.representations.layer_means import item_texts, split_user_texts
-from recsys_compress.representations.proxy import ProxyModule, chance_loss, held_out_pairs, save_proxy_encoder
-from recsys_compress.representations.token_states import cached_token_states, llama_top
+from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_token_states,
+                                                   save_proxy_encoder)
+from recsys_compress.representations.token_states import llama_top
 from recsys_compress.utils.instantiators import instantiate_group
 from recsys_compress.utils.run_outputs import finish_run
 
@@ -49,15 +49,9 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"proxy.trainable_layers={p.trainable_layers} is out of range for {rep.model}; "
                           f"allowed: 1..{n}")
     below = n - p.trainable_layers
-    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
-    utexts, counts = split_user_texts(data, rep.user_template, rep.user_history)
     t0 = time.perf_counter()
-    item_states, item_mask, item_hit, item_path = cached_token_states(
-        encoder, d.name, data.item_ids, texts, rep.template, below, cfg.paths.cache_dir, rep.batch_size,
-        rep.max_tokens)
-    user_states, user_mask, user_hit, user_path = cached_token_states(
-        encoder, f"{d.name}/users", data.user_ids, utexts, f"{rep.user_template}|history={rep.user_history}", below,
-        cfg.paths.cache_dir, rep.batch_size, rep.user_max_tokens, key_texts=True)
+    (item_states, item_mask, item_hit, item_path), (user_states, user_mask, user_hit, user_path), missing, counts = \
+        proxy_token_states(encoder, data, rep, d.name, below, cfg.paths.cache_dir)
     extract_s = time.perf_counter() - t0
     top = llama_top(encoder, p.trainable_layers)
 
