@@ -63,20 +63,7 @@ def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path)
 
 def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
     """The training/evaluation LightningModule around ``model``."""
-    o, e = run.model.optim, run.evaluation
-    return SeqRecLitModule(
-        model,
-        lr=o.lr,
-        item_lr=o.item_lr,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        warmup_steps=o.warmup_steps,
-        scheduler=o.scheduler,
-        embedding_dropout=run.model.embedding_dropout,
-        exclude_seen=e.exclude_seen,
-        hr_ks=tuple(e.hr_ks),
-        ndcg_ks=tuple(e.ndcg_ks),
-    )
+    return SeqRecLitModule(model, run.model.optim, run.evaluation, run.model.embedding_dropout)
 
 
 def build_encoder(rep: RepresentationConfig, cache_dir: str | Path, seed: int) -> Encoder:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import SMALL
 from recsys_compress.compression.callback import CompressionCallback
-from recsys_compress.config import CompressionConfig, ConfigError
+from recsys_compress.config import CompressionConfig, ConfigError, OptimConfig
 from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.low_rank import LowRankLinear, rank_for_ratio
 from recsys_compress.data.datamodule import NextItemDataModule
@@ -22,7 +22,7 @@ def trained():
     dm = NextItemDataModule("grouplens_csv", SMALL, max_len=20, batch_size=64)
     dm.setup()
     lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
-                                      num_kv_heads=1, intermediate_size=INTER, max_len=20), lr=3e-3)
+                                      num_kv_heads=1, intermediate_size=INTER, max_len=20), OptimConfig(lr=3e-3))
     L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(lit, datamodule=dm)
     return dm, lit.state_dict()

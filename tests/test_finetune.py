@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SMALL, run_train
-from recsys_compress.config import LoraSettings
+from recsys_compress.config import LoraSettings, OptimConfig
 from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
@@ -50,7 +50,7 @@ def test_lora_names_linears_the_model_does_not_have():
 
 
 def test_item_table_gets_its_own_learning_rate():
-    lit = SeqRecLitModule(tiny(), lr=1e-4, item_lr=3e-3, weight_decay=0.1)
+    lit = SeqRecLitModule(tiny(), OptimConfig(lr=1e-4, item_lr=3e-3, weight_decay=0.1))
     optimizer = lit.configure_optimizers()
     table = lit.model.get_input_embeddings().weight
     by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -58,7 +58,7 @@ def test_item_table_gets_its_own_learning_rate():
     others = [g for g in optimizer.param_groups if all(p is not table for p in g["params"])]
     assert others and all(g["lr"] == 1e-4 for g in others)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(lit.parameters()))
-    default = SeqRecLitModule(tiny(), lr=1e-4).configure_optimizers()
+    default = SeqRecLitModule(tiny(), OptimConfig(lr=1e-4)).configure_optimizers()
     assert all(g["lr"] == 1e-4 for g in default.param_groups)
 
 

@@ -4,6 +4,7 @@ from conftest import SMALL
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama, count_parameters
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.config import OptimConfig
 
 
 def tiny(n_items=50, **kw):
@@ -35,7 +36,7 @@ def test_backward_reaches_every_parameter_and_loss_falls_on_real_batches():
     dm.setup()
     torch.manual_seed(0)
     lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=16, num_layers=1, num_heads=2,
-                                      intermediate_size=32, max_len=10, dropout=0.0), lr=1e-2)
+                                      intermediate_size=32, max_len=10, dropout=0.0), OptimConfig(lr=1e-2))
     batch = next(iter(dm.train_dataloader()))
     optimizer = torch.optim.Adam(lit.parameters(), lr=1e-2)
     lit.log = lambda *a, **k: None  # no trainer attached

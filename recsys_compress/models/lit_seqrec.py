@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from recsys_compress.config import EvaluationConfig, OptimConfig
 from recsys_compress.evaluation.ranking import FullRankingMetrics
 from recsys_compress.models.item_llm import position_ids_for
 
@@ -26,21 +27,21 @@ class SeqRecLitModule(L.LightningModule):
     def __init__(
         self,
         model: PreTrainedModel,
-        lr: float = 1e-3,
-        item_lr: float | None = None,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 0,
-        scheduler: str = "constant",
+        optim: OptimConfig | None = None,
+        evaluation: EvaluationConfig | None = None,
         embedding_dropout: float = 0.0,
-        exclude_seen: bool = True,
-        hr_ks: tuple[int, ...] = (1, 5, 10, 20),
-        ndcg_ks: tuple[int, ...] = (5, 10, 20),
     ):
+        """``optim`` and ``evaluation`` default to their schemas' defaults (declared there
+        once); ``embedding_dropout`` is ``model.embedding_dropout``."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.optim = optim or OptimConfig()
+        self.evaluation = evaluation or EvaluationConfig()
+        # plain data in checkpoints and loggers, not schema objects
+        self.save_hyperparameters({"optim": self.optim.model_dump(), "evaluation": self.evaluation.model_dump(),
+                                   "embedding_dropout": embedding_dropout})
         self.model = model
         self.embedding_dropout = torch.nn.Dropout(embedding_dropout)
+        hr_ks, ndcg_ks = tuple(self.evaluation.hr_ks), tuple(self.evaluation.ndcg_ks)
         self.val_metrics = FullRankingMetrics(hr_ks, ndcg_ks)
         # Test: the configured protocol (per-user NDCG@10 kept for paired intervals) and, in the
         # same pass, the other one, so figures compare with papers on either protocol.
@@ -82,10 +83,10 @@ class SeqRecLitModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: FullRankingMetrics,
                    other_protocol: FullRankingMetrics | None = None) -> None:
         scores = self(batch["input_ids"], batch["attention_mask"])
-        seen = batch["seen"] if self.hparams.exclude_seen else None
+        seen = batch["seen"] if self.evaluation.exclude_seen else None
         metrics.update(scores, batch["target"], seen)
         if other_protocol is not None:
-            other_protocol.update(scores, batch["target"], None if self.hparams.exclude_seen else batch["seen"])
+            other_protocol.update(scores, batch["target"], None if self.evaluation.exclude_seen else batch["seen"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -101,7 +102,7 @@ class SeqRecLitModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         configured, other = self.test_metrics.compute(), self.test_metrics_other.compute()
-        excluded, kept = (configured, other) if self.hparams.exclude_seen else (other, configured)
+        excluded, kept = (configured, other) if self.evaluation.exclude_seen else (other, configured)
         self.log_dict({f"test/{k}": v for k, v in configured.items()})
         self.log_dict({f"test/seen_excluded/{k}": v for k, v in excluded.items()})
         self.log_dict({f"test/seen_kept/{k}": v for k, v in kept.items()})
@@ -127,7 +128,7 @@ class SeqRecLitModule(L.LightningModule):
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.optim
         head = self.model.get_output_embeddings()
         item_table = {id(self.model.get_input_embeddings().weight)} | ({id(head.weight)} if head is not None else set())
         decay, no_decay, items = [], [], []
