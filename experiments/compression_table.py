@@ -35,7 +35,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from recsys_compress.alignment.runner import align
@@ -48,6 +47,7 @@ from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
 from recsys_compress.models.base_cache import cache_folder, load_base
 from recsys_compress.models.finetune import add_lora, merge_lora
 from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.compose import compose_config
 
 
@@ -115,10 +115,11 @@ def main() -> None:
     source = load_base_weights(args.run_dir, lit, cfg.paths.cache_dir, run)
     base_model = copy.deepcopy(lit.model)
 
+    trainers = Trainers(cfg)  # the run's trainer settings, no loggers: the table is the record
+
     def test(callbacks=()) -> dict:
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=list(callbacks),
-                                         enable_checkpointing=False, enable_progress_bar=False,
-                                         enable_model_summary=False)
+        trainer: L.Trainer = trainers(callbacks=list(callbacks), enable_checkpointing=False,
+                                      enable_progress_bar=False, enable_model_summary=False)
         return trainer.test(lit, datamodule=dm, verbose=False)[0]
 
     base = test()
@@ -149,7 +150,7 @@ def main() -> None:
                     L.seed_everything(run.seed)
                     aligning = cell(method, ratio, allocation, alignment)[1].alignment
                     row.update(align(aligning, base_model, lit.model, dm.train_dataloader(),
-                                     trainer_factory=lambda **kw: instantiate(cfg.trainer, **kw)))
+                                     trainer_factory=trainers))
                     result, per_user = test(), lit.test_per_user
                 row["test/ndcg@10"] = result["test/ndcg@10"]
                 row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]

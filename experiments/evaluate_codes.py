@@ -25,37 +25,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import load_file
 
-from recsys_compress.config import validate_marc, validate_probe
+from recsys_compress.config import register_schemas, validate_marc, validate_probe
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.builders import build_ctr_datamodule
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT
+from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.run_outputs import finish_run
 
 
-_MISSING = object()
-
-
-def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The run's config with KEY=VALUE overrides, following Hydra's rule: a key must exist in the
-    run's config (a typo fails instead of being ignored); ``+KEY=VALUE`` adds a new one."""
-    plain = []
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if key.startswith("+"):
-            plain.append(override[1:])
-        elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise SystemExit(f"{key} is not in the run's config; write +{override} to add it")
-        else:
-            plain.append(override)
-    with open_dict(cfg):  # a composed (struct) config refuses new keys even with +
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain))
+def run_config(run_dir: Path, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config ``run_dir`` ran with, composed by Hydra from its ``.hydra/config.yaml`` with
+    ``overrides`` in Hydra's grammar: a key the run lacks fails (a typo is not ignored), ``+KEY=V``
+    adds one, ``~KEY`` deletes one."""
+    register_schemas()  # the resolvers the saved config uses
+    pinned = [f"paths.root_dir={PROJECT_ROOT}", f"paths.output_dir={output_dir}"]
+    try:
+        with initialize_config_dir(config_dir=str((run_dir / ".hydra").resolve()), version_base="1.3"):
+            return compose("config", overrides=[*pinned, *overrides])
+    except (ConfigCompositionException, OverrideParseException) as e:
+        raise SystemExit(f"{' '.join(overrides)}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise SystemExit(f"{path} not found: {args.run_dir} is not a finished task=marc or "
                              "single-layer task=mra_probe run")
-    cfg = with_overrides(OmegaConf.load(cfg_path), overrides)
     out = args.out or args.run_dir / "evaluate_codes" / ("_".join(overrides) or "as_run")
-    cfg.paths.root_dir = str(PROJECT_ROOT)
-    cfg.paths.output_dir = str(out)
+    cfg = run_config(args.run_dir, overrides, out)
     is_marc = cfg.task.name == "marc"
     run = validate_marc(cfg) if is_marc else validate_probe(cfg)
     d, c = run.dataset, run.ctr
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             codes, noise, _ = deployed_codes(codes, stored["logvar"], m)
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
-    result = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise), [],
+    result = fit_ctr(Trainers(cfg), c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise),
                      out / "checkpoints")
     source = (f"MARC, beta {run.marc.beta:g}" if is_marc
               else f"{run.probe.compressor} probe of layer {run.probe.layer}")

@@ -176,7 +176,7 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
         elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
             what = f"{r['_encoder']}, {r.get('codes/source', 'MARC')}, dim {r['codes/dim']}"
             # "+KEY=VALUE" (a key the run predates) and "KEY=VALUE" are the same setting: one row
-            setting = " ".join(o.removeprefix("+") for o in r.get("overrides", "").split())
+            setting = " ".join(o.lstrip("+") for o in r.get("overrides", "").split())
             entries = [(f"codes ({what}), fresh CTR model with {setting or 'the run settings'}"
                         f"{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         else:

@@ -270,7 +270,7 @@ def test_a_budget_below_min_rank_fails_before_training(tmp_path):
 def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
     from recsys_compress.config import ConfigError, validate
     from recsys_compress.models.item_llm import build_llama
-    from recsys_compress.tasks.train_seqrec import check_allocation
+    from recsys_compress.compression.callback import check_allocation
     from recsys_compress.utils.compose import compose_config
 
     model = build_llama(50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -278,5 +278,6 @@ def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
     # at ratio 0.5 k/v (16 x 32) keep rank 5, the smallest
     run = validate(compose_config(["compression=odllm", "compression.rank_align=8"], tmp_path))
     with pytest.raises(ConfigError, match=r"rank_align=8 is larger than the rank 5 of model.layers.0.self_attn.k_proj"):
-        check_allocation(run, model)
-    check_allocation(validate(compose_config(["compression=odllm", "compression.rank_align=4"], tmp_path)), model)
+        check_allocation(run.compression, run.ratio, model)
+    aligned = validate(compose_config(["compression=odllm", "compression.rank_align=4"], tmp_path))
+    check_allocation(aligned.compression, aligned.ratio, model)

@@ -173,7 +173,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     sys.path.insert(0, str(REPO / "experiments"))
     import evaluate_codes
 
-    changed = ["ctr.dropout=0.3", "+marc.deploy_noise=true"]  # the report reads "+" as the plain setting
+    changed = ["ctr.dropout=0.3", "++marc.deploy_noise=true"]  # the report reads "++" as the plain setting
     assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
@@ -192,10 +192,13 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     with pytest.raises(ConfigError, match=r"ctr.dropout=1.5 is out of range"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropout=1.5", "--out", str(tmp_path / "bad")])
     # Hydra's rule: a typo fails; a key the run's config lacks is added with +
-    with pytest.raises(SystemExit, match=r"ctr.dropuot is not in the run's config; write \+ctr.dropuot=0.3"):
+    with pytest.raises(SystemExit, match=r"Could not override 'ctr.dropuot'.\nTo append to your config use "
+                                         r"\+ctr.dropuot=0.3"):
         evaluate_codes.main([str(tmp_path / "out"), "ctr.dropuot=0.3", "--out", str(tmp_path / "bad")])
-    added = evaluate_codes.with_overrides(cfg, ["+trainer.val_check_interval=0.5", "ctr.dropout=0.2"])
+    added = evaluate_codes.run_config(tmp_path / "out", ["+trainer.val_check_interval=0.5", "ctr.dropout=0.2"],
+                                      tmp_path / "added")
     assert added.trainer.val_check_interval == 0.5 and added.ctr.dropout == 0.2
+    assert added.paths.output_dir == str(tmp_path / "added") and added.marc == cfg.marc
 
 
 def test_marc_bad_inputs_fail_at_start(tmp_path):

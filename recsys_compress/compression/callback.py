@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from recsys_compress.compression.allocation import allocate_ranks, check_budget
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
 from recsys_compress.compression.calibration import (
     available_memory_bytes,
@@ -29,11 +30,27 @@ from recsys_compress.compression.calibration import (
 )
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
 from recsys_compress.compression.sequential import compress_sequential
-from recsys_compress.config import CompressionConfig
+from recsys_compress.config import CompressionConfig, ConfigError
 from recsys_compress.models.blocks import layers_by_block
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
+
+
+def check_allocation(c: CompressionConfig, ratio: float, model: torch.nn.Module) -> None:
+    """Fail before training when a global rank budget cannot give every matrix its minimum,
+    or when ``rank_align`` exceeds a uniform allocation's ranks."""
+    if c.allocation == "uniform" and c.rank_align == 1:
+        return
+    names = select_linear_layers(model, c.include, c.exclude)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    try:
+        if c.allocation == "uniform":
+            allocate_ranks(shapes, None, ratio, rank_align=c.rank_align)
+        else:
+            check_budget(shapes, ratio, c.min_rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 class CompressionCallback(L.Callback):

@@ -8,14 +8,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from recsys_compress.config import CTRConfig
 from recsys_compress.ctr.data import CTRDataModule
 from recsys_compress.ctr.model import CTRLitModule, RepresentationCompressor
-from recsys_compress.utils.instantiators import instantiate_callbacks
+from recsys_compress.utils.instantiators import Trainers
 
 
 def ctr_fields(c: CTRConfig) -> dict[str, Any]:
@@ -24,12 +22,12 @@ def ctr_fields(c: CTRConfig) -> dict[str, Any]:
     return {"ctr/split_by": c.split_by, "ctr/item_id_dropout": c.item_id_dropout, "ctr/batch_by": c.batch_by}
 
 
-def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
-            loggers: list, checkpoint_dir: Path,
+def fit_ctr(trainers: Trainers, c: CTRConfig, seed: int, dm: CTRDataModule, compressor: RepresentationCompressor,
+            checkpoint_dir: Path,
             user_compressor: RepresentationCompressor | None = None,
             export_codes: Path | None = None) -> dict[str, float]:
     """Train one CTR model on ``compressor``'s item features (and ``user_compressor``'s user
-    features, when given), select on val AUC, test. ``cfg`` gives the trainer and callbacks.
+    features, when given), select on val AUC, test, on a Trainer from ``trainers``.
     ``export_codes``: write the selected model's compressed feature of every item there
     (``mu``, as MARC exports its codes), so a fresh CTR model can be trained on them
     (experiments/evaluate_codes.py)."""
@@ -38,8 +36,7 @@ def fit_ctr(cfg: DictConfig, c: CTRConfig, seed: int, dm: CTRDataModule, compres
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,
                        weight_decay=c.weight_decay, user_compressor=user_compressor,
                        item_id_dropout=c.item_id_dropout, known_items=dm.data.known_items())
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=instantiate_callbacks(cfg, loggers, checkpoint_dir))
+    trainer: L.Trainer = trainers(checkpoint_dir=checkpoint_dir)
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     train_s = time.perf_counter() - t0

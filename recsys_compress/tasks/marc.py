@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import save_file
 
@@ -29,7 +28,7 @@ from recsys_compress.marc.marc_module import MARCModule
 from recsys_compress.models.finetune import add_lora
 from recsys_compress.representations.layer_means import item_texts
 from recsys_compress.representations.token_states import cached_token_states, llama_top
-from recsys_compress.utils.instantiators import instantiate_callbacks, instantiate_group
+from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.utils.run_outputs import finish_run
 
@@ -68,11 +67,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     module = MARCModule(top, states, mask, len(data.user_ids), m, c, known_items=data.known_items())
     train = dm.item_grouped_loader(m.items_per_batch)  # the LLM top runs once per item per epoch
 
-    loggers = instantiate_group(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=instantiate_callbacks(cfg, loggers, output_dir / "checkpoints" / "marc"))
+    trainers = Trainers(cfg, instantiate_loggers(cfg))
+    trainer: L.Trainer = trainers(checkpoint_dir=output_dir / "checkpoints" / "marc")
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
     train_s = time.perf_counter() - t0
@@ -92,8 +88,8 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
 
     # Deployment: a fresh CTR model that sees only the cached codes.
     t0 = time.perf_counter()
-    deployed = fit_ctr(cfg, c, run.seed, dm, RepresentationCompressor(exported, "fixed", noise_std=noise),
-                       loggers, output_dir / "checkpoints" / "deployed")
+    deployed = fit_ctr(trainers, c, run.seed, dm, RepresentationCompressor(exported, "fixed", noise_std=noise),
+                       output_dir / "checkpoints" / "deployed")
     metrics: dict[str, Any] = {
         "test/auc": deployed["test/auc"], "test/logloss": deployed["test/logloss"],
         "val/best_auc": deployed.get("val/best_auc", float("nan")),
@@ -108,7 +104,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
     metrics["objective"] = metrics.get("val/best_auc")  # what hyper-parameter searches maximise
-    path = finish_run(output_dir, metrics, loggers)
+    path = finish_run(output_dir, metrics, trainers.loggers)
     Console().print(f"[bold]MARC dim {m.dim} ({len(kept)} exported): deployed test auc {metrics['test/auc']:.4f} "
                     f"(end to end {e2e['test/auc']:.4f}), KL {kl:.2f}  -> {path}")
     return metrics

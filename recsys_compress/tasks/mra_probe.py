@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -25,7 +25,7 @@ from recsys_compress.ctr.data import CTRSplits
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.representations.layer_means import cached_layer_means, item_texts, split_user_texts
-from recsys_compress.utils.instantiators import instantiate_group
+from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.utils.run_outputs import finish_run
 from recsys_compress.utils.tables import write_table
@@ -90,9 +90,8 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
             return None
         return RepresentationCompressor(user_reps[layer], run.probe.compressor, run.probe.dim)
 
-    loggers = instantiate_group(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    loggers = instantiate_loggers(cfg)
+    trainers = Trainers(cfg, loggers)
 
     metrics: dict[str, Any] = {"probe/dim": run.probe.dim, "probe/compressor": run.probe.compressor,
                                "repr/encoder": encoder_label(run.representation.model, run.representation.encoder_run), "data/name": run.dataset.name,
@@ -101,7 +100,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
     if reps is None or run.probe.layer != "all":
         layer = None if reps is None else int(run.probe.layer)
         compressor = RepresentationCompressor(None if reps is None else reps[layer], run.probe.compressor, run.probe.dim)
-        result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers, output_dir / "checkpoints",
+        result = fit_ctr(trainers, run.ctr, run.seed, dm, compressor, output_dir / "checkpoints",
                          None if layer is None else users_at(layer),
                          export_codes=None if layer is None else output_dir / "item_codes.safetensors")
         metrics.update(result)
@@ -111,7 +110,7 @@ def mra_probe(cfg: DictConfig) -> dict[str, Any]:
         for layer in range(reps.shape[0]):
             log.info("probing layer %d of %d", layer, reps.shape[0] - 1)
             compressor = RepresentationCompressor(reps[layer], run.probe.compressor, run.probe.dim)
-            result = fit_ctr(cfg, run.ctr, run.seed, dm, compressor, loggers,
+            result = fit_ctr(trainers, run.ctr, run.seed, dm, compressor,
                              output_dir / "checkpoints" / f"layer{layer:02d}", users_at(layer))
             rows.append({"layer": layer, **result})
             metrics.update({f"layers/{layer}/{k}": v for k, v in result.items()})

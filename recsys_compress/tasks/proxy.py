@@ -16,8 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,7 +28,7 @@ from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_token_states,
                                                    save_proxy_encoder)
 from recsys_compress.representations.token_states import llama_top
-from recsys_compress.utils.instantiators import instantiate_group
+from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.utils.run_outputs import finish_run
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,9 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
     val_users, val_items = held_out_pairs(data.splits["val"], p.val_pairs, p.batch_size, run.seed)
     val_loss_before = module.held_out_loss(val_users, val_items)
 
-    loggers = instantiate_group(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[], max_steps=p.steps,
-                                     max_epochs=-1, min_epochs=None, enable_checkpointing=False,
-                                     limit_val_batches=0, num_sanity_val_steps=0)
+    trainers = Trainers(cfg, instantiate_loggers(cfg))
+    trainer: L.Trainer = trainers(callbacks=[], max_steps=p.steps, max_epochs=-1, min_epochs=None,
+                                  enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     train_s = time.perf_counter() - t0
@@ -85,7 +81,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
 
     # The proxy's deployment: a fresh CTR model that sees only the cached final-layer codes.
     t0 = time.perf_counter()
-    deployed = fit_ctr(cfg, run.ctr, run.seed, dm, RepresentationCompressor(codes, "fixed"), loggers,
+    deployed = fit_ctr(trainers, run.ctr, run.seed, dm, RepresentationCompressor(codes, "fixed"),
                        output_dir / "checkpoints" / "deployed")
     window = max(1, min(20, len(module.losses) // 5))
     metrics: dict[str, Any] = {
@@ -107,7 +103,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         **{f"data/{k}": v for k, v in data.stats().items()},
     }
     metrics["objective"] = metrics["val/best_auc"]  # what hyper-parameter searches maximise
-    path = finish_run(output_dir, metrics, loggers)
+    path = finish_run(output_dir, metrics, trainers.loggers)
     Console().print(f"[bold]proxy {p.objective} (dim {p.dim}): loss {metrics['proxy/first_loss']:.3f} -> "
                     f"{metrics['proxy/last_loss']:.3f}, held-out {val_loss_before:.3f} -> {val_loss:.3f} "
                     f"(chance {metrics['proxy/chance_loss']:.3f}), deployed test auc {metrics['test/auc']:.4f}  -> {path}  "

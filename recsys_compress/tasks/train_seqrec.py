@@ -11,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
 from recsys_compress.alignment.runner import align
-from recsys_compress.compression.allocation import allocate_ranks, check_budget
-from recsys_compress.compression.calibration import select_linear_layers
-from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.callback import CompressionCallback, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.config import ConfigError, RunConfig, validate
+from recsys_compress.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
@@ -39,28 +36,11 @@ from recsys_compress.models.base_cache import (
 from recsys_compress.models.item_llm import count_nonzero_parameters, count_parameters, serialized_megabytes
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.utils.callbacks import TrainingThroughput
-from recsys_compress.utils.instantiators import instantiate_callbacks, instantiate_group
+from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.utils.ddp_sweep import multi_process
 from recsys_compress.utils.run_outputs import finish_run, global_rank
 
 log = logging.getLogger(__name__)
-
-
-def check_allocation(run: RunConfig, model: PreTrainedModel) -> None:
-    """Fail before training when a global rank budget cannot give every matrix its minimum,
-    or when ``rank_align`` exceeds a uniform allocation's ranks."""
-    c = run.compression
-    if c.allocation == "uniform" and c.rank_align == 1:
-        return
-    names = select_linear_layers(model, c.include, c.exclude)
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-    try:
-        if c.allocation == "uniform":
-            allocate_ranks(shapes, None, run.ratio, rank_align=c.rank_align)
-        else:
-            check_budget(shapes, run.ratio, c.min_rank)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
@@ -71,7 +51,7 @@ def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
 
 
 def compress_and_test(
-    run: RunConfig, cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list
+    run: RunConfig, lit: SeqRecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path
 ) -> dict[str, Any]:
     """Compress the (best-validation) base model in place, test, align, save, quantise last.
 
@@ -83,11 +63,9 @@ def compress_and_test(
     c = run.compression
     aligning = run.alignment.method != "none"
     teacher = copy.deepcopy(lit.model).eval() if aligning else None
-    compressor = CompressionCallback(c, run.ratio, report_dir=cfg.paths.output_dir, defer_quantize=True)
+    compressor = CompressionCallback(c, run.ratio, report_dir=output_dir, defer_quantize=True)
     quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[compressor], enable_checkpointing=False
-    )
+    trainer: L.Trainer = trainers(callbacks=[compressor], enable_checkpointing=False)
     t0 = time.perf_counter()
     test = trainer.test(lit, datamodule=dm, verbose=False)[0]  # the callback compresses at setup
     out: dict[str, Any] = {**compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
@@ -96,11 +74,10 @@ def compress_and_test(
     if aligning:
         L.seed_everything(run.seed)
         out.update(align(run.alignment, teacher, lit.model, dm.train_dataloader(),
-                         trainer_factory=lambda **kw: instantiate(cfg.trainer, **kw),
-                         output_dir=cfg.paths.output_dir, loggers=loggers))
+                         trainer_factory=trainers, output_dir=output_dir, loggers=trainers.loggers))
         del teacher
         test = trainer.test(lit, datamodule=dm, verbose=False)[0]
-    out.update(save_artefacts(run, cfg, lit.model, dm, quantize))
+    out.update(save_artefacts(run, lit.model, dm, quantize, output_dir))
     if quantize:
         out["time/quantize_s"] = compressor.apply_quantization(lit.model)
         test = trainer.test(lit, datamodule=dm, verbose=False)[0]
@@ -111,7 +88,7 @@ def compress_and_test(
 
 
 def save_artefacts(
-    run: RunConfig, cfg: DictConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None
+    run: RunConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None, output_dir: Path
 ) -> dict[str, Any]:
     """Write the float model (``RUN_DIR/model``) and the ONNX artefact (``RUN_DIR/onnx``)."""
     out: dict[str, Any] = {}
@@ -120,7 +97,6 @@ def save_artefacts(
     info = {"method": run.compression.method, "ratio": run.ratio, "quantize": quantize,
             "alignment": run.alignment.method,
             "dataset": run.dataset.name, "model": run.model.name}
-    output_dir = Path(cfg.paths.output_dir)
     if run.export.save:
         save_compressed(model, output_dir / "model", info)
         log.info("compressed model saved to %s (float; quantize after loading: %s)", output_dir / "model", quantize)
@@ -146,19 +122,18 @@ def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:
     return None
 
 
-def train_base(cfg: DictConfig, lit: SeqRecLitModule, dm: NextItemDataModule, loggers: list,
-               resume: str | None = None) -> dict[str, Any]:
-    """Fit (or resume), then test the best-validation checkpoint; returns test and training metrics."""
+def train_base(lit: SeqRecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path,
+               resume: str | None = None, ckpt_path: str | None = "best") -> dict[str, Any]:
+    """Fit (or resume), then test the ``ckpt_path`` checkpoint (``best``: the best-validation
+    one; null: the final weights); returns test and training metrics."""
     throughput = TrainingThroughput()
-    callbacks = instantiate_callbacks(cfg, loggers) + [throughput]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = trainers(callbacks=trainers.callbacks() + [throughput])
 
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm, ckpt_path=resume_checkpoint(resume, cfg.paths.output_dir))
+    trainer.fit(lit, datamodule=dm, ckpt_path=resume_checkpoint(resume, output_dir))
     train_s = time.perf_counter() - t0
 
     ckpt = trainer.checkpoint_callback
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "best" and not (ckpt is not None and ckpt.best_model_path):
         ckpt_path = None  # fast_dev_run or no checkpointing: test the final weights
     t0 = time.perf_counter()
@@ -191,13 +166,11 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     print_dataset_stats(run.dataset.name, stats)
 
     model = build_model(run.model, dm, cfg.paths.cache_dir)
-    check_allocation(run, model)
+    check_allocation(run.compression, run.ratio, model)
     lit = build_lit_module(run, model)
 
-    loggers = instantiate_group(cfg.get("logger"))
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    for lg in loggers:
-        lg.log_hyperparams({**hparams, "data": stats})
+    trainers = Trainers(cfg, instantiate_loggers(cfg, data=stats))
+    for lg in trainers.loggers:
         lg.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=0)
 
     compressing = run.compression.method != "none"
@@ -210,7 +183,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         if cached is None:
             if run.model.finetune == "lora":
                 add_lora(model, run.model.lora)
-            metrics = train_base(cfg, lit, dm, loggers, run.resume)
+            metrics = train_base(lit, dm, trainers, output_dir, run.resume, cfg.get("ckpt_path"))
             if has_lora(model):  # the best checkpoint was tested with its adapters; keep a stock model
                 merge_lora(model)
             base_per_user = lit.test_per_user
@@ -230,7 +203,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         base_params, base_mb = params, size_mb
         metrics = {(f"base/{k}" if k.startswith("test/") else k): v for k, v in metrics.items()}
         metrics["time/base_test_s"] = metrics.pop("time/test_s")
-        metrics.update(compress_and_test(run, cfg, lit, dm, loggers))
+        metrics.update(compress_and_test(run, lit, dm, trainers, output_dir))
         params, size_mb = count_parameters(model), serialized_megabytes(model)
         if base_per_user is not None and lit.test_per_user is not None:
             # The same test users ranked by both models: an interval for the retention ratio.
@@ -264,7 +237,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         )
         metrics.update({f"baseline/popularity/test/{k}": v for k, v in pop.items()})
 
-    path = finish_run(output_dir, metrics, loggers)
+    path = finish_run(output_dir, metrics, trainers.loggers)
     log.info("metrics written to %s", path)
     Console().print(
         f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"

@@ -1,4 +1,4 @@
-"""Objects from the ``_target_`` groups of the config (loggers, callbacks), as tasks build them."""
+"""Objects from the ``_target_`` groups of the config (trainer, loggers, callbacks), as tasks build them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -18,15 +18,52 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def instantiate_callbacks(cfg: DictConfig, loggers: list, checkpoint_dir: str | Path | None = None) -> list[L.Callback]:
+def instantiate_callbacks(group: DictConfig | None, loggers: list,
+                          checkpoint_dir: str | Path | None = None) -> list[L.Callback]:
     """The run's ``callbacks`` group; ``checkpoint_dir``: where its ModelCheckpoint writes (one
     folder per model a task trains). Without loggers, LearningRateMonitor is left out: it
     refuses to start without one (logger=none)."""
     callbacks = []
-    for cb in instantiate_group(cfg.get("callbacks")):
+    for cb in instantiate_group(group):
         if isinstance(cb, ModelCheckpoint) and checkpoint_dir is not None:
             cb.dirpath = str(checkpoint_dir)
         if isinstance(cb, LearningRateMonitor) and not loggers:
             continue
         callbacks.append(cb)
     return callbacks
+
+
+class Trainers:
+    """Lightning Trainers from the run's ``trainer`` and ``callbacks`` groups, logging to its
+    loggers: what a task hands to the layers below instead of the raw config, so that every
+    model a run trains (base, alignment, CTR, MARC) runs on the same accelerator, precision
+    and limits."""
+
+    def __init__(self, cfg: DictConfig, loggers: list | None = None) -> None:
+        self.trainer_group: DictConfig = cfg.trainer
+        self.callbacks_group: DictConfig | None = cfg.get("callbacks")
+        self.loggers: list = loggers or []
+
+    def callbacks(self, checkpoint_dir: str | Path | None = None) -> list[L.Callback]:
+        """Fresh instances of the configured callbacks, the ModelCheckpoint writing to ``checkpoint_dir``."""
+        return instantiate_callbacks(self.callbacks_group, self.loggers, checkpoint_dir)
+
+    def __call__(self, callbacks: list[L.Callback] | None = None, checkpoint_dir: str | Path | None = None,
+                 **overrides: Any) -> L.Trainer:
+        """A Trainer with ``callbacks`` (None: the configured ones, see ``callbacks()``);
+        ``overrides`` win over the trainer group (``logger`` included)."""
+        if callbacks is None:
+            callbacks = self.callbacks(checkpoint_dir)
+        return instantiate(self.trainer_group, **{"logger": self.loggers or False, "callbacks": callbacks,
+                                                   **overrides})
+
+
+def instantiate_loggers(cfg: DictConfig, **extra_hparams: Any) -> list[Any]:
+    """The run's ``logger`` group, each logger given the resolved config (and ``extra_hparams``)
+    as its hyper-parameters: what a dashboard groups and filters runs by."""
+    loggers = instantiate_group(cfg.get("logger"))
+    if loggers:
+        hparams = {**OmegaConf.to_container(cfg, resolve=True), **extra_hparams}
+        for lg in loggers:
+            lg.log_hyperparams(hparams)
+    return loggers
