@@ -136,7 +136,9 @@ def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, float]:
     env = {**os.environ, "PYTHONPATH": str(root), "RECSYS_DATA_ROOT": str(DATA_ROOT), "WANDB_MODE": "offline"}
     env.pop("PROJECT_ROOT", None)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
+    # -n 0: a fault's few tests in this process, so that only a failing test (not a worker
+    # start-up error) counts as caught
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests], cwd=root,
                          env=env, capture_output=True, text=True)
     return out.returncode, time.perf_counter() - t0
 

@@ -12,6 +12,14 @@ SHARED_MODELS = SHARED_DATA.parent / "models"
 
 
 def pytest_configure(config):
+    # Under pytest-xdist each worker (and the train.py subprocesses it starts, through the
+    # environment) gets its share of the cores: torch's default of one thread per core in every
+    # worker oversubscribes them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
     # Every RecBole-format and SmolLM2 test reads these; without them the suite would fail in a
     # hundred places with errors that do not say why.
     missing = [p for p in (SHARED_DATA / "ml-100k", SHARED_DATA / "ml-1m", SHARED_MODELS) if not p.is_dir()]
@@ -19,6 +27,26 @@ def pytest_configure(config):
         raise pytest.UsageError(
             f"test data not found: {', '.join(map(str, missing))}. Put the project's shared/ folder beside the "
             "repository (../shared/data, ../shared/models) or set RECSYS_DATA_ROOT to its data folder.")
+
+
+SMOLLM2_GGUF = SHARED_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M converted from its GGUF to a safetensors folder once per test session (a
+    conversion takes ~45 s): xdist workers share one folder, the first converts under a lock."""
+    import fcntl
+
+    from recsys_compress.models.gguf_cache import convert_gguf
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder above every worker's own
+    (root / "smollm2_cache").mkdir(exist_ok=True)
+    with open(root / "smollm2_cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return convert_gguf(SMOLLM2_GGUF, root / "smollm2_cache")
 
 
 def head_lines(src: Path, dst: Path, n: int) -> Path:

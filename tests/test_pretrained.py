@@ -6,17 +6,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import SHARED_MODELS
+from conftest import SMOLLM2_GGUF as GGUF
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import load_item_llm
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
-GGUF = SHARED_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory):
-    return convert_gguf(GGUF, tmp_path_factory.mktemp("cache"))
+# smollm2_folder: conftest's session fixture, the conversion of GGUF
 
 
 def test_conversion_is_cached(smollm2_folder):
