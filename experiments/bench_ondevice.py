@@ -77,8 +77,11 @@ def build_variant(args: argparse.Namespace, variant: str):
     method, quantize, ratio, align = parse_variant(variant)
     compress_s = 0.0
     if method != "base" or quantize:
+        # the allocation sets ranks, so it applies to the low-rank variants, not base+int8
+        allocation = {} if method == "base" else {"allocation": args.allocation}
         cb = CompressionCallback(
             run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
+                                    **allocation,
                                     quantize="int8" if quantize else None, rank_align=align,
                                     heldout_batches=0),  # latency needs no held-out error
             ratio,
@@ -200,6 +203,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--rank-aligns", nargs="+", type=int, default=[1],
                         help="compressed variants with ranks aligned to each multiple (compression.rank_align)")
+    parser.add_argument("--allocation", default="uniform",
+                        help="rank allocation of the compressed variants (compression.allocation)")
     parser.add_argument("--length", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=50)
@@ -238,6 +243,10 @@ def main() -> None:
         parser.error("--reuse-exports needs --export-dir")
     if args.device != "cpu" and args.runtime != "torch":
         parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
+    from recsys_compress.compression.allocation import ALLOCATIONS  # here: the workers stay torch-free
+
+    if args.allocation not in ALLOCATIONS:
+        parser.error(f"--allocation={args.allocation}; allowed: {', '.join(ALLOCATIONS)}")
     # dynamic int8 (torch.ao and onnxruntime) runs on CPUs only
     int8 = args.device == "cpu"
     variants = ["base"] + (["base+int8"] if int8 else [])
@@ -247,7 +256,7 @@ def main() -> None:
             variants += [f"{args.method}{tag}"] + ([f"{args.method}+int8{tag}"] if int8 else [])
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
+                   ("model", "allocation", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
     passthrough.append("--fuse" if args.fuse else "--no-fuse")
 
     # Every library's thread pool pinned to --threads, so no variant gets more cores than another.
@@ -282,7 +291,8 @@ def main() -> None:
             for v in variants[k % len(variants):] + variants[: k % len(variants)]:
                 results[v].append(call(f"--worker={v}"))
     rows = summarize(results, "base")
-    print(f"{args.model} ({args.runtime}), history {args.length}, batch {args.batch}, {args.threads} threads, "
+    print(f"{args.model} ({args.runtime}), {args.allocation} allocation, history {args.length}, batch {args.batch}, "
+          f"{args.threads} threads, "
           f"{args.rounds} rounds x {args.reps} calls; x base: median of the per-round ratios "
           f"[quartiles] (95% bootstrap interval of the median)")
     print("| variant | latency ms | x base | seq/s @batch | x base | peak RSS MB | file MB | x base | params |")

@@ -53,3 +53,28 @@ def test_benchmark_rows_pair_the_rounds():
     results["odllm@0.5/a32"] = rounds([4, 12, 4, 12, 4], [1] * 5, 2.0)
     by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
     assert by_pair == pytest.approx({("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8})
+
+
+def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
+    """--allocation global_relative gives the compressed variant the ranks of that allocation, at
+    uniform's budget; base+int8 (no ranks to set) builds as before."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import build_variant
+
+    from recsys_compress.compression.low_rank import LowRankLinear
+    from recsys_compress.models.item_llm import count_parameters
+
+    def variant(name, allocation):
+        args = argparse.Namespace(model="llama_tiny", overrides=["dataset=ml_latest_small"], threads=1, device="cpu",
+                                  calib_batches=2, allocation=allocation, runtime="torch")
+        lit = build_variant(args, name)[0]
+        ranks = {n: m.rank for n, m in lit.model.named_modules() if isinstance(m, LowRankLinear)}
+        return ranks, count_parameters(lit.model)
+
+    uniform, uniform_params = variant("odllm@0.5", "uniform")
+    relative, relative_params = variant("odllm@0.5", "global_relative")
+    assert len(set(uniform.values())) < len(set(relative.values()))  # uniform: one rank per matrix shape
+    assert uniform != relative and abs(relative_params - uniform_params) <= 64 + 256  # one direction of the widest matrix
+    assert variant("base+int8", "global_relative")[1] == variant("base", "uniform")[1]
