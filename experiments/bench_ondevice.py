@@ -22,6 +22,9 @@ one after the other, two invocations of the same command gave odllm@0.5 0.58x an
 Peak RSS and file size come from a process per
 artefact of its own, so they are what a device running that recommender needs.
 ``--rank-aligns 1 32`` adds variants whose ranks are multiples of 32 (``compression.rank_align``);
+``--allocations uniform global_relative`` adds each compressed variant with each rank allocation
+(``compression.allocation``; ``odllm@0.5:global_relative``), timed in the same rounds as its
+uniform twin and paired with it;
 ``--export-dir DIR`` keeps the artefacts (``--reuse-exports`` measures them again) for
 ``experiments/profile_onnx.py``.
 
@@ -48,15 +51,30 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 
 
 def artefact_dir(root: str | Path, variant: str) -> Path:
-    """Where a variant's artefact is exported: ``odllm@0.5/a32`` -> ``ROOT/odllm@0.5_a32``."""
-    return Path(root) / variant.replace("/", "_")
+    """Where a variant's artefact is exported: ``odllm@0.5/a32:global`` -> ``ROOT/odllm@0.5_a32_global``."""
+    return Path(root) / variant.replace("/", "_").replace(":", "_")
 
 
-def parse_variant(variant: str) -> tuple[str, bool, float, int]:
-    """``METHOD[+int8]@RATIO[/aN]`` (or ``base[+int8]``) -> (method, int8, ratio, rank_align)."""
-    method, _, rest = variant.partition("@")
+UNIFORM = "uniform"  # the allocation a variant name leaves unsaid
+
+
+def parse_variant(variant: str) -> tuple[str, bool, float, int, str]:
+    """``METHOD[+int8]@RATIO[/aN][:ALLOCATION]`` (or ``base[+int8]``) ->
+    (method, int8, ratio, rank_align, allocation)."""
+    name, _, allocation = variant.partition(":")
+    method, _, rest = name.partition("@")
     ratio, _, align = rest.partition("/a")
-    return method.removesuffix("+int8"), method.endswith("+int8"), float(ratio or 1.0), int(align or 1)
+    return (method.removesuffix("+int8"), method.endswith("+int8"), float(ratio or 1.0), int(align or 1),
+            allocation or UNIFORM)
+
+
+def variant_name(method: str, int8: bool, ratio: float | None = None, align: int = 1,
+                 allocation: str = UNIFORM) -> str:
+    """The inverse of ``parse_variant`` (no ratio: base)."""
+    name = method + ("+int8" if int8 else "")
+    if ratio is not None:
+        name += f"@{ratio}" + (f"/a{align}" if align > 1 else "")
+    return name + (f":{allocation}" if allocation != UNIFORM else "")
 
 
 def build_variant(args: argparse.Namespace, variant: str):
@@ -74,14 +92,12 @@ def build_variant(args: argparse.Namespace, variant: str):
     dm = build_datamodule(run.dataset, run.seed)
     torch.manual_seed(0)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval().to(args.device)
-    method, quantize, ratio, align = parse_variant(variant)
+    method, quantize, ratio, align, allocation = parse_variant(variant)
     compress_s = 0.0
     if method != "base" or quantize:
-        # the allocation sets ranks, so it applies to the low-rank variants, not base+int8
-        allocation = {} if method == "base" else {"allocation": args.allocation}
         cb = CompressionCallback(
             run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
-                                    **allocation,
+                                    allocation=allocation,
                                     quantize="int8" if quantize else None, rank_align=align,
                                     heldout_batches=0),  # latency needs no held-out error
             ratio,
@@ -203,8 +219,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--rank-aligns", nargs="+", type=int, default=[1],
                         help="compressed variants with ranks aligned to each multiple (compression.rank_align)")
-    parser.add_argument("--allocation", default="uniform",
-                        help="rank allocation of the compressed variants (compression.allocation)")
+    parser.add_argument("--allocations", nargs="+", default=[UNIFORM],
+                        help="each compressed variant with each rank allocation (compression.allocation)")
     parser.add_argument("--length", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=50)
@@ -245,18 +261,19 @@ def main() -> None:
         parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
     from recsys_compress.compression.allocation import ALLOCATIONS  # here: the workers stay torch-free
 
-    if args.allocation not in ALLOCATIONS:
-        parser.error(f"--allocation={args.allocation}; allowed: {', '.join(ALLOCATIONS)}")
+    for allocation in args.allocations:
+        if allocation not in ALLOCATIONS:
+            parser.error(f"--allocations {allocation}; allowed: {', '.join(ALLOCATIONS)}")
     # dynamic int8 (torch.ao and onnxruntime) runs on CPUs only
-    int8 = args.device == "cpu"
-    variants = ["base"] + (["base+int8"] if int8 else [])
+    int8s = [False, True] if args.device == "cpu" else [False]
+    variants = [variant_name("base", q) for q in int8s]
     for r in args.ratios:
         for a in args.rank_aligns:
-            tag = f"@{r}" + (f"/a{a}" if a > 1 else "")
-            variants += [f"{args.method}{tag}"] + ([f"{args.method}+int8{tag}"] if int8 else [])
+            for allocation in args.allocations:
+                variants += [variant_name(args.method, q, r, a, allocation) for q in int8s]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                   ("model", "allocation", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
+                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
     passthrough.append("--fuse" if args.fuse else "--no-fuse")
 
     # Every library's thread pool pinned to --threads, so no variant gets more cores than another.
@@ -291,7 +308,7 @@ def main() -> None:
             for v in variants[k % len(variants):] + variants[: k % len(variants)]:
                 results[v].append(call(f"--worker={v}"))
     rows = summarize(results, "base")
-    print(f"{args.model} ({args.runtime}), {args.allocation} allocation, history {args.length}, batch {args.batch}, "
+    print(f"{args.model} ({args.runtime}), {'/'.join(args.allocations)} allocation, history {args.length}, batch {args.batch}, "
           f"{args.threads} threads, "
           f"{args.rounds} rounds x {args.reps} calls; x base: median of the per-round ratios "
           f"[quartiles] (95% bootstrap interval of the median)")
@@ -314,15 +331,18 @@ def main() -> None:
 
 def pairwise(results: dict[str, list[dict]]) -> list[dict]:
     """Each compressed+int8 variant against int8 alone (do the size and latency levers
-    compose?) and each aligned variant against its unaligned twin, paired by round."""
+    compose?), each aligned variant against its unaligned twin and each non-uniform allocation
+    against its uniform twin, paired by round."""
     from recsys_compress.evaluation.bootstrap import paired_median_ratio
 
     pairs = []
     for v in results:
-        _, int8, _, align = parse_variant(v)
-        references = ["base+int8"] if int8 else []
+        method, int8, ratio, align, allocation = parse_variant(v)
+        references = [variant_name("base", True)] if int8 and method != "base" else []
         if align > 1:
-            references.append(v.split("/a")[0])
+            references.append(variant_name(method, int8, ratio, 1, allocation))
+        if allocation != UNIFORM:
+            references.append(variant_name(method, int8, ratio, align))
         for ref in references:
             if ref in results and ref != v:
                 pairs.append({"variant": v, "reference": ref, "latency": paired_median_ratio(

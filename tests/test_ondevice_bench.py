@@ -51,13 +51,34 @@ def test_benchmark_rows_pair_the_rounds():
     results["odllm+int8@0.5"] = rounds([4, 12, 4, 12, 4], [1] * 5, 1.0)
     results["base+int8"] = rounds([5, 15, 5, 15, 5], [1] * 5, 1.0)
     results["odllm@0.5/a32"] = rounds([4, 12, 4, 12, 4], [1] * 5, 2.0)
+    results["odllm@0.5:global_relative"] = rounds([6, 18, 6, 18, 6], [1] * 5, 2.0)
+    results["odllm+int8@0.5/a32:global_relative"] = rounds([2, 6, 2, 6, 2], [1] * 5, 1.0)
+    results["odllm+int8@0.5/a32"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
     by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
-    assert by_pair == pytest.approx({("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8})
+    assert by_pair == pytest.approx({
+        ("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8,
+        ("odllm@0.5:global_relative", "odllm@0.5"): 1.2,  # an allocation against its uniform twin
+        ("odllm+int8@0.5/a32:global_relative", "base+int8"): 0.4,  # its unaligned twin is not in the run
+        ("odllm+int8@0.5/a32:global_relative", "odllm+int8@0.5/a32"): 2 / 3,
+        ("odllm+int8@0.5/a32", "base+int8"): 0.6, ("odllm+int8@0.5/a32", "odllm+int8@0.5"): 0.75,
+    })
+
+
+def test_variant_names_round_trip():
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import artefact_dir, parse_variant, variant_name
+
+    assert parse_variant("base") == ("base", False, 1.0, 1, "uniform")
+    assert parse_variant("odllm+int8@0.3/a32:global_relative") == ("odllm", True, 0.3, 32, "global_relative")
+    for name in ("base", "base+int8", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global"):
+        method, int8, ratio, align, allocation = parse_variant(name)
+        assert variant_name(method, int8, None if method == "base" else ratio, align, allocation) == name
+    assert artefact_dir("x", "odllm@0.5/a32:global").name == "odllm@0.5_a32_global"
 
 
 def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
-    """--allocation global_relative gives the compressed variant the ranks of that allocation, at
-    uniform's budget; base+int8 (no ranks to set) builds as before."""
+    """A variant named ``:global_relative`` gets the ranks of that allocation, at uniform's budget;
+    base+int8 (no ranks to set) builds as before."""
     import argparse
 
     sys.path.insert(0, str(REPO / "experiments"))
@@ -66,15 +87,15 @@ def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
     from recsys_compress.compression.low_rank import LowRankLinear
     from recsys_compress.models.item_llm import count_parameters
 
-    def variant(name, allocation):
+    def variant(name):
         args = argparse.Namespace(model="llama_tiny", overrides=["dataset=ml_latest_small"], threads=1, device="cpu",
-                                  calib_batches=2, allocation=allocation, runtime="torch")
+                                  calib_batches=2, runtime="torch")
         lit = build_variant(args, name)[0]
         ranks = {n: m.rank for n, m in lit.model.named_modules() if isinstance(m, LowRankLinear)}
         return ranks, count_parameters(lit.model)
 
-    uniform, uniform_params = variant("odllm@0.5", "uniform")
-    relative, relative_params = variant("odllm@0.5", "global_relative")
+    uniform, uniform_params = variant("odllm@0.5")
+    relative, relative_params = variant("odllm@0.5:global_relative")
     assert len(set(uniform.values())) < len(set(relative.values()))  # uniform: one rank per matrix shape
     assert uniform != relative and abs(relative_params - uniform_params) <= 64 + 256  # one direction of the widest matrix
-    assert variant("base+int8", "global_relative")[1] == variant("base", "uniform")[1]
+    assert variant("base+int8")[1] == variant("base")[1]
