@@ -58,6 +58,37 @@ def test_callback_reaches_the_expected_parameter_count(trained):
     assert summary["compression/layers"] == 14
 
 
+def test_compression_sees_the_weights_the_run_holds(trained, monkeypatch):
+    """Under trainer.precision=bf16-true the factorised weights are bf16 (half the memory, as a
+    24 GB GPU needs for a 7B model), on the trainer's device: Lightning casts and moves the module
+    only after the setup hooks, where the callback compresses."""
+    import recsys_compress.compression.low_rank as low_rank
+
+    seen = []
+    factorize = low_rank._factorize
+
+    def recording(W, *args, **kwargs):
+        seen.append((W.dtype, W.device))
+        return factorize(W, *args, **kwargs)
+
+    monkeypatch.setattr(low_rank, "_factorize", recording)
+    dm, state = trained
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=INTER, max_len=20))
+    lit.load_state_dict(state)
+    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, heldout_batches=2), 0.5)
+    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                        precision="bf16-true")
+    bf16 = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    assert len(seen) == 7 * LAYERS and set(seen) == {(torch.bfloat16, trainer.strategy.root_device)}
+    assert lit.model.get_submodule(cb.reports[0].name).down.weight.dtype == torch.bfloat16
+    # bf16 weights cost little accuracy: the held-out error stays near the float32 run's
+    float32 = compressed(trained, "odllm", 0.5, heldout_batches=2)[1].summary()
+    assert bf16["test/ndcg@10"] > 0
+    assert cb.summary()["compression/heldout_rel_output_error"] == pytest.approx(
+        float32["compression/heldout_rel_output_error"], abs=0.02)
+
+
 def test_whitened_beats_plain_svd_on_real_activations(trained):
     _, plain, _, plain_test = compressed(trained, "svd", 0.3)
     _, whitened, _, white_test = compressed(trained, "odllm", 0.3)

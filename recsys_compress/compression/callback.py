@@ -83,6 +83,12 @@ class CompressionCallback(L.Callback):
         if datamodule is None:
             raise RuntimeError("CompressionCallback needs a datamodule for calibration batches")
         datamodule.setup(stage)
+        # Lightning calls setup hooks before it moves the module to its device and casts it to the
+        # precision's dtype (Strategy.setup), and every earlier run left the module on the CPU
+        # (Strategy.teardown): do both now, so calibration and factorisation run on the accelerator
+        # and on the weights the run will hold (trainer.precision=bf16-true: bf16, half the memory).
+        pl_module.to(trainer.strategy.root_device)
+        trainer.precision_plugin.convert_module(pl_module)
         self.compress(pl_module, datamodule.train_dataloader())
         self._log(trainer)
 
