@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
-from recsys_compress.representations.proxy import (chance_loss, encoder_label, held_out_pairs, info_nce, load_proxy_head,
-                                                   matryoshka_info_nce, mrl_prefixes)
+from recsys_compress.representations.proxy import (chance_loss, cosine_regression, encoder_label, held_out_pairs,
+                                                   info_nce, load_proxy_head, matryoshka_info_nce, mrl_prefixes)
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
@@ -29,6 +29,20 @@ def test_info_nce_equals_a_hand_computed_example():
     row0 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(c / t)))
     row1 = -math.log(math.exp(c / t) / (math.exp(0) + math.exp(c / t)))
     assert float(info_nce(queries, keys, t)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_cosine_regression_equals_a_hand_computed_example():
+    queries = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], [3.0, 3.0]])  # cosines: row 0 -> (1, 1/sqrt 2), row 1 -> (0, 1/sqrt 2)
+    c = 1 / math.sqrt(2)
+    positives = ((1 - 1) ** 2 + (c - 1) ** 2) / 2  # (0, 0) and (1, 1)
+    negatives = (c ** 2 + 0 ** 2) / 2  # (0, 1) and (1, 0)
+    assert float(cosine_regression(queries, keys)) == pytest.approx(0.5 * positives + 0.5 * negatives, rel=1e-6)
+    # codes that carry no information reach at best chance_loss (every cosine 1/2)
+    same = torch.ones(4, 3)
+    assert float(cosine_regression(same, same)) == pytest.approx(0.5)
+    half = torch.tensor([[1.0, 0.0]] * 4), torch.tensor([[0.5, math.sqrt(0.75)]] * 4)
+    assert float(cosine_regression(*half)) == pytest.approx(chance_loss("cosine", 4, 1))
 
 
 def test_mrl_is_the_sum_of_its_prefix_losses():
@@ -75,9 +89,13 @@ def check_trained_and_deployed(metrics, out):
     assert {p.name for p in (out / "encoder").iterdir()} == {"blocks.safetensors", "head.safetensors", "encoder.json"}
 
 
-@pytest.mark.parametrize("proxy_run", ["contrastive"], indirect=True)
-def test_contrastive_trains_its_loss_decreases_and_its_code_is_deployed(proxy_run):
-    check_trained_and_deployed(*proxy_run[:2])
+@pytest.mark.parametrize("proxy_run", ["contrastive", "cosine"], indirect=True)
+def test_contrastive_and_cosine_train_their_loss_decreases_and_their_code_is_deployed(proxy_run, request):
+    metrics, out = proxy_run[:2]
+    check_trained_and_deployed(metrics, out)
+    if request.node.callspec.params["proxy_run"] == "cosine":
+        # the cosine regression's loss is at most 0.5 * 2^2 + 0.5 * 1^2; InfoNCE starts near ln 32
+        assert metrics["proxy/chance_loss"] == 0.25 and metrics["proxy/first_loss"] <= 2.5
 
 
 def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_trained_states(proxy_run):
@@ -118,7 +136,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         extra = [override] if "encoder_run" in override else [override, f"representation.encoder_run={out}"]
         with pytest.raises(ConfigError, match=message):
             validate_probe(compose_config([*probe, *extra], tmp_path / "bad"))
-    for override, message in [("proxy.objective=larr", "proxy.objective='larr' is not allowed; allowed: contrastive, mrl"),
+    for override, message in [("proxy.objective=larr", "proxy.objective='larr' is not allowed; allowed: contrastive, mrl, cosine"),
                               ("proxy.dim=30", r"proxy.dim=30 is not divisible by 2\^\(proxy.mrl_levels-1\) = 4"),
                               (f"representation.encoder_run={out}", "it starts from the pretrained model")]:
         with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,10 @@ and a compression head to ``dim`` on the mean-pooled final layer (``CompressionH
   positively; the other items of the batch are the negatives (an item that occurs twice in a
   batch is then also a negative of itself: rare with thousands of items, and left in);
 - ``mrl``: the same on the nested prefixes dim, dim/2, ..., dim/2^(levels-1) of the code
-  (Matryoshka representation learning), the prefix losses summed.
+  (Matryoshka representation learning), the prefix losses summed;
+- ``cosine``: cosine-similarity regression (Sentence-BERT's ``CosineSimilarityLoss``, on
+  in-batch pairs): the cosine of a user's code to its positive item's is regressed to 1, to the
+  batch's other items to 0 (``cosine_regression``; no temperature).
 
 The trained blocks are saved (``save_proxy_encoder``) and replace the pretrained ones wherever
 ``representation.encoder_run`` names the run (``apply_proxy_encoder``).
@@ -43,6 +46,15 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> t
     return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
 
 
+def cosine_regression(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Squared error of the cosines to 1 for the pairs ``(queries[i], keys[i])`` and to 0 for
+    every other pair of the batch, each kind averaged on its own and the two weighted equally (a
+    batch has b positives and b(b-1) negatives: unweighted, "all 0" would already be near optimal)."""
+    cosines = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
+    positive = torch.eye(len(cosines), dtype=torch.bool, device=cosines.device)
+    return 0.5 * (cosines[positive] - 1).square().mean() + 0.5 * cosines[~positive].square().mean()
+
+
 def mrl_prefixes(dim: int, levels: int) -> list[int]:
     """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains
     (``ProxyConfig.check`` applies this rule at start)."""
@@ -70,7 +82,10 @@ def proxy_token_states(encoder: Encoder, data: Any, rep: Any, dataset_name: str,
 
 
 def chance_loss(objective: str, batch_size: int, levels: int) -> float:
-    """The proxy loss of codes that carry no information: ln(batch) per InfoNCE term."""
+    """The least proxy loss codes that carry no information reach (every cosine the same):
+    ln(batch) per InfoNCE term; for ``cosine`` 0.25 (every cosine 1/2)."""
+    if objective == "cosine":
+        return 0.25
     return (levels if objective == "mrl" else 1) * math.log(batch_size)
 
 
@@ -134,6 +149,8 @@ class ProxyModule(L.LightningModule):
         p = self.proxy
         if p.objective == "mrl":
             return matryoshka_info_nce(u, i, p.temperature, p.mrl_levels)
+        if p.objective == "cosine":
+            return cosine_regression(u, i)
         return info_nce(u, i, p.temperature)
 
     @torch.no_grad()
