@@ -621,8 +621,10 @@ class ProxyConfig(Schema):
     # contrastive: InfoNCE between a user's text (profile + recent training items) and an item
     # the user rated positively, in-batch negatives | mrl: the same on the nested prefixes
     # dim, dim/2, ..., dim/2^(mrl_levels-1) (Matryoshka), losses summed | cosine: the user-item
-    # cosine regressed to 1 for the positive, 0 for the batch's other items (no temperature)
-    objective: Literal["contrastive", "mrl", "cosine"] = "contrastive"
+    # cosine regressed to 1 for the positive, 0 for the batch's other items (no temperature) |
+    # ntp: next-token prediction on the batch's user and item texts; the head is then the PCA of
+    # the training items' pooled final layer
+    objective: Literal["contrastive", "mrl", "cosine", "ntp"] = "contrastive"
     dim: int = 32  # the compression head's output: the proxy's deployed code
     mrl_levels: int = 3
     # 0.2 and lr 1e-2: head-only sweep on ML-1M (BENCHMARKS.md, proxy section): at 0.05 the

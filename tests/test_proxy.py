@@ -12,8 +12,11 @@ from safetensors.torch import load_file
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
-from recsys_compress.representations.proxy import (chance_loss, cosine_regression, encoder_label, held_out_pairs,
-                                                   info_nce, load_proxy_head, matryoshka_info_nce, mrl_prefixes)
+from recsys_compress.representations.layer_means import load_encoder
+from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cosine_regression, encoder_label,
+                                                   held_out_pairs, info_nce, load_proxy_head, matryoshka_info_nce,
+                                                   mrl_prefixes, next_token_loss)
+from recsys_compress.representations.token_states import llama_top
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
@@ -43,6 +46,47 @@ def test_cosine_regression_equals_a_hand_computed_example():
     assert float(cosine_regression(same, same)) == pytest.approx(0.5)
     half = torch.tensor([[1.0, 0.0]] * 4), torch.tensor([[0.5, math.sqrt(0.75)]] * 4)
     assert float(cosine_regression(*half)) == pytest.approx(chance_loss("cosine", 4, 1))
+
+
+def test_next_token_loss_equals_a_hand_computed_example():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]],
+                           [[0.0, 1.0], [9.0, 9.0], [9.0, 9.0]]])
+    tokens = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1's last position is padding
+    readout = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # logits = hidden @ readout.T
+
+    def ce(logits, target):
+        return -logits[target] + math.log(sum(math.exp(v) for v in logits))
+
+    # predicted: row 0 t0 -> token 1, row 0 t1 -> token 2, row 1 t0 -> token 0 (t1 -> padding: skipped)
+    expected = (ce([1.0, 0.0, 1.0], 1) + ce([0.0, 2.0, 2.0], 2) + ce([0.0, 1.0, 1.0], 0)) / 3
+    assert float(next_token_loss(hidden, tokens, mask, readout)) == pytest.approx(expected, rel=1e-6)
+    assert chance_loss("ntp", 64, 3, vocab_size=49152) == pytest.approx(math.log(49152))
+
+
+def test_the_ntp_head_is_the_principal_components_of_the_items_final_layer():
+    """ntp trains no code: pca_head makes the deployed item code the projection of the
+    standardised pooled final layer on its principal directions (uncorrelated, variance descending)."""
+    torch.manual_seed(0)
+    encoder = load_encoder("llama_tiny")
+    top = llama_top(encoder, 1).eval()
+    states, mask = torch.randn(40, 6, 32), torch.ones(40, 6, dtype=torch.long)
+    mask[::3, 4:] = 0
+    proxy = type("P", (), {"dim": 8, "objective": "ntp"})()
+    module = ProxyModule(top, 32, states, mask, states[:10], mask[:10], proxy, item_tokens=mask, user_tokens=mask,
+                         readout=torch.randn(5, 32))
+    module.pca_head(torch.arange(40), torch.arange(10))
+    codes = module.item_codes().double()
+    variance = codes.var(0)
+    covariance = codes.T.cov()
+    assert torch.allclose(covariance - torch.diag(variance), torch.zeros(8, 8, dtype=torch.double), atol=1e-3)
+    assert bool((variance[:-1] >= variance[1:] - 1e-5).all())
+    # the first component keeps at least an 8th of 8 components' variance, and no direction beats it
+    with torch.no_grad():
+        x = module.pooled_final("item", torch.arange(40)).double()
+    z = (x - x.mean(0)) / (x.var(0) + 1e-5).sqrt()
+    best = torch.linalg.svd(z, full_matrices=False).S[0] ** 2 / 39
+    assert float(variance[0]) == pytest.approx(float(best), rel=1e-3)
 
 
 def test_mrl_is_the_sum_of_its_prefix_losses():
@@ -89,13 +133,20 @@ def check_trained_and_deployed(metrics, out):
     assert {p.name for p in (out / "encoder").iterdir()} == {"blocks.safetensors", "head.safetensors", "encoder.json"}
 
 
-@pytest.mark.parametrize("proxy_run", ["contrastive", "cosine"], indirect=True)
-def test_contrastive_and_cosine_train_their_loss_decreases_and_their_code_is_deployed(proxy_run, request):
+@pytest.mark.parametrize("proxy_run", ["contrastive", "cosine", "ntp"], indirect=True)
+def test_contrastive_cosine_and_ntp_train_their_loss_decreases_and_their_code_is_deployed(proxy_run, request):
     metrics, out = proxy_run[:2]
     check_trained_and_deployed(metrics, out)
-    if request.node.callspec.params["proxy_run"] == "cosine":
+    objective = request.node.callspec.params["proxy_run"]
+    if objective == "cosine":
         # the cosine regression's loss is at most 0.5 * 2^2 + 0.5 * 1^2; InfoNCE starts near ln 32
         assert metrics["proxy/chance_loss"] == 0.25 and metrics["proxy/first_loss"] <= 2.5
+    if objective == "ntp":
+        # a random LLaMA over MiniLM's 30,522 tokens starts near uniform prediction
+        assert metrics["proxy/chance_loss"] == pytest.approx(math.log(30522))
+        assert abs(metrics["proxy/first_loss"] - math.log(30522)) < 1.0
+        weight = load_proxy_head(out).linear.weight  # principal directions: orthonormal rows
+        torch.testing.assert_close(weight @ weight.T, torch.eye(32), atol=1e-4, rtol=0)
 
 
 def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_trained_states(proxy_run):
@@ -136,7 +187,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         extra = [override] if "encoder_run" in override else [override, f"representation.encoder_run={out}"]
         with pytest.raises(ConfigError, match=message):
             validate_probe(compose_config([*probe, *extra], tmp_path / "bad"))
-    for override, message in [("proxy.objective=larr", "proxy.objective='larr' is not allowed; allowed: contrastive, mrl, cosine"),
+    for override, message in [("proxy.objective=larr", "proxy.objective='larr' is not allowed; allowed: contrastive, mrl, cosine, ntp"),
                               ("proxy.dim=30", r"proxy.dim=30 is not divisible by 2\^\(proxy.mrl_levels-1\) = 4"),
                               (f"representation.encoder_run={out}", "it starts from the pretrained model")]:
         with pytest.raises(ConfigError, match=message):

@@ -14,7 +14,12 @@ and a compression head to ``dim`` on the mean-pooled final layer (``CompressionH
   (Matryoshka representation learning), the prefix losses summed;
 - ``cosine``: cosine-similarity regression (Sentence-BERT's ``CosineSimilarityLoss``, on
   in-batch pairs): the cosine of a user's code to its positive item's is regressed to 1, to the
-  batch's other items to 0 (``cosine_regression``; no temperature).
+  batch's other items to 0 (``cosine_regression``; no temperature);
+- ``ntp``: next-token prediction continued on the domain text, the texts of the batch's users
+  and items (``next_token_loss``), read out through the frozen input embeddings (SmolLM2 ties
+  them to its LM head). It defines no code, so the head is fitted after training as the
+  principal components of the standardised pooled final layer of the training split's items
+  (``pca_head``): the d-dimensional linear summary of the final layer that keeps most variance.
 
 The trained blocks are saved (``save_proxy_encoder``) and replace the pretrained ones wherever
 ``representation.encoder_run`` names the run (``apply_proxy_encoder``).
@@ -35,7 +40,7 @@ from torch import nn
 
 from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError
 from recsys_compress.representations.layer_means import Encoder, item_texts, split_user_texts
-from recsys_compress.representations.token_states import cached_token_states, pooled
+from recsys_compress.representations.token_states import cached_token_states, pooled, text_tokens
 
 
 
@@ -55,6 +60,15 @@ def cosine_regression(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return 0.5 * (cosines[positive] - 1).square().mean() + 0.5 * cosines[~positive].square().mean()
 
 
+def next_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                    readout: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from the final-layer state at t, over the
+    positions where both are real tokens; logits are ``hidden @ readout.T``."""
+    target = mask[:, 1:].bool()
+    logits = hidden[:, :-1][target] @ readout.T
+    return F.cross_entropy(logits.float(), tokens[:, 1:][target])
+
+
 def mrl_prefixes(dim: int, levels: int) -> list[int]:
     """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains
     (``ProxyConfig.check`` applies this rule at start)."""
@@ -65,14 +79,27 @@ def mrl_prefixes(dim: int, levels: int) -> list[int]:
     return [dim >> level for level in range(levels)]
 
 
+def proxy_texts(data: Any, rep: Any) -> tuple[list[str], list[str], int, dict[str, Any]]:
+    """Every item's text and every user's training-split text (``representation.users``' texts),
+    the items without text and a description of the user texts."""
+    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
+    user_texts, counts = split_user_texts(data, rep.user_template, rep.user_history)
+    return texts, user_texts, missing, counts
+
+
+def proxy_token_ids(encoder: Encoder, data: Any, rep: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of the item and user texts, laid out as ``proxy_token_states``' states."""
+    texts, user_texts, _, _ = proxy_texts(data, rep)
+    return text_tokens(encoder, texts, rep.max_tokens)[0], text_tokens(encoder, user_texts, rep.user_max_tokens)[0]
+
+
 def proxy_token_states(encoder: Encoder, data: Any, rep: Any, dataset_name: str, below: int,
                        cache_dir: str | Path) -> tuple[tuple, tuple, int, dict[str, Any]]:
     """The cached token states entering block ``below``: of every item's text and of every user's
     training-split text (``representation.users``' texts). Returns ``(items, users, missing,
     counts)``: each of items and users is ``cached_token_states``' (states, mask, cache hit,
     path); ``missing`` counts items without text, ``counts`` describes the user texts."""
-    texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
-    user_texts, counts = split_user_texts(data, rep.user_template, rep.user_history)
+    texts, user_texts, missing, counts = proxy_texts(data, rep)
     items = cached_token_states(encoder, dataset_name, data.item_ids, texts, rep.template, below, cache_dir,
                                 rep.batch_size, rep.max_tokens)
     users = cached_token_states(encoder, f"{dataset_name}/users", data.user_ids, user_texts,
@@ -81,11 +108,15 @@ def proxy_token_states(encoder: Encoder, data: Any, rep: Any, dataset_name: str,
     return items, users, missing, counts
 
 
-def chance_loss(objective: str, batch_size: int, levels: int) -> float:
+def chance_loss(objective: str, batch_size: int, levels: int, vocab_size: int = 0) -> float:
     """The least proxy loss codes that carry no information reach (every cosine the same):
-    ln(batch) per InfoNCE term; for ``cosine`` 0.25 (every cosine 1/2)."""
+    ln(batch) per InfoNCE term; for ``cosine`` 0.25 (every cosine 1/2); for ``ntp`` the uniform
+    prediction's ln(vocabulary) (a pretrained LLM starts far below it: compare with the loss
+    before training)."""
     if objective == "cosine":
         return 0.25
+    if objective == "ntp":
+        return math.log(vocab_size)
     return (levels if objective == "mrl" else 1) * math.log(batch_size)
 
 
@@ -127,25 +158,46 @@ class CompressionHead(nn.Module):
 
 
 class ProxyModule(L.LightningModule):
-    """The trainable top blocks and the compression head, trained on (user, item) positives."""
+    """The trainable top blocks and the compression head, trained on (user, item) positives.
+
+    ``ntp`` also takes the texts' token ids (``proxy_token_ids``) and the frozen ``readout``
+    matrix [vocab, hidden]."""
 
     def __init__(self, top: nn.Module, hidden: int, item_states: torch.Tensor, item_mask: torch.Tensor,
-                 user_states: torch.Tensor, user_mask: torch.Tensor, proxy: Any):
+                 user_states: torch.Tensor, user_mask: torch.Tensor, proxy: Any,
+                 item_tokens: torch.Tensor | None = None, user_tokens: torch.Tensor | None = None,
+                 readout: torch.Tensor | None = None):
         super().__init__()
         self.top, self.head = top, CompressionHead(hidden, proxy.dim)
         self.proxy = proxy
         # cached inputs of the top, kept on the CPU; a step moves only its rows
         self.item_states, self.item_mask = item_states, item_mask
         self.user_states, self.user_mask = user_states, user_mask
+        self.item_tokens, self.user_tokens = item_tokens, user_tokens
+        if proxy.objective == "ntp":
+            if readout is None or item_tokens is None or user_tokens is None:
+                raise ValueError("proxy.objective=ntp needs the texts' token ids and the readout matrix")
+            self.register_buffer("readout", readout.detach().clone(), persistent=False)
         self.losses: list[float] = []
+
+    def _next_token_loss(self, states: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        width = int(mask.sum(1).max())
+        states, mask, tokens = (t[:, :width].to(self.device) for t in (states, mask, tokens))
+        hidden = self.top(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
+        return next_token_loss(hidden, tokens, mask, self.readout)
 
     def encode(self, states: torch.Tensor, mask: torch.Tensor, side: str) -> torch.Tensor:
         """Codes ``[rows, dim]``: the head on the mean-pooled output of the top blocks."""
         return self.head(pooled(self.top, states.to(self.device), mask.to(self.device)), side)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        u = self.encode(self.user_states[users.cpu()], self.user_mask[users.cpu()], "user")
-        i = self.encode(self.item_states[items.cpu()], self.item_mask[items.cpu()], "item")
+        users, items = users.cpu(), items.cpu()
+        if self.proxy.objective == "ntp":  # the batch's texts, users' and items' weighted equally
+            return 0.5 * (self._next_token_loss(self.user_states[users], self.user_mask[users], self.user_tokens[users])
+                          + self._next_token_loss(self.item_states[items], self.item_mask[items],
+                                                  self.item_tokens[items]))
+        u = self.encode(self.user_states[users], self.user_mask[users], "user")
+        i = self.encode(self.item_states[items], self.item_mask[items], "item")
         p = self.proxy
         if p.objective == "mrl":
             return matryoshka_info_nce(u, i, p.temperature, p.mrl_levels)
@@ -173,6 +225,33 @@ class ProxyModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([{"params": self.top.parameters(), "lr": self.proxy.llm_lr},
                                   {"params": self.head.parameters(), "lr": self.proxy.lr}])
+
+    @torch.no_grad()
+    def pooled_final(self, side: str, rows: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Mean-pooled final-layer states ``[len(rows), hidden]`` of items or users, in eval mode."""
+        was = self.training
+        self.eval()
+        states, mask = (self.item_states, self.item_mask) if side == "item" else (self.user_states, self.user_mask)
+        out = torch.cat([pooled(self.top, states[r].to(self.device), mask[r].to(self.device)).cpu()
+                         for r in rows.split(batch_size)])
+        self.train(was)
+        return out
+
+    @torch.no_grad()
+    def pca_head(self, items: torch.Tensor, users: torch.Tensor) -> None:
+        """Make the head the principal components of the standardised pooled final layer of
+        ``items`` (each side's normalisation from its own rows): for objectives that train no code."""
+        for side, rows, norm in (("item", items, self.head.item_norm), ("user", users, self.head.user_norm)):
+            x = self.pooled_final(side, rows)
+            norm.running_mean.copy_(x.mean(0))
+            norm.running_var.copy_(x.var(0))
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+            if side == "item":
+                z = (x - x.mean(0)) / (x.var(0) + norm.eps).sqrt()
+                components = torch.linalg.svd(z, full_matrices=False).Vh[: self.proxy.dim]
+                self.head.linear.weight.copy_(components)
+                self.head.linear.bias.zero_()
 
     @torch.no_grad()
     def item_codes(self, batch_size: int = 256) -> torch.Tensor:

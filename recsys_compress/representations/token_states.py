@@ -40,6 +40,14 @@ def llama_top(encoder: Encoder, k: int) -> LlamaModel:
     return top.train()
 
 
+def text_tokens(encoder: Encoder, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of the texts, right-padded to the longest: the token positions the cached
+    states of ``token_states`` are laid out in."""
+    enc = encoder.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_tokens,
+                            return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 @torch.no_grad()
 def token_states(
     encoder: Encoder, texts: Sequence[str], layer: int, batch_size: int = 64, max_tokens: int = 64
@@ -50,9 +58,7 @@ def token_states(
     """
     from tqdm.auto import tqdm
 
-    enc = encoder.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_tokens,
-                            return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = text_tokens(encoder, texts, max_tokens)
     states = torch.zeros(*ids.shape, encoder.model.config.hidden_size)
     # Batches of similar length waste little compute on padding; rows keep their order.
     order = torch.argsort(mask.sum(1), stable=True)

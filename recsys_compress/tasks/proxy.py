@@ -25,8 +25,8 @@ from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, proxy_encoder_identity, validate_proxy
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
-from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_token_states,
-                                                   save_proxy_encoder)
+from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_token_ids,
+                                                   proxy_token_states, save_proxy_encoder)
 from recsys_compress.representations.token_states import llama_top
 from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.utils.run_outputs import finish_run
@@ -48,6 +48,10 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"proxy.trainable_layers={p.trainable_layers} is out of range for {rep.model}; "
                           f"allowed: 1..{n}")
     below = n - p.trainable_layers
+    hidden = encoder.model.config.hidden_size
+    if p.objective == "ntp" and p.dim > hidden:
+        raise ConfigError(f"proxy.dim={p.dim} exceeds {rep.model}'s hidden size {hidden}: ntp's code is the "
+                          f"final layer's principal components; allowed: 1..{hidden}")
     t0 = time.perf_counter()
     (item_states, item_mask, item_hit, item_path), (user_states, user_mask, user_hit, user_path), missing, counts = \
         proxy_token_states(encoder, data, rep, d.name, below, cfg.paths.cache_dir)
@@ -61,7 +65,17 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"proxy.batch_size={p.batch_size} exceeds the {len(pairs)} positive training pairs")
     loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(run.seed))
-    module = ProxyModule(top, encoder.model.config.hidden_size, item_states, item_mask, user_states, user_mask, p)
+    ntp: dict[str, Any] = {}
+    if p.objective == "ntp":
+        item_tokens, user_tokens = proxy_token_ids(encoder, data, rep)
+        if not encoder.model.config.tie_word_embeddings:
+            log.warning("proxy.objective=ntp reads out through the input embeddings, but %s does not tie them "
+                        "to its LM head (which AutoModel does not load): the next-token loss is a stand-in",
+                        rep.model)
+        ntp = {"item_tokens": item_tokens, "user_tokens": user_tokens,
+               "readout": encoder.model.get_input_embeddings().weight}
+    module = ProxyModule(top, hidden, item_states, item_mask, user_states, user_mask, p,
+                         **ntp)
     val_users, val_items = held_out_pairs(data.splits["val"], p.val_pairs, p.batch_size, run.seed)
     val_loss_before = module.held_out_loss(val_users, val_items)
 
@@ -72,6 +86,9 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, train_dataloaders=loader)
     train_s = time.perf_counter() - t0
     val_loss = module.held_out_loss(val_users, val_items)
+    if p.objective == "ntp":  # it trains no code: the head becomes the PCA of the training items' final layer
+        module.pca_head(items.unique(), users.unique())
+    encoder_vocab = encoder.model.get_input_embeddings().num_embeddings
     save_proxy_encoder(output_dir, module, encoder,
                        {"objective": p.objective, "dim": p.dim, "trained_on": proxy_encoder_identity(run)})
     codes = module.item_codes()
@@ -93,7 +110,8 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         "proxy/first_loss": sum(module.losses[:window]) / window,
         "proxy/last_loss": sum(module.losses[-window:]) / window,
         "proxy/val_loss_before": val_loss_before, "proxy/val_loss": val_loss, "proxy/val_pairs": len(val_users),
-        "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels),
+        "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels,
+                                         encoder_vocab),
         "repr/encoder": rep.model, "repr/items_without_text": missing, "data/name": d.name,
         **{f"repr/{k}": v for k, v in counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
         "repr/cache_hit": int(item_hit and user_hit),
