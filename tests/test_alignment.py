@@ -82,6 +82,26 @@ def test_block_cache_matches_the_full_forward(teacher_student, batches):
         torch.testing.assert_close(teacher.base_model.norm(hidden), full)
 
 
+def test_a_bf16_student_aligns_to_a_float32_teachers_cache(teacher_student, batches):
+    """trainer.precision=bf16-true compresses bf16 weights, while the teacher may be float32 (the
+    compression table keeps a float32 copy): its cached rotary cos/sin must not turn the bf16
+    block's queries and keys, and not its values, to float32."""
+    teacher, student = teacher_student
+    data, _ = batches
+    student = copy.deepcopy(student).to(torch.bfloat16)
+    cache = capture_teacher(teacher, data, 1, torch.device("cpu"))[0]
+    hidden = student.get_input_embeddings()(cache.input_ids)
+    with torch.no_grad():
+        out = run_block(decoder_blocks(student)[0], hidden, cache.block_kwargs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), run_block(decoder_blocks(student.float())[0], hidden.float(),
+                                                      cache.block_kwargs), atol=0.1, rtol=0.05)
+    module = ProgressiveAlignmentModule(teacher, copy.deepcopy(student).to(torch.bfloat16), data, num_batches=2,
+                                        steps_per_layer=3, lr=1e-3)
+    trainer(6, precision="bf16-true").fit(module)
+    assert [r["layer"] for r in module.layer_reports] == [0, 1]
+
+
 def test_only_the_current_blocks_factors_change(teacher_student, batches):
     teacher, student = teacher_student
     student = copy.deepcopy(student)

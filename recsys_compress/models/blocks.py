@@ -21,9 +21,21 @@ def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
     return blocks
 
 
+def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):  # the rotary (cos, sin)
+        return tuple(_in_dtype(v, dtype) for v in value)
+    return value
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """One block's output hidden state for ``hidden`` and the arguments the model passes its blocks."""
-    out = block(hidden, **kwargs)
+    """One block's output hidden state for ``hidden`` and the arguments the model passes its blocks.
+
+    The arguments' floating tensors (rotary cos/sin, a float mask) take ``hidden``'s dtype: they
+    may have been captured from a model in another precision (a float32 teacher's, for a bf16
+    student), and float32 cos/sin would turn a bf16 block's queries and keys, not its values, to float32."""
+    out = block(hidden, **{k: _in_dtype(v, hidden.dtype) for k, v in kwargs.items()})
     return out[0] if isinstance(out, tuple) else out
 
 
