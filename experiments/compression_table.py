@@ -16,7 +16,9 @@ method), aligns and tests. Writes a markdown table and a JSON file.
         --allocations uniform global global_relative --alignments none progressive_lstsq
 
 With several ``--allocations`` each low-rank cell is also compared with its uniform twin on the
-same test users (``vs_uniform/ndcg@10`` and its paired bootstrap interval).
+same test users (``vs_uniform/ndcg@10`` and its paired bootstrap interval). ``--out`` also keeps
+every cell's per-user test NDCG@10 (``per_user``), so cells of two invocations (one with
+``compression.sequential=true``, say) can be paired with ``evaluation.bootstrap.paired_bootstrap_ratio``.
 
 Every cell's config is composed by Hydra as ``train.py`` would compose it: the run's own command
 line (``RUN_DIR/.hydra/overrides.yaml``), then ``compression=METHOD ratio=R
@@ -124,7 +126,7 @@ def main() -> None:
 
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
-    rows, per_user_of = [], {}
+    rows, per_user_of, per_user_rows = [], {}, []
     for ratio in args.ratios:
         for method, allocation in [(m, a) for m in args.methods
                                    for a in (args.allocations if m in LOW_RANK_METHODS else ["uniform"])]:
@@ -157,6 +159,7 @@ def main() -> None:
                 row["retention/ndcg@10_ci_low"], row["retention/ndcg@10_ci_high"] = paired_bootstrap_ratio(
                     base_per_user, per_user, seed=run.seed)
                 per_user_of[(method, allocation, ratio, alignment)] = per_user
+                per_user_rows.append(per_user.tolist())
                 uniform = per_user_of.get((method, "uniform", ratio, alignment))
                 if allocation != "uniform" and uniform is not None:
                     # the same users ranked by both allocations: is the difference real?
@@ -202,7 +205,10 @@ def main() -> None:
                   f"{r['vs_uniform/ndcg@10_ci_high']:.3f}] | {r['compression/targeted_params_after']:,} "
                   f"({u['compression/targeted_params_after']:,}) | {r['compression/dense_layers']} |")
     if args.out:
-        args.out.write_text(json.dumps({"base": base, "base_weights": source, "rows": rows}, indent=2) + "\n")
+        # per-user test NDCG@10 (test users in loader order, the same in every invocation on this
+        # run), so cells of two invocations (e.g. compression.sequential=false vs true) can be paired
+        args.out.write_text(json.dumps({"base": base, "base_weights": source, "rows": rows,
+                                        "per_user": {"base": base_per_user.tolist(), "rows": per_user_rows}}) + "\n")
 
 
 if __name__ == "__main__":

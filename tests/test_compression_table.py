@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=1",
@@ -30,6 +32,14 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(tmp_p
     # pruning runs uniform and unaligned; odllm gets every allocation x alignment
     assert cells == {("wanda", "uniform", "none"), *{("odllm", a, al) for a in ("uniform", "global")
                                                       for al in ("none", "progressive_lstsq")}}
+    # per-user NDCG@10 of the base and of every cell, in the rows' order: cells of two
+    # invocations can be paired; each cell's mean over its users is its test figure
+    per_user = table["per_user"]
+    assert len(per_user["rows"]) == len(table["rows"]) and len(per_user["base"]) > 0
+    assert sum(per_user["base"]) / len(per_user["base"]) == pytest.approx(table["base"]["test/ndcg@10"], rel=1e-5)
+    for r, users in zip(table["rows"], per_user["rows"]):
+        assert len(users) == len(per_user["base"])
+        assert sum(users) / len(users) == pytest.approx(r["test/ndcg@10"], rel=1e-5)
     for r in table["rows"]:
         assert r["retention/ndcg@10_ci_low"] <= r["retention/ndcg@10"] <= r["retention/ndcg@10_ci_high"]
         assert ("vs_uniform/ndcg@10" in r) == (r["allocation"] == "global")
