@@ -344,7 +344,7 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
         if allocation != UNIFORM:
             references.append(variant_name(method, int8, ratio, align))
         for ref in references:
-            if ref in results and ref != v:
+            if ref in results:
                 pairs.append({"variant": v, "reference": ref, "latency": paired_median_ratio(
                     [r["latency_ms"] for r in results[ref]], [r["latency_ms"] for r in results[v]])})
     return pairs

@@ -126,7 +126,7 @@ def main() -> None:
 
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
-    rows, per_user_of, per_user_rows = [], {}, []
+    rows, per_user_of = [], {}
     for ratio in args.ratios:
         for method, allocation in [(m, a) for m in args.methods
                                    for a in (args.allocations if m in LOW_RANK_METHODS else ["uniform"])]:
@@ -159,7 +159,6 @@ def main() -> None:
                 row["retention/ndcg@10_ci_low"], row["retention/ndcg@10_ci_high"] = paired_bootstrap_ratio(
                     base_per_user, per_user, seed=run.seed)
                 per_user_of[(method, allocation, ratio, alignment)] = per_user
-                per_user_rows.append(per_user.tolist())
                 uniform = per_user_of.get((method, "uniform", ratio, alignment))
                 if allocation != "uniform" and uniform is not None:
                     # the same users ranked by both allocations: is the difference real?
@@ -207,6 +206,7 @@ def main() -> None:
     if args.out:
         # per-user test NDCG@10 (test users in loader order, the same in every invocation on this
         # run), so cells of two invocations (e.g. compression.sequential=false vs true) can be paired
+        per_user_rows = [per_user_of[(r["method"], r["allocation"], r["ratio"], r["alignment"])].tolist() for r in rows]
         args.out.write_text(json.dumps({"base": base, "base_weights": source, "rows": rows,
                                         "per_user": {"base": base_per_user.tolist(), "rows": per_user_rows}}) + "\n")
 

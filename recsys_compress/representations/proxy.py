@@ -257,10 +257,9 @@ class ProxyModule(L.LightningModule):
     def item_codes(self, batch_size: int = 256) -> torch.Tensor:
         """The deployed code ``[n_items, dim]`` of every item."""
         was = self.training
-        self.eval()
-        codes = torch.cat([self.encode(self.item_states[s:s + batch_size], self.item_mask[s:s + batch_size],
-                                       "item").cpu()
-                           for s in range(0, len(self.item_states), batch_size)])
+        self.eval()  # the head's item normalisation from its running statistics
+        pooled_items = self.pooled_final("item", torch.arange(len(self.item_states)), batch_size)
+        codes = self.head(pooled_items.to(self.device), "item").cpu()
         self.train(was)
         return codes
 

@@ -74,8 +74,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
                         rep.model)
         ntp = {"item_tokens": item_tokens, "user_tokens": user_tokens,
                "readout": encoder.model.get_input_embeddings().weight}
-    module = ProxyModule(top, hidden, item_states, item_mask, user_states, user_mask, p,
-                         **ntp)
+    module = ProxyModule(top, hidden, item_states, item_mask, user_states, user_mask, p, **ntp)
     val_users, val_items = held_out_pairs(data.splits["val"], p.val_pairs, p.batch_size, run.seed)
     val_loss_before = module.held_out_loss(val_users, val_items)
 
@@ -110,8 +109,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         "proxy/first_loss": sum(module.losses[:window]) / window,
         "proxy/last_loss": sum(module.losses[-window:]) / window,
         "proxy/val_loss_before": val_loss_before, "proxy/val_loss": val_loss, "proxy/val_pairs": len(val_users),
-        "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels,
-                                         encoder_vocab),
+        "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels, encoder_vocab),
         "repr/encoder": rep.model, "repr/items_without_text": missing, "data/name": d.name,
         **{f"repr/{k}": v for k, v in counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
         "repr/cache_hit": int(item_hit and user_hit),
