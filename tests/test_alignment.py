@@ -228,6 +228,24 @@ def test_config_rejects_alignment_without_low_rank_compression(tmp_path):
         validate(compose_config(["compression=odllm", "alignment=progressive", "alignment.steps_per_layer=0"], tmp_path))
 
 
+def test_the_closed_form_runs_where_the_runs_trainer_runs(teacher_student, batches):
+    # Lightning's teardown leaves the student on the CPU after every test pass, so the lstsq
+    # path must ask the run's Trainer for its device (on this CPU-only machine the devices
+    # agree; what can fail here is not asking).
+    teacher, student = teacher_student
+    student, built = copy.deepcopy(student), []
+
+    def trainers(**overrides):
+        built.append(L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False,
+                               enable_model_summary=False, **overrides))
+        return built[-1]
+
+    out = align(AlignmentConfig(method="progressive_lstsq", batches=2), teacher, student, batches[0],
+                trainer_factory=trainers)
+    assert len(built) == 1 and out["align/layers"] == 2
+    assert {p.device for p in student.parameters()} == {built[0].strategy.root_device}
+
+
 @pytest.mark.parametrize("alignment", ["progressive", "progressive_lstsq"])
 def test_pipeline_compress_align_test(alignment, tmp_path):
     overrides = ["compression=odllm", f"alignment={alignment}", "ratio=0.4", "model.hidden_size=16",

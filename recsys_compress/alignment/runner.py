@@ -42,7 +42,11 @@ def align(
     loggers = loggers or []
     t0 = time.perf_counter()
     if cfg.method == "progressive_lstsq":
-        device = next(student.parameters()).device
+        # The closed form runs where the run's Trainer would (Lightning's teardown leaves a
+        # model on the CPU after every fit/test, so the student's own device says nothing).
+        device = (trainer_factory(callbacks=[], logger=False, enable_checkpointing=False).strategy.root_device
+                  if trainer_factory else next(student.parameters()).device)
+        student.to(device)
         cache = capture_teacher(teacher.to(device), batches, cfg.batches, device, cfg.offload_states)
         was_training = student.training
         student.eval()
