@@ -3,10 +3,12 @@ every representation consumer reads it (representation.encoder_run)."""
 
 import json
 import math
+import shutil
 import subprocess
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
@@ -174,7 +176,17 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
     torch.testing.assert_close(before[0], after[0], rtol=0, atol=0)
     assert not torch.allclose(before[-1], after[-1], atol=1e-3)
 
-    assert encoder_label("llama_tiny", str(out)) == "llama_tiny + mrl proxy (proxy)"  # the report's curve label
+    # the report's curve label: the objective and the settings off their defaults, not the seed,
+    # so the runs of one proxy configuration pool over seeds and other settings stay apart
+    label = "llama_tiny + mrl proxy (steps=30, batch_size=32, llm_lr=0.001)"
+    assert encoder_label("llama_tiny", str(out)) == label
+    for name, key, value, same in [("seed", "seed", 7, True), ("steps", "proxy.steps", 31, False)]:
+        other = tmp_path / f"other_{name}"
+        shutil.copytree(out / "encoder", other / "encoder")
+        saved = OmegaConf.load(out / "run_config.yaml")
+        OmegaConf.update(saved, key, value)
+        OmegaConf.save(saved, other / "run_config.yaml")
+        assert (encoder_label("llama_tiny", str(other)) == label) == same, name
     check_wandb_groups_probe_runs_by_encoder(overrides, out, tmp_path)
     # bad input fails at start, naming the problem
     probe = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]

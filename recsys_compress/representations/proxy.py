@@ -35,10 +35,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError
+from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError, ProxyConfig
 from recsys_compress.representations.layer_means import Encoder, item_texts, split_user_texts
 from recsys_compress.representations.token_states import cached_token_states, pooled, text_tokens
 
@@ -320,8 +321,18 @@ def load_proxy_head(run_dir: str | Path) -> CompressionHead:
 
 def encoder_label(model: str, encoder_run: str | None) -> str:
     """What a run records as its representation encoder (``repr/encoder``): the pretrained
-    model, or that model after a proxy run's fine-tuning, so reports draw one curve per proxy."""
+    model, or that model after a proxy run's fine-tuning, named by the objective and the proxy
+    settings that differ from the defaults (``run_config.yaml``). The seed is not part of it,
+    so ``report.py`` pools the proxy runs of one configuration over seeds into one curve; a
+    run without its config is named by its folder."""
     if not encoder_run:
         return model
     _, info = encoder_info(encoder_run)
-    return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"
+    saved = Path(encoder_run) / "run_config.yaml"
+    if not saved.is_file():
+        return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"
+    settings = OmegaConf.to_container(OmegaConf.load(saved).proxy)
+    changed = [f"{k}={v}" for k, v in settings.items()
+               if k not in ("objective", "val_pairs")  # in the label already / not a training setting
+               and k in ProxyConfig.model_fields and v != ProxyConfig.model_fields[k].default]
+    return f"{model} + {info['objective']} proxy" + (f" ({', '.join(changed)})" if changed else "")
