@@ -96,3 +96,9 @@ def test_lora_run_trains_adapters_and_stores_a_merged_stock_base_model(tmp_path)
     assert 0 < float(points[0]["elapsed_s"]) < float(points[1]["elapsed_s"])
     assert float(points[1]["val/ndcg@10"]) == pytest.approx(metrics["val/best_ndcg@10"], abs=1e-6) \
         or float(points[0]["val/ndcg@10"]) == pytest.approx(metrics["val/best_ndcg@10"], abs=1e-6)
+    # the saved points are drawn again, under their labels, beside a run (whose folder may be gone)
+    assert training_curves.main([str(out), "--points", str(tmp_path / "curves.csv"), "--labels", "again",
+                                 "--out", str(tmp_path / "both.png")]) == 0
+    with open(tmp_path / "both.csv") as f:
+        redrawn = list(csv.DictReader(f))
+    assert redrawn == points + [{**p, "run": "again"} for p in points]
