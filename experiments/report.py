@@ -10,7 +10,8 @@ what the runs are:
   curve, test AUC against layer per (encoder, compressor, dim, split and item-id dropout),
   marking the final layer and the layer that is best on validation, written to
   ``mra_curve.png``;
-- ID-only probe runs (``probe/layer`` = -1), MARC runs (``marc/dim``) and fresh CTR models
+- ID-only probe runs (``probe/layer`` = -1), MARC runs (``marc/dim``), proxy runs (``task=proxy``:
+  a fresh CTR model on the proxy's deployed code, named by the encoder it wrote) and fresh CTR models
   on a MARC or probe run's codes (``codes/dim``, from ``evaluate_codes.py``): drawn as horizontal
   reference lines on the curve and listed in the comparison table (MARC's end-to-end model
   is listed, not drawn);
@@ -48,6 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 import torch  # noqa: E402
+
+from recsys_compress.representations.proxy import encoder_label  # noqa: E402
 
 
 def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
@@ -151,7 +154,8 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summ
 
 
 def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, bool]]:
-    """(label, test auc, test logloss, drawn on the curve) of ID-only and MARC runs, over seeds.
+    """(label, test auc, test logloss, drawn on the curve) of ID-only, MARC and proxy runs (the
+    proxy's deployed code), over seeds.
 
     MARC's end-to-end model (its own task module) is listed next to the deployed one (a fresh
     CTR model on the exported codes) but not drawn."""
@@ -173,6 +177,10 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
             if "marc/e2e_test/auc" in r:
                 entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],
                                 r["marc/e2e_test/logloss"], False))
+        elif "proxy/objective" in r:  # task=proxy: a fresh CTR model on the proxy's deployed code
+            what = encoder_label(r["_encoder"], r["_run"])  # the encoder the run wrote, as its probes name it
+            entries = [(f"{what}: its deployed code, dim {r['proxy/dim']}{_variant(r)}", r["test/auc"],
+                        r["test/logloss"], True)]
         elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
             what = f"{r['_encoder']}, {r.get('codes/source', 'MARC')}, dim {r['codes/dim']}"
             # "+KEY=VALUE" (a key the run predates) and "KEY=VALUE" are the same setting: one row

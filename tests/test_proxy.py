@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cos
 from recsys_compress.representations.token_states import llama_top
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
+
+from conftest import REPO
 
 FAST = ["representation=llama_tiny", "trainer.max_epochs=1", "logger=none", "ctr.batch_size=512", "dataset=ml_100k"]
 PROXY = ["task=proxy", *FAST, "proxy.steps=30", "proxy.batch_size=32", "proxy.lr=1e-2", "proxy.llm_lr=1e-3"]
@@ -187,6 +190,13 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         OmegaConf.update(saved, key, value)
         OmegaConf.save(saved, other / "run_config.yaml")
         assert (encoder_label("llama_tiny", str(other)) == label) == same, name
+    # the report draws the proxy's deployed code as a reference line under that name
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
+    assert f"| {label}: its deployed code, dim 32 | {metrics['test/auc']:.4f} |" \
+        in (tmp_path / "report" / "report.md").read_text()
     check_wandb_groups_probe_runs_by_encoder(overrides, out, tmp_path)
     # bad input fails at start, naming the problem
     probe = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]
@@ -248,10 +258,6 @@ def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_pat
 
 
 def test_the_head_sweep_script_prints_one_row_per_setting(ml100k_slice, tmp_path, capsys):
-    import sys
-
-    from conftest import REPO
-
     sys.path.insert(0, str(REPO / "experiments"))
     import proxy_head_sweep
 
