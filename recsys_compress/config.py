@@ -740,6 +740,16 @@ def encoder_subject(model: str, encoder_run: str | None) -> str:
     return f"{model}+{Path(encoder_run).name}" if encoder_run else model
 
 
+def bf16_mixed_if_supported() -> str:
+    """The precision a recipe asks for with ``${bf16_mixed_if_supported:}``: ``bf16-mixed`` where
+    bf16 arithmetic is real (a CUDA GPU, or a CPU with avx512_bf16/AMX), else ``32-true``, so that
+    the recipe runs as written on any machine. An explicit ``trainer.precision=bf16-mixed`` on a
+    machine without it still fails at start (``_check_trainer``)."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() or _cpu_has_bf16() else "32-true"
+
+
 def register_schemas() -> None:
     """Put every group's schema defaults into Hydra's ConfigStore as ``GROUP/base``, and the
     config's resolvers into OmegaConf (call before composing: ``train.py`` and
@@ -747,6 +757,7 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("encoder_subject", encoder_subject, replace=True)
+    OmegaConf.register_new_resolver("bf16_mixed_if_supported", bf16_mixed_if_supported, replace=True)
 
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():

@@ -119,6 +119,21 @@ def test_fsdp_without_a_gpu_fails_at_start_naming_what_works(tmp_path):
             validate(compose_train(overrides, tmp_path))
 
 
+def test_the_lora_recipe_asks_for_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    """``${bf16_mixed_if_supported:}``: the recipe runs as written on a CPU without bf16 (in float32)
+    and autocasts where bf16 arithmetic exists."""
+    import torch
+
+    import recsys_compress.config as config_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for has_bf16, precision in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(config_module, "_cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        cfg = compose_train(["experiment=ml100k_smollm2_lora"], tmp_path)
+        validate(cfg)
+        assert OmegaConf.to_container(cfg, resolve=True)["trainer"]["precision"] == precision
+
+
 def test_a_gpu_trainer_or_bf16_without_cuda_fails_at_start_naming_the_alternative(tmp_path, monkeypatch):
     import torch
 
