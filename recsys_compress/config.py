@@ -441,9 +441,16 @@ def _check_trainer(container: dict[str, Any]) -> None:
         raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no CUDA GPU "
                           "(torch.cuda.is_available() is False); allowed here: trainer=default or trainer=cpu")
     # bf16 autocast on a CPU without bf16 arithmetic is emulated and slower than float32.
-    if precision.startswith("bf16") and not cuda and not _cpu_has_bf16():
+    if precision.startswith("bf16") and not _bf16_is_real():
         raise ConfigError(f"trainer.precision={precision}, but there is no CUDA GPU and this CPU has no "
                           "avx512_bf16/AMX: set trainer.precision=32-true")
+
+
+def _bf16_is_real() -> bool:
+    """bf16 arithmetic in hardware: a CUDA GPU, or a CPU with avx512_bf16/AMX."""
+    import torch
+
+    return torch.cuda.is_available() or _cpu_has_bf16()
 
 
 def _cpu_has_bf16() -> bool:
@@ -744,10 +751,8 @@ def bf16_mixed_if_supported() -> str:
     """The precision a recipe asks for with ``${bf16_mixed_if_supported:}``: ``bf16-mixed`` where
     bf16 arithmetic is real (a CUDA GPU, or a CPU with avx512_bf16/AMX), else ``32-true``, so that
     the recipe runs as written on any machine. An explicit ``trainer.precision=bf16-mixed`` on a
-    machine without it still fails at start (``_check_trainer``)."""
-    import torch
-
-    return "bf16-mixed" if torch.cuda.is_available() or _cpu_has_bf16() else "32-true"
+    machine without it still fails at start (``_check_trainer``), by the same rule."""
+    return "bf16-mixed" if _bf16_is_real() else "32-true"
 
 
 def register_schemas() -> None:
