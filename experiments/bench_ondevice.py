@@ -28,8 +28,17 @@ uniform twin and paired with it;
 ``--export-dir DIR`` keeps the artefacts (``--reuse-exports`` measures them again) for
 ``experiments/profile_onnx.py``.
 
-Latency does not depend on what the weights learned, so the base model is the untrained
-architecture (pretrained weights for smollm2_135m); compression calibrates on real batches.
+Latency does not depend on what the weights learned, so by default the base model is the
+untrained architecture (pretrained weights for smollm2_135m); compression calibrates on real
+batches. ``--base-run RUN_DIR`` starts instead from a finished ``train.py`` run's trained model
+(its own command line composed, as ``compression_table.py`` does; ``--model`` then comes from
+the run), and ``--test`` (onnx runtime) also ranks the test users with every artefact as
+shipped (``recsys_compress.deploy.evaluate``): NDCG@10 under both protocols and its retention
+of the base artefact's, with the 95% paired bootstrap interval over users. That is the
+quality a device running the artefact gets, int8 by onnxruntime included:
+
+    python experiments/bench_ondevice.py --runtime onnx --base-run RUN_DIR --test --ratios 0.5 --rounds 5 \
+        --reps 30 --batch 8 --calib-batches 64
 """
 
 from __future__ import annotations
@@ -77,21 +86,56 @@ def variant_name(method: str, int8: bool, ratio: float | None = None, align: int
     return name + (f":{allocation}" if allocation != UNIFORM else "")
 
 
+def compose_run(args: argparse.Namespace):
+    """The composed and validated config: ``--base-run``'s own command line, or ``model=--model``,
+    then the overrides given here."""
+    from recsys_compress.config import validate
+    from recsys_compress.models.trained_run import run_overrides
+    from recsys_compress.utils.compose import compose_config
+
+    first = run_overrides(args.base_run) if getattr(args, "base_run", None) else [f"model={args.model}"]
+    cfg = compose_config([*first, *args.overrides])
+    return cfg, validate(cfg)
+
+
+def build_base(args: argparse.Namespace):
+    """The validated run config, datamodule and base model (``--base-run``'s trained weights, or
+    the architecture of ``--model`` untrained / pretrained)."""
+    import torch
+
+    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+    from recsys_compress.models.trained_run import load_trained_base
+
+    cfg, run = compose_run(args)
+    dm = build_datamodule(run.dataset, run.seed)
+    torch.manual_seed(0)
+    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
+    if getattr(args, "base_run", None):
+        load_trained_base(args.base_run, lit, cfg.paths.cache_dir, run)
+    return run, dm, lit
+
+
+def quality_worker(args: argparse.Namespace) -> dict:
+    """One artefact ranks the test users (the run's evaluation protocol, both ways)."""
+    from recsys_compress.builders import build_datamodule
+    from recsys_compress.deploy.evaluate import evaluate_artefact
+
+    _, run = compose_run(args)
+    e = run.evaluation
+    values, per_user = evaluate_artefact(args.folder, build_datamodule(run.dataset, run.seed).test_dataloader(),
+                                         e.exclude_seen, tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads)
+    return {"test": values, "per_user": per_user.tolist()}
+
+
 def build_variant(args: argparse.Namespace, variant: str):
     """The model of ``variant`` (base, METHOD@R, with +int8), its datamodule and compression time."""
     import torch
 
     from recsys_compress.compression.callback import CompressionCallback
-    from recsys_compress.config import validate
-    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-    from recsys_compress.utils.compose import compose_config
 
     torch.set_num_threads(args.threads)
-    cfg = compose_config([f"model={args.model}", *args.overrides])
-    run = validate(cfg)
-    dm = build_datamodule(run.dataset, run.seed)
-    torch.manual_seed(0)
-    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir)).eval().to(args.device)
+    run, dm, lit = build_base(args)
+    lit = lit.eval().to(args.device)
     method, quantize, ratio, align, allocation = parse_variant(variant)
     compress_s = 0.0
     if method != "base" or quantize:
@@ -109,14 +153,31 @@ def build_variant(args: argparse.Namespace, variant: str):
 
 
 def export_worker(args: argparse.Namespace) -> dict:
+    """Export ``--export=V[,V+int8]`` into ``--folder``/V: a float variant and its int8 twin share
+    one compressed float model (onnxruntime quantises the exported graph), built once."""
     from recsys_compress.deploy.export import export_onnx
     from recsys_compress.models.item_llm import count_parameters
 
-    lit, dm, compress_s, quantize = build_variant(args, args.export)
-    info = {"variant": args.export, "params": count_parameters(lit.model), "compress_s": compress_s}
-    export_onnx(lit.model, args.folder, max(args.length, dm.max_len), dm.data.item_ids, dm.data.item_texts(),
-                quantize="int8" if quantize else None, info=info, fuse=args.fuse)
-    return info
+    names = args.export.split(",")
+    if len(int8_twins(names)) != 1:
+        raise ValueError(f"--export={args.export}: one float variant and its int8 twin at most")
+    lit, dm, compress_s, _ = build_variant(args, names[0].replace("+int8", ""))
+    out = {}
+    for v in names:
+        info = {"variant": v, "params": count_parameters(lit.model), "compress_s": compress_s}
+        export_onnx(lit.model, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
+                    dm.data.item_texts(), quantize="int8" if parse_variant(v)[1] else None, info=info, fuse=args.fuse)
+        out[v] = info
+    return out
+
+
+def int8_twins(variants: list[str]) -> list[list[str]]:
+    """The variants grouped by the float model they export: ``[[V, V+int8], ...]``."""
+    groups: dict[tuple, list[str]] = {}
+    for v in variants:
+        method, _, ratio, align, allocation = parse_variant(v)
+        groups.setdefault((method, ratio, align, allocation), []).append(v)
+    return list(groups.values())
 
 
 def time_recommender(rec, length: int, batch: int, reps: int) -> dict:
@@ -214,7 +275,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama_tiny")
+    parser.add_argument("--model", default=None, help="the architecture without --base-run (default llama_tiny)")
+    parser.add_argument("--base-run", type=Path, default=None,
+                        help="start from this finished train.py run's trained model (its config composed)")
+    parser.add_argument("--test", action="store_true",
+                        help="onnx: rank the test users with every artefact (NDCG@10, retention of the base's)")
     parser.add_argument("--method", default="odllm")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--rank-aligns", nargs="+", type=int, default=[1],
@@ -241,10 +306,17 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--time-round", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variants", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--test-artefact", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
     options, overrides = split_overrides(sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
     args = parser.parse_args(options)
     args.overrides = overrides
+    if args.base_run and args.model:
+        parser.error("--model comes from --base-run's config; give one of them")
+    args.model = args.model or (None if args.base_run else "llama_tiny")
+    if args.test_artefact:
+        print(json.dumps(quality_worker(args)))
+        return
     if args.export:
         print(json.dumps(export_worker(args)))
         return
@@ -257,6 +329,8 @@ def main() -> None:
 
     if args.reuse_exports and not args.export_dir:
         parser.error("--reuse-exports needs --export-dir")
+    if args.test and args.runtime != "onnx":
+        parser.error("--test ranks the test users with the exported artefacts: it needs --runtime onnx")
     if args.device != "cpu" and args.runtime != "torch":
         parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
     from recsys_compress.compression.allocation import ALLOCATIONS  # here: the workers stay torch-free
@@ -273,7 +347,8 @@ def main() -> None:
                 variants += [variant_name(args.method, q, r, a, allocation) for q in int8s]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                   ("model", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")]
+                   ("model", "base-run", "length", "batch", "reps", "threads", "calib-batches", "runtime", "device")
+                   if getattr(args, k.replace('-', '_')) is not None]
     passthrough.append("--fuse" if args.fuse else "--no-fuse")
 
     # Every library's thread pool pinned to --threads, so no variant gets more cores than another.
@@ -290,14 +365,19 @@ def main() -> None:
         tmp = args.export_dir or scratch
         exported = {}
         if args.runtime == "onnx":
+            todo = []
             for v in variants:
                 kept = artefact_dir(tmp, v) / "deploy.json"
                 if args.reuse_exports and kept.is_file():
                     exported[v] = {k: json.loads(kept.read_text())[k] for k in ("params", "compress_s")}
                     print(f"{v}: reusing the artefact in {kept.parent}", file=sys.stderr)
                 else:
-                    exported[v] = call(f"--export={v}", f"--folder={artefact_dir(tmp, v)}")
+                    todo.append(v)
+            for twins in int8_twins(todo):  # compressed once, exported float and int8
+                exported.update(call(f"--export={','.join(twins)}", f"--folder={tmp}"))
             alone = {v: call(f"--worker={v}", f"--folder={artefact_dir(tmp, v)}") for v in variants}
+        quality = ({v: call(f"--test-artefact={v}", f"--folder={artefact_dir(tmp, v)}") for v in variants}
+                   if args.test else {})
         for k in range(args.rounds):
             if args.runtime == "onnx":
                 timed = call(f"--time-round={k}", f"--folder={tmp}", f"--variants={','.join(variants)}")
@@ -308,7 +388,7 @@ def main() -> None:
             for v in variants[k % len(variants):] + variants[: k % len(variants)]:
                 results[v].append(call(f"--worker={v}"))
     rows = summarize(results, "base")
-    print(f"{args.model} ({args.runtime}), {'/'.join(args.allocations)} allocation, history {args.length}, batch {args.batch}, "
+    print(f"{args.base_run or args.model} ({args.runtime}), {'/'.join(args.allocations)} allocation, history {args.length}, batch {args.batch}, "
           f"{args.threads} threads, "
           f"{args.rounds} rounds x {args.reps} calls; x base: median of the per-round ratios "
           f"[quartiles] (95% bootstrap interval of the median)")
@@ -323,10 +403,37 @@ def main() -> None:
         print("\nlatency ratios of related variants, paired by round (median [quartiles] (95% interval)):")
         for p in pairs:
             print(f"- {p['variant']} / {p['reference']}: {_ratio_text(p['latency'])}")
+    quality_table = quality_rows(quality, "base")
+    if quality_table:
+        print("\neach artefact on the test users (retention of the base artefact's NDCG@10 [95% paired bootstrap "
+              "interval over users]):")
+        print("| variant | NDCG@10 | retention | NDCG@10, seen kept | HR@10 |")
+        print("|---|---|---|---|---|")
+        for q in quality_table:
+            print(f"| {q['variant']} | {q['ndcg@10']:.4f} | {q['retention']:.3f} [{q['retention_low']:.3f}, "
+                  f"{q['retention_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results},
-                                       indent=2) + "\n")
+        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results,
+                                        "quality": quality_table}, indent=2) + "\n")
+
+
+def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
+    """Per variant: its test metrics and the retention of ``base``'s NDCG@10, with the paired
+    bootstrap interval over the same users."""
+    import torch
+
+    from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+
+    if not quality:
+        return []
+    reference = torch.tensor(quality[base]["per_user"], dtype=torch.float64)
+    rows = []
+    for v, q in quality.items():
+        low, high = paired_bootstrap_ratio(reference, torch.tensor(q["per_user"], dtype=torch.float64))
+        rows.append({"variant": v, **q["test"], "retention": q["test"]["ndcg@10"] / max(quality[base]["test"]["ndcg@10"], 1e-12),
+                     "retention_low": low, "retention_high": high})
+    return rows
 
 
 def pairwise(results: dict[str, list[dict]]) -> list[dict]:

@@ -36,49 +36,18 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
-from omegaconf import OmegaConf
 
 from recsys_compress.alignment.runner import align
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
-from recsys_compress.config import RunConfig, validate
+from recsys_compress.config import validate
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
-from recsys_compress.models.base_cache import cache_folder, load_base
-from recsys_compress.models.finetune import add_lora, merge_lora
+from recsys_compress.models.trained_run import load_trained_base, run_overrides as overrides_of
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.compose import compose_config
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    candidates = sorted((run_dir / "checkpoints").glob("epoch*.ckpt"))
-    return candidates[-1] if candidates else None
-
-
-def load_base_weights(run_dir: Path, lit: L.LightningModule, cache_dir: str, run: RunConfig) -> str:
-    """Put the run's trained base model into ``lit``; returns where the weights came from.
-
-    The cached base model (named by ``base/cache_key`` in the run's metrics.json) comes first:
-    it is the exact model the run compressed, with LoRA adapters already merged. Otherwise the
-    best validation checkpoint, whose LoRA adapters (``model.finetune=lora``) are merged here."""
-    metrics_path = run_dir / "metrics.json"
-    key = json.loads(metrics_path.read_text()).get("base/cache_key") if metrics_path.is_file() else None
-    if key is not None and load_base(cache_dir, key, lit.model) is not None:
-        return str(cache_folder(cache_dir, key))
-    ckpt = best_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(
-            f"{run_dir}: no cached base model named by base/cache_key in its metrics.json (looked in "
-            f"{cache_dir}/base_models) and no checkpoints/epoch*.ckpt (best validation checkpoint)")
-    if run.model.finetune == "lora":
-        add_lora(lit.model, run.model.lora)
-    lit.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
-    if run.model.finetune == "lora":
-        merge_lora(lit.model)
-    return str(ckpt)
 
 
 def main() -> None:
@@ -97,7 +66,7 @@ def main() -> None:
     options, overrides = split_overrides(sys.argv[1:])
     args = parser.parse_args(options)
 
-    run_overrides = list(OmegaConf.load(args.run_dir / ".hydra" / "overrides.yaml"))
+    run_overrides = overrides_of(args.run_dir)
 
     def cell(method: str = "none", ratio: float | None = None, allocation: str = "uniform",
              alignment: str = "none"):
@@ -114,7 +83,7 @@ def main() -> None:
     L.seed_everything(run.seed)
     dm = build_datamodule(run.dataset, run.seed)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
-    source = load_base_weights(args.run_dir, lit, cfg.paths.cache_dir, run)
+    source = load_trained_base(args.run_dir, lit, cfg.paths.cache_dir, run)
     base_model = copy.deepcopy(lit.model)
 
     trainers = Trainers(cfg)  # the run's trainer settings, no loggers: the table is the record

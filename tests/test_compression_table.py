@@ -12,11 +12,18 @@ TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=2
         "+trainer.limit_train_batches=3", "logger=none", "evaluation.popularity_baseline=false"]
 
 
-def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(tmp_path):
-    run_dir = tmp_path / "run"
-    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny finished compression run (its base model in the cache) and its cache override."""
+    root = tmp_path_factory.mktemp("trained")
+    run_dir, cache = root / "run", f"paths.cache_dir={root / 'cache'}"
     subprocess.run([sys.executable, "train.py", "compression=odllm", cache, *TINY, f"hydra.run.dir={run_dir}"],
                    cwd=REPO, check=True, capture_output=True, timeout=600)
+    return run_dir, cache
+
+
+def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(trained_run, tmp_path):
+    run_dir, cache = trained_run
     trained = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "table.json"
     done = subprocess.run(
@@ -51,3 +58,30 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(tmp_p
                 and r["alignment"] == "none")
     assert glob["compression/mean_rel_output_error"] != uniform["compression/mean_rel_output_error"]
     assert "| 0.5 |" in done.stdout and "odllm (global) + progressive_lstsq" in done.stdout
+
+
+def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run, tmp_path):
+    """``bench_ondevice.py --base-run RUN --test``: the run's trained model (not the untrained
+    architecture) is what is exported, each artefact ranks the test users as shipped, and a
+    float variant and its int8 twin are compressed once."""
+    run_dir, cache = trained_run
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "ondevice.json"
+    done = subprocess.run(
+        [sys.executable, "experiments/bench_ondevice.py", "--runtime", "onnx", "--base-run", str(run_dir), "--test",
+         "--ratios", "0.5", "--rounds", "1", "--reps", "2", "--batch", "2", "--calib-batches", "1", "--threads", "1",
+         "--out", str(out), cache],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    quality = {q["variant"]: q for q in result["quality"]}
+    assert set(quality) == {"base", "base+int8", "odllm@0.5", "odllm+int8@0.5"}
+    # the exported trained base ranks the test users as the run's own test did
+    assert quality["base"]["ndcg@10"] == pytest.approx(trained["base/test/ndcg@10"], abs=1e-6)
+    assert quality["base"]["seen_kept/ndcg@10"] == pytest.approx(trained["base/test/seen_kept/ndcg@10"], abs=1e-6)
+    assert (quality["base"]["retention"], quality["base"]["retention_low"], quality["base"]["retention_high"]) == (1, 1, 1)
+    for q in quality.values():
+        assert q["retention_low"] <= q["retention"] <= q["retention_high"]
+    rounds = result["rounds"]
+    assert rounds["odllm@0.5"][0]["compress_s"] == rounds["odllm+int8@0.5"][0]["compress_s"] > 0  # built once
+    assert "each artefact on the test users" in done.stdout

@@ -8,8 +8,10 @@ import torch
 
 from recsys_compress.compression.apply import compress_low_rank
 from recsys_compress.compression.calibration import InputStats, select_linear_layers
+from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import ItemScorer, export_onnx
 from recsys_compress.deploy.recommend import Recommender, main
+from recsys_compress.evaluation.ranking import evaluate_scorer
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
@@ -112,6 +114,30 @@ def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS)
 
 
+def test_the_artefact_is_tested_like_the_eager_model(artefacts):
+    """The float artefact ranks the users' next items as the eager model does: the same
+    metrics under both protocols and the same per-user NDCG@10, in batch order."""
+    model, root = artefacts
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for b in range(3):
+        ids = torch.randint(1, N_ITEMS + 1, (16, MAX_LEN), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:, : b * 3] = 0  # left padding, as the datamodule pads
+        ids = ids * mask
+        batches.append({"input_ids": ids, "attention_mask": mask, "seen": ids,
+                        "target": torch.randint(1, N_ITEMS + 1, (16,), generator=g)})
+    got, got_per_user = evaluate_artefact(root / "float", batches)
+    want, want_per_user = evaluate_scorer(lambda i, m: torch.from_numpy(eager_scores(model, i, m)), batches)
+    assert set(got) == set(want) and {"ndcg@10", "seen_excluded/ndcg@10", "seen_kept/hr@10"} <= set(got)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    assert got["seen_kept/ndcg@10"] != got["seen_excluded/ndcg@10"]  # the two protocols differ here
+    torch.testing.assert_close(got_per_user, want_per_user)
+    int8, _ = evaluate_artefact(root / "int8", batches)
+    assert int8["ndcg@10"] != got["ndcg@10"]  # the int8 graph is another model: measured, not assumed
+
+
 def test_pipeline_saves_exports_and_quantises_last(tmp_path):
     overrides = ["compression=odllm", "compression.quantize=int8", "ratio=0.5", "model.hidden_size=16",
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
@@ -125,6 +151,12 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path):
     rec = Recommender(tmp_path / "onnx")
     assert rec.item_ids[:3] == ["1", "2", "3"] and "Toy Story" in rec.texts[0]
     assert len(rec.recommend(["1", "2", "3"], k=10)) == 10
+    # the shipped int8 graph is tested on its own, against the same base users
+    assert {"deploy/test/ndcg@10", "deploy/test/seen_kept/ndcg@10", "time/deploy_test_s"} <= set(metrics)
+    assert metrics["deploy/retention/ndcg@10"] == pytest.approx(
+        metrics["deploy/test/ndcg@10"] / metrics["base/test/ndcg@10"])
+    assert (metrics["deploy/retention/ndcg@10_ci_low"] <= metrics["deploy/retention/ndcg@10"]
+            <= metrics["deploy/retention/ndcg@10_ci_high"])
 
 
 def test_the_profile_attributes_every_kernel_to_its_role(artefacts):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
 
-from recsys_compress.evaluation.ranking import FullRankingMetrics, mask_scores, metrics_from_ranks, target_ranks
+from recsys_compress.evaluation.ranking import (FullRankingMetrics, evaluate_scorer, mask_scores, metrics_from_ranks,
+                                               target_ranks)
 
 
 def test_hand_computed_example():
@@ -117,3 +118,27 @@ def test_the_metric_keeps_each_examples_value_in_order():
     assert float(metric.compute()["ndcg@10"]) == pytest.approx(float(kept.mean()))
     with pytest.raises(ValueError, match="keep_per_example='auc'; allowed: hr@1"):
         FullRankingMetrics(keep_per_example="auc")
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_a_scorer_is_evaluated_under_both_protocols_in_one_pass(exclude_seen):
+    """Scores = the item index: user 0's target 3 has seen items 4 and 5 above it (rank 0 with
+    them excluded, 2 kept); user 1's target 5 is on top either way."""
+    scores = torch.arange(6, dtype=torch.float32)[None].expand(2, -1)
+    batch = {"input_ids": torch.tensor([[4, 5], [1, 2]]), "attention_mask": torch.ones(2, 2, dtype=torch.long),
+             "seen": torch.tensor([[4, 5], [1, 2]]), "target": torch.tensor([3, 5])}
+    calls = []
+
+    def score(ids, mask):
+        calls.append((ids, mask))
+        return scores[: len(ids)]
+
+    values, per_user = evaluate_scorer(score, [batch], exclude_seen)
+    assert len(calls) == 1 and calls[0][0] is batch["input_ids"] and calls[0][1] is batch["attention_mask"]
+    assert values["seen_excluded/ndcg@10"] == pytest.approx(1.0)
+    assert values["seen_kept/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1) / 2)
+    assert values["seen_kept/hr@1"] == pytest.approx(0.5) and values["seen_excluded/hr@1"] == 1.0
+    configured = "seen_excluded" if exclude_seen else "seen_kept"
+    assert all(values[k] == values[f"{configured}/{k}"] for k in values if "/" not in k)
+    expected = [1.0, 1.0] if exclude_seen else [1 / math.log2(4), 1.0]
+    torch.testing.assert_close(per_user, torch.tensor(expected, dtype=torch.float64))

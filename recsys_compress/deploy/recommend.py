@@ -74,8 +74,13 @@ class Recommender:
 
     def scores(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """Scores of every item index (column 0 is padding) for each history."""
-        ids, mask = self.encode(histories)
-        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return self.score_indices(*self.encode(histories))
+
+    def score_indices(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Scores of every item index for left-padded item-index histories (the model's own
+        inputs, as the datamodule's batches hold them)."""
+        return self.session.run(None, {"input_ids": input_ids.astype(np.int64),
+                                       "attention_mask": attention_mask.astype(np.int64)})[0]
 
     def recommend(self, history: Sequence[str], k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
         """The ``k`` highest-scoring items after ``history``, best first."""

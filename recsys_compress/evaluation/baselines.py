@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from recsys_compress.evaluation.ranking import FullRankingMetrics
+from recsys_compress.evaluation.ranking import evaluate_scorer
 
 
 @torch.no_grad()
@@ -18,9 +18,6 @@ def evaluate_popularity(
     ndcg_ks: tuple[int, ...] = (5, 10, 20),
 ) -> dict[str, float]:
     """Rank every item by its number of training interactions, for every user."""
-    metrics = FullRankingMetrics(hr_ks, ndcg_ks)
-    scores = item_counts.float()[None]
-    for batch in batches:
-        target = batch["target"]
-        metrics.update(scores.expand(len(target), -1), target, batch["seen"] if exclude_seen else None)
-    return {k: float(v) for k, v in metrics.compute().items()}
+    counts = item_counts.float()[None]
+    values, _ = evaluate_scorer(lambda ids, mask: counts.expand(len(ids), -1), batches, exclude_seen, hr_ks, ndcg_ks)
+    return {k: v for k, v in values.items() if "/" not in k}  # the configured protocol

@@ -8,7 +8,7 @@ checks these numbers against torchmetrics' retrieval metrics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -118,3 +118,31 @@ class FullRankingMetrics(Metric):
         n = self.count.clamp(min=1)
         return {name: (getattr(self, name) / n).float() for name in self.names}
 
+
+
+@torch.no_grad()
+def evaluate_scorer(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[dict[str, torch.Tensor]],
+    exclude_seen: bool = True,
+    hr_ks: Sequence[int] = (1, 5, 10, 20),
+    ndcg_ks: Sequence[int] = (5, 10, 20),
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Both protocols of a scorer in one pass, as the models' test step reports them.
+
+    ``score(input_ids, attention_mask) -> B x (n_items + 1)`` scores of a batch (a model, an
+    exported artefact, a baseline). Returns the configured protocol's metrics (``ndcg@10``,
+    ...), the same under ``seen_excluded/`` and ``seen_kept/``, and the configured protocol's
+    per-user NDCG@10 in batch order (for paired intervals against another scorer)."""
+    configured = FullRankingMetrics(hr_ks, ndcg_ks, keep_per_example="ndcg@10")
+    other = FullRankingMetrics(hr_ks, ndcg_ks)
+    for batch in batches:
+        scores, target, seen = score(batch["input_ids"], batch["attention_mask"]), batch["target"], batch["seen"]
+        configured.update(scores, target, seen if exclude_seen else None)
+        other.update(scores, target, None if exclude_seen else seen)
+    first, second = configured.compute(), other.compute()
+    excluded, kept = (first, second) if exclude_seen else (second, first)
+    out = {k: float(v) for k, v in first.items()}
+    out.update({f"seen_excluded/{k}": float(v) for k, v in excluded.items()})
+    out.update({f"seen_kept/{k}": float(v) for k, v in kept.items()})
+    return out, configured.per_example()

@@ -22,6 +22,7 @@ from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
 from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
@@ -108,6 +109,25 @@ def save_artefacts(
         meta = json.loads((folder / "deploy.json").read_text())
         out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
                     "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
+    return out
+
+
+def test_deployed(run: RunConfig, dm: NextItemDataModule, folder: Path, base_ndcg: float,
+                  base_per_user: Any = None) -> dict[str, Any]:
+    """The exported artefact's own test metrics (``deploy/test/...``, both protocols) and its
+    retention of the base model's NDCG@10, with the paired interval when ``base_per_user``
+    (the base's per-user NDCG@10 in the test loader's order) is given."""
+    t0 = time.perf_counter()
+    e = run.evaluation
+    values, per_user = evaluate_artefact(folder, dm.test_dataloader(), e.exclude_seen, tuple(e.hr_ks), tuple(e.ndcg_ks))
+    out: dict[str, Any] = {f"deploy/test/{k}": v for k, v in values.items()}
+    out["deploy/retention/ndcg@10"] = values["ndcg@10"] / max(base_ndcg, 1e-12)
+    if base_per_user is not None:
+        low, high = paired_bootstrap_ratio(base_per_user, per_user, seed=run.seed)
+        out.update({"deploy/retention/ndcg@10_ci_low": low, "deploy/retention/ndcg@10_ci_high": high})
+    out["time/deploy_test_s"] = time.perf_counter() - t0
+    log.info("the exported artefact: test ndcg@10 %.4f (%.3f of the base)", values["ndcg@10"],
+             out["deploy/retention/ndcg@10"])
     return out
 
 
@@ -209,6 +229,9 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             # The same test users ranked by both models: an interval for the retention ratio.
             low, high = paired_bootstrap_ratio(base_per_user, lit.test_per_user, seed=run.seed)
             metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
+        if run.export.onnx and global_rank() == 0:
+            metrics.update(test_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
+                                         None if multi_process(cfg) else base_per_user))
         metrics.update({
             "compression/method": run.compression.method,
             "compression/allocation": run.compression.allocation,

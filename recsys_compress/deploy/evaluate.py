@@ -1,0 +1,33 @@
+"""The exported artefact itself on the test users: what a device running it would recommend.
+
+A run's test metrics are the eager model's; the artefact is another program (the exported
+graph, and for int8 onnxruntime's dynamic quantisation, not torch's), so its quality is
+measured on its own, with the same protocol and batches (``evaluate_scorer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from recsys_compress.deploy.recommend import Recommender
+from recsys_compress.evaluation.ranking import evaluate_scorer
+
+
+def evaluate_artefact(
+    folder: str | Path,
+    batches: Iterable[dict[str, torch.Tensor]],
+    exclude_seen: bool = True,
+    hr_ks: tuple[int, ...] = (1, 5, 10, 20),
+    ndcg_ks: tuple[int, ...] = (5, 10, 20),
+    threads: int | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Both protocols' metrics of the artefact in ``folder`` and its per-user NDCG@10."""
+    rec = Recommender(folder, threads=threads)
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(rec.score_indices(input_ids.numpy(), attention_mask.numpy()))
+
+    return evaluate_scorer(score, batches, exclude_seen, hr_ks, ndcg_ks)
