@@ -116,15 +116,20 @@ def build_base(args: argparse.Namespace):
 
 
 def quality_worker(args: argparse.Namespace) -> dict:
-    """One artefact ranks the test users (the run's evaluation protocol, both ways)."""
+    """Every artefact of ``--test-artefacts`` ranks the test users (the run's evaluation
+    protocol, both ways); quality does not depend on the process, so one process tests all."""
     from recsys_compress.builders import build_datamodule
     from recsys_compress.deploy.evaluate import evaluate_artefact
 
     _, run = compose_run(args)
     e = run.evaluation
-    values, per_user = evaluate_artefact(args.folder, build_datamodule(run.dataset, run.seed).test_dataloader(),
-                                         e.exclude_seen, tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads)
-    return {"test": values, "per_user": per_user.tolist()}
+    dm = build_datamodule(run.dataset, run.seed)
+    out = {}
+    for v in args.test_artefacts.split(","):
+        values, per_user = evaluate_artefact(artefact_dir(args.folder, v), dm.test_dataloader(), e.exclude_seen,
+                                             tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads)
+        out[v] = {"test": values, "per_user": per_user.tolist()}
+    return out
 
 
 def build_variant(args: argparse.Namespace, variant: str):
@@ -306,7 +311,7 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--time-round", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variants", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--test-artefact", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--test-artefacts", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
     options, overrides = split_overrides(sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
     args = parser.parse_args(options)
@@ -314,7 +319,7 @@ def main() -> None:
     if args.base_run and args.model:
         parser.error("--model comes from --base-run's config; give one of them")
     args.model = args.model or (None if args.base_run else "llama_tiny")
-    if args.test_artefact:
+    if args.test_artefacts:
         print(json.dumps(quality_worker(args)))
         return
     if args.export:
@@ -376,8 +381,7 @@ def main() -> None:
             for twins in int8_twins(todo):  # compressed once, exported float and int8
                 exported.update(call(f"--export={','.join(twins)}", f"--folder={tmp}"))
             alone = {v: call(f"--worker={v}", f"--folder={artefact_dir(tmp, v)}") for v in variants}
-        quality = ({v: call(f"--test-artefact={v}", f"--folder={artefact_dir(tmp, v)}") for v in variants}
-                   if args.test else {})
+        quality = call(f"--test-artefacts={','.join(variants)}", f"--folder={tmp}") if args.test else {}
         for k in range(args.rounds):
             if args.runtime == "onnx":
                 timed = call(f"--time-round={k}", f"--folder={tmp}", f"--variants={','.join(variants)}")
