@@ -20,7 +20,8 @@ import torch
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import validate_proxy
-from recsys_compress.representations.proxy import CompressionHead, held_out_pairs, info_nce, proxy_token_states
+from recsys_compress.representations.proxy import (CompressionHead, held_out_pairs, info_nce, proxy_texts,
+                                                   proxy_token_states)
 from recsys_compress.representations.token_states import llama_top, pooled
 from recsys_compress.utils.compose import compose_config
 
@@ -30,8 +31,8 @@ def pooled_finals(run, cfg, data) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled final-layer states of every user and item, through the frozen top blocks."""
     p = run.proxy
     encoder = build_encoder(run.representation, cfg.paths.cache_dir, run.seed)
-    (i_s, i_m, *_), (u_s, u_m, *_), _, _ = proxy_token_states(
-        encoder, data, run.representation, run.dataset.name, encoder.n_layers - p.trainable_layers, cfg.paths.cache_dir)
+    (i_s, i_m, *_), (u_s, u_m, *_) = proxy_token_states(
+        encoder, data, proxy_texts(data, run.representation), run.representation, run.dataset.name, encoder.n_layers - p.trainable_layers, cfg.paths.cache_dir)
     top = llama_top(encoder, p.trainable_layers).eval()
     items = torch.cat([pooled(top, i_s[s:s + 128], i_m[s:s + 128]) for s in range(0, len(i_s), 128)])
     users = torch.cat([pooled(top, u_s[s:s + 64], u_m[s:s + 64]) for s in range(0, len(u_s), 64)])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -80,33 +80,40 @@ def mrl_prefixes(dim: int, levels: int) -> list[int]:
     return [dim >> level for level in range(levels)]
 
 
-def proxy_texts(data: Any, rep: Any) -> tuple[list[str], list[str], int, dict[str, Any]]:
-    """Every item's text and every user's training-split text (``representation.users``' texts),
-    the items without text and a description of the user texts."""
+class ProxyTexts(NamedTuple):
+    """What the proxy reads: every item's text and every user's training-split text
+    (``representation.users``' texts), the items without text and a description of the user texts."""
+    items: list[str]
+    users: list[str]
+    missing: int
+    counts: dict[str, Any]
+
+
+def proxy_texts(data: Any, rep: Any) -> ProxyTexts:
+    """The item and user texts of ``data`` under ``rep``'s templates (built once per run: the
+    token states and, for ``ntp``, the token ids are laid out from the same texts)."""
     texts, missing = item_texts(data.item_ids, data.item_info, rep.template)
     user_texts, counts = split_user_texts(data, rep.user_template, rep.user_history)
-    return texts, user_texts, missing, counts
+    return ProxyTexts(texts, user_texts, missing, counts)
 
 
-def proxy_token_ids(encoder: Encoder, data: Any, rep: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def proxy_token_ids(encoder: Encoder, texts: ProxyTexts, rep: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The token ids of the item and user texts, laid out as ``proxy_token_states``' states."""
-    texts, user_texts, _, _ = proxy_texts(data, rep)
-    return text_tokens(encoder, texts, rep.max_tokens)[0], text_tokens(encoder, user_texts, rep.user_max_tokens)[0]
+    return (text_tokens(encoder, texts.items, rep.max_tokens)[0],
+            text_tokens(encoder, texts.users, rep.user_max_tokens)[0])
 
 
-def proxy_token_states(encoder: Encoder, data: Any, rep: Any, dataset_name: str, below: int,
-                       cache_dir: str | Path) -> tuple[tuple, tuple, int, dict[str, Any]]:
-    """The cached token states entering block ``below``: of every item's text and of every user's
-    training-split text (``representation.users``' texts). Returns ``(items, users, missing,
-    counts)``: each of items and users is ``cached_token_states``' (states, mask, cache hit,
-    path); ``missing`` counts items without text, ``counts`` describes the user texts."""
-    texts, user_texts, missing, counts = proxy_texts(data, rep)
-    items = cached_token_states(encoder, dataset_name, data.item_ids, texts, rep.template, below, cache_dir,
+def proxy_token_states(encoder: Encoder, data: Any, texts: ProxyTexts, rep: Any, dataset_name: str, below: int,
+                       cache_dir: str | Path) -> tuple[tuple, tuple]:
+    """The cached token states entering block ``below`` of every item's and every user's text
+    (``texts``, of ``data``'s items and users in order). Returns ``(items, users)``, each
+    ``cached_token_states``' (states, mask, cache hit, path)."""
+    items = cached_token_states(encoder, dataset_name, data.item_ids, texts.items, rep.template, below, cache_dir,
                                 rep.batch_size, rep.max_tokens)
-    users = cached_token_states(encoder, f"{dataset_name}/users", data.user_ids, user_texts,
+    users = cached_token_states(encoder, f"{dataset_name}/users", data.user_ids, texts.users,
                                 f"{rep.user_template}|history={rep.user_history}", below, cache_dir, rep.batch_size,
                                 rep.user_max_tokens, key_texts=True)
-    return items, users, missing, counts
+    return items, users
 
 
 def chance_loss(objective: str, batch_size: int, levels: int, vocab_size: int = 0) -> float:

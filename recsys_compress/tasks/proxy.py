@@ -25,8 +25,8 @@ from recsys_compress.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.config import ConfigError, proxy_encoder_identity, validate_proxy
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
-from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_token_ids,
-                                                   proxy_token_states, save_proxy_encoder)
+from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_texts,
+                                                   proxy_token_ids, proxy_token_states, save_proxy_encoder)
 from recsys_compress.representations.token_states import llama_top
 from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.utils.run_outputs import finish_run
@@ -53,8 +53,9 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"proxy.dim={p.dim} exceeds {rep.model}'s hidden size {hidden}: ntp's code is the "
                           f"final layer's principal components; allowed: 1..{hidden}")
     t0 = time.perf_counter()
-    (item_states, item_mask, item_hit, item_path), (user_states, user_mask, user_hit, user_path), missing, counts = \
-        proxy_token_states(encoder, data, rep, d.name, below, cfg.paths.cache_dir)
+    texts = proxy_texts(data, rep)
+    (item_states, item_mask, item_hit, item_path), (user_states, user_mask, user_hit, user_path) = \
+        proxy_token_states(encoder, data, texts, rep, d.name, below, cfg.paths.cache_dir)
     extract_s = time.perf_counter() - t0
     top = llama_top(encoder, p.trainable_layers)
 
@@ -67,7 +68,7 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
                         generator=torch.Generator().manual_seed(run.seed))
     ntp: dict[str, Any] = {}
     if p.objective == "ntp":
-        item_tokens, user_tokens = proxy_token_ids(encoder, data, rep)
+        item_tokens, user_tokens = proxy_token_ids(encoder, texts, rep)
         if not encoder.model.config.tie_word_embeddings:
             log.warning("proxy.objective=ntp reads out through the input embeddings, but %s does not tie them "
                         "to its LM head (which AutoModel does not load): the next-token loss is a stand-in",
@@ -110,8 +111,8 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         "proxy/last_loss": sum(module.losses[-window:]) / window,
         "proxy/val_loss_before": val_loss_before, "proxy/val_loss": val_loss, "proxy/val_pairs": len(val_users),
         "proxy/chance_loss": chance_loss(p.objective, p.batch_size, p.mrl_levels, encoder_vocab),
-        "repr/encoder": rep.model, "repr/items_without_text": missing, "data/name": d.name,
-        **{f"repr/{k}": v for k, v in counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
+        "repr/encoder": rep.model, "repr/items_without_text": texts.missing, "data/name": d.name,
+        **{f"repr/{k}": v for k, v in texts.counts.items()}, **ctr_fields(run.ctr), "seed": run.seed,
         "repr/cache_hit": int(item_hit and user_hit),
         "repr/cache_mb": (item_path.stat().st_size + user_path.stat().st_size) / 2**20,
         "time/extract_s": 0.0 if item_hit and user_hit else extract_s, "time/proxy_train_s": train_s,
