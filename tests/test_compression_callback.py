@@ -28,14 +28,17 @@ def trained():
     return dm, lit.state_dict()
 
 
-def compressed(trained, method, ratio, **kw):
+def compressed(trained, method, ratio, precision="32-true", **kw):
+    """The trained model compressed by the callback at test setup, under ``precision``:
+    (module, callback, parameters before, test metrics)."""
     dm, state = trained
     lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
                                       num_kv_heads=1, intermediate_size=INTER, max_len=20))
     lit.load_state_dict(state)
     cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, **kw), ratio)
     before = count_parameters(lit.model)
-    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                        precision=precision)
     test = trainer.test(lit, datamodule=dm, verbose=False)[0]
     return lit, cb, before, test
 
@@ -72,15 +75,9 @@ def test_compression_sees_the_weights_the_run_holds(trained, monkeypatch):
         return factorize(W, *args, **kwargs)
 
     monkeypatch.setattr(low_rank, "_factorize", recording)
-    dm, state = trained
-    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
-                                      num_kv_heads=1, intermediate_size=INTER, max_len=20))
-    lit.load_state_dict(state)
-    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, heldout_batches=2), 0.5)
-    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
-                        precision="bf16-true")
-    bf16 = trainer.test(lit, datamodule=dm, verbose=False)[0]
-    assert len(seen) == 7 * LAYERS and set(seen) == {(torch.bfloat16, trainer.strategy.root_device)}
+    lit, cb, _, bf16 = compressed(trained, "odllm", 0.5, precision="bf16-true", heldout_batches=2)
+    device = L.Trainer(logger=False, enable_progress_bar=False).strategy.root_device  # where `compressed` ran
+    assert len(seen) == 7 * LAYERS and set(seen) == {(torch.bfloat16, device)}
     assert lit.model.get_submodule(cb.reports[0].name).down.weight.dtype == torch.bfloat16
     # bf16 weights cost little accuracy: the held-out error stays near the float32 run's
     float32 = compressed(trained, "odllm", 0.5, heldout_batches=2)[1].summary()
