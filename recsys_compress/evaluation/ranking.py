@@ -119,7 +119,6 @@ class FullRankingMetrics(Metric):
         return {name: (getattr(self, name) / n).float() for name in self.names}
 
 
-
 @torch.no_grad()
 def evaluate_scorer(
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

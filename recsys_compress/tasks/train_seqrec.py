@@ -112,8 +112,8 @@ def save_artefacts(
     return out
 
 
-def test_deployed(run: RunConfig, dm: NextItemDataModule, folder: Path, base_ndcg: float,
-                  base_per_user: Any = None) -> dict[str, Any]:
+def evaluate_deployed(run: RunConfig, dm: NextItemDataModule, folder: Path, base_ndcg: float,
+                      base_per_user: Any = None) -> dict[str, Any]:
     """The exported artefact's own test metrics (``deploy/test/...``, both protocols) and its
     retention of the base model's NDCG@10, with the paired interval when ``base_per_user``
     (the base's per-user NDCG@10 in the test loader's order) is given."""
@@ -230,7 +230,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             low, high = paired_bootstrap_ratio(base_per_user, lit.test_per_user, seed=run.seed)
             metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
         if run.export.onnx and global_rank() == 0:
-            metrics.update(test_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
+            metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
                                          None if multi_process(cfg) else base_per_user))
         metrics.update({
             "compression/method": run.compression.method,
