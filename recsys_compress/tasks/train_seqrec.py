@@ -231,7 +231,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
         if run.export.onnx and global_rank() == 0:
             metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
-                                         None if multi_process(cfg) else base_per_user))
+                                             None if multi_process(cfg) else base_per_user))
         metrics.update({
             "compression/method": run.compression.method,
             "compression/allocation": run.compression.allocation,
