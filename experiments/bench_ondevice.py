@@ -93,7 +93,7 @@ def compose_run(args: argparse.Namespace):
     from recsys_compress.models.trained_run import run_overrides
     from recsys_compress.utils.compose import compose_config
 
-    first = run_overrides(args.base_run) if getattr(args, "base_run", None) else [f"model={args.model}"]
+    first = run_overrides(args.base_run) if args.base_run else [f"model={args.model}"]
     cfg = compose_config([*first, *args.overrides])
     return cfg, validate(cfg)
 
@@ -110,7 +110,7 @@ def build_base(args: argparse.Namespace):
     dm = build_datamodule(run.dataset, run.seed)
     torch.manual_seed(0)
     lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
-    if getattr(args, "base_run", None):
+    if args.base_run:
         load_trained_base(args.base_run, lit, cfg.paths.cache_dir, run)
     return run, dm, lit
 
@@ -414,8 +414,8 @@ def main() -> None:
         print("| variant | NDCG@10 | retention | NDCG@10, seen kept | HR@10 |")
         print("|---|---|---|---|---|")
         for q in quality_table:
-            print(f"| {q['variant']} | {q['ndcg@10']:.4f} | {q['retention']:.3f} [{q['retention_low']:.3f}, "
-                  f"{q['retention_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} |")
+            print(f"| {q['variant']} | {q['ndcg@10']:.4f} | {q['retention']:.3f} [{q['retention_ci_low']:.3f}, "
+                  f"{q['retention_ci_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results,
@@ -427,17 +427,14 @@ def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
     bootstrap interval over the same users."""
     import torch
 
-    from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+    from recsys_compress.evaluation.bootstrap import retention
 
     if not quality:
         return []
     reference = torch.tensor(quality[base]["per_user"], dtype=torch.float64)
-    rows = []
-    for v, q in quality.items():
-        low, high = paired_bootstrap_ratio(reference, torch.tensor(q["per_user"], dtype=torch.float64))
-        rows.append({"variant": v, **q["test"], "retention": q["test"]["ndcg@10"] / max(quality[base]["test"]["ndcg@10"], 1e-12),
-                     "retention_low": low, "retention_high": high})
-    return rows
+    return [{"variant": v, **q["test"], **retention(quality[base]["test"]["ndcg@10"], q["test"]["ndcg@10"], reference,
+                                                    torch.tensor(q["per_user"], dtype=torch.float64), key="retention")}
+            for v, q in quality.items()]
 
 
 def pairwise(results: dict[str, list[dict]]) -> list[dict]:

@@ -43,7 +43,7 @@ from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
 from recsys_compress.config import validate
-from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+from recsys_compress.evaluation.bootstrap import retention
 from recsys_compress.models.trained_run import load_trained_base, run_overrides as overrides_of
 from recsys_compress.utils.cli import split_overrides
 from recsys_compress.utils.instantiators import Trainers
@@ -124,16 +124,13 @@ def main() -> None:
                                      trainer_factory=trainers))
                     result, per_user = test(), lit.test_per_user
                 row["test/ndcg@10"] = result["test/ndcg@10"]
-                row["retention/ndcg@10"] = result["test/ndcg@10"] / base["test/ndcg@10"]
-                row["retention/ndcg@10_ci_low"], row["retention/ndcg@10_ci_high"] = paired_bootstrap_ratio(
-                    base_per_user, per_user, seed=run.seed)
+                row.update(retention(base["test/ndcg@10"], result["test/ndcg@10"], base_per_user, per_user, seed=run.seed))
                 per_user_of[(method, allocation, ratio, alignment)] = per_user
                 uniform = per_user_of.get((method, "uniform", ratio, alignment))
                 if allocation != "uniform" and uniform is not None:
                     # the same users ranked by both allocations: is the difference real?
-                    row["vs_uniform/ndcg@10"] = float(per_user.mean() / uniform.mean())
-                    row["vs_uniform/ndcg@10_ci_low"], row["vs_uniform/ndcg@10_ci_high"] = paired_bootstrap_ratio(
-                        uniform, per_user, seed=run.seed)
+                    row.update(retention(float(uniform.mean()), float(per_user.mean()), uniform, per_user,
+                                         key="vs_uniform/ndcg@10", seed=run.seed))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 

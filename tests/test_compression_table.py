@@ -79,9 +79,9 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     # the exported trained base ranks the test users as the run's own test did
     assert quality["base"]["ndcg@10"] == pytest.approx(trained["base/test/ndcg@10"], abs=1e-6)
     assert quality["base"]["seen_kept/ndcg@10"] == pytest.approx(trained["base/test/seen_kept/ndcg@10"], abs=1e-6)
-    assert (quality["base"]["retention"], quality["base"]["retention_low"], quality["base"]["retention_high"]) == (1, 1, 1)
+    assert (quality["base"]["retention"], quality["base"]["retention_ci_low"], quality["base"]["retention_ci_high"]) == (1, 1, 1)
     for q in quality.values():
-        assert q["retention_low"] <= q["retention"] <= q["retention_high"]
+        assert q["retention_ci_low"] <= q["retention"] <= q["retention_ci_high"]
     rounds = result["rounds"]
     assert rounds["odllm@0.5"][0]["compress_s"] == rounds["odllm+int8@0.5"][0]["compress_s"] > 0  # built once
     assert "each artefact on the test users" in done.stdout

@@ -108,6 +108,18 @@ def test_the_paired_bootstrap_interval_holds_the_estimate_shrinks_with_users_and
         paired_bootstrap_ratio(base, base[:-1])
 
 
+def test_retention_is_the_ratio_of_means_with_its_paired_interval_under_the_key():
+    from recsys_compress.evaluation.bootstrap import retention
+
+    assert retention(0.2, 0.1) == {"retention/ndcg@10": 0.5}  # no per-user values: no interval
+    assert retention(0.0, 0.1)["retention/ndcg@10"] == pytest.approx(0.1 / 1e-12)
+    base = torch.rand(300, generator=torch.Generator().manual_seed(1))
+    out = retention(float(base.mean()), float(base.mean()) * 0.5, base, base * 0.5, key="deploy/retention/ndcg@10")
+    assert out == pytest.approx({"deploy/retention/ndcg@10": 0.5, "deploy/retention/ndcg@10_ci_low": 0.5,
+                                 "deploy/retention/ndcg@10_ci_high": 0.5})
+    assert set(retention(1.0, 1.0, base, None)) == {"retention/ndcg@10"}  # one side missing (DDP): no interval
+
+
 def test_the_metric_keeps_each_examples_value_in_order():
     metric = FullRankingMetrics(keep_per_example="ndcg@10")
     scores = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])

@@ -88,7 +88,7 @@ def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
     from recsys_compress.models.item_llm import count_parameters
 
     def variant(name):
-        args = argparse.Namespace(model="llama_tiny", overrides=["dataset=ml_latest_small"], threads=1, device="cpu",
+        args = argparse.Namespace(model="llama_tiny", base_run=None, overrides=["dataset=ml_latest_small"], threads=1, device="cpu",
                                   calib_batches=2, runtime="torch")
         lit = build_variant(args, name)[0]
         ranks = {n: m.rank for n, m in lit.model.named_modules() if isinstance(m, LowRankLinear)}

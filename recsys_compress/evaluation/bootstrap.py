@@ -44,6 +44,23 @@ def paired_bootstrap_ratio(
     return float(low), float(high)
 
 
+def retention(
+    base_value: float, value: float, base_per_user: torch.Tensor | None = None,
+    per_user: torch.Tensor | None = None, key: str = "retention/ndcg@10", seed: int = 0,
+) -> dict[str, float]:
+    """``{key: value / base_value}`` (a zero base counts as 1e-12, so the figure stays finite),
+    and, when both models' per-user values are given (the same users in the same order), the
+    paired bootstrap interval of that ratio under ``key + "_ci_low"`` and ``key + "_ci_high"``.
+
+    The one rule for every retention figure the project reports: eager and deployed runs, the
+    compression table, the on-device benchmark.
+    """
+    out = {key: value / max(base_value, 1e-12)}
+    if base_per_user is not None and per_user is not None:
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = paired_bootstrap_ratio(base_per_user, per_user, seed=seed)
+    return out
+
+
 def paired_median_ratio(
     base: Sequence[float], other: Sequence[float], resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> dict[str, float]:

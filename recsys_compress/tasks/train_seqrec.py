@@ -25,7 +25,7 @@ from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.evaluation.baselines import evaluate_popularity
-from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+from recsys_compress.evaluation.bootstrap import retention
 from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
 from recsys_compress.models.base_cache import (
     base_model_key,
@@ -121,10 +121,8 @@ def evaluate_deployed(run: RunConfig, dm: NextItemDataModule, folder: Path, base
     e = run.evaluation
     values, per_user = evaluate_artefact(folder, dm.test_dataloader(), e.exclude_seen, tuple(e.hr_ks), tuple(e.ndcg_ks))
     out: dict[str, Any] = {f"deploy/test/{k}": v for k, v in values.items()}
-    out["deploy/retention/ndcg@10"] = values["ndcg@10"] / max(base_ndcg, 1e-12)
-    if base_per_user is not None:
-        low, high = paired_bootstrap_ratio(base_per_user, per_user, seed=run.seed)
-        out.update({"deploy/retention/ndcg@10_ci_low": low, "deploy/retention/ndcg@10_ci_high": high})
+    out.update(retention(base_ndcg, values["ndcg@10"], base_per_user, per_user, key="deploy/retention/ndcg@10",
+                         seed=run.seed))
     out["time/deploy_test_s"] = time.perf_counter() - t0
     log.info("the exported artefact: test ndcg@10 %.4f (%.3f of the base)", values["ndcg@10"],
              out["deploy/retention/ndcg@10"])
@@ -225,10 +223,9 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         metrics["time/base_test_s"] = metrics.pop("time/test_s")
         metrics.update(compress_and_test(run, lit, dm, trainers, output_dir))
         params, size_mb = count_parameters(model), serialized_megabytes(model)
-        if base_per_user is not None and lit.test_per_user is not None:
-            # The same test users ranked by both models: an interval for the retention ratio.
-            low, high = paired_bootstrap_ratio(base_per_user, lit.test_per_user, seed=run.seed)
-            metrics.update({"retention/ndcg@10_ci_low": low, "retention/ndcg@10_ci_high": high})
+        # The same test users ranked by both models: an interval for the retention ratio.
+        metrics.update(retention(metrics["base/test/ndcg@10"], metrics["test/ndcg@10"], base_per_user,
+                                 lit.test_per_user, seed=run.seed))
         if run.export.onnx and global_rank() == 0:
             metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
                                              None if multi_process(cfg) else base_per_user))
@@ -237,7 +234,6 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "compression/allocation": run.compression.allocation,
             "compression/ratio": run.ratio,
             "alignment/method": run.alignment.method,
-            "retention/ndcg@10": metrics["test/ndcg@10"] / max(metrics["base/test/ndcg@10"], 1e-12),
             "params/base_total": base_params,
             "size/base_mb": base_mb,
             "compression/model_ratio": params / base_params,
