@@ -134,6 +134,43 @@ def test_only_one_blocks_statistics_are_alive_at_once(data, monkeypatch):
     assert peak["grams"] == 2 * PER_BLOCK * LAYERS
 
 
+def test_each_blocks_statistics_are_freed_and_their_pages_handed_back_before_the_next_block(data, monkeypatch):
+    """The trim runs once per block and pass, each time with no Gram matrix left alive."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    alive_at_trim: list[int] = []
+
+    def collect(*args, **kwargs):
+        stats = collect_input_stats(*args, **kwargs)
+        live.update(s.gram for s in stats.values())
+        return stats
+
+    monkeypatch.setattr(sequential_module, "collect_input_stats", collect)
+    monkeypatch.setattr(sequential_module, "release_freed_memory", lambda: alive_at_trim.append(len(live)))
+    sequential(data, "odllm", "compressed")
+    assert alive_at_trim == [0] * LAYERS
+    alive_at_trim.clear()
+    sequential(data, "odllm", "compressed", allocation="global")  # the spectra pass trims too
+    assert alive_at_trim == [0] * (2 * LAYERS)
+
+
+def test_releasing_freed_memory_returns_the_heaps_free_pages_to_the_system():
+    """Tensors below glibc's mmap threshold live in the heap; freed under a live one, their pages
+    stay resident until the trim (this machine, like CI's, runs glibc)."""
+    from recsys_compress.utils.memory import release_freed_memory
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+    chunks = [torch.ones(16_000) for _ in range(3_000)]  # 64 kB each, 183 MiB, written
+    pin = torch.ones(16_000)  # above them in the heap: free() alone cannot shrink it
+    del chunks
+    before = rss_mib()
+    assert release_freed_memory() is True
+    assert before - rss_mib() > 100
+    del pin
+
+
 def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_blocks_fails(data):
     lit = fresh(data)
     cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, sequential=True), 0.5)

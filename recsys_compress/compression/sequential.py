@@ -35,6 +35,7 @@ from recsys_compress.compression.allocation import allocate_ranks
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, layer_spectra, prune_layers
 from recsys_compress.compression.calibration import InputStats, collect_input_stats
 from recsys_compress.compression.methods import LowRank, get_method
+from recsys_compress.utils.memory import release_freed_memory
 
 PROPAGATIONS = ("compressed", "original")
 
@@ -165,6 +166,7 @@ def compress_sequential(
                 spectra.update(layer_spectra(model, names, method, stats, asvd_alpha))
                 factorize_seconds += time.perf_counter() - t1
                 del stats
+                release_freed_memory()
             _propagate(block, inputs)
         ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank, rank_align)
         del inputs, spectra
@@ -192,6 +194,7 @@ def compress_sequential(
                 reports += prune_layers(model, names, method, ratio, stats, held)
             factorize_seconds += time.perf_counter() - t1
             del stats, held  # one block's statistics at a time
+            release_freed_memory()  # ... and their pages, or the heap's holes grow with depth
         if not names or propagate == "compressed":
             _propagate(block, calib_inputs + heldout_inputs)
     return SequentialResult(reports, calib_tokens, heldout_tokens, narrow,
