@@ -1,5 +1,6 @@
 """Sequential (block-by-block) compression against the whole-model path, on real MovieLens batches."""
 
+import os
 import weakref
 
 import pytest
@@ -169,6 +170,67 @@ def test_releasing_freed_memory_returns_the_heaps_free_pages_to_the_system():
     assert release_freed_memory() is True
     assert before - rss_mib() > 100
     del pin
+
+
+BOUNDED_STEP = """
+import os, torch
+from recsys_compress.utils.memory import large_allocations_mapped
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+def freed_but_resident_mib():  # 3,000 tensors of 128 kB written, one kept above them, the rest freed
+    before = rss_mib()
+    chunks = [torch.ones(32_000) for _ in range(3_000)]
+    pin = torch.ones(32_000)
+    del chunks
+    return rss_mib() - before
+
+with large_allocations_mapped() as applied:
+    inside = freed_but_resident_mib()
+after = freed_but_resident_mib()
+print(applied, round(inside), round(after))
+"""
+
+
+def test_inside_a_bounded_step_freed_tensors_leave_at_once_and_the_heap_serves_them_after():
+    """In a fresh process (a heap with free room would serve the tensors from its holes)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", BOUNDED_STEP], capture_output=True, text=True, check=True, env=env)
+    applied, inside, after = out.stdout.split()
+    assert applied == "True" and int(inside) < 20  # 366 MiB freed: each its own mapping, gone at once
+    assert int(after) > 200  # glibc's 32 MiB threshold again: the heap keeps them
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # the user's own setting wins
+    out = subprocess.run([sys.executable, "-c", BOUNDED_STEP], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[0] == "False"
+
+
+def test_the_sequential_path_runs_as_a_bounded_step(data, monkeypatch):
+    """The threshold is lowered before the first block's statistics and restored after the last."""
+    from recsys_compress.utils import memory
+
+    events = []
+
+    def libc(name):
+        return {"mallopt": lambda option, value: events.append(("mallopt", option, value)),
+                "malloc_trim": lambda pad: events.append(("trim",))}[name]
+
+    def stats(*args, **kwargs):
+        events.append(("stats",))
+        return block_stats(*args, **kwargs)
+
+    block_stats = sequential_module._block_stats
+    monkeypatch.setattr(memory, "_libc_function", libc)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(sequential_module, "_block_stats", stats)
+    sequential(data, "odllm", "compressed")
+    per_block = [("stats",), ("stats",), ("trim",)]  # calibration, held-out, then the trim
+    assert events == [("mallopt", memory.M_MMAP_THRESHOLD, 64 * 2**10), *per_block * LAYERS,
+                      ("mallopt", memory.M_MMAP_THRESHOLD, 32 * 2**20)]
 
 
 def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_blocks_fails(data):

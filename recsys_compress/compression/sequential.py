@@ -35,7 +35,7 @@ from recsys_compress.compression.allocation import allocate_ranks
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, layer_spectra, prune_layers
 from recsys_compress.compression.calibration import InputStats, collect_input_stats
 from recsys_compress.compression.methods import LowRank, get_method
-from recsys_compress.utils.memory import release_freed_memory
+from recsys_compress.utils.memory import large_allocations_mapped, release_freed_memory
 
 PROPAGATIONS = ("compressed", "original")
 
@@ -125,6 +125,7 @@ class SequentialResult:
 
 
 @torch.no_grad()
+@large_allocations_mapped()  # a freed block's statistics and workspace leave the resident set at once
 def compress_sequential(
     model: nn.Module,
     layer_names: Sequence[str],

@@ -1,26 +1,36 @@
-"""Hand freed host memory back to the operating system between memory-bounded steps.
+"""Keep freed host memory from staying resident between memory-bounded steps (glibc).
 
-glibc serves large allocations by mmap only below a threshold that rises each time such a block
-is freed; after the first freed dense weight, Gram matrices and factors come from the heap, and
-the pages of the ones freed stay resident in its holes. The sequential compression path frees
-one block's statistics before the next block's exist, so without a trim its peak resident size
-still grew with depth (BENCHMARKS.md, "Peak memory vs depth").
+glibc serves an allocation by its own mmap only above a threshold that rises, up to 32 MiB,
+each time such a block is freed. After the first freed dense weight, Gram matrices, factors
+and SVD workspace below that size come from the heap, and the pages of the ones freed stay
+resident in its holes: the sequential compression path frees one block's statistics before
+the next block's exist, yet its peak resident size grew with depth (BENCHMARKS.md, "Peak
+memory vs depth"). Where the C library is not glibc, both helpers do nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
-from typing import Callable
+import os
+from collections.abc import Iterator
+from typing import Any
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where its sliding threshold tops out, and so the
+# threshold a long-running process has usually reached; restored after a bounded step.
+SLIDING_THRESHOLD_MAX = 32 * 2**20
+MAPPED_FROM = 64 * 2**10  # inside a bounded step: every allocation from 64 KiB up is its own mapping
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str) -> Any | None:
+    library = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return getattr(ctypes.CDLL(library), name) if library else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return None
 
 
@@ -29,8 +39,29 @@ def release_freed_memory() -> bool:
 
     True when the C library has the call (and so the trim ran), False where it does not.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
     return True
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = MAPPED_FROM) -> Iterator[bool]:
+    """Inside the block, serve every allocation of ``threshold`` bytes or more by its own mmap,
+    so freeing it returns its pages at once (the effect of ``MALLOC_MMAP_THRESHOLD_``, for this
+    step only). Yields whether the setting took effect.
+
+    Afterwards the threshold is set to glibc's sliding maximum (32 MiB): glibc cannot hand back
+    its own sliding value once it is set by hand. A threshold the user set through the
+    environment is left alone.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        yield False
+        return
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield True
+    finally:
+        mallopt(M_MMAP_THRESHOLD, SLIDING_THRESHOLD_MAX)
