@@ -3,7 +3,7 @@
 PY ?= python3
 .DEFAULT_GOAL := help
 
-.PHONY: help install test mutation-check gpu-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export clean
+.PHONY: help install test mutation-check gpu-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export proxy-marc clean
 
 help:               ## list the targets and what each runs
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/  \1\t\2/' | expand -t 20
@@ -87,6 +87,18 @@ cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4)
 	done
 	for s in 0 1 2; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
 	$(PY) experiments/report.py outputs/cold_export --out outputs/cold_export/report
+
+# The proxy and its settings: `make proxy-marc PROXY=mrl PROXY_ARGS=proxy.objective=mrl` for another.
+PROXY ?= ntp
+PROXY_ARGS ?= proxy.objective=ntp proxy.batch_size=16 proxy.steps=150 proxy.val_pairs=512
+proxy-marc:         ## cold-item ML-1M, seeds 0-2: a proxy fine-tunes SmolLM2, MARC on its encoder (all dims, its 8 most informative), its MRA curve; paired report
+	for s in 0 1 2; do \
+	  $(PY) train.py task=proxy dataset=ml_1m ctr.split_by=item $(PROXY_ARGS) seed=$$s hydra.run.dir=outputs/proxy_marc/$(PROXY)_s$$s && \
+	  $(PY) train.py task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 representation.encoder_run=outputs/proxy_marc/$(PROXY)_s$$s seed=$$s hydra.run.dir=outputs/proxy_marc/marc_$(PROXY)_s$$s && \
+	  $(PY) experiments/evaluate_codes.py outputs/proxy_marc/marc_$(PROXY)_s$$s marc.export_dims=8 && \
+	  $(PY) train.py -m experiment=mra_cold_ml1m representation.encoder_run=outputs/proxy_marc/$(PROXY)_s$$s seed=$$s hydra.sweep.dir=outputs/proxy_marc/mra_$(PROXY)_s$$s || exit 1; \
+	done
+	$(PY) experiments/report.py outputs/proxy_marc --out outputs/proxy_marc/report
 
 clean:              ## remove outputs/, multirun/ and the pytest cache (not .cache/: cached models and data)
 	rm -rf outputs multirun .pytest_cache
