@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, validate_probe
+from recsys_compress.config import ConfigError, validate_marc, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
 from recsys_compress.representations.layer_means import load_encoder
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cosine_regression, encoder_label,
@@ -178,6 +178,17 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
                                                                                               progress=False)
     torch.testing.assert_close(before[0], after[0], rtol=0, atol=0)
     assert not torch.allclose(before[-1], after[-1], atol=1e-3)
+    # MARC on the encoder starts its trainable top from the blocks and norm the proxy trained
+    marc_run = validate_marc(compose_config(["task=marc", *overrides[1:], f"representation.encoder_run={out}"],
+                                            tmp_path / "marc"))
+    top = llama_top(build_encoder(marc_run.representation, tmp_path / "cache", marc_run.seed),
+                    marc_run.marc.trainable_layers).state_dict()
+    saved = load_file(str(out / "encoder" / "blocks.safetensors"))
+    assert marc_run.marc.trainable_layers == 2 and any(k.startswith("layers.1.") for k in saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(top[key], value, rtol=0, atol=0, msg=key)
+    assert not torch.equal(llama_top(base, 2).state_dict()["layers.1.mlp.down_proj.weight"],
+                           saved["layers.1.mlp.down_proj.weight"])
 
     # the report's curve label: the objective and the settings off their defaults, not the seed,
     # so the runs of one proxy configuration pool over seeds and other settings stay apart
