@@ -37,7 +37,7 @@ from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.builders import build_ctr_datamodule
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.utils.cli import split_overrides
-from recsys_compress.utils.compose import PROJECT_ROOT
+from recsys_compress.utils.compose import PROJECT_ROOT, path_override
 from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.run_outputs import finish_run
 
@@ -47,7 +47,7 @@ def run_config(run_dir: Path, overrides: list[str], output_dir: Path) -> DictCon
     ``overrides`` in Hydra's grammar: a key the run lacks fails (a typo is not ignored), ``+KEY=V``
     adds one, ``~KEY`` deletes one."""
     register_schemas()  # the resolvers the saved config uses
-    pinned = [f"paths.root_dir={PROJECT_ROOT}", f"paths.output_dir={output_dir}"]
+    pinned = [path_override("paths.root_dir", PROJECT_ROOT), path_override("paths.output_dir", output_dir)]
     try:
         with initialize_config_dir(config_dir=str((run_dir / ".hydra").resolve()), version_base="1.3"):
             return compose("config", overrides=[*pinned, *overrides])

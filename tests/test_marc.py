@@ -1,6 +1,7 @@
 """MARC: the bottleneck's KL, HSIC, the trainable LLM top, item-grouped batches, the task end to end."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -174,7 +175,10 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     import evaluate_codes
 
     changed = ["ctr.dropout=0.3", "++marc.deploy_noise=true"]  # the report reads "++" as the plain setting
-    assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
+    assert evaluate_codes.main([str(tmp_path / "out"), *changed]) == 0
+    # the default output folder is named by the overrides, Hydra's grammar and all
+    default_out = tmp_path / "out" / "evaluate_codes" / "ctr.dropout=0.3_++marc.deploy_noise=true"
+    shutil.move(default_out, tmp_path / "again")
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert 0 <= again["test/auc"] <= 1 and again["overrides"] == " ".join(changed)
     assert again["codes/dim"] == saved["marc/export_dims"]

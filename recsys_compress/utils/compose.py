@@ -11,6 +11,13 @@ from omegaconf import DictConfig
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def path_override(key: str, path: str | Path) -> str:
+    """``key='path'``: quoted, so a folder whose name holds Hydra's grammar (``=``, ``,``, spaces,
+    brackets, as evaluate_codes' default output folder named by its overrides does) stays one value."""
+    quoted = str(path).replace("'", "\\'")
+    return f"{key}='{quoted}'"
+
+
 def compose_config(
     overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train"
 ) -> DictConfig:
@@ -22,5 +29,6 @@ def compose_config(
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose(
             config_name,
-            overrides=[f"paths.root_dir={PROJECT_ROOT}", f"paths.output_dir={output_dir}", *overrides],
+            overrides=[path_override("paths.root_dir", PROJECT_ROOT), path_override("paths.output_dir", output_dir),
+                       *overrides],
         )
