@@ -35,11 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
-    from recsys_compress.utils.cli import split_overrides
+    from recsys_compress.utils.cli import parse_with_overrides
     from recsys_compress.utils.compose import compose_config
 
-    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     args.overrides = overrides
 
     import torch

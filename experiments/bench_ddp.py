@@ -27,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.cli import parse_with_overrides
+from recsys_compress.utils.compose import path_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def run_variant(variant: str, batch: int, overrides: list[str], folder: Path) ->
     trainer = "cpu" if variant == "single" else "ddp"
     per_process = batch // 2 if variant == "ddp_same_global_batch" else batch
     cmd = [sys.executable, str(REPO / "train.py"), f"trainer={trainer}", f"dataset.batch_size={per_process}",
-           "logger=none", "compression=none", f"hydra.run.dir={folder}", *overrides]
+           "logger=none", "compression=none", path_override("hydra.run.dir", folder), *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     if out.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128, help="per-process batch of single and ddp")
     parser.add_argument("--variants", nargs="+", default=["single", "ddp", "ddp_same_global_batch"])
     parser.add_argument("--out", type=Path, default=None)
-    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
 
     samples: dict[str, list[dict]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as tmp:

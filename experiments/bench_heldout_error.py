@@ -24,9 +24,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recsys_compress.utils.cli import split_overrides
+    from recsys_compress.utils.cli import parse_with_overrides
 
-    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "odllm"])
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--heldout-batches", type=int, default=4)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
 
     import torch
 

@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.cli import parse_with_overrides
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -313,8 +313,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--test-artefacts", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
-    options, overrides = split_overrides(sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:])  # `--ratios 0.5 dataset=x` would swallow them
     args.overrides = overrides
     if args.base_run and args.model:
         parser.error("--model comes from --base-run's config; give one of them")

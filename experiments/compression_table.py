@@ -45,7 +45,7 @@ from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
 from recsys_compress.config import validate
 from recsys_compress.evaluation.bootstrap import retention
 from recsys_compress.models.trained_run import load_trained_base, run_overrides as overrides_of
-from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.cli import parse_with_overrides
 from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.compose import compose_config
 
@@ -63,8 +63,7 @@ def main() -> None:
                         choices=["none", "progressive", "progressive_lstsq"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE Hydra overrides for every cell (e.g. alignment.lr=1e-4)")
-    options, overrides = split_overrides(sys.argv[1:])
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:])
 
     run_overrides = overrides_of(args.run_dir)
 

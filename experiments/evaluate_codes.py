@@ -36,7 +36,7 @@ from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.builders import build_ctr_datamodule
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
-from recsys_compress.utils.cli import split_overrides
+from recsys_compress.utils.cli import parse_with_overrides
 from recsys_compress.utils.compose import PROJECT_ROOT, path_override
 from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.run_outputs import finish_run
@@ -56,11 +56,10 @@ def run_config(run_dir: Path, overrides: list[str], output_dir: Path) -> DictCon
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a finished task=marc run, or a single-layer task=mra_probe run")
     parser.add_argument("--out", type=Path, help="where metrics.json goes")
-    args = parser.parse_args(options)
+    args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     codes_path = args.run_dir / "item_codes.safetensors"
     cfg_path = args.run_dir / ".hydra" / "config.yaml"
     for path in (codes_path, cfg_path):

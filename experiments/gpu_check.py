@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recsys_compress.utils.compose import path_override
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The steps both runs take: compress with sequential odllm at 0.5, align, evaluate (train.py overrides).
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     overrides = DRY_RUN if args.dry_run else GPU_RUN
-    pipeline_s = run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"], work / "train.log")
+    pipeline_s = run([sys.executable, "train.py", *overrides, path_override("hydra.run.dir", run_dir)], work / "train.log")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     bench_json = work / "bench.json"
     bench_s = run([sys.executable, "experiments/bench_ondevice.py", *(DRY_BENCH if args.dry_run else GPU_BENCH),

@@ -22,7 +22,7 @@ def test_without_cuda_the_gpu_check_refuses_at_once_with_the_reason(tmp_path):
 
 def test_the_dry_run_fine_tunes_compresses_aligns_evaluates_and_benchmarks(tmp_path):
     out = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry-run", "--out", str(tmp_path / "g.json"),
-                          "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+                          "--work", str(tmp_path / "work=dry")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads((tmp_path / "g.json").read_text())
     assert figures["dry_run"] and "compression.sequential=true" in figures["overrides"]

@@ -203,12 +203,25 @@ def test_an_optuna_search_runs_its_trials_on_the_validation_objective(tmp_path):
 
 
 def test_script_command_lines_keep_overrides_out_of_list_options():
-    from recsys_compress.utils.cli import split_overrides
+    import argparse
 
-    options, overrides = split_overrides(["--ratios", "0.3", "0.5", "dataset=ml_100k", "--out=x.json",
-                                          "+trainer.limit_train_batches=2", "--rounds", "2"])
-    assert options == ["--ratios", "0.3", "0.5", "--out=x.json", "--rounds", "2"]
+    from recsys_compress.utils.cli import parse_with_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--ratios", nargs="+", type=float)
+    parser.add_argument("--out")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--quick", action="store_true")
+    args, overrides = parse_with_overrides(parser, [
+        "RUN", "--ratios", "0.3", "0.5", "dataset=ml_100k", "--out=x.json", "+trainer.limit_train_batches=2",
+        "--rounds", "2"])
+    assert (args.run_dir, args.ratios, args.out, args.rounds) == ("RUN", [0.3, 0.5], "x.json", 2)
     assert overrides == ["dataset=ml_100k", "+trainer.limit_train_batches=2"]
+    # An option's own value stays its value even when it holds '=' (a folder named by overrides);
+    # a flag takes none, so the override after it stays an override.
+    args, overrides = parse_with_overrides(parser, ["RUN", "--out", "runs/ratio=0.5/b.json", "--quick", "seed=3"])
+    assert (args.out, args.quick, overrides) == ("runs/ratio=0.5/b.json", True, ["seed=3"])
 
 
 def test_the_report_lists_a_failed_job_that_recorded_no_error_text(tmp_path):

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 
 from omegaconf import DictConfig
 
+from recsys_compress.utils.compose import path_override
+
 log = logging.getLogger(__name__)
 
 JOB_ENV = "RECSYS_DDP_JOB"
@@ -45,7 +47,7 @@ def rank_command_line(argv: Sequence[str]) -> list[str] | None:
     if not job or rank in (None, "0"):
         return None
     spec = json.loads(job)
-    return [argv[0], *spec["overrides"], f'hydra.run.dir="{spec["run_dir"]}"', "hydra.output_subdir=null",
+    return [argv[0], *spec["overrides"], path_override("hydra.run.dir", spec["run_dir"]), "hydra.output_subdir=null",
             f"hydra.job.name={_RANK_JOB_NAME}{rank}"]
 
 
