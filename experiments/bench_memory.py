@@ -30,6 +30,7 @@ def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, 
     from recsys_compress.config import CompressionConfig
     from recsys_compress.models.item_llm import build_llama, count_parameters
     from recsys_compress.models.lit_seqrec import SeqRecLitModule
+    from recsys_compress.utils.memory import resident_mib
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -40,7 +41,7 @@ def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, 
              "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
              "user": torch.arange(i * batch_size, (i + 1) * batch_size)} for i in range(batches + heldout)]
     params = count_parameters(lit.model)
-    rss_before = _rss_mib()
+    rss_before = resident_mib()
     config = CompressionConfig(method="odllm", calib_batches=batches, heldout_batches=heldout,
                                sequential=mode == "sequential")
     callback = CompressionCallback(config, 0.5)
@@ -53,14 +54,6 @@ def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, 
             "rss_before_mib": rss_before, "peak_rss_mib": peak, "overhead_mib": peak - rss_before,
             "seconds": seconds, "calib_tokens": summary["compression/calib_tokens"],
             "heldout_rel_output_error": summary["compression/heldout_rel_output_error"]}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _peak_rss_mib() -> float:

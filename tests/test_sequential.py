@@ -157,35 +157,27 @@ def test_each_blocks_statistics_are_freed_and_their_pages_handed_back_before_the
 def test_releasing_freed_memory_returns_the_heaps_free_pages_to_the_system():
     """Tensors below glibc's mmap threshold live in the heap; freed under a live one, their pages
     stay resident until the trim (this machine, like CI's, runs glibc)."""
-    from recsys_compress.utils.memory import release_freed_memory
-
-    def rss_mib() -> float:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+    from recsys_compress.utils.memory import release_freed_memory, resident_mib
 
     chunks = [torch.ones(16_000) for _ in range(3_000)]  # 64 kB each, 183 MiB, written
     pin = torch.ones(16_000)  # above them in the heap: free() alone cannot shrink it
     del chunks
-    before = rss_mib()
+    before = resident_mib()
     assert release_freed_memory() is True
-    assert before - rss_mib() > 100
+    assert before - resident_mib() > 100
     del pin
 
 
 BOUNDED_STEP = """
 import os, torch
-from recsys_compress.utils.memory import large_allocations_mapped
-
-def rss_mib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+from recsys_compress.utils.memory import large_allocations_mapped, resident_mib
 
 def freed_but_resident_mib():  # 3,000 tensors of 128 kB written, one kept above them, the rest freed
-    before = rss_mib()
+    before = resident_mib()
     chunks = [torch.ones(32_000) for _ in range(3_000)]
     pin = torch.ones(32_000)
     del chunks
-    return rss_mib() - before
+    return resident_mib() - before
 
 with large_allocations_mapped() as applied:
     inside = freed_but_resident_mib()

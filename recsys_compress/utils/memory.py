@@ -65,3 +65,13 @@ def large_allocations_mapped(threshold: int = MAPPED_FROM) -> Iterator[bool]:
         yield True
     finally:
         mallopt(M_MMAP_THRESHOLD, SLIDING_THRESHOLD_MAX)
+
+
+def resident_mib() -> float:
+    """This process's resident set size now, in MiB (Linux's ``VmRSS``; the benchmarks and tests
+    of the bounded step read it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (resident size is read on Linux only)")
