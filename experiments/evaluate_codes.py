@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from recsys_compress.config import register_schemas, validate_marc, validate_probe
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes
+from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.builders import build_ctr_datamodule
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.utils.cli import parse_with_overrides
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_marc and codes.shape[1] < stored["mu"].shape[1]:
         source += f", the most informative of {stored['mu'].shape[1]}"
     metrics = {**result, "codes": str(codes_path), "overrides": " ".join(overrides), "seed": run.seed,
-               "codes/dim": codes.shape[1], "codes/source": source, "repr/encoder": run.representation.model,
+               "codes/dim": codes.shape[1], "codes/source": source,
+               "repr/encoder": encoder_label(run.representation.model, run.representation.encoder_run),
                "data/name": d.name, **ctr_fields(c)}
     path = finish_run(out, metrics, [])
     (out / ".hydra").mkdir(exist_ok=True)

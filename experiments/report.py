@@ -17,9 +17,11 @@ what the runs are:
   is listed, not drawn);
 - runs of one configuration with different seeds (``python train.py -m ... seed=0,1,2``) are
   pooled: tables give mean ± std (n seeds), the curve error bars, reference lines a band,
-  and a paired table gives every layer's and reference's test AUC minus the final-layer
-  probe's over the seeds both ran (same seed = same split), which cancels split-to-split
-  variation, with the p-value of an exact sign-flip (paired randomisation) test;
+  and paired tables give every layer's and reference's test AUC minus the final-layer
+  probe's, and each reference's minus the best-on-validation layer's (picked per seed), over
+  the seeds both ran (same seed = same split), which cancels split-to-split variation, with
+  the p-value of an exact sign-flip (paired randomisation) test; a reference is paired only
+  with curves on its test sets (same split) and of its encoder (ID-only: any encoder);
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method (with its rank
   allocation when not uniform), alignment and ratio with each aligned cell's alignment time,
   ``retention.png``, and what the runs cost (base models trained vs reused from the cache,
@@ -40,7 +42,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -122,13 +124,43 @@ class Summary:
         return [mine[s] - theirs[s] for s in mine if s in theirs and s is not None]
 
 
+class Curve(NamedTuple):
+    """What one MRA curve is of; ``split_by`` decides which runs share its test sets (by seed)."""
+
+    encoder: str
+    compressor: str
+    dim: Any
+    variant: str
+    split_by: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.encoder} {self.compressor} dim {self.dim}{self.variant}"
+
+
+class Reference(NamedTuple):
+    """A run kind drawn as a line beside the curves: ``encoder`` None where it reads no LLM (ID-only)."""
+
+    label: str
+    auc: Summary
+    logloss: Summary
+    drawn: bool
+    encoder: str | None
+    split_by: str
+
+    def pairs_with(self, curve: Curve) -> bool:
+        """Only a reference on the curve's test sets (same split) and of its encoder (or of none)
+        is paired with it: MARC on one proxy's encoder says nothing against another's layers."""
+        return self.split_by == curve.split_by and self.encoder in (None, curve.encoder)
+
+
 def _collect() -> tuple[list[float], list[Any]]:
     return [], []
 
 
-def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summary, Summary]]]:
-    """(encoder, compressor, dim, variant) -> [(layer, val auc, test auc)], each a Summary over
-    the seeds, from single- and all-layer runs."""
+def probe_points(runs: list[dict[str, Any]]) -> dict[Curve, list[tuple[int, Summary, Summary]]]:
+    """Curve -> [(layer, val auc, test auc)], each a Summary over the seeds, from single- and
+    all-layer runs."""
     val: dict[tuple, dict[int, tuple[list, list]]] = defaultdict(lambda: defaultdict(_collect))
     test: dict[tuple, dict[int, tuple[list, list]]] = defaultdict(lambda: defaultdict(_collect))
 
@@ -141,7 +173,8 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summ
         layer = r.get("probe/layer")
         if layer is None or layer == -1 or "marc/dim" in r:
             continue
-        key = (r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"), _variant(r))
+        key = Curve(r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"), _variant(r),
+                    r["_split_by"])
         if layer == "all":
             for name, value in r.items():
                 if name.startswith("layers/") and name.endswith("/test/auc"):
@@ -153,13 +186,12 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[tuple, list[tuple[int, Summ
             for k, pts in test.items()}
 
 
-def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, bool]]:
-    """(label, test auc, test logloss, drawn on the curve) of ID-only, MARC and proxy runs (the
-    proxy's deployed code), over seeds.
+def references(runs: list[dict[str, Any]]) -> list[Reference]:
+    """The ID-only, MARC and proxy runs (the proxy's deployed code), each kind over its seeds.
 
     MARC's end-to-end model (its own task module) is listed next to the deployed one (a fresh
     CTR model on the exported codes) but not drawn."""
-    groups: dict[tuple[str, bool], list[tuple[float, float, Any]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[float, float, Any]]] = defaultdict(list)
     for r in runs:
         if r.get("probe/layer") == -1:
             entries = [(f"ID-only CTR model{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
@@ -178,7 +210,7 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
                 entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],
                                 r["marc/e2e_test/logloss"], False))
         elif "proxy/objective" in r:  # task=proxy: a fresh CTR model on the proxy's deployed code
-            what = encoder_label(r["_encoder"], r["_run"])  # the encoder the run wrote, as its probes name it
+            what = encoder = encoder_label(r["_encoder"], r["_run"])  # the encoder the run wrote, as its probes name it
             entries = [(f"{what}: its deployed code, dim {r['proxy/dim']}{_variant(r)}", r["test/auc"],
                         r["test/logloss"], True)]
         elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
@@ -189,11 +221,13 @@ def references(runs: list[dict[str, Any]]) -> list[tuple[str, Summary, Summary, 
                         f"{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         else:
             continue
+        if "proxy/objective" not in r:
+            encoder = None if r.get("probe/layer") == -1 else r["_encoder"]
         for label, auc, logloss, drawn in entries:
-            groups[(label, drawn)].append((auc, logloss, r["_seed"]))
-    return [(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
-             Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn)
-            for (label, drawn), rows in groups.items()]
+            groups[(label, drawn, encoder, r["_split_by"])].append((auc, logloss, r["_seed"]))
+    return [Reference(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
+                      Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn, encoder, split_by)
+            for (label, drawn, encoder, split_by), rows in groups.items()]
 
 
 def write_source_table(path: Path, columns: list[str], rows: list[tuple]) -> Path:
@@ -206,24 +240,23 @@ def write_source_table(path: Path, columns: list[str], rows: list[tuple]) -> Pat
 
 
 def draw_mra(curves, refs, out: Path) -> Path:
-    rows = [(f"{encoder} {compressor} dim {dim}{variant}", p[0], p[2].mean, p[2].std, len(p[2].values))
-            for (encoder, compressor, dim, variant), pts in curves.items() for p in pts]
-    rows += [(label, "", auc.mean, auc.std, len(auc.values)) for label, auc, _, drawn in refs if drawn]
+    rows = [(curve.label, p[0], p[2].mean, p[2].std, len(p[2].values)) for curve, pts in curves.items() for p in pts]
+    rows += [(ref.label, "", ref.auc.mean, ref.auc.std, len(ref.auc.values)) for ref in refs if ref.drawn]
     write_source_table(out / "mra_curve.csv", ["curve", "layer", "test/auc", "std", "seeds"], rows)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (encoder, compressor, dim, variant), pts in curves.items():
+    for curve, pts in curves.items():
         layers = [p[0] for p in pts]
         test = [p[2].mean for p in pts]
         seeds = max(len(p[2].values) for p in pts)
         line = ax.errorbar(layers, test, yerr=[p[2].std for p in pts] if seeds > 1 else None, marker="o",
-                           capsize=3, label=f"{encoder} {compressor} dim {dim}{variant}"
+                           capsize=3, label=curve.label
                            + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""))[0]
         best = max(pts, key=lambda p: p[1].mean)
         ax.scatter([best[0]], [best[2].mean], s=160, facecolors="none", edgecolors=line.get_color(), linewidths=2,
                    label=f"best on validation: layer {best[0]}")
         ax.scatter([pts[-1][0]], [pts[-1][2].mean], marker="s", s=70, color=line.get_color(),
                    label=f"final layer {pts[-1][0]}")
-    for i, (label, auc, _, drawn) in enumerate(r for r in refs if r[3]):
+    for i, (label, auc, *_) in enumerate(r for r in refs if r.drawn):
         color = f"C{(i + 5) % 10}"
         ax.axhline(auc.mean, linestyle="--", color=color, label=f"{label}: {auc.mean:.4f}")
         if auc.std:
@@ -244,10 +277,11 @@ def draw_mra(curves, refs, out: Path) -> Path:
 def mra_tables(curves, refs) -> list[str]:
     """Markdown tables; a configuration run with several seeds shows mean ± std (n seeds)."""
     lines = []
-    for (encoder, compressor, dim, variant), pts in curves.items():
+    for curve, pts in curves.items():
         best = max(pts, key=lambda p: p[1].mean)
         final = pts[-1]
-        lines += [f"### MRA curve: {encoder}, {compressor} compression to {dim} dims{variant}", "",
+        lines += [f"### MRA curve: {curve.encoder}, {curve.compressor} compression to {curve.dim} dims{curve.variant}",
+                  "",
                   "| layer | val AUC | test AUC |", "|---|---|---|"]
         for layer, val, test in pts:
             mark = " (best on val)" if layer == best[0] else " (final)" if layer == final[0] else ""
@@ -256,10 +290,10 @@ def mra_tables(curves, refs) -> list[str]:
                       f"{final[2].mean:.4f} ({best[2].mean - final[2].mean:+.4f}).", ""]
     if refs:
         lines += ["| reference | test AUC | test LogLoss |", "|---|---|---|"]
-        lines += [f"| {label} | {auc} | {ll} |" for label, auc, ll, _ in refs]
+        lines += [f"| {ref.label} | {ref.auc} | {ref.logloss} |" for ref in refs]
         lines.append("")
-    for (encoder, compressor, dim, variant), pts in curves.items():
-        lines += paired_table(f"{encoder} {compressor} dim {dim}{variant}", pts, refs)
+    for curve, pts in curves.items():
+        lines += paired_table(curve, pts, [ref for ref in refs if ref.pairs_with(curve)])
     return lines
 
 
@@ -282,25 +316,51 @@ def sign_flip_p(diffs: list[float], exact_up_to: int = 16) -> float:
     return extreme / len(bits) if exact else (extreme + 1) / (len(bits) + 1)
 
 
-def paired_table(curve: str, pts, refs) -> list[str]:
-    """Test AUC minus the final-layer probe's, paired by seed (same split, same initialisation):
-    seed-to-seed variation of the split cancels, so this separates smaller gaps than the
-    pooled mean ± std. Only where at least two seeds are shared."""
-    final_layer, _, final = pts[-1]
-    rows = [(f"layer {layer}", test) for layer, _, test in pts[:-1]] + [(label, auc) for label, auc, _, _ in refs]
+def best_on_validation(pts) -> tuple[Summary, list[Any]]:
+    """Per seed, the test AUC of the layer with the highest validation AUC on that seed (what a
+    user who picks the layer on validation data deploys), and the layers picked."""
+    values, seeds, layers = [], [], []
+    for seed in pts[-1][2].seeds:
+        scored = [(dict(zip(val.seeds, val.values))[seed], layer, dict(zip(test.seeds, test.values))[seed])
+                  for layer, val, test in pts if seed in test.seeds and seed in val.seeds]
+        _, layer, test_auc = max(scored, key=lambda s: (s[0], -s[1]))  # a tie goes to the lower layer
+        values.append(test_auc), seeds.append(seed), layers.append(layer)
+    return Summary(values, seeds), layers
+
+
+def _paired_rows(rows: list[tuple[str, Summary]], against: Summary) -> list[str]:
     lines = []
     for label, summary in rows:
-        diff = summary.minus(final)
+        diff = summary.minus(against)
         if len(diff) >= 2:
             wins = sum(d > 0 for d in diff)
             lines.append(f"| {label} | {statistics.fmean(diff):+.4f} ± {statistics.stdev(diff):.4f} | "
                          f"{wins} of {len(diff)} | {sign_flip_p(diff):.2f} |")
+    return lines
+
+
+def paired_table(curve: Curve, pts, refs: list[Reference]) -> list[str]:
+    """Test AUC minus the final-layer probe's, and minus the best-on-validation layer's (picked
+    per seed), paired by seed (same split, same initialisation): seed-to-seed variation of the
+    split cancels, so this separates smaller gaps than the pooled mean ± std. Only where at
+    least two seeds are shared. ``refs`` are the references that share the curve's test sets."""
+    final_layer, _, final = pts[-1]
+    best, picked = best_on_validation(pts)
+    head = ["| features | test AUC minus the {what} (mean ± std over shared seeds) | seeds where higher "
+            "| p (sign-flip test) |", "|---|---|---|---|"]
+    lines = _paired_rows([(f"layer {layer}", test) for layer, _, test in pts[:-1]]
+                         + [(f"best layer on validation, per seed ({', '.join(map(str, picked))})", best)]
+                         + [(ref.label, ref.auc) for ref in refs], final)
     if not lines:
         return []
-    return [f"### Paired with the final-layer probe ({curve}, layer {final_layer})", "",
-            "| features | test AUC minus the final layer's (mean ± std over shared seeds) | seeds where higher "
-            "| p (sign-flip test) |",
-            "|---|---|---|---|", *lines, ""]
+    out = [f"### Paired with the final-layer probe ({curve.label}, layer {final_layer})", "",
+           head[0].format(what="final layer's"), head[1], *lines, ""]
+    lines = _paired_rows([(ref.label, ref.auc) for ref in refs], best)
+    if lines and len(pts) > 1:
+        out += [f"### Paired with the best layer on validation ({curve.label}; layers per seed "
+                f"{', '.join(f'{s}: {l}' for s, l in zip(best.seeds, picked))})", "",
+                head[0].format(what="best-on-validation layer's"), head[1], *lines, ""]
+    return out
 
 
 def retention_rows(runs):

@@ -308,6 +308,44 @@ def test_sign_flip_test_counts_the_sign_patterns_by_hand():
     assert report.sign_flip_p([1.0] * 20, exact_up_to=10) == 1 / 1025
 
 
+def test_the_report_pairs_each_reference_with_its_own_encoders_final_and_best_on_validation_layers():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    def run(seed, split="item", **metrics):
+        return {"_seed": seed, "_split_by": split, "_item_id_dropout": 0.0, "_batch_by": "sample", "_run": "r",
+                "test/logloss": 0.5, **metrics}
+
+    # encoder A's layers 0..2 on seeds 0..2: validation picks layer 1, 0 and 2 (the final) in turn
+    val = {0: [0.60, 0.70, 0.65], 1: [0.72, 0.70, 0.71], 2: [0.60, 0.61, 0.69]}
+    test = {0: [0.61, 0.66, 0.63], 1: [0.70, 0.64, 0.65], 2: [0.62, 0.60, 0.67]}
+    runs = [run(s, **{"_encoder": "A", "probe/layer": layer, "val/best_auc": val[s][layer],
+                      "test/auc": test[s][layer]}) for s in range(3) for layer in range(3)]
+    marc = {0: 0.69, 1: 0.71, 2: 0.66}
+    runs += [run(s, **{"_encoder": "A", "marc/dim": 32, "marc/beta": 1.0, "test/auc": marc[s]}) for s in range(3)]
+    runs += [run(s, **{"_encoder": "B", "marc/dim": 32, "marc/beta": 1.0, "test/auc": 0.9}) for s in range(3)]
+    runs += [run(s, **{"_encoder": "A", "probe/layer": -1, "test/auc": 0.5 + s / 100}) for s in range(3)]
+    runs += [run(s, split="time", **{"_encoder": "A", "probe/layer": -1, "test/auc": 0.8}) for s in range(3)]
+    text = "\n".join(report.mra_tables(report.probe_points(runs), report.references(runs)))
+
+    def row(label, diffs):
+        wins = sum(d > 0 for d in diffs)
+        return (f"| {label} | {statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} | {wins} of 3 | "
+                f"{report.sign_flip_p(diffs):.2f} |")
+
+    best = [test[0][1], test[1][0], test[2][2]]  # each seed's best layer on validation, its test AUC
+    final = [test[s][2] for s in range(3)]
+    marc_a = "MARC (A, final layer, dim 32, beta 1) [cold items]"
+    assert "layers per seed 0: 1, 1: 0, 2: 2" in text
+    assert row("best layer on validation, per seed (1, 0, 2)", [b - f for b, f in zip(best, final)]) in text
+    assert row(marc_a, [marc[s] - final[s] for s in range(3)]) in text
+    assert row(marc_a, [marc[s] - best[s] for s in range(3)]) in text
+    assert row("ID-only CTR model [cold items]", [0.5 + s / 100 - best[s] for s in range(3)]) in text
+    # MARC on another encoder and an ID-only model on other test sets are listed, never paired with A
+    assert "| MARC (B, final layer, dim 32, beta 1) [cold items] | 0.9000 ± 0.0000 (n=3) |" in text
+    assert text.count("| MARC (B,") == 1 and text.count("| ID-only CTR model |") == 1
+
+
 def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_slice):
     data = build_ctr_splits("recbole_atomic", str(ml1m_slice), "ml-1m")
     # ML-1M codes: user 1 is age code 1, F, occupation 10; user 2 is 56, M, 16

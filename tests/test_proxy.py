@@ -208,6 +208,16 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
     assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
     assert f"| {label}: its deployed code, dim 32 | {metrics['test/auc']:.4f} |" \
         in (tmp_path / "report" / "report.md").read_text()
+    # a fresh CTR model on codes of a run that read the encoder is named by that encoder too, so the
+    # report pairs it with that encoder's probes
+    import evaluate_codes
+
+    probe_cfg = compose_config([*overrides, f"representation.encoder_run={out}", "probe.layer=2"], tmp_path / "p2")
+    run_task(probe_cfg)
+    (tmp_path / "p2" / ".hydra").mkdir()
+    OmegaConf.save(probe_cfg, tmp_path / "p2" / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
+    assert evaluate_codes.main([str(tmp_path / "p2"), "--out", str(tmp_path / "p2_codes")]) == 0
+    assert json.loads((tmp_path / "p2_codes" / "metrics.json").read_text())["repr/encoder"] == label
     check_wandb_groups_probe_runs_by_encoder(overrides, out, tmp_path)
     # bad input fails at start, naming the problem
     probe = ["task=mra_probe", *FAST, f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}"]
