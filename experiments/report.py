@@ -348,8 +348,8 @@ def paired_table(curve: Curve, pts, refs: list[Reference]) -> list[str]:
     best, picked = best_on_validation(pts)
     head = ["| features | test AUC minus the {what} (mean ± std over shared seeds) | seeds where higher "
             "| p (sign-flip test) |", "|---|---|---|---|"]
-    lines = _paired_rows([(f"layer {layer}", test) for layer, _, test in pts[:-1]]
-                         + [(f"best layer on validation, per seed ({', '.join(map(str, picked))})", best)]
+    best_row = [(f"best layer on validation, per seed ({', '.join(map(str, picked))})", best)] if len(pts) > 1 else []
+    lines = _paired_rows([(f"layer {layer}", test) for layer, _, test in pts[:-1]] + best_row
                          + [(ref.label, ref.auc) for ref in refs], final)
     if not lines:
         return []
