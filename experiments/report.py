@@ -193,6 +193,10 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
     CTR model on the exported codes) but not drawn."""
     groups: dict[tuple, list[tuple[float, float, Any]]] = defaultdict(list)
     for r in runs:
+        # the encoder whose curve a run pairs with: a proxy run records the model it started from,
+        # and names the encoder it wrote as its probes do; an ID-only model reads none
+        encoder = (None if r.get("probe/layer") == -1 else
+                   encoder_label(r["_encoder"], r["_run"]) if "proxy/objective" in r else r["_encoder"])
         if r.get("probe/layer") == -1:
             entries = [(f"ID-only CTR model{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         elif "marc/dim" in r:
@@ -210,8 +214,7 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
                 entries.append((f"MARC end-to-end model ({what}){_variant(r)}", r["marc/e2e_test/auc"],
                                 r["marc/e2e_test/logloss"], False))
         elif "proxy/objective" in r:  # task=proxy: a fresh CTR model on the proxy's deployed code
-            what = encoder = encoder_label(r["_encoder"], r["_run"])  # the encoder the run wrote, as its probes name it
-            entries = [(f"{what}: its deployed code, dim {r['proxy/dim']}{_variant(r)}", r["test/auc"],
+            entries = [(f"{encoder}: its deployed code, dim {r['proxy/dim']}{_variant(r)}", r["test/auc"],
                         r["test/logloss"], True)]
         elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
             what = f"{r['_encoder']}, {r.get('codes/source', 'MARC')}, dim {r['codes/dim']}"
@@ -221,8 +224,6 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
                         f"{_variant(r)}", r["test/auc"], r["test/logloss"], True)]
         else:
             continue
-        if "proxy/objective" not in r:
-            encoder = None if r.get("probe/layer") == -1 else r["_encoder"]
         for label, auc, logloss, drawn in entries:
             groups[(label, drawn, encoder, r["_split_by"])].append((auc, logloss, r["_seed"]))
     return [Reference(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
