@@ -118,9 +118,13 @@ class Summary:
             return f"{self.values[0]:.4f}"
         return f"{self.mean:.4f} ± {self.std:.4f} (n={len(self.values)})"
 
+    @property
+    def by_seed(self) -> dict[Any, float]:
+        return dict(zip(self.seeds, self.values))
+
     def minus(self, other: "Summary") -> list[float]:
         """Paired differences over the seeds both ran (same seed: same split and initialisation)."""
-        mine, theirs = dict(zip(self.seeds, self.values)), dict(zip(other.seeds, other.values))
+        mine, theirs = self.by_seed, other.by_seed
         return [mine[s] - theirs[s] for s in mine if s in theirs and s is not None]
 
 
@@ -322,7 +326,7 @@ def best_on_validation(pts) -> tuple[Summary, list[Any]]:
     user who picks the layer on validation data deploys), and the layers picked."""
     values, seeds, layers = [], [], []
     for seed in pts[-1][2].seeds:
-        scored = [(dict(zip(val.seeds, val.values))[seed], layer, dict(zip(test.seeds, test.values))[seed])
+        scored = [(val.by_seed[seed], layer, test.by_seed[seed])
                   for layer, val, test in pts if seed in test.seeds and seed in val.seeds]
         _, layer, test_auc = max(scored, key=lambda s: (s[0], -s[1]))  # a tie goes to the lower layer
         values.append(test_auc), seeds.append(seed), layers.append(layer)
