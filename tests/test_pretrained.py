@@ -1,6 +1,7 @@
 """The real SmolLM2-135M from ../shared/models: GGUF -> cached safetensors -> item LLM."""
 
-import time
+import os
+import shutil
 
 import pytest
 import torch
@@ -14,11 +15,36 @@ from recsys_compress.models.lit_seqrec import SeqRecLitModule
 # smollm2_folder: conftest's session fixture, the conversion of GGUF
 
 
-def test_conversion_is_cached(smollm2_folder):
+def no_conversion(monkeypatch):
+    """Make any GGUF conversion fail, so a test sees that the cached folder was used."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted the GGUF again")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_conversion_is_cached(smollm2_folder, monkeypatch):
     assert (smollm2_folder / "model.safetensors").is_file()
-    t0 = time.perf_counter()
-    again = convert_gguf(GGUF, smollm2_folder.parent)
-    assert again == smollm2_folder and time.perf_counter() - t0 < 1.0  # no second conversion
+    no_conversion(monkeypatch)
+    assert convert_gguf(GGUF, smollm2_folder.parent) == smollm2_folder
+
+
+def test_a_fresh_copy_of_the_gguf_reuses_the_conversion(smollm2_folder, monkeypatch, tmp_path):
+    """The shared models folder is copied anew with new mtimes: the same bytes, the same folder;
+    other bytes, another folder."""
+    copy = tmp_path / GGUF.name
+    shutil.copyfile(GGUF, copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    no_conversion(monkeypatch)
+    assert convert_gguf(copy, smollm2_folder.parent) == smollm2_folder
+    with open(copy, "r+b") as f:  # one byte of the tensor data changed in place
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(AssertionError, match="converted the GGUF again"):
+        convert_gguf(copy, smollm2_folder.parent)
 
 
 def test_missing_gguf_names_the_path(tmp_path):

@@ -7,7 +7,6 @@ and refuses ``save_pretrained`` on the result, so we rebuild the model from a co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,20 +15,17 @@ from pathlib import Path
 
 import torch
 
+from recsys_compress.utils.fingerprint import content_fingerprint
+
 log = logging.getLogger(__name__)
-
-
-def _fingerprint(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def convert_gguf(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     """Return a safetensors folder for ``gguf_path``, converting it on first use.
 
-    The folder name carries a fingerprint of the GGUF file (path, size, mtime), and is
-    written to a temporary folder first and renamed, so a half-written cache is never read.
+    The folder name carries a fingerprint of the GGUF file's bytes (a fresh copy of the same
+    file, with a new mtime, reuses the folder; an edited file gets a new one), and is written
+    to a temporary folder first and renamed, so a half-written cache is never read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +35,7 @@ def convert_gguf(gguf_path: str | Path, cache_dir: str | Path) -> Path:
             f"GGUF model not found: {gguf_path} (set model.gguf_path, or model.pretrained_path "
             "to a Hugging Face folder)"
         )
-    target = Path(cache_dir) / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    target = Path(cache_dir) / f"{gguf_path.stem}-{content_fingerprint(gguf_path, cache_dir)[:12]}"
     if (target / "config.json").is_file():
         return target
 
