@@ -21,7 +21,9 @@ what the runs are:
   probe's, and each reference's minus the best-on-validation layer's (picked per seed), over
   the seeds both ran (same seed = same split), which cancels split-to-split variation, with
   the p-value of an exact sign-flip (paired randomisation) test; a reference is paired only
-  with curves on its test sets (same split) and of its encoder (ID-only: any encoder);
+  with curves on its test sets (same split) and of its encoder (ID-only: any encoder); a
+  proxy-trained encoder's final layer is paired with its pretrained model's final layer where
+  the report holds both curves (did the proxy move the final layer, and which way);
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method (with its rank
   allocation when not uniform), alignment and ratio with each aligned cell's alignment time,
   ``retention.png``, and what the runs cost (base models trained vs reused from the cache,
@@ -71,6 +73,8 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_run"] = str(path.parent)
             # Runs record what they are in metrics.json; older runs only in their Hydra config.
             metrics["_encoder"] = metrics.get("repr/encoder", cfg.get("representation", {}).get("model", "?"))
+            # the pretrained model a proxy-trained encoder started from (itself for a pretrained one)
+            metrics["_base_encoder"] = cfg.get("representation", {}).get("model", metrics["_encoder"])
             metrics["_dataset"] = metrics.get("data/name", cfg.get("dataset", {}).get("name", "?"))
             metrics["_alignment"] = metrics.get("alignment/method", cfg.get("alignment", {}).get("method", "none"))
             metrics["_method"] = metrics.get("compression/method", cfg.get("compression", {}).get("method", "none"))
@@ -129,13 +133,16 @@ class Summary:
 
 
 class Curve(NamedTuple):
-    """What one MRA curve is of; ``split_by`` decides which runs share its test sets (by seed)."""
+    """What one MRA curve is of; ``split_by`` decides which runs share its test sets (by seed);
+    ``base`` is the pretrained model the encoder started from (the encoder itself if no proxy
+    trained it)."""
 
     encoder: str
     compressor: str
     dim: Any
     variant: str
     split_by: str
+    base: str
 
     @property
     def label(self) -> str:
@@ -178,7 +185,7 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[Curve, list[tuple[int, Summ
         if layer is None or layer == -1 or "marc/dim" in r:
             continue
         key = Curve(r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"), _variant(r),
-                    r["_split_by"])
+                    r["_split_by"], r.get("_base_encoder", r["_encoder"]))
         if layer == "all":
             for name, value in r.items():
                 if name.startswith("layers/") and name.endswith("/test/auc"):
@@ -299,6 +306,7 @@ def mra_tables(curves, refs) -> list[str]:
         lines.append("")
     for curve, pts in curves.items():
         lines += paired_table(curve, pts, [ref for ref in refs if ref.pairs_with(curve)])
+        lines += final_layer_shift(curve, pts, curves)
     return lines
 
 
@@ -500,6 +508,21 @@ def failed_jobs(folders: list[Path]) -> list[str]:
     if not failed:
         return []
     return ["### Failed jobs", "", "| overrides | error |", "|---|---|", *failed, ""]
+
+
+def final_layer_shift(curve: Curve, pts, curves) -> list[str]:
+    """A proxy-trained encoder's final-layer probe minus its pretrained model's, paired by seed
+    (same probe, split and seeds): did the proxy pull the final layer away from the CTR task?
+    Only where the report holds the pretrained model's curve with the same final layer."""
+    before = curves.get(curve._replace(encoder=curve.base))
+    if curve.base == curve.encoder or not before or before[-1][0] != pts[-1][0]:
+        return []
+    lines = _paired_rows([(f"final layer ({pts[-1][0]}) after the proxy", pts[-1][2])], before[-1][2])
+    if not lines:
+        return []
+    return [f"### The final layer after the proxy minus before ({curve.label} vs {curve.base})", "",
+            "| features | test AUC minus the pretrained model's final layer's (mean ± std over shared seeds) "
+            "| seeds where higher | p (sign-flip test) |", "|---|---|---|---|", *lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -319,8 +319,14 @@ def test_the_report_pairs_each_reference_with_its_own_encoders_final_and_best_on
     # encoder A's layers 0..2 on seeds 0..2: validation picks layer 1, 0 and 2 (the final) in turn
     val = {0: [0.60, 0.70, 0.65], 1: [0.72, 0.70, 0.71], 2: [0.60, 0.61, 0.69]}
     test = {0: [0.61, 0.66, 0.63], 1: [0.70, 0.64, 0.65], 2: [0.62, 0.60, 0.67]}
-    runs = [run(s, **{"_encoder": "A", "probe/layer": layer, "val/best_auc": val[s][layer],
+    runs = [run(s, **{"_encoder": "A", "_base_encoder": "P", "probe/layer": layer, "val/best_auc": val[s][layer],
                       "test/auc": test[s][layer]}) for s in range(3) for layer in range(3)]
+    # A is a proxy-trained P: P's final layer (2) on the same seeds; Q, also from P, was probed at layer 1 only
+    pretrained = {0: 0.60, 1: 0.66, 2: 0.68}
+    runs += [run(s, **{"_encoder": "P", "probe/layer": 2, "val/best_auc": 0.6, "test/auc": pretrained[s]})
+             for s in range(3)]
+    runs += [run(s, **{"_encoder": "Q", "_base_encoder": "P", "probe/layer": 1, "val/best_auc": 0.6,
+                       "test/auc": 0.6}) for s in range(3)]
     marc = {0: 0.69, 1: 0.71, 2: 0.66}
     runs += [run(s, **{"_encoder": "A", "marc/dim": 32, "marc/beta": 1.0, "test/auc": marc[s]}) for s in range(3)]
     runs += [run(s, **{"_encoder": "B", "marc/dim": 32, "marc/beta": 1.0, "test/auc": 0.9}) for s in range(3)]
@@ -344,6 +350,9 @@ def test_the_report_pairs_each_reference_with_its_own_encoders_final_and_best_on
     # MARC on another encoder and an ID-only model on other test sets are listed, never paired with A
     assert "| MARC (B, final layer, dim 32, beta 1) [cold items] | 0.9000 ± 0.0000 (n=3) |" in text
     assert text.count("| MARC (B,") == 1 and text.count("| ID-only CTR model |") == 1
+    # the proxy's final layer minus its pretrained model's, once: not for P itself, nor for Q (its last layer is not P's)
+    assert row("final layer (2) after the proxy", [final[s] - pretrained[s] for s in range(3)]) in text
+    assert text.count("after the proxy minus before") == 1 and "(A linear dim None [cold items] vs P)" in text
 
 
 def test_user_texts_spell_out_profiles_and_use_only_the_training_period(ml1m_slice):
