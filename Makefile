@@ -89,16 +89,25 @@ cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4)
 	$(PY) experiments/report.py outputs/cold_export --out outputs/cold_export/report
 
 # The proxy and its settings: `make proxy-marc PROXY=mrl PROXY_ARGS=proxy.objective=mrl` for another.
+# A step whose run folder holds metrics.json is skipped and an interrupted one resumes (resume=auto),
+# so after an interruption the same command goes on where it stopped (steps take minutes to half an
+# hour each on 2 cores).
 PROXY ?= ntp
 PROXY_ARGS ?= proxy.objective=ntp proxy.batch_size=16 proxy.steps=150 proxy.val_pairs=512
-proxy-marc:         ## cold-item ML-1M, seeds 0-2: a proxy fine-tunes SmolLM2, MARC on its encoder (all dims, its 8 most informative), its MRA curve; paired report
+PROXY_OUT := outputs/proxy_marc
+PROXY_LAYERS ?= 30 0 5 10 15 20 25
+proxy-marc:         ## cold-item ML-1M, seeds 0-2: a proxy fine-tunes SmolLM2, MARC on its encoder (all dims, its 8 most informative), its MRA curve, the pretrained final layer; paired report
 	for s in 0 1 2; do \
-	  $(PY) train.py task=proxy dataset=ml_1m ctr.split_by=item $(PROXY_ARGS) seed=$$s hydra.run.dir=outputs/proxy_marc/$(PROXY)_s$$s && \
-	  $(PY) train.py task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 representation.encoder_run=outputs/proxy_marc/$(PROXY)_s$$s seed=$$s hydra.run.dir=outputs/proxy_marc/marc_$(PROXY)_s$$s && \
-	  $(PY) experiments/evaluate_codes.py outputs/proxy_marc/marc_$(PROXY)_s$$s marc.export_dims=8 && \
-	  $(PY) train.py -m experiment=mra_cold_ml1m representation.encoder_run=outputs/proxy_marc/$(PROXY)_s$$s seed=$$s hydra.sweep.dir=outputs/proxy_marc/mra_$(PROXY)_s$$s || exit 1; \
+	  P=$(PROXY_OUT)/$(PROXY)_s$$s M=$(PROXY_OUT)/marc_$(PROXY)_s$$s; \
+	  { test -f $$P/metrics.json || $(PY) train.py task=proxy dataset=ml_1m ctr.split_by=item $(PROXY_ARGS) seed=$$s logger=csv resume=auto hydra.run.dir=$$P; } && \
+	  { test -f $$M/metrics.json || $(PY) train.py task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 representation.encoder_run=$$P seed=$$s logger=csv resume=auto hydra.run.dir=$$M; } && \
+	  { test -f "$$M/evaluate_codes/marc.export_dims=8/metrics.json" || $(PY) experiments/evaluate_codes.py $$M marc.export_dims=8; } && \
+	  { test -f $(PROXY_OUT)/mra_pre_s$$s/layer30/metrics.json || $(PY) train.py experiment=mra_cold_ml1m probe.layer=30 seed=$$s logger=csv resume=auto hydra.run.dir=$(PROXY_OUT)/mra_pre_s$$s/layer30; } || exit 1; \
+	  for l in $(PROXY_LAYERS); do \
+	    test -f $(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l/metrics.json || $(PY) train.py experiment=mra_cold_ml1m probe.layer=$$l representation.encoder_run=$$P seed=$$s logger=csv resume=auto hydra.run.dir=$(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l || exit 1; \
+	  done; \
 	done
-	$(PY) experiments/report.py outputs/proxy_marc --out outputs/proxy_marc/report
+	$(PY) experiments/report.py $(foreach s,0 1 2,$(PROXY_OUT)/$(PROXY)_s$(s) $(PROXY_OUT)/marc_$(PROXY)_s$(s) $(PROXY_OUT)/mra_$(PROXY)_s$(s) $(PROXY_OUT)/mra_pre_s$(s)) --out $(PROXY_OUT)/report_$(PROXY)
 
 clean:              ## remove outputs/, multirun/ and the pytest cache (not .cache/: cached models and data)
 	rm -rf outputs multirun .pytest_cache
