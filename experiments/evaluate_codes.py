@@ -22,6 +22,7 @@ overrides are validated like a run's config. Writes ``metrics.json`` (``test/auc
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             codes, noise, _ = deployed_codes(codes, stored["logvar"], m)
     if codes.shape[0] != len(data.item_ids):
         raise SystemExit(f"{codes_path} holds {codes.shape[0]} items; the run's dataset has {len(data.item_ids)}")
+    # the same evaluation run again replaces the last one: its checkpoints would sit beside the new ones
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     result = fit_ctr(Trainers(cfg), c, run.seed, dm, RepresentationCompressor(codes, "fixed", noise_std=noise),
                      out / "checkpoints")
     source = (f"MARC, beta {run.marc.beta:g}" if is_marc

@@ -184,6 +184,10 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     assert again["codes/dim"] == saved["marc/export_dims"]
     kept = OmegaConf.load(tmp_path / "again" / ".hydra" / "config.yaml")  # the settings it ran with
     assert kept.ctr.dropout == 0.3 and kept.marc.deploy_noise and kept.ctr.batch_by == cfg.ctr.batch_by
+    # the same evaluation again into that folder replaces it: one set of checkpoints, not two
+    first_checkpoints = sorted(p.name for p in (tmp_path / "again").rglob("*.ckpt"))
+    assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
+    assert sorted(p.name for p in (tmp_path / "again").rglob("*.ckpt")) == first_checkpoints
     import report
 
     assert report.main([str(tmp_path / "out"), str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
