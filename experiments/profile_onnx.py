@@ -119,6 +119,8 @@ def profile(folder: Path, reps: int, length: int, threads: int) -> dict:
     return {
         "artefact": str(folder),
         "call_ms_median": statistics.median(r["dur"] for r in runs) / 1000 if runs else float("nan"),
+        # what the kernels of the same calls add up to at most (one thread runs them one after another)
+        "call_ms_mean": statistics.fmean(r["dur"] for r in runs) / 1000 if runs else float("nan"),
         "kernel_ms_per_call": sum(by_role.values()) / calls / 1000,
         "roles_ms": {r: by_role.get(r, 0.0) / calls / 1000 for r in ROLES},
         "ops_ms": {op: t / calls / 1000 for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])},

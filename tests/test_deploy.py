@@ -176,6 +176,8 @@ def test_the_profile_attributes_every_kernel_to_its_role(artefacts):
         assert sum(p["roles_ms"].values()) == pytest.approx(p["kernel_ms_per_call"])
         assert p["roles_ms"]["factor matmuls"] > 0 and p["roles_ms"]["dense projections"] == 0
         assert p["roles_ms"]["attention"] > 0 and p["roles_ms"]["norms"] > 0 and p["roles_ms"]["item head"] > 0
-        assert p["call_ms_median"] >= p["kernel_ms_per_call"] * 0.5
+        # only the profiled calls' kernels: on one thread they fit inside those calls (the warm-up
+        # calls' kernels would add 8/3 of them); a slow call on a loaded machine moves both sides
+        assert 0 < p["kernel_ms_per_call"] <= p["call_ms_mean"] * 1.1
     assert float_profile["roles_ms"]["quantise/dequantise"] == 0 < int8_profile["roles_ms"]["quantise/dequantise"]
     assert any(op.startswith(("MatMulInteger", "DynamicQuantizeMatMul")) for op in int8_profile["ops_ms"])

@@ -35,7 +35,8 @@ def test_smollm2_135m_fine_tunes_on_ml_100k(tmp_path, smollm2_folder):
     assert metrics["params/total"] == 134_515_008 - 49_152 * 576 + 1683 * 576  # item vocab replaces text vocab
     # One optimiser step on 4 windows of up to 8 inputs: at most 4 x 8 next-item targets.
     assert metrics["time/train_step_s"] > 0 and 0 < metrics["train/tokens"] <= 32
-    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [smollm2_folder.name]  # no second one
+    # no second conversion (beside it, the GGUF's remembered content hash: fingerprints.json)
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == [smollm2_folder.name]
 
 
 @pytest.mark.parametrize("method", ["none", "svd", "asvd", "odllm", "prune_magnitude", "wanda", "int8"])
