@@ -341,6 +341,12 @@ def best_on_validation(pts) -> tuple[Summary, list[Any]]:
     return Summary(values, seeds), layers
 
 
+def _paired_head(what: str) -> list[str]:
+    """The header of a paired table whose rows are minus ``what``."""
+    return [f"| features | test AUC minus the {what} (mean ± std over shared seeds) | seeds where higher "
+            "| p (sign-flip test) |", "|---|---|---|---|"]
+
+
 def _paired_rows(rows: list[tuple[str, Summary]], against: Summary) -> list[str]:
     lines = []
     for label, summary in rows:
@@ -359,20 +365,18 @@ def paired_table(curve: Curve, pts, refs: list[Reference]) -> list[str]:
     least two seeds are shared. ``refs`` are the references that share the curve's test sets."""
     final_layer, _, final = pts[-1]
     best, picked = best_on_validation(pts)
-    head = ["| features | test AUC minus the {what} (mean ± std over shared seeds) | seeds where higher "
-            "| p (sign-flip test) |", "|---|---|---|---|"]
     best_row = [(f"best layer on validation, per seed ({', '.join(map(str, picked))})", best)] if len(pts) > 1 else []
     lines = _paired_rows([(f"layer {layer}", test) for layer, _, test in pts[:-1]] + best_row
                          + [(ref.label, ref.auc) for ref in refs], final)
     if not lines:
         return []
     out = [f"### Paired with the final-layer probe ({curve.label}, layer {final_layer})", "",
-           head[0].format(what="final layer's"), head[1], *lines, ""]
+           *_paired_head("final layer's"), *lines, ""]
     lines = _paired_rows([(ref.label, ref.auc) for ref in refs], best)
     if lines and len(pts) > 1:
         out += [f"### Paired with the best layer on validation ({curve.label}; layers per seed "
                 f"{', '.join(f'{s}: {l}' for s, l in zip(best.seeds, picked))})", "",
-                head[0].format(what="best-on-validation layer's"), head[1], *lines, ""]
+                *_paired_head("best-on-validation layer's"), *lines, ""]
     return out
 
 
@@ -521,8 +525,7 @@ def final_layer_shift(curve: Curve, pts, curves) -> list[str]:
     if not lines:
         return []
     return [f"### The final layer after the proxy minus before ({curve.label} vs {curve.base})", "",
-            "| features | test AUC minus the pretrained model's final layer's (mean ± std over shared seeds) "
-            "| seeds where higher | p (sign-flip test) |", "|---|---|---|---|", *lines, ""]
+            *_paired_head("pretrained model's final layer's"), *lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
