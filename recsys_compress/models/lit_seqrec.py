@@ -64,14 +64,20 @@ class SeqRecLitModule(L.LightningModule):
         last = self.hidden_states(input_ids, attention_mask)[:, -1]
         return self.model.get_output_embeddings()(last)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective on ``batch``: mean next-item cross-entropy over every position
+        that has a next item (also the calibration loss of gradient-driven rank allocations)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = self.hidden_states(ids, mask)[:, :-1]
         # Score the catalogue only where there is a next item: the full softmax dominates
         # the step, and padding is often half the positions.
         has_target = mask[:, :-1].bool()
         logits = self.model.get_output_embeddings()(hidden[has_target])
-        loss = F.cross_entropy(logits.float(), ids[:, 1:][has_target])
+        return F.cross_entropy(logits.float(), ids[:, 1:][has_target])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        loss = self.loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
