@@ -280,7 +280,8 @@ class CompressionConfig(Schema):
     gram_dtype: Literal["float32", "float64"] = "float64"
     # uniform: every matrix keeps `ratio` of its parameters. global: the same total, spent on the
     # singular directions that remove most error per parameter over all matrices; global_relative:
-    # the same on each matrix's normalised spectrum (compression/allocation.py).
+    # the same on each matrix's normalised spectrum; zero_sum: ZS-SVD, directions removed by their
+    # first-order effect on the training loss (compression/allocation.py).
     allocation: Literal[ALLOCATIONS] = "uniform"  # type: ignore[valid-type]
     min_rank: int = 1  # global allocations: the least rank any matrix keeps
     # every rank a multiple of this, in the same parameter budget (compression/allocation.align_ranks);

@@ -281,3 +281,136 @@ def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
         check_allocation(run.compression, run.ratio, model)
     aligned = validate(compose_config(["compression=odllm", "compression.rank_align=4"], tmp_path))
     check_allocation(aligned.compression, aligned.ratio, model)
+
+
+def test_zero_sum_follows_the_two_heap_rule_by_hand():
+    """Two 8 x 8 matrices (break-even rank 4, dense 64 each), budget 64 (uniform: rank 2 each).
+    Each matrix gives up its directions from the last; of the two candidates, the smallest |dL|
+    among dL >= 0 while the running sum is <= 0, among dL < 0 otherwise (either sign when that
+    side is empty; the name breaks ties). Removed (running sum; kept parameters once they fall):
+    a7 .37 (.37), a6 -.23 (.14), a5 -.11 (.03), b7 -.42 (-.39), b6 .79 (.40), a4 -.94 (-.54),
+    a3 .11 (-.43; 112, a tie with b5 .11), b5 .11 (-.32), a2 .23 (-.09; 96), no dL >= 0 left:
+    b4 -.58 (-.67), b3 .37 (-.30; 80), b2 .58 (.28; 64). Ignoring the sign gives (3, 1),
+    preferring the other sign (1, 3)."""
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    changes = {"a": torch.tensor([5.0, -0.94, 0.23, 0.11, -0.94, -0.11, -0.23, 0.37], dtype=torch.float64),
+               "b": torch.tensor([5.0, 0.66, 0.58, 0.37, -0.58, 0.11, 0.79, -0.42], dtype=torch.float64)}
+    ranks = allocate_ranks(shapes, changes, 0.5, "zero_sum")
+    assert ranks == {"a": 2, "b": 2}
+    assert kept_parameters(shapes, ranks) == uniform_budget(shapes, 0.5) == 64
+
+
+def test_zero_sum_budget_equals_the_uniform_budget_within_one_direction_and_keeps_break_even():
+    torch.manual_seed(0)
+    shapes = {"q": (64, 64), "k": (16, 64), "up": (96, 64), "down": (64, 96), "o": (64, 64)}
+    changes = {n: torch.randn(min(s)) * 10 ** torch.rand(1) for n, s in shapes.items()}
+    for ratio in (0.2, 0.5, 0.8):
+        ranks = allocate_ranks(shapes, changes, ratio, "zero_sum")
+        budget = uniform_budget(shapes, ratio)
+        assert budget - max(m + n for m, n in shapes.values()) < kept_parameters(shapes, ranks) <= budget, ratio
+        assert all(k == DENSE or 1 <= k <= break_even_rank(*shapes[n]) for n, k in ranks.items())
+    with pytest.raises(ValueError, match="zero_sum needs the first-order loss changes"):
+        allocate_ranks(shapes, None, 0.5, "zero_sum")
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "odllm"])
+def test_each_directions_loss_change_is_exact_for_a_loss_linear_in_the_weight(method):
+    """For L(W) = <G, W> the first-order change is the change: removing direction i of the matrix
+    the method truncates (A = W S) changes L by exactly -sigma_i u_i^T G S^-T v_i."""
+    torch.manual_seed(1)
+    m, n, tokens = 12, 9, 40
+    W, G = torch.randn(m, n, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64)
+    x = torch.randn(tokens, n, dtype=torch.float64) * torch.linspace(0.3, 3.0, n, dtype=torch.float64)
+    stats = InputStats(x.T @ x, x.abs().sum(0), tokens)
+    if method == "svd":
+        S = torch.eye(n, dtype=torch.float64)
+    elif method == "asvd":
+        S = torch.diag((x.abs().mean(0)) ** 0.5)
+    else:
+        S = torch.linalg.cholesky(x.T @ x)
+    U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    changes = METHODS[method].loss_changes(W, G, stats, 0.5)
+    assert changes.shape == (min(m, n),)
+    for i in range(min(m, n)):
+        W_without = (W @ S - sigma[i] * torch.outer(U[:, i], Vh[i])) @ torch.linalg.inv(S)
+        assert float(changes[i]) == pytest.approx(float((G * (W_without - W)).sum()), rel=1e-9, abs=1e-12)
+
+
+def test_loss_gradients_average_the_batches_and_restore_the_flags():
+    from recsys_compress.compression.sensitivity import loss_gradients
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.Linear(4, 3, bias=False)).double()
+    model[0].weight.requires_grad_(False)  # as in a merged or frozen model
+    R = torch.randn(3, dtype=torch.float64)
+    batches = [{"x": torch.randn(7, 5, dtype=torch.float64)} for _ in range(2)]
+    grads = loss_gradients(model, ["1"], batches, lambda b: (model(b["x"]) * R).sum())
+    # L = sum_t R^T W1 h_t, so dL/dW1 = R (sum_t h_t)^T per batch; the mean of the two batches
+    with torch.no_grad():
+        expected = sum(torch.outer(R, model[0](b["x"]).sum(0)) for b in batches) / 2
+    torch.testing.assert_close(grads["1"], expected, rtol=1e-12, atol=0)
+    both = loss_gradients(model, ["0", "1"], batches, lambda b: (model(b["x"]) * R).sum())
+    assert both["0"].abs().sum() > 0 and not model[0].weight.requires_grad and model[1].weight.requires_grad
+
+
+def test_zero_sum_composes_through_the_pipeline(tmp_path):
+    """compression.allocation=zero_sum on a tiny LLaMA: the training loss's gradients are taken
+    (timed), the budget holds, the ranks differ between matrices and reach compression_layers.csv."""
+    import csv
+
+    from recsys_compress.tasks.runner import run_task
+    from recsys_compress.utils.compose import compose_config
+
+    overrides = ["compression=odllm", "compression.allocation=zero_sum", "ratio=0.3", "model.hidden_size=16",
+                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=4",
+                 "compression.heldout_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                 "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = run_task(compose_config(overrides, tmp_path))
+    with open(tmp_path / "compression_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = {r["name"]: (int(r["out_features"]), int(r["in_features"])) for r in rows}
+    assert metrics["compression/allocation"] == "zero_sum" and metrics["time/loss_gradient_s"] > 0
+    assert uniform_budget(shapes, 0.3) - max(m + n for m, n in shapes.values()) \
+        < metrics["compression/targeted_params_after"] <= uniform_budget(shapes, 0.3)
+    assert len({r["rank"] for r in rows}) > 1
+
+
+def test_first_order_loss_changes_predict_the_next_item_loss_change_on_real_batches():
+    """Through the module's own training loss on MovieLens batches: removing one whitened direction
+    of a tiny LLaMA's layer changes the calibration loss by about what zero_sum predicts (first
+    order: within 30% here, sign included)."""
+    from conftest import SMALL
+    from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+    from recsys_compress.compression.low_rank import cholesky_with_jitter
+    from recsys_compress.compression.sensitivity import loss_gradients
+    from recsys_compress.data.datamodule import NextItemDataModule
+    from recsys_compress.models.item_llm import build_llama
+    from recsys_compress.models.lit_seqrec import SeqRecLitModule
+
+    torch.manual_seed(0)
+    dm = NextItemDataModule("grouplens_csv", SMALL, max_len=20, batch_size=64)
+    dm.setup()
+    lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64, max_len=20)).double().eval()
+    calibration, _ = split_calibration(dm.train_dataloader(), 4, 0)
+    name = "model.layers.0.mlp.gate_proj"
+    gradients = loss_gradients(lit.model, [name], calibration, lit.loss)
+    stats = collect_input_stats(lit.model, [name], calibration,
+                                lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]), len(calibration))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return sum(float(lit.loss(b)) for b in calibration) / len(calibration)
+
+    layer = lit.model.get_submodule(name)
+    W = layer.weight.detach().clone()
+    predicted = METHODS["odllm"].loss_changes(W, gradients[name], stats[name], 0.5)
+    S, _ = cholesky_with_jitter(stats[name].gram)
+    U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    before = loss()
+    for i in (0, 5, 15, 31):
+        with torch.no_grad():
+            layer.weight.copy_((W @ S - sigma[i] * torch.outer(U[:, i], Vh[i])) @ torch.linalg.inv(S))
+        assert loss() - before == pytest.approx(float(predicted[i]), rel=0.3), i
+        with torch.no_grad():
+            layer.weight.copy_(W)

@@ -83,7 +83,7 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
         ("model.lora.target_modules=[]", r"model.lora.target_modules=\[\] is out of range"),
         ("model.optim.item_lr=0", r"model.optim.item_lr=0.0 is out of range; allowed: > 0"),
         ("compression=odllm compression.allocation=best",
-         r"compression.allocation='best' is not allowed; allowed: uniform, global, global_relative"),
+         r"compression.allocation='best' is not allowed; allowed: uniform, global, global_relative, zero_sum"),
         ("compression=odllm compression.min_rank=0", r"compression.min_rank=0 is out of range; allowed: >= 1"),
         ("compression=odllm compression.rank_align=0", r"compression.rank_align=0 is out of range; allowed: >= 1"),
         ("compression=wanda compression.rank_align=8",

@@ -17,6 +17,7 @@ from recsys_compress.compression.calibration import (
     statistics_bytes,
 )
 from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.sensitivity import loss_gradients
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig
 from recsys_compress.data.datamodule import NextItemDataModule
@@ -51,9 +52,12 @@ def whole_model(dm, method, allocation="uniform", rank_align=1):
 def sequential(dm, method, propagate, allocation="uniform", rank_align=1):
     lit = fresh(dm)
     calibration, heldout = split_calibration(dm.train_dataloader(), 4, 4)
-    result = compress_sequential(lit.model, select_linear_layers(lit.model), method, 0.5, calibration, heldout,
+    names = select_linear_layers(lit.model)
+    gradients = loss_gradients(lit.model, names, calibration, lit.loss) if allocation == "zero_sum" else None
+    result = compress_sequential(lit.model, names, method, 0.5, calibration, heldout,
                                  lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]),
-                                 allocation=allocation, propagate=propagate, rank_align=rank_align)
+                                 allocation=allocation, propagate=propagate, rank_align=rank_align,
+                                 gradients=gradients)
     return lit, result
 
 
@@ -62,7 +66,8 @@ def block_of(key: str) -> int | None:
 
 
 @pytest.mark.parametrize("method,allocation,rank_align", [
-    ("odllm", "uniform", 1), ("odllm", "global", 1), ("asvd", "uniform", 1), ("wanda", "uniform", 1),
+    ("odllm", "uniform", 1), ("odllm", "global", 1), ("odllm", "zero_sum", 1), ("asvd", "uniform", 1),
+    ("wanda", "uniform", 1),
     ("odllm", "uniform", 4),  # aligned ranks: one budget over every block in both paths
 ])
 def test_original_propagation_gives_the_whole_model_factors(data, method, allocation, rank_align):

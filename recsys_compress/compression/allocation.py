@@ -18,6 +18,20 @@ every matrix counts equally, whatever the scale of its activations. Absolute err
 layers with large activations (in LLaMA the late MLPs); this normalisation is the per-matrix
 truncation-loss view that SVD-LLM V2 (Wang et al., NAACL 2025) allocates by.
 
+``zero_sum``: Zero-Sum SVD (ZS-SVD; Abbasi et al., "Zero Sum SVD: Balancing Loss Sensitivity
+for Low Rank LLM Compression", ICML 2026, arXiv 2602.02848), which ranks directions by the
+*recommendation loss* instead of the output error. With A = W S = U Sigma V^T (S the method's
+input transform) and G the gradient of the calibration loss with respect to W, removing
+direction i changes the loss by dL_i ~ -sigma_i u_i^T (G S^-T) v_i to first order (signed:
+some removals lower the loss). Every matrix starts whole and gives up its directions from the
+smallest singular value upwards; of the matrices' next candidates, the one with the smallest
+|dL| is removed, taken among those with dL >= 0 while the running sum of removed dL is <= 0 and
+among those with dL < 0 otherwise (either sign when the preferred one is empty), so the
+predicted loss change stays near zero; until the kept parameters fit the budget. A matrix
+saves parameters only once its rank is at or below break-even (before that it is stored
+dense, and kept dense if it ends there). Left out: ZS-SVD's optional projected-gradient
+correction after truncation and its multi-stage schedule (this is its one-shot rule).
+
 No matrix goes beyond its break-even rank floor(m n / (m + n)): the next step keeps it
 dense instead (zero error, m n parameters), counted in the budget at that price.
 """
@@ -31,7 +45,9 @@ import torch
 
 from recsys_compress.compression.low_rank import rank_for_ratio
 
-ALLOCATIONS = ("uniform", "global", "global_relative")
+ALLOCATIONS = ("uniform", "global", "global_relative", "zero_sum")
+# rules that rank directions by the calibration loss's gradient, not by singular values alone
+GRADIENT_ALLOCATIONS = ("zero_sum",)
 DENSE = -1  # the rank recorded for a matrix kept dense
 
 
@@ -60,7 +76,7 @@ def check_budget(shapes: dict[str, tuple[int, int]], ratio: float, min_rank: int
 
 def allocate_ranks(
     shapes: dict[str, tuple[int, int]],
-    spectra: dict[str, torch.Tensor] | None,
+    scores: dict[str, torch.Tensor] | None,
     ratio: float,
     allocation: str = "uniform",
     min_rank: int = 1,
@@ -68,21 +84,26 @@ def allocate_ranks(
 ) -> dict[str, int]:
     """Rank per matrix name (``DENSE``: keep the matrix dense).
 
-    ``spectra``: each matrix's singular values (of W S for whitened SVD, of W for plain SVD),
-    descending; not needed for ``uniform``. ``rank_align``: ranks end as multiples of it
-    (``align_ranks``).
+    ``scores``: per matrix, one value per singular direction in descending singular-value
+    order: the singular values (of W S for whitened SVD, of W for plain SVD) for ``global``
+    and ``global_relative``, each direction's first-order loss change for ``zero_sum``
+    (``apply.direction_scores`` computes either); not needed for ``uniform``. ``rank_align``:
+    ranks end as multiples of it (``align_ranks``).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"compression.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
     if allocation == "uniform":
         return align_ranks(shapes, {name: rank_for_ratio(m, n, ratio) for name, (m, n) in shapes.items()},
                            rank_align)
-    if spectra is None or set(spectra) != set(shapes):
-        raise ValueError("a global allocation needs the singular values of every targeted matrix")
+    if scores is None or set(scores) != set(shapes):
+        what = "first-order loss changes" if allocation in GRADIENT_ALLOCATIONS else "singular values"
+        raise ValueError(f"compression.allocation={allocation} needs the {what} of every targeted matrix")
     budget = check_budget(shapes, ratio, min_rank)
+    if allocation == "zero_sum":
+        return align_ranks(shapes, _zero_sum_ranks(shapes, scores, budget, min_rank), rank_align)
 
     gains: dict[str, list[float]] = {}
-    for name, sigma in spectra.items():
+    for name, sigma in scores.items():
         energy = sigma.double() ** 2
         if allocation == "global_relative":
             energy = energy / energy.sum().clamp(min=1e-300)
@@ -119,6 +140,44 @@ def allocate_ranks(
         if step is not None:
             heapq.heappush(heap, entry(name, step))
     return align_ranks(shapes, ranks, rank_align)
+
+
+def _zero_sum_ranks(shapes: dict[str, tuple[int, int]], loss_changes: dict[str, torch.Tensor], budget: int,
+                    min_rank: int) -> dict[str, int]:
+    """ZS-SVD's one-shot selection (module docstring): remove directions, each matrix's from its
+    smallest singular value up, keeping the running sum of first-order loss changes near zero,
+    until the kept parameters are within ``budget``."""
+    deltas = {name: d.double().tolist() for name, d in loss_changes.items()}
+    ranks = {name: len(deltas[name]) for name in shapes}  # every direction kept: the dense matrix
+    floors = {name: min(min_rank, break_even_rank(m, n)) for name, (m, n) in shapes.items()}
+
+    def stored(name: str, rank: int) -> int:
+        m, n = shapes[name]
+        return m * n if rank > break_even_rank(m, n) else rank * (m + n)
+
+    kept = sum(stored(name, ranks[name]) for name in shapes)
+    heaps: dict[bool, list[tuple[float, str]]] = {True: [], False: []}  # by sign of dL: >= 0, < 0
+
+    def push(name: str) -> None:
+        if ranks[name] > floors[name]:
+            delta = deltas[name][ranks[name] - 1]
+            heapq.heappush(heaps[delta >= 0], (abs(delta), name))  # the smallest |dL| first; name breaks ties
+
+    for name in shapes:
+        push(name)
+    running = 0.0
+    while kept > budget:
+        prefer = running <= 0  # a non-negative change when the sum is at or below zero
+        heap = heaps[prefer] or heaps[not prefer]
+        if not heap:  # every matrix at its floor: check_budget makes this unreachable
+            raise RuntimeError(f"zero_sum: {kept:,} parameters left at the floor ranks, budget {budget:,}")
+        _, name = heapq.heappop(heap)
+        rank = ranks[name]
+        running += deltas[name][rank - 1]
+        kept -= stored(name, rank) - stored(name, rank - 1)
+        ranks[name] = rank - 1
+        push(name)
+    return {name: DENSE if k > break_even_rank(*shapes[name]) else k for name, k in ranks.items()}
 
 
 def align_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], multiple: int) -> dict[str, int]:

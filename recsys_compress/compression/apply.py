@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from recsys_compress.compression.allocation import DENSE, allocate_ranks
+from recsys_compress.compression.allocation import DENSE, GRADIENT_ALLOCATIONS, allocate_ranks
 from recsys_compress.compression.calibration import InputStats
 from recsys_compress.compression.low_rank import LowRankLinear
 from recsys_compress.compression.methods import LOW_RANK_METHODS, PRUNING_METHODS, LowRank, Pruning, get_method
@@ -75,6 +75,30 @@ def layer_spectra(model: nn.Module, layer_names: list[str], method: str, stats: 
 
 
 @torch.no_grad()
+def direction_scores(model: nn.Module, layer_names: list[str], method: str, allocation: str,
+                     stats: dict[str, InputStats], asvd_alpha: float = 0.5,
+                     gradients: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """What ``allocation`` ranks each layer's singular directions by (``allocate_ranks``'s
+    ``scores``): nothing for ``uniform``, the spectra for the global rules, each direction's
+    first-order loss change for the gradient-driven ones (``gradients``: the calibration
+    loss's gradient per layer, ``sensitivity.loss_gradients``)."""
+    if allocation == "uniform":
+        return None
+    if allocation not in GRADIENT_ALLOCATIONS:
+        return layer_spectra(model, layer_names, method, stats, asvd_alpha)
+    if gradients is None or not set(layer_names) <= set(gradients):
+        raise ValueError(f"compression.allocation={allocation} needs the calibration loss's gradient of every "
+                         "targeted layer (compression/sensitivity.py)")
+    low_rank = get_method(method)
+    changes = {}
+    for name in layer_names:
+        W = model.get_submodule(name).weight
+        changes[name] = low_rank.loss_changes(W, gradients[name].to(W.device), stats[name].to(W.device),
+                                              asvd_alpha).cpu()
+    return changes
+
+
+@torch.no_grad()
 def compress_low_rank(
     model: nn.Module,
     layer_names: list[str],
@@ -87,6 +111,7 @@ def compress_low_rank(
     min_rank: int = 1,
     ranks: dict[str, int] | None = None,
     rank_align: int = 1,
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> list[LayerReport]:
     """Factorise every layer in ``layer_names`` in place; returns one report per layer.
 
@@ -96,15 +121,16 @@ def compress_low_rank(
     before it factorises the first); ``allocation`` and ``rank_align`` are then not consulted.
     ``rank_align``: every rank a multiple of it, within the same budget (``align_ranks``).
     ``heldout``: input statistics of tokens outside the calibration set, on which each
-    layer's output error is measured too."""
+    layer's output error is measured too. ``gradients``: the calibration loss's gradient per
+    layer, for the gradient-driven allocations (``zero_sum``)."""
     low_rank = get_method(method)
     if not isinstance(low_rank, LowRank):
         raise ValueError(f"compression.method={method!r} is not low-rank; allowed: {', '.join(LOW_RANK_METHODS)}")
     # from the layers themselves: k/v are narrower under grouped-query attention
     shapes = {name: tuple(_finite_weight(model, name).shape) for name in layer_names}
     if ranks is None:
-        spectra = layer_spectra(model, layer_names, method, stats, asvd_alpha) if allocation != "uniform" else None
-        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank, rank_align)
+        scores = direction_scores(model, layer_names, method, allocation, stats, asvd_alpha, gradients)
+        ranks = allocate_ranks(shapes, scores, ratio, allocation, min_rank, rank_align)
     reports = []
     for name in layer_names:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from recsys_compress.compression.allocation import allocate_ranks, check_budget
+from recsys_compress.compression.allocation import GRADIENT_ALLOCATIONS, allocate_ranks, check_budget
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
 from recsys_compress.compression.calibration import (
     available_memory_bytes,
@@ -29,6 +29,7 @@ from recsys_compress.compression.calibration import (
     statistics_bytes,
 )
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
+from recsys_compress.compression.sensitivity import loss_gradients
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.config import CompressionConfig, ConfigError
 from recsys_compress.models.blocks import layers_by_block
@@ -75,6 +76,7 @@ class CompressionCallback(L.Callback):
         self.names: list[str] = []
         self.seconds = 0.0
         self.calibrate_seconds = 0.0
+        self.gradient_seconds = 0.0  # the calibration loss's backward passes (gradient-driven allocations)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reports is not None:
@@ -124,11 +126,15 @@ class CompressionCallback(L.Callback):
                             "(compression.heldout_batches=%d): lower compression.calib_batches", c.heldout_batches)
             self.calib_batches_used = len(calibration)
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
+            gradients = None
+            if isinstance(self.kind, LowRank) and c.allocation in GRADIENT_ALLOCATIONS:
+                gradients = self._loss_gradients(pl_module, names, calibration)
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
                                              forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype,
-                                             rank_align=c.rank_align)
-                self.reports, self.calibrate_seconds = result.reports, result.calibrate_seconds
+                                             rank_align=c.rank_align, gradients=gradients)
+                self.reports = result.reports
+                self.calibrate_seconds = result.calibrate_seconds + self.gradient_seconds
                 self.calib_tokens, self.heldout_tokens = result.calib_tokens, result.heldout_tokens
                 self.rank_deficient_layers = result.rank_deficient_layers
             else:
@@ -144,7 +150,8 @@ class CompressionCallback(L.Callback):
                 self.rank_deficient_layers = sum(stats[n].rank_deficient for n in names)
                 if isinstance(self.kind, LowRank):
                     self.reports = compress_low_rank(model, names, self.method, self.ratio, stats, c.asvd_alpha,
-                                                     heldout, c.allocation, c.min_rank, rank_align=c.rank_align)
+                                                     heldout, c.allocation, c.min_rank, rank_align=c.rank_align,
+                                                     gradients=gradients)
                 else:
                     self.reports = prune_layers(model, names, self.method, self.ratio, stats, heldout)
             # Fewer tokens than input features: the Gram matrix is singular, and whitening fits
@@ -163,6 +170,22 @@ class CompressionCallback(L.Callback):
         if jittered:
             log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
         return self.reports
+
+    def _loss_gradients(self, pl_module: L.LightningModule, names: list[str], calibration: list) -> dict:
+        """The training loss's gradient per targeted weight, averaged over the calibration batches."""
+        if not callable(getattr(pl_module, "loss", None)):
+            raise TypeError(f"compression.allocation={self.config.allocation} needs the module's training loss "
+                            f"(a loss(batch) method); {type(pl_module).__name__} has none")
+        t0 = time.perf_counter()
+
+        def loss(b):
+            return pl_module.loss({k: v.to(pl_module.device) for k, v in b.items() if isinstance(v, torch.Tensor)})
+
+        gradients = loss_gradients(pl_module.model, names, calibration, loss)
+        self.gradient_seconds = time.perf_counter() - t0
+        log.info("calibration loss gradients of %d layers over %d batches in %.1f s", len(names), len(calibration),
+                 self.gradient_seconds)
+        return gradients
 
     def _check_memory(self, model: torch.nn.Module, names: list[str], batches: list, heldout: bool) -> None:
         """Refuse, with the numbers, statistics that would not fit in the memory available now."""
@@ -223,6 +246,7 @@ class CompressionCallback(L.Callback):
             "time/compress_s": self.seconds,
             # The split says which lever matters: calibration tokens or the factorisations.
             "time/calibrate_s": self.calibrate_seconds,
+            "time/loss_gradient_s": self.gradient_seconds,  # part of calibrate_s; 0 unless zero_sum
             "time/factorize_s": self.seconds - self.calibrate_seconds,
         }
 

@@ -150,6 +150,15 @@ def singular_values(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
 
 
+def singular_loss_changes(A: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per singular direction of ``A`` = W S (descending), the first-order change of a loss when
+    that direction is removed: -sigma_i u_i^T H v_i, where ``H`` = G S^-T carries the loss's
+    gradient G with respect to W into the same coordinates (W' = W - sigma_i u_i v_i^T S^-1, so
+    <G, W' - W> = -sigma_i u_i^T G S^-T v_i; ZS-SVD's singular sensitivity). Float64."""
+    U, sigma, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    return -sigma * ((U.T @ H.double()) * Vh).sum(1)
+
+
 def _factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None, S_inv_apply) -> Factorization:
     W64 = W.double()
     WS = W64 if S is None else W64 @ S

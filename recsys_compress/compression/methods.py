@@ -22,6 +22,7 @@ from recsys_compress.compression.low_rank import (
     asvd_scale,
     cholesky_with_jitter,
     plain_svd,
+    singular_loss_changes,
     singular_values,
     whitened_svd,
 )
@@ -31,9 +32,12 @@ from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
 @dataclass(frozen=True)
 class LowRank:
     """W ~ A B at a rank; ``factorize(W, rank, stats, asvd_alpha)``, ``spectrum(W, stats,
-    asvd_alpha)``: the singular values of the matrix the factorisation truncates."""
+    asvd_alpha)``: the singular values of the matrix the factorisation truncates;
+    ``loss_changes(W, G, stats, asvd_alpha)``: each of its directions' first-order loss change
+    when removed, G the loss gradient with respect to W (``low_rank.singular_loss_changes``)."""
     factorize: Callable[[torch.Tensor, int, InputStats, float], Factorization]
     spectrum: Callable[[torch.Tensor, InputStats, float], torch.Tensor]
+    loss_changes: Callable[[torch.Tensor, torch.Tensor, InputStats, float], torch.Tensor]
     kind: ClassVar[str] = "low_rank"
 
 
@@ -76,6 +80,22 @@ def _whitened_spectrum(W: torch.Tensor, stats: InputStats, alpha: float) -> torc
     return singular_values(W.double() @ S)
 
 
+def _svd_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
+    return singular_loss_changes(W, G)
+
+
+def _asvd_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
+    s = asvd_scale(stats.abs_mean, alpha)
+    return singular_loss_changes(W.double() * s, G.double() / s)
+
+
+def _whitened_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
+    S, _ = cholesky_with_jitter(stats.gram)
+    # G S^-T = (S^-1 G^T)^T: one triangular solve, no inverse
+    H = torch.linalg.solve_triangular(S, G.double().T, upper=False).T
+    return singular_loss_changes(W.double() @ S, H)
+
+
 def _magnitude(W: torch.Tensor, ratio: float, stats: InputStats) -> torch.Tensor:
     return magnitude_mask(W, ratio)
 
@@ -85,9 +105,9 @@ def _wanda(W: torch.Tensor, ratio: float, stats: InputStats) -> torch.Tensor:
 
 
 METHODS: dict[str, LowRank | Pruning | Quantization] = {
-    "svd": LowRank(_svd, _svd_spectrum),                  # plain truncated SVD (S = I)
-    "asvd": LowRank(_asvd, _asvd_spectrum),               # input channels scaled by mean|x|^alpha
-    "odllm": LowRank(_whitened, _whitened_spectrum),      # OD-LLM: SVD of W S, S S^T = input Gram
+    "svd": LowRank(_svd, _svd_spectrum, _svd_loss_changes),                   # plain truncated SVD (S = I)
+    "asvd": LowRank(_asvd, _asvd_spectrum, _asvd_loss_changes),               # input channels scaled by mean|x|^alpha
+    "odllm": LowRank(_whitened, _whitened_spectrum, _whitened_loss_changes),  # OD-LLM: SVD of W S, S S^T = input Gram
     "prune_magnitude": Pruning(_magnitude),               # baseline: keep the largest |W|
     "wanda": Pruning(_wanda),                             # baseline: keep the largest |W| x ||x||
     "int8": Quantization(),                               # baseline: int8 dynamic quantisation

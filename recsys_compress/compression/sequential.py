@@ -17,7 +17,8 @@ batches x batch_size x max_len x hidden x 4 bytes (README, "Memory at scale").
 
 A global rank allocation needs every matrix's spectrum before the first factorisation: a first
 pass over the blocks (propagating through the original blocks, so the spectra are exactly the
-whole-model path's) keeps only the singular values, then the second pass compresses.
+whole-model path's) keeps only the singular values (for ``zero_sum``, each direction's loss
+change), then the second pass compresses.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from recsys_compress.models.blocks import decoder_blocks, layers_by_block, run_block
 from recsys_compress.compression.allocation import allocate_ranks
-from recsys_compress.compression.apply import LayerReport, compress_low_rank, layer_spectra, prune_layers
+from recsys_compress.compression.apply import LayerReport, compress_low_rank, direction_scores, prune_layers
 from recsys_compress.compression.calibration import InputStats, collect_input_stats
 from recsys_compress.compression.methods import LowRank, get_method
 from recsys_compress.utils.memory import large_allocations_mapped, release_freed_memory
@@ -140,12 +141,14 @@ def compress_sequential(
     gram_dtype: torch.dtype = torch.float64,
     propagate: str = "compressed",
     rank_align: int = 1,
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> SequentialResult:
     """Compress ``layer_names`` block by block (see the module docstring).
 
     ``forward(batch)`` runs the model on a batch (it is stopped at block 0). ``propagate``:
     ``compressed`` (the method) or ``original``, which feeds every block the original model's
-    activations, so the factors equal the whole-model path's (the tests' check)."""
+    activations, so the factors equal the whole-model path's (the tests' check). ``gradients``:
+    the calibration loss's gradient per layer, for the gradient-driven allocations."""
     if propagate not in PROPAGATIONS:
         raise ValueError(f"propagate={propagate!r}; allowed: {', '.join(PROPAGATIONS)}")
     kind = get_method(method)
@@ -158,19 +161,19 @@ def compress_sequential(
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in layer_names}
     spectra_pass = isinstance(kind, LowRank) and allocation != "uniform"
     if spectra_pass:
-        spectra: dict[str, torch.Tensor] = {}
+        scores: dict[str, torch.Tensor] = {}
         inputs = first_block_inputs(model, calibration, forward)
         for block, names in zip(blocks, grouped):
             if names:
                 stats = _block_stats(model, block, names, inputs, gram_dtype)
                 t1 = time.perf_counter()
-                spectra.update(layer_spectra(model, names, method, stats, asvd_alpha))
+                scores.update(direction_scores(model, names, method, allocation, stats, asvd_alpha, gradients))
                 factorize_seconds += time.perf_counter() - t1
                 del stats
                 release_freed_memory()
             _propagate(block, inputs)
-        ranks = allocate_ranks(shapes, spectra, ratio, allocation, min_rank, rank_align)
-        del inputs, spectra
+        ranks = allocate_ranks(shapes, scores, ratio, allocation, min_rank, rank_align)
+        del inputs, scores
     elif isinstance(kind, LowRank):  # aligned ranks share one budget over all blocks, as in the whole-model path
         ranks = allocate_ranks(shapes, None, ratio, allocation, min_rank, rank_align)
 
