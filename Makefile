@@ -3,7 +3,7 @@
 PY ?= python3
 .DEFAULT_GOAL := help
 
-.PHONY: help install test mutation-check gpu-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export proxy-marc clean
+.PHONY: help install test mutation-check gpu-check train bench-overhead bench-throughput bench-compress bench-ddp odllm-table allocation-table mra-curve id-only marc marc-report cold-seeds cold-itembatch cold-export proxy-marc clean
 
 help:               ## list the targets and what each runs
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/  \1\t\2/' | expand -t 20
@@ -39,6 +39,16 @@ bench-ddp:          ## DDP (2 gloo processes) vs single-process epoch time on ML
 odllm-table:        ## OD-LLM methods x ratios x alignment on llama_tiny/ML-1M (one base model), then its report
 	$(PY) train.py -m experiment=odllm_table_ml1m hydra.sweep.dir=outputs/odllm_table_ml1m/sweep
 	$(PY) experiments/report.py outputs/odllm_table_ml1m/sweep --out outputs/odllm_table_ml1m/report
+
+# Issue 18: one trained base per model (trained here when its folder holds no metrics.json), then
+# every allocation x ratio x alignment on that base in one invocation, paired with uniform by user.
+ALLOC_OUT := outputs/allocation
+ALLOCATIONS ?= uniform global_relative zero_sum
+allocation-table:   ## rank allocations (uniform, global_relative, zero_sum) x 0.3/0.5 x progressive on llama_tiny/ML-1M and SmolLM2/ML-100K
+	test -f $(ALLOC_OUT)/ml1m_llama_tiny/metrics.json || $(PY) train.py experiment=ml1m_llama_tiny logger=csv trainer.max_time=00:00:45:00 hydra.run.dir=$(ALLOC_OUT)/ml1m_llama_tiny
+	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny.json
+	test -f $(ALLOC_OUT)/ml100k_smollm2_lora/metrics.json || $(PY) train.py experiment=ml100k_smollm2_lora logger=csv hydra.run.dir=$(ALLOC_OUT)/ml100k_smollm2_lora
+	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora.json alignment.lr=1e-4
 
 mra-curve:          ## the MRA curve: SmolLM2 layers x {linear, pca} probes on ML-1M
 	$(PY) train.py -m experiment=mra_curve_ml1m hydra.sweep.dir=outputs/mra_curve_ml1m/sweep
