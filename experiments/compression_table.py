@@ -115,7 +115,8 @@ def main() -> None:
                        "compression/dense_layers": summary["compression/dense_layers"],
                        "compression/mean_rel_output_error": summary["compression/mean_rel_output_error"],
                        "compression/heldout_rel_output_error": summary["compression/heldout_rel_output_error"],
-                       "time/compress_s": summary["time/compress_s"]}
+                       "time/compress_s": summary["time/compress_s"],
+                       "time/loss_gradient_s": summary["time/loss_gradient_s"]}  # within compress_s; zero_sum only
                 if alignment != "none":
                     L.seed_everything(run.seed)
                     aligning = cell(method, ratio, allocation, alignment)[1].alignment

@@ -50,6 +50,7 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
     for r in table["rows"]:
         assert r["retention/ndcg@10_ci_low"] <= r["retention/ndcg@10"] <= r["retention/ndcg@10_ci_high"]
         assert ("vs_uniform/ndcg@10" in r) == (r["allocation"] == "global")
+        assert r["time/loss_gradient_s"] == 0  # no gradient-driven allocation in this table
     # the uniform odllm cell keeps the ranks the run itself kept (ranks depend on shapes and ratio only)
     uniform = next(r for r in table["rows"] if r["method"] == "odllm" and r["allocation"] == "uniform"
                    and r["alignment"] == "none")
