@@ -108,9 +108,9 @@ METHODS: dict[str, LowRank | Pruning | Quantization] = {
     "svd": LowRank(_svd, _svd_spectrum, _svd_loss_changes),                   # plain truncated SVD (S = I)
     "asvd": LowRank(_asvd, _asvd_spectrum, _asvd_loss_changes),               # input channels scaled by mean|x|^alpha
     "odllm": LowRank(_whitened, _whitened_spectrum, _whitened_loss_changes),  # OD-LLM: SVD of W S, S S^T = input Gram
-    "prune_magnitude": Pruning(_magnitude),               # baseline: keep the largest |W|
-    "wanda": Pruning(_wanda),                             # baseline: keep the largest |W| x ||x||
-    "int8": Quantization(),                               # baseline: int8 dynamic quantisation
+    "prune_magnitude": Pruning(_magnitude),                                   # baseline: keep the largest |W|
+    "wanda": Pruning(_wanda),                                                 # baseline: keep the largest |W| x ||x||
+    "int8": Quantization(),                                                   # baseline: int8 dynamic quantisation
 }
 
 
