@@ -261,3 +261,12 @@ def test_statistics_that_would_not_fit_are_refused_with_the_numbers(data, monkey
         with pytest.raises(MemoryError, match=rf"calibration statistics need {expected} MiB \(21 layers, {mode}, "
                                               rf"10,752 padded tokens\), and 0.1 MiB are available: {hint}"):
             cb.compress(fresh(data), data.train_dataloader())
+    # zero_sum also keeps a float64 loss gradient of every targeted weight (both paths)
+    module = fresh(data)
+    weights = sum(m.weight.numel() for m in module.model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not module.model.get_output_embeddings())
+    assert statistics_bytes(in_features, 32, 0, True, False, gradient_weights=weights) == LAYERS * one_block + 8 * weights
+    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, allocation="zero_sum"), 0.5)
+    with pytest.raises(MemoryError, match=rf"need {(LAYERS * one_block + 8 * weights) / 2**20:.1f} MiB \(21 layers, "
+                                          rf"every layer at once, 10,752 padded tokens, loss gradients of {weights:,} weights\)"):
+        cb.compress(module, data.train_dataloader())

@@ -190,13 +190,16 @@ def available_memory_bytes() -> int | None:
 
 
 def statistics_bytes(in_features: Sequence[Sequence[int]], hidden_size: int, padded_tokens: int,
-                     heldout: bool, sequential: bool) -> int:
+                     heldout: bool, sequential: bool, gradient_weights: int = 0) -> int:
     """Host memory the calibration statistics need: one float64 Gram matrix and |x| sum per layer
     (twice with held-out statistics). ``in_features``: the targeted layers' input widths, grouped
     by decoder block. The sequential path holds one block's statistics plus the cached float32
-    hidden states of every calibration and held-out position (``padded_tokens``)."""
+    hidden states of every calibration and held-out position (``padded_tokens``).
+    ``gradient_weights``: the targeted weights' element count when a loss-driven allocation keeps
+    their float64 loss gradients through the whole compression (both paths)."""
     copies = 2 if heldout else 1
     per_block = [copies * sum(8 * (n * n + n) for n in block) for block in in_features]
+    gradients = 8 * gradient_weights
     if sequential:
-        return max(per_block, default=0) + 4 * hidden_size * padded_tokens
-    return sum(per_block)
+        return max(per_block, default=0) + 4 * hidden_size * padded_tokens + gradients
+    return sum(per_block) + gradients

@@ -200,13 +200,17 @@ class CompressionCallback(L.Callback):
         padded = sum(int(b["attention_mask"].numel()) for b in batches)
         sequential = self.config.sequential
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
-        needed = statistics_bytes(in_features, hidden, padded, heldout, sequential)
+        gradient_weights = (sum(model.get_submodule(n).weight.numel() for n in names)
+                            if isinstance(self.kind, LowRank) and self.config.allocation in GRADIENT_ALLOCATIONS
+                            else 0)
+        needed = statistics_bytes(in_features, hidden, padded, heldout, sequential, gradient_weights)
         if needed > available:
             hint = ("lower compression.calib_batches or compression.heldout_batches" if sequential else
                     "set compression.sequential=true (one block's statistics at a time)")
             raise MemoryError(
                 f"calibration statistics need {needed / 2**20:,.1f} MiB ({len(names)} layers, "
-                f"{'one block at a time' if sequential else 'every layer at once'}, {padded:,} padded tokens), "
+                f"{'one block at a time' if sequential else 'every layer at once'}, {padded:,} padded tokens"
+                f"{f', loss gradients of {gradient_weights:,} weights' if gradient_weights else ''}), "
                 f"and {available / 2**20:,.1f} MiB are available: {hint}")
 
     def apply_quantization(self, model: torch.nn.Module) -> float:
