@@ -28,7 +28,7 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
     out = tmp_path / "table.json"
     done = subprocess.run(
         [sys.executable, "experiments/compression_table.py", str(run_dir), "--methods", "odllm", "wanda",
-         "--ratios", "0.5", "--allocations", "uniform", "global", "--alignments", "none", "progressive_lstsq",
+         "--ratios", "0.5", "--allocations", "uniform", "global", "zero_sum", "--alignments", "none", "progressive_lstsq",
          "--calib-batches", "2", "--heldout-batches", "1", "--out", str(out), "alignment.batches=2", cache],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -37,7 +37,7 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
     assert table["base"]["test/ndcg@10"] == trained["base/test/ndcg@10"]
     cells = {(r["method"], r["allocation"], r["alignment"]) for r in table["rows"]}
     # pruning runs uniform and unaligned; odllm gets every allocation x alignment
-    assert cells == {("wanda", "uniform", "none"), *{("odllm", a, al) for a in ("uniform", "global")
+    assert cells == {("wanda", "uniform", "none"), *{("odllm", a, al) for a in ("uniform", "global", "zero_sum")
                                                       for al in ("none", "progressive_lstsq")}}
     # per-user NDCG@10 of the base and of every cell, in the rows' order: cells of two
     # invocations can be paired; each cell's mean over its users is its test figure
@@ -49,8 +49,10 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
         assert sum(users) / len(users) == pytest.approx(r["test/ndcg@10"], rel=1e-5)
     for r in table["rows"]:
         assert r["retention/ndcg@10_ci_low"] <= r["retention/ndcg@10"] <= r["retention/ndcg@10_ci_high"]
-        assert ("vs_uniform/ndcg@10" in r) == (r["allocation"] == "global")
-        assert r["time/loss_gradient_s"] == 0  # no gradient-driven allocation in this table
+        assert ("vs_uniform/ndcg@10" in r) == (r["allocation"] != "uniform")
+        # only the loss-driven rule spends time on backward passes, and within compress_s
+        assert (r["time/loss_gradient_s"] > 0) == (r["allocation"] == "zero_sum")
+        assert r["time/loss_gradient_s"] < r["time/compress_s"]
     # the uniform odllm cell keeps the ranks the run itself kept (ranks depend on shapes and ratio only)
     uniform = next(r for r in table["rows"] if r["method"] == "odllm" and r["allocation"] == "uniform"
                    and r["alignment"] == "none")
