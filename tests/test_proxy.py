@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, validate_marc, validate_probe
+from recsys_compress.config import ConfigError, ProxyConfig, validate_marc, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
 from recsys_compress.representations.layer_means import load_encoder
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cosine_regression, encoder_label,
@@ -194,9 +194,18 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
     # so the runs of one proxy configuration pool over seeds and other settings stay apart
     label = "llama_tiny + mrl proxy (steps=30, batch_size=32, llm_lr=0.001)"
     assert encoder_label("llama_tiny", str(out)) == label
+    # the settings off their defaults are those of the day it was trained (encoder.json): a later
+    # change of a default does not rename a finished run
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ProxyConfig.model_fields["steps"], "default", 30)
+        assert encoder_label("llama_tiny", str(out)) == label
+    # a run from before encoder.json recorded them: compared with today's defaults (run_config.yaml)
+    info = json.loads((out / "encoder" / "encoder.json").read_text())
+    del info["settings_off_default"]
     for name, key, value, same in [("seed", "seed", 7, True), ("steps", "proxy.steps", 31, False)]:
         other = tmp_path / f"other_{name}"
         shutil.copytree(out / "encoder", other / "encoder")
+        (other / "encoder" / "encoder.json").write_text(json.dumps(info))
         saved = OmegaConf.load(out / "run_config.yaml")
         OmegaConf.update(saved, key, value)
         OmegaConf.save(saved, other / "run_config.yaml")

@@ -326,20 +326,29 @@ def load_proxy_head(run_dir: str | Path) -> CompressionHead:
     return head.eval()
 
 
+def settings_off_default(settings: dict[str, Any]) -> list[str]:
+    """``key=value`` for each proxy training setting that differs from ``ProxyConfig``'s default.
+    A proxy run stores this list in its ``encoder.json`` when it finishes, so its label keeps the
+    defaults of the day it was trained."""
+    return [f"{k}={v}" for k, v in settings.items()
+            if k not in ("objective", "val_pairs")  # in the label already / not a training setting
+            and k in ProxyConfig.model_fields and v != ProxyConfig.model_fields[k].default]
+
+
 def encoder_label(model: str, encoder_run: str | None) -> str:
     """What a run records as its representation encoder (``repr/encoder``): the pretrained
     model, or that model after a proxy run's fine-tuning, named by the objective and the proxy
-    settings that differ from the defaults (``run_config.yaml``). The seed is not part of it,
-    so ``report.py`` pools the proxy runs of one configuration over seeds into one curve; a
-    run without its config is named by its folder."""
+    settings that differed from the defaults when it was trained (``encoder.json``; a run from
+    before that was recorded is compared with today's defaults through its ``run_config.yaml``).
+    The seed is not part of it, so ``report.py`` pools the proxy runs of one configuration over
+    seeds into one curve; a run without either record is named by its folder."""
     if not encoder_run:
         return model
     _, info = encoder_info(encoder_run)
-    saved = Path(encoder_run) / "run_config.yaml"
-    if not saved.is_file():
-        return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"
-    settings = OmegaConf.to_container(OmegaConf.load(saved).proxy)
-    changed = [f"{k}={v}" for k, v in settings.items()
-               if k not in ("objective", "val_pairs")  # in the label already / not a training setting
-               and k in ProxyConfig.model_fields and v != ProxyConfig.model_fields[k].default]
+    changed = info.get("settings_off_default")
+    if changed is None:
+        saved = Path(encoder_run) / "run_config.yaml"
+        if not saved.is_file():
+            return f"{model} + {info['objective']} proxy ({Path(encoder_run).name})"
+        changed = settings_off_default(OmegaConf.to_container(OmegaConf.load(saved).proxy))
     return f"{model} + {info['objective']} proxy" + (f" ({', '.join(changed)})" if changed else "")

@@ -26,7 +26,8 @@ from recsys_compress.config import ConfigError, proxy_encoder_identity, validate
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_texts,
-                                                   proxy_token_ids, proxy_token_states, save_proxy_encoder)
+                                                   proxy_token_ids, proxy_token_states, save_proxy_encoder,
+                                                   settings_off_default)
 from recsys_compress.representations.token_states import llama_top
 from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
 from recsys_compress.utils.run_outputs import finish_run
@@ -90,7 +91,8 @@ def proxy(cfg: DictConfig) -> dict[str, Any]:
         module.pca_head(items.unique(), users.unique())
     encoder_vocab = encoder.model.get_input_embeddings().num_embeddings
     save_proxy_encoder(output_dir, module, encoder,
-                       {"objective": p.objective, "dim": p.dim, "trained_on": proxy_encoder_identity(run)})
+                       {"objective": p.objective, "dim": p.dim, "trained_on": proxy_encoder_identity(run),
+                        "settings_off_default": settings_off_default(p.model_dump())})
     codes = module.item_codes()
     save_file({"mu": codes.contiguous()}, str(output_dir / "item_codes.safetensors"),
               metadata={"kind": f"proxy {p.objective}", "dim": str(p.dim)})
