@@ -65,16 +65,16 @@ def test_compression_sees_the_weights_the_run_holds(trained, monkeypatch):
     """Under trainer.precision=bf16-true the factorised weights are bf16 (half the memory, as a
     24 GB GPU needs for a 7B model), on the trainer's device: Lightning casts and moves the module
     only after the setup hooks, where the callback compresses."""
-    import recsys_compress.compression.low_rank as low_rank
+    import recsys_compress.compression.methods as methods
 
     seen = []
-    factorize = low_rank._factorize
+    factorize = methods.factorize  # what every low-rank method's factorisation calls
 
     def recording(W, *args, **kwargs):
         seen.append((W.dtype, W.device))
         return factorize(W, *args, **kwargs)
 
-    monkeypatch.setattr(low_rank, "_factorize", recording)
+    monkeypatch.setattr(methods, "factorize", recording)
     lit, cb, _, bf16 = compressed(trained, "odllm", 0.5, precision="bf16-true", heldout_batches=2)
     device = L.Trainer(logger=False, enable_progress_bar=False).strategy.root_device  # where `compressed` ran
     assert len(seen) == 7 * LAYERS and set(seen) == {(torch.bfloat16, device)}

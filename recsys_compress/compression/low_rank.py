@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,20 +160,21 @@ def singular_loss_changes(A: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return -sigma * ((U.T @ H.double()) * Vh).sum(1)
 
 
-def _factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None, S_inv_apply) -> Factorization:
-    W64 = W.double()
-    WS = W64 if S is None else W64 @ S
-    A, B, sigma = truncated_factors(WS, rank)
-    k = A.shape[1]
-    if S is not None:
-        B = S_inv_apply(B)
-    energy = float((sigma[:k] ** 2).sum() / (sigma ** 2).sum().clamp(min=1e-300))
-    return Factorization(A.to(W.dtype), B.to(W.dtype), sigma, energy, 0.0)
+@dataclass(frozen=True)
+class InputTransform:
+    """The input-space transform S a low-rank method truncates in: it takes the SVD of W S.
+    ``weight``: W -> W S (float64); ``unweight``: B -> B S^-1 (undoes S on the right factor);
+    ``gradient``: G -> G S^-T, a loss gradient with respect to W in the coordinates of W S
+    (``singular_loss_changes``); ``jitter``: what the Cholesky factor added to the Gram diagonal."""
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    unweight: Callable[[torch.Tensor], torch.Tensor]
+    gradient: Callable[[torch.Tensor], torch.Tensor]
+    jitter: float = 0.0
 
 
-def plain_svd(W: torch.Tensor, rank: int) -> Factorization:
-    """Truncated SVD of W itself."""
-    return _factorize(W, rank, None, None)
+def identity_transform() -> InputTransform:
+    """Plain SVD: S = I."""
+    return InputTransform(torch.Tensor.double, lambda B: B, torch.Tensor.double)
 
 
 def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -180,20 +182,44 @@ def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return abs_mean.double().clamp(min=1e-8) ** alpha
 
 
+def asvd_transform(abs_mean: torch.Tensor, alpha: float = 0.5) -> InputTransform:
+    """ASVD: S = diag(s), s_j = mean|x_j|^alpha, so S^-T = diag(1/s)."""
+    s = asvd_scale(abs_mean, alpha)
+    return InputTransform(lambda W: W.double() * s, lambda B: B / s, lambda G: G.double() / s)
+
+
+def whitening_transform(gram: torch.Tensor) -> InputTransform:
+    """OD-LLM / SVD-LLM: S S^T = sum_t x_t x_t^T (Cholesky, float64), so that the squared
+    singular values of W S are each direction's output error on the calibration tokens."""
+    S, jitter = cholesky_with_jitter(gram)
+    return InputTransform(
+        lambda W: W.double() @ S,
+        # B S^-1 and G S^-T by triangular solves (S^T Y^T = B^T; S Z = G^T), never forming the inverse
+        lambda B: torch.linalg.solve_triangular(S.T, B.T, upper=True).T,
+        lambda G: torch.linalg.solve_triangular(S, G.double().T, upper=False).T,
+        jitter)
+
+
+def factorize(W: torch.Tensor, rank: int, transform: InputTransform) -> Factorization:
+    """The rank-``rank`` truncation of W S, mapped back: A B ~ W, in W's dtype."""
+    A, B, sigma = truncated_factors(transform.weight(W), rank)
+    k = A.shape[1]
+    energy = float((sigma[:k] ** 2).sum() / (sigma ** 2).sum().clamp(min=1e-300))
+    if transform.jitter:
+        warnings.warn(f"Gram matrix not positive definite: added {transform.jitter:.3g} * I", stacklevel=2)
+    return Factorization(A.to(W.dtype), transform.unweight(B).to(W.dtype), sigma, energy, transform.jitter)
+
+
+def plain_svd(W: torch.Tensor, rank: int) -> Factorization:
+    """Truncated SVD of W itself."""
+    return factorize(W, rank, identity_transform())
+
+
 def activation_aware_svd(W: torch.Tensor, rank: int, abs_mean: torch.Tensor, alpha: float = 0.5) -> Factorization:
     """ASVD: scale input channel j by s_j = mean|x_j|^alpha before the SVD, undo it in B."""
-    s = asvd_scale(abs_mean, alpha)
-    return _factorize(W, rank, torch.diag(s), lambda B: B / s)
+    return factorize(W, rank, asvd_transform(abs_mean, alpha))
 
 
 def whitened_svd(W: torch.Tensor, rank: int, gram: torch.Tensor) -> Factorization:
     """OD-LLM: SVD of W S with S S^T = sum_t x_t x_t^T; B = Sigma^(1/2) V^T S^-1."""
-    S, jitter = cholesky_with_jitter(gram)
-    # B S^-1 via a triangular solve (S^T Y^T = B^T), never forming the inverse.
-    fac = _factorize(
-        W, rank, S, lambda B: torch.linalg.solve_triangular(S.T, B.T, upper=True).T
-    )
-    fac.jitter = jitter
-    if jitter:
-        warnings.warn(f"Gram matrix not positive definite: added {jitter:.3g} * I", stacklevel=2)
-    return fac
+    return factorize(W, rank, whitening_transform(gram))

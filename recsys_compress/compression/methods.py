@@ -1,10 +1,11 @@
 """The compression methods by name: one registry that config validation, the compression
 callback, the experiment scripts, the report and the tests all read (as PEFT's tuner registry).
 
-Adding a method is one function here and one entry in ``METHODS``. A low-rank method says how
-it factorises a weight and which matrix's singular values it truncates (what the global rank
-allocations rank directions by); a pruning method says which weights it keeps; quantisation
-keeps every weight in int8.
+Adding a method is one function here and one entry in ``METHODS``. A low-rank method says in
+which input-space transform S it truncates the SVD of W S (``low_rank.InputTransform``): its
+factors, the spectrum the global rank allocations rank directions by and the loss-driven
+allocation's per-direction loss changes all follow from it; a pruning method says which weights
+it keeps; quantisation keeps every weight in int8.
 """
 
 from __future__ import annotations
@@ -18,27 +19,36 @@ import torch
 from recsys_compress.compression.calibration import InputStats
 from recsys_compress.compression.low_rank import (
     Factorization,
-    activation_aware_svd,
-    asvd_scale,
-    cholesky_with_jitter,
-    plain_svd,
+    InputTransform,
+    asvd_transform,
+    factorize,
+    identity_transform,
     singular_loss_changes,
     singular_values,
-    whitened_svd,
+    whitening_transform,
 )
 from recsys_compress.compression.pruning import magnitude_mask, wanda_mask
 
 
 @dataclass(frozen=True)
 class LowRank:
-    """W ~ A B at a rank; ``factorize(W, rank, stats, asvd_alpha)``, ``spectrum(W, stats,
-    asvd_alpha)``: the singular values of the matrix the factorisation truncates;
-    ``loss_changes(W, G, stats, asvd_alpha)``: each of its directions' first-order loss change
-    when removed, G the loss gradient with respect to W (``low_rank.singular_loss_changes``)."""
-    factorize: Callable[[torch.Tensor, int, InputStats, float], Factorization]
-    spectrum: Callable[[torch.Tensor, InputStats, float], torch.Tensor]
-    loss_changes: Callable[[torch.Tensor, torch.Tensor, InputStats, float], torch.Tensor]
+    """W ~ A B at a rank, the truncated SVD of W S; ``transform(stats, asvd_alpha)`` builds the
+    method's input-space S (``low_rank.InputTransform``), from which follow the factors, the
+    spectrum the global allocations rank directions by, and each direction's first-order loss
+    change when removed (``low_rank.singular_loss_changes``; G the loss gradient w.r.t. W)."""
+    transform: Callable[[InputStats, float], InputTransform]
     kind: ClassVar[str] = "low_rank"
+
+    def factorize(self, W: torch.Tensor, rank: int, stats: InputStats, asvd_alpha: float) -> Factorization:
+        return factorize(W, rank, self.transform(stats, asvd_alpha))
+
+    def spectrum(self, W: torch.Tensor, stats: InputStats, asvd_alpha: float) -> torch.Tensor:
+        # for odllm their squares are exactly each direction's output error on the calibration tokens
+        return singular_values(self.transform(stats, asvd_alpha).weight(W))
+
+    def loss_changes(self, W: torch.Tensor, G: torch.Tensor, stats: InputStats, asvd_alpha: float) -> torch.Tensor:
+        t = self.transform(stats, asvd_alpha)
+        return singular_loss_changes(t.weight(W), t.gradient(G))
 
 
 @dataclass(frozen=True)
@@ -54,46 +64,16 @@ class Quantization:
     kind: ClassVar[str] = "quantization"
 
 
-def _svd(W: torch.Tensor, rank: int, stats: InputStats, alpha: float) -> Factorization:
-    return plain_svd(W, rank)
+def _plain(stats: InputStats, alpha: float) -> InputTransform:
+    return identity_transform()
 
 
-def _svd_spectrum(W: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    return singular_values(W.double())
+def _activation_aware(stats: InputStats, alpha: float) -> InputTransform:
+    return asvd_transform(stats.abs_mean, alpha)
 
 
-def _asvd(W: torch.Tensor, rank: int, stats: InputStats, alpha: float) -> Factorization:
-    return activation_aware_svd(W, rank, stats.abs_mean, alpha)
-
-
-def _asvd_spectrum(W: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    return singular_values(W.double() * asvd_scale(stats.abs_mean, alpha))
-
-
-def _whitened(W: torch.Tensor, rank: int, stats: InputStats, alpha: float) -> Factorization:
-    return whitened_svd(W, rank, stats.gram)
-
-
-def _whitened_spectrum(W: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    # their squares are exactly each direction's output error on the calibration tokens
-    S, _ = cholesky_with_jitter(stats.gram)  # the factorisation reports the jitter
-    return singular_values(W.double() @ S)
-
-
-def _svd_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    return singular_loss_changes(W, G)
-
-
-def _asvd_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    s = asvd_scale(stats.abs_mean, alpha)
-    return singular_loss_changes(W.double() * s, G.double() / s)
-
-
-def _whitened_loss_changes(W: torch.Tensor, G: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
-    S, _ = cholesky_with_jitter(stats.gram)
-    # G S^-T = (S^-1 G^T)^T: one triangular solve, no inverse
-    H = torch.linalg.solve_triangular(S, G.double().T, upper=False).T
-    return singular_loss_changes(W.double() @ S, H)
+def _whitening(stats: InputStats, alpha: float) -> InputTransform:
+    return whitening_transform(stats.gram)
 
 
 def _magnitude(W: torch.Tensor, ratio: float, stats: InputStats) -> torch.Tensor:
@@ -105,12 +85,12 @@ def _wanda(W: torch.Tensor, ratio: float, stats: InputStats) -> torch.Tensor:
 
 
 METHODS: dict[str, LowRank | Pruning | Quantization] = {
-    "svd": LowRank(_svd, _svd_spectrum, _svd_loss_changes),                   # plain truncated SVD (S = I)
-    "asvd": LowRank(_asvd, _asvd_spectrum, _asvd_loss_changes),               # input channels scaled by mean|x|^alpha
-    "odllm": LowRank(_whitened, _whitened_spectrum, _whitened_loss_changes),  # OD-LLM: SVD of W S, S S^T = input Gram
-    "prune_magnitude": Pruning(_magnitude),                                   # baseline: keep the largest |W|
-    "wanda": Pruning(_wanda),                                                 # baseline: keep the largest |W| x ||x||
-    "int8": Quantization(),                                                   # baseline: int8 dynamic quantisation
+    "svd": LowRank(_plain),                  # plain truncated SVD (S = I)
+    "asvd": LowRank(_activation_aware),      # input channels scaled by mean|x|^alpha
+    "odllm": LowRank(_whitening),            # OD-LLM: SVD of W S, S S^T = input Gram
+    "prune_magnitude": Pruning(_magnitude),  # baseline: keep the largest |W|
+    "wanda": Pruning(_wanda),                # baseline: keep the largest |W| x ||x||
+    "int8": Quantization(),                  # baseline: int8 dynamic quantisation
 }
 
 
