@@ -284,6 +284,10 @@ class CompressionConfig(Schema):
     # first-order effect on the training loss (compression/allocation.py).
     allocation: Literal[ALLOCATIONS] = "uniform"  # type: ignore[valid-type]
     min_rank: int = 1  # global allocations: the least rank any matrix keeps
+    # the data whose loss zero_sum differentiates: train (the calibration batches, the next item at
+    # every position) or val (the validation users' held-out next item: a converged model's mean
+    # training gradient is near zero, its held-out one is not). Ignored by the other allocations.
+    gradient_split: Literal["train", "val"] = "train"
     # every rank a multiple of this, in the same parameter budget (compression/allocation.align_ranks);
     # 1: ranks as allocated
     rank_align: int = 1

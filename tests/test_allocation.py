@@ -353,19 +353,33 @@ def test_loss_gradients_average_the_batches_and_restore_the_flags():
     assert both["0"].abs().sum() > 0 and not model[0].weight.requires_grad and model[1].weight.requires_grad
 
 
-def test_zero_sum_composes_through_the_pipeline(tmp_path):
-    """compression.allocation=zero_sum on a tiny LLaMA: the training loss's gradients are taken
-    (timed), the budget holds, the ranks differ between matrices and reach compression_layers.csv."""
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_zero_sum_composes_through_the_pipeline(tmp_path, monkeypatch, split):
+    """compression.allocation=zero_sum on a tiny LLaMA: the loss's gradients are taken (timed) over
+    calib_batches batches of the chosen split (val: evaluation batches, each user's held-out
+    target), the budget holds, the ranks differ between matrices and reach compression_layers.csv."""
     import csv
 
+    from recsys_compress.compression import callback as callback_module
     from recsys_compress.tasks.runner import run_task
     from recsys_compress.utils.compose import compose_config
 
+    differentiated = []
+    original = callback_module.loss_gradients
+
+    def recording(model, names, batches, loss):
+        differentiated.append(batches)
+        return original(model, names, batches, loss)
+
+    monkeypatch.setattr(callback_module, "loss_gradients", recording)
     overrides = ["compression=odllm", "compression.allocation=zero_sum", "ratio=0.3", "model.hidden_size=16",
-                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=4",
+                 "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "compression.heldout_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                 "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+                 "logger=none", "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}",
+                 f"compression.gradient_split={split}"]
     metrics = run_task(compose_config(overrides, tmp_path))
+    assert len(differentiated) == 1 and len(differentiated[0]) == 2
+    assert all(("target" in b) == (split == "val") for b in differentiated[0])
     with open(tmp_path / "compression_layers.csv") as f:
         rows = list(csv.DictReader(f))
     shapes = {r["name"]: (int(r["out_features"]), int(r["in_features"])) for r in rows}

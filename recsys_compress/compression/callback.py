@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -91,11 +92,15 @@ class CompressionCallback(L.Callback):
         # and on the weights the run will hold (trainer.precision=bf16-true: bf16, half the memory).
         pl_module.to(trainer.strategy.root_device)
         trainer.precision_plugin.convert_module(pl_module)
-        self.compress(pl_module, datamodule.train_dataloader())
+        gradient_batches = datamodule.val_dataloader() if self.config.gradient_split == "val" else None
+        self.compress(pl_module, datamodule.train_dataloader(), gradient_batches)
         self._log(trainer)
 
-    def compress(self, pl_module: L.LightningModule, batches) -> list[LayerReport]:
-        """Calibrate on ``batches`` (training sequences) and factorise the targeted layers."""
+    def compress(self, pl_module: L.LightningModule, batches, gradient_batches=None) -> list[LayerReport]:
+        """Calibrate on ``batches`` (training sequences) and factorise the targeted layers.
+        ``gradient_batches``: evaluation batches (history, target) whose target loss a
+        gradient-driven allocation differentiates instead of the calibration batches' training
+        loss (``compression.gradient_split=val``); their first ``calib_batches`` are used."""
         t0 = time.perf_counter()
         model = pl_module.model
         c = self.config
@@ -128,7 +133,7 @@ class CompressionCallback(L.Callback):
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             gradients = None
             if isinstance(self.kind, LowRank) and c.allocation in GRADIENT_ALLOCATIONS:
-                gradients = self._loss_gradients(pl_module, names, calibration)
+                gradients = self._loss_gradients(pl_module, names, calibration, gradient_batches)
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
                                              forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype,
@@ -171,20 +176,30 @@ class CompressionCallback(L.Callback):
             log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
         return self.reports
 
-    def _loss_gradients(self, pl_module: L.LightningModule, names: list[str], calibration: list) -> dict:
-        """The training loss's gradient per targeted weight, averaged over the calibration batches."""
-        if not callable(getattr(pl_module, "loss", None)):
-            raise TypeError(f"compression.allocation={self.config.allocation} needs the module's training loss "
-                            f"(a loss(batch) method); {type(pl_module).__name__} has none")
+    def _loss_gradients(self, pl_module: L.LightningModule, names: list[str], calibration: list,
+                        evaluation=None) -> dict:
+        """The loss's gradient per targeted weight, averaged over batches: the training loss over
+        the calibration batches, or, given ``evaluation`` batches, their held-out target's loss."""
+        c = self.config
+        held_out = evaluation is not None
+        method = "target_loss" if held_out else "loss"
+        if not callable(getattr(pl_module, method, None)):
+            raise TypeError(f"compression.allocation={c.allocation} with compression.gradient_split="
+                            f"{c.gradient_split} needs the module's {method}(batch); {type(pl_module).__name__} "
+                            "has none")
+        batches = list(islice(evaluation, c.calib_batches)) if held_out else calibration
+        if held_out and not batches:
+            raise ValueError("compression.gradient_split=val, but the validation split holds no batches")
         t0 = time.perf_counter()
 
         def loss(b):
-            return pl_module.loss({k: v.to(pl_module.device) for k, v in b.items() if isinstance(v, torch.Tensor)})
+            on_device = {k: v.to(pl_module.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
+            return getattr(pl_module, method)(on_device)
 
-        gradients = loss_gradients(pl_module.model, names, calibration, loss)
+        gradients = loss_gradients(pl_module.model, names, batches, loss)
         self.gradient_seconds = time.perf_counter() - t0
-        log.info("calibration loss gradients of %d layers over %d batches in %.1f s", len(names), len(calibration),
-                 self.gradient_seconds)
+        log.info("%s loss gradients of %d layers over %d batches in %.1f s", c.gradient_split, len(names),
+                 len(batches), self.gradient_seconds)
         return gradients
 
     def _check_memory(self, model: torch.nn.Module, names: list[str], batches: list, heldout: bool) -> None:

@@ -75,6 +75,11 @@ class SeqRecLitModule(L.LightningModule):
         logits = self.model.get_output_embeddings()(hidden[has_target])
         return F.cross_entropy(logits.float(), ids[:, 1:][has_target])
 
+    def target_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of an evaluation batch's held-out ``target`` item after each user's
+        history (the calibration loss of gradient-driven allocations with gradient_split=val)."""
+        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]).float(), batch["target"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         loss = self.loss(batch)
