@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
@@ -92,11 +93,18 @@ class CompressionCallback(L.Callback):
         # and on the weights the run will hold (trainer.precision=bf16-true: bf16, half the memory).
         pl_module.to(trainer.strategy.root_device)
         trainer.precision_plugin.convert_module(pl_module)
-        gradient_batches = datamodule.val_dataloader() if self.config.gradient_split == "val" else None
+        gradient_batches = (datamodule.val_dataloader() if self.takes_gradients and self.config.gradient_split == "val"
+                            else None)
         self.compress(pl_module, datamodule.train_dataloader(), gradient_batches)
         self._log(trainer)
 
-    def compress(self, pl_module: L.LightningModule, batches, gradient_batches=None) -> list[LayerReport]:
+    @property
+    def takes_gradients(self) -> bool:
+        """Whether the allocation ranks directions by the loss's gradient (zero_sum)."""
+        return isinstance(self.kind, LowRank) and self.config.allocation in GRADIENT_ALLOCATIONS
+
+    def compress(self, pl_module: L.LightningModule, batches: Iterable[dict],
+                 gradient_batches: Iterable[dict] | None = None) -> list[LayerReport]:
         """Calibrate on ``batches`` (training sequences) and factorise the targeted layers.
         ``gradient_batches``: evaluation batches (history, target) whose target loss a
         gradient-driven allocation differentiates instead of the calibration batches' training
@@ -132,7 +140,7 @@ class CompressionCallback(L.Callback):
             self.calib_batches_used = len(calibration)
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             gradients = None
-            if isinstance(self.kind, LowRank) and c.allocation in GRADIENT_ALLOCATIONS:
+            if self.takes_gradients:
                 gradients = self._loss_gradients(pl_module, names, calibration, gradient_batches)
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
@@ -177,7 +185,7 @@ class CompressionCallback(L.Callback):
         return self.reports
 
     def _loss_gradients(self, pl_module: L.LightningModule, names: list[str], calibration: list,
-                        evaluation=None) -> dict:
+                        evaluation: Iterable[dict] | None = None) -> dict:
         """The loss's gradient per targeted weight, averaged over batches: the training loss over
         the calibration batches, or, given ``evaluation`` batches, their held-out target's loss."""
         c = self.config
@@ -215,9 +223,7 @@ class CompressionCallback(L.Callback):
         padded = sum(int(b["attention_mask"].numel()) for b in batches)
         sequential = self.config.sequential
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
-        gradient_weights = (sum(model.get_submodule(n).weight.numel() for n in names)
-                            if isinstance(self.kind, LowRank) and self.config.allocation in GRADIENT_ALLOCATIONS
-                            else 0)
+        gradient_weights = sum(model.get_submodule(n).weight.numel() for n in names) if self.takes_gradients else 0
         needed = statistics_bytes(in_features, hidden, padded, heldout, sequential, gradient_weights)
         if needed > available:
             hint = ("lower compression.calib_batches or compression.heldout_batches" if sequential else
