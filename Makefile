@@ -44,11 +44,13 @@ odllm-table:        ## OD-LLM methods x ratios x alignment on llama_tiny/ML-1M (
 # every allocation x ratio x alignment on that base in one invocation, paired with uniform by user.
 ALLOC_OUT := outputs/allocation
 ALLOCATIONS ?= uniform global_relative zero_sum
-allocation-table:   ## rank allocations (uniform, global_relative, zero_sum) x 0.3/0.5 x progressive on llama_tiny/ML-1M and SmolLM2/ML-100K
+allocation-table:   ## rank allocations (uniform, global_relative, zero_sum on the training and on the validation gradient) x 0.3/0.5 x progressive on llama_tiny/ML-1M and SmolLM2/ML-100K
 	test -f $(ALLOC_OUT)/ml1m_llama_tiny/metrics.json || $(PY) train.py experiment=ml1m_llama_tiny logger=csv trainer.max_time=00:00:45:00 hydra.run.dir=$(ALLOC_OUT)/ml1m_llama_tiny
 	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny.json
+	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny_zs_val.json compression.gradient_split=val
 	test -f $(ALLOC_OUT)/ml100k_smollm2_lora/metrics.json || $(PY) train.py experiment=ml100k_smollm2_lora logger=csv hydra.run.dir=$(ALLOC_OUT)/ml100k_smollm2_lora
 	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora.json alignment.lr=1e-4
+	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora_zs_val.json alignment.lr=1e-4 compression.gradient_split=val
 
 mra-curve:          ## the MRA curve: SmolLM2 layers x {linear, pca} probes on ML-1M
 	$(PY) train.py -m experiment=mra_curve_ml1m hydra.sweep.dir=outputs/mra_curve_ml1m/sweep
