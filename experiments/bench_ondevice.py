@@ -301,7 +301,7 @@ def main() -> None:
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                        help="onnx: export with onnxruntime's fused operators (export.fuse_for_onnxruntime)")
+                        help="onnx: export with onnxruntime's fused operators (deploy.fusions.fuse_for_onnxruntime)")
     parser.add_argument("--export-dir", type=Path, default=None,
                         help="onnx: keep each variant's artefact in DIR/VARIANT (default: a temporary folder)")
     parser.add_argument("--reuse-exports", action="store_true",

@@ -39,6 +39,14 @@ class Fault:
 
 
 FAULTS = [
+    Fault("scorer_reads_the_last_slot", "recsys_compress/deploy/export.py",
+          "return self.model.get_output_embeddings()(hidden[torch.arange(batch, device=hidden.device), last])",
+          "return self.model.get_output_embeddings()(hidden[:, -1])",
+          ("tests/test_deploy.py::test_attention_and_rotary_run_as_onnxruntime_kernels_and_padding_stays_invisible",)),
+    Fault("rotary_cache_rule_dropped", "recsys_compress/deploy/fusions.py",
+          "return fuse_cos_sin_cache(model, debug=debug, **kwargs) + from_positions(model, debug=debug, **kwargs)",
+          "return fuse_cos_sin_cache(model, debug=debug, **kwargs)",
+          ("tests/test_deploy.py::test_attention_and_rotary_run_as_onnxruntime_kernels_and_padding_stays_invisible",)),
     Fault("encoder_run_ignored", "recsys_compress/builders.py",
           "            apply_proxy_encoder(encoder, rep.encoder_run)\n", "            pass\n",
           ("tests/test_proxy.py::test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_trained_states",)),

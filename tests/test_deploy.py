@@ -1,18 +1,21 @@
 """The ONNX artefact matches the eager model; `recommend` returns the eager top-K."""
 
 import json
+from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from recsys_compress.compression.apply import compress_low_rank
 from recsys_compress.compression.calibration import InputStats, select_linear_layers
 from recsys_compress.deploy.evaluate import evaluate_artefact
-from recsys_compress.deploy.export import ItemScorer, export_onnx
-from recsys_compress.deploy.recommend import Recommender, main
+from recsys_compress.deploy.export import export_onnx
+from recsys_compress.deploy.recommend import Recommender, main, to_right_padding
 from recsys_compress.evaluation.ranking import evaluate_scorer
 from recsys_compress.models.item_llm import build_llama
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
 
@@ -44,8 +47,9 @@ def artefacts(tmp_path_factory):
 
 
 def eager_scores(model, ids, mask):
+    """The model as trained and evaluated (left padding), not the export's right-padded wrapper."""
     with torch.no_grad():
-        return ItemScorer(model).eval()(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+        return SeqRecLitModule(model).eval()(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
 
 
 def test_onnx_matches_eager_for_other_batch_sizes_and_lengths(artefacts):
@@ -59,6 +63,40 @@ def test_onnx_matches_eager_for_other_batch_sizes_and_lengths(artefacts):
     assert single[0].shape == (1, 5)
     np.testing.assert_allclose(rec.scores([RAW_IDS[3:8]]), eager_scores(model, *single), atol=1e-4, rtol=1e-4)
     assert json.loads((root / "float" / "deploy.json").read_text())["max_abs_deviation_from_eager"] < 1e-4
+
+
+@pytest.mark.parametrize("hidden_size, attention", [(32, "MultiHeadAttention"), (64, "GroupQueryAttention")])
+def test_attention_and_rotary_run_as_onnxruntime_kernels_and_padding_stays_invisible(tmp_path, hidden_size, attention):
+    """4 query heads over 2 key/value heads. Head size 8 runs as MultiHeadAttention beside
+    onnxruntime's RotaryEmbedding (its GroupQueryAttention kernel needs a multiple of 16), head
+    size 16 as GroupQueryAttention with the rotary embedding inside; either way no rotate_half
+    (Neg) and no softmax is left, and histories that no row fills score as the eager model's."""
+    torch.manual_seed(0)
+    model = build_llama(N_ITEMS, hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_len=MAX_LEN).eval()
+    export_onnx(model, tmp_path, MAX_LEN, RAW_IDS)
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    assert ops[attention] == 2 and ops["Neg"] == 0 and ops["Softmax"] == 0
+    assert ops["RotaryEmbedding"] == (4 if attention == "MultiHeadAttention" else 0)  # q and k of each layer
+    assert json.loads((tmp_path / "deploy.json").read_text())["fusions"]["cos_sin_cache"] == 4
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, N_ITEMS + 1, (4, MAX_LEN), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate([1, 3, MAX_LEN - 1, 7]):
+        mask[row, MAX_LEN - length:] = 1
+    ids = (ids * mask).numpy()
+    np.testing.assert_allclose(Recommender(tmp_path).score_indices(ids, mask.numpy()),
+                               eager_scores(model, ids, mask), atol=1e-5, rtol=1e-4)
+
+
+def test_left_padding_becomes_right_padding_item_for_item():
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 0, 0, 0, 9]])
+    mask = (ids > 0).astype(np.int64)
+    right_ids, right_mask = to_right_padding(ids, mask)
+    np.testing.assert_array_equal(right_ids, [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(right_mask, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="histories must be left-padded"):
+        to_right_padding(right_ids, right_mask)
 
 
 def test_recommend_returns_the_eager_top_k_without_seen_items(artefacts):

@@ -10,7 +10,8 @@ Why ONNX + onnxruntime rather than TorchScript or a ``torch.export`` program:
 The export itself goes through ``torch.export`` (``torch.onnx.export(dynamo=True)``), so a
 model that exports to ONNX would also export to ``.pt2``.
 
-A folder holds ``model.onnx`` (batch and history length dynamic), ``items.json`` (raw item id
+A folder holds ``model.onnx`` (batch and history length dynamic, histories right-padded: see
+``ItemScorer``), ``items.json`` (raw item id
 and text of every item index) and ``deploy.json`` (format, sizes, and the maximum deviation
 from the eager model measured at export time).
 """
@@ -29,18 +30,26 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import PreTrainedModel
 
-from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.deploy.fusions import fuse_for_onnxruntime
+from recsys_compress.deploy.recommend import to_right_padding
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
 log = logging.getLogger(__name__)
 
-FORMAT = "recsys-compress/onnx-v1"
+FORMAT = "recsys-compress/onnx-v2"  # v2: the graph takes right-padded histories
 
 
 class ItemScorer(nn.Module):
-    """``(input_ids, attention_mask) -> scores`` of every item index as the next item.
+    """``(input_ids, attention_mask) -> scores`` of every item index as the next item, for
+    **right-padded** histories (real items first, item 0 after them).
 
-    The same computation as ``SeqRecLitModule.forward`` in eval mode (left padding, positions
-    counted from the first real item), without Lightning, for export.
+    The same scores as ``SeqRecLitModule.forward`` in eval mode gives the left-padded history
+    (positions count from the first real item either way, and causal attention never lets a real
+    item see the padding after it), without Lightning, for export. Right padding is what
+    onnxruntime's ``GroupQueryAttention`` kernel handles (``fusions``); ``recommend.to_right_padding``
+    turns the datamodule's left-padded batches into it. Every slot gets its index as position, so
+    that the kernel reads each sequence as the full width: padding slots then attend to items
+    and to each other, and only the last real item's state is read.
     """
 
     def __init__(self, model: PreTrainedModel):
@@ -48,40 +57,26 @@ class ItemScorer(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
         hidden = self.model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_for(attention_mask),
+            position_ids=torch.arange(length, device=input_ids.device).expand(batch, length),
             use_cache=False,
-        ).last_hidden_state[:, -1]
-        return self.model.get_output_embeddings()(hidden)
+        ).last_hidden_state
+        last = (attention_mask.sum(-1) - 1).clamp(min=0)
+        return self.model.get_output_embeddings()(hidden[torch.arange(batch, device=hidden.device), last])
 
 
 def example_inputs(n_items: int, max_len: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded example histories (one full, one half padding) used to trace and to check."""
+    """Left-padded example histories (one full, one half padding), as the datamodule pads them:
+    the export traces their right-padded form and checks the graph against the eager model."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, n_items + 1, (batch, max_len), generator=generator)
     mask = torch.ones_like(ids)
     ids[1:, : max_len // 2] = 0
     mask[1:, : max_len // 2] = 0
     return ids, mask
-
-
-def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
-    """Rewrite the graph at ``path`` in place into onnxruntime's fused operators (onnxscript's
-    ``optimize_for_ort``): RMS norm (with the residual add) and attention as one
-    MultiHeadAttention kernel. onnxruntime's own session-time fusions do not match these
-    patterns as torch exports them, and an unfused decoder block runs ~60 small kernels whose
-    dispatch adds up (SmolLM2: norms 3.2 -> 1.3 ms per call, BENCHMARKS.md). The rotary
-    embedding and the key/value repeat of grouped-query attention stay separate kernels in the
-    SmolLM2 graph, although the rewriter counts rotary matches. Returns the rewriter's counts."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    model = ir.load(str(path))
-    model, counts = optimize_for_ort(model)
-    ir.save(model, str(path))
-    return {name: n for name, n in counts.items() if n}
 
 
 # The quantiser names each node it writes after the node it replaces plus one of these.
@@ -140,7 +135,8 @@ def export_onnx(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     scorer = ItemScorer(model).eval()
-    ids, mask = example_inputs(n_items, max_len)
+    left_ids, left_mask = example_inputs(n_items, max_len)
+    ids, mask = (torch.from_numpy(a) for a in to_right_padding(left_ids.numpy(), left_mask.numpy()))
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=2, max=max(max_len, 2))
     float_path = folder / ("model_float.onnx" if quantize else "model.onnx")
@@ -152,7 +148,9 @@ def export_onnx(
             dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
             external_data=False,
         )
-    fusions = fuse_for_onnxruntime(float_path) if fuse else {}
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
     path = folder / "model.onnx"
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -167,8 +165,8 @@ def export_onnx(
         carry_module_paths(float_path, path)
         float_path.unlink()
 
-    with torch.no_grad():
-        expected = scorer(ids, mask).numpy()
+    with torch.no_grad():  # the model as trained and evaluated: left padding, no export wrapper
+        expected = SeqRecLitModule(model).eval()(left_ids, left_mask).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     deviation = float(abs(got - expected).max())

@@ -19,7 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "recsys-compress/onnx-v1"  # kept equal to export.FORMAT; this module must not import torch
+FORMAT = "recsys-compress/onnx-v2"  # kept equal to export.FORMAT; this module must not import torch
+
+
+def to_right_padding(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded histories (the datamodule's batches, ``Recommender.encode``) -> the right-padded
+    form the artefact's graph takes: each row's items moved to its front, in order."""
+    width = input_ids.shape[1]
+    order = (np.arange(width)[None, :] + (width - attention_mask.sum(1, keepdims=True))) % width
+    ids, mask = np.take_along_axis(input_ids, order, 1), np.take_along_axis(attention_mask, order, 1)
+    if (np.diff(mask, axis=1) > 0).any():
+        raise ValueError("histories must be left-padded: padding (mask 0) only before the first item")
+    return ids, mask
 
 
 @dataclass
@@ -41,7 +52,7 @@ class Recommender:
                 raise FileNotFoundError(f"{folder} is not an exported artefact: {name} is missing")
         self.meta = json.loads((folder / "deploy.json").read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{folder}/deploy.json has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{folder}/deploy.json has format {self.meta.get('format')!r}, expected {FORMAT!r}: export it again with this version")
         items = json.loads((folder / "items.json").read_text())
         self.item_ids: list[str] = items["ids"]
         self.texts: list[str] = items["texts"]
@@ -79,8 +90,8 @@ class Recommender:
     def score_indices(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Scores of every item index for left-padded item-index histories (the model's own
         inputs, as the datamodule's batches hold them)."""
-        return self.session.run(None, {"input_ids": input_ids.astype(np.int64),
-                                       "attention_mask": attention_mask.astype(np.int64)})[0]
+        ids, mask = to_right_padding(input_ids.astype(np.int64), attention_mask.astype(np.int64))
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
     def recommend(self, history: Sequence[str], k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
         """The ``k`` highest-scoring items after ``history``, best first."""
