@@ -16,9 +16,11 @@ subprocess per round, the variants' order rotated round by round.
 
 ``--runtime onnx`` measures the deployable artefact: each variant is exported once
 (``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph); then each
-round is one process that loads every artefact with onnxruntime (never importing torch) and
-times them in turn, in an order rotated by the round. (Timed each in a process of its own,
-one after the other, two invocations of the same command gave odllm@0.5 0.58x and 0.67x.)
+round is one process (never importing torch) that loads every artefact with onnxruntime, on
+one shared thread pool, and times them call by call in turn, the order rotated each call: a
+change in the machine's load hits every variant alike. (Timed each in a process of its own,
+one after the other, two invocations of the same command gave odllm@0.5 0.58x and 0.67x; with
+a thread pool per session, an idle session's worker slowed the running one's matmuls.)
 Peak RSS and file size come from a process per
 artefact of its own, so they are what a device running that recommender needs.
 ``--rank-aligns 1 32`` adds variants whose ranks are multiples of 32 (``compression.rank_align``);
@@ -185,38 +187,42 @@ def int8_twins(variants: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def time_recommender(rec, length: int, batch: int, reps: int) -> dict:
-    """Batch-1 latency (median of ``reps`` calls) and throughput at ``batch`` of one artefact."""
+def time_recommenders(recs: dict, length: int, batch: int, reps: int) -> dict[str, dict]:
+    """Batch-1 latency (median of ``reps`` calls) and throughput at ``batch`` of each artefact,
+    interleaved call by call (the order rotated each call), so that a change in the machine's
+    load within the round hits every variant alike."""
     import numpy as np
 
+    first = next(iter(recs.values()))
     rng = np.random.default_rng(0)
-    history = [rec.item_ids[i] for i in rng.integers(0, len(rec.item_ids), length)]
-    for _ in range(5):  # also lets the previous session's worker threads go idle
-        rec.scores([history])
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        rec.scores([history])
-        times.append(time.perf_counter() - t0)
-    rec.scores([history] * batch)
-    batch_times = []
-    for _ in range(reps):  # as many as batch-1 calls: fewer left llama_tiny's spread wider than its ratios
-        t0 = time.perf_counter()
-        rec.scores([history] * batch)
-        batch_times.append(time.perf_counter() - t0)
-    return {"latency_ms": 1000 * statistics.median(times), "throughput_seq_s": batch / statistics.median(batch_times)}
+    history = [first.item_ids[i] for i in rng.integers(0, len(first.item_ids), length)]
+    names = list(recs)
+    times: dict[str, dict[int, list[float]]] = {v: {1: [], batch: []} for v in names}
+    for size in (1, batch):
+        for rec in recs.values():  # warm-up: onnxruntime plans memory and packs weights on the first calls
+            for _ in range(5):
+                rec.scores([history] * size)
+        for i in range(reps):
+            for v in names[i % len(names):] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                recs[v].scores([history] * size)
+                times[v][size].append(time.perf_counter() - t0)
+    return {v: {"latency_ms": 1000 * statistics.median(times[v][1]),
+                "throughput_seq_s": batch / statistics.median(times[v][batch])} for v in names}
 
 
 def onnx_round_worker(args: argparse.Namespace) -> dict:
-    """One round: every variant's artefact loaded in this process and timed in turn, in an
-    order rotated by the round, so the load of the machine during the round hits all alike.
-    This process never imports torch."""
-    from recsys_compress.deploy.recommend import Recommender
+    """One round: every variant's artefact loaded in this process and timed call by call in
+    turn (``time_recommenders``). The sessions share one thread pool: with a pool each, an idle
+    session's worker takes a core from the running one, which left variants bimodal from round
+    to round. This process never imports torch."""
+    from recsys_compress.deploy.recommend import Recommender, share_one_thread_pool
 
+    share_one_thread_pool(args.threads)
     variants = args.variants.split(",")
-    recs = {v: Recommender(artefact_dir(args.folder, v), threads=args.threads) for v in variants}
     k = args.time_round % len(variants)
-    out = {v: time_recommender(recs[v], args.length, args.batch, args.reps) for v in variants[k:] + variants[:k]}
+    recs = {v: Recommender(artefact_dir(args.folder, v)) for v in variants[k:] + variants[:k]}
+    out = time_recommenders(recs, args.length, args.batch, args.reps)
     assert "torch" not in sys.modules
     return out
 
@@ -226,7 +232,7 @@ def onnx_worker(args: argparse.Namespace) -> dict:
     from recsys_compress.deploy.recommend import Recommender
 
     rec = Recommender(args.folder, threads=args.threads)
-    time_recommender(rec, args.length, args.batch, 5)  # RSS after running, as a device would
+    time_recommenders({args.folder: rec}, args.length, args.batch, 5)  # RSS after running, as a device would
     assert "torch" not in sys.modules
     return {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -261,7 +267,7 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
         lit(batch, ones)
         batch_times = []
-        for _ in range(args.reps):  # as many as batch-1 calls, as in time_recommender
+        for _ in range(args.reps):  # as many as batch-1 calls, as in time_recommenders
             wait()
             t0 = time.perf_counter()
             lit(batch, ones)

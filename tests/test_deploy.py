@@ -116,6 +116,31 @@ def test_recommend_returns_the_eager_top_k_without_seen_items(artefacts):
     assert {RAW_IDS[7]} <= {r.item_id for r in rec.recommend(history, k=N_ITEMS, exclude_seen=False)}
 
 
+def test_recommenders_on_one_shared_thread_pool_score_as_on_their_own(artefacts, tmp_path):
+    """In a process of its own: the shared pool is process-wide (onnxruntime then refuses
+    sessions with pools of their own)."""
+    import subprocess
+    import sys
+
+    _, root = artefacts
+    histories = [RAW_IDS[i:i + 5] for i in range(0, 40, 5)]
+    script = f"""
+import json, sys, numpy as np
+from recsys_compress.deploy.recommend import Recommender, share_one_thread_pool
+share_one_thread_pool(2)
+try:
+    Recommender({str(root / "float")!r}, threads=3)
+except ValueError as e:
+    print(e)
+for kind in ("float", "int8"):
+    np.save({str(tmp_path)!r} + "/" + kind + ".npy", Recommender({str(root)!r} + "/" + kind, threads=2).scores({histories!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "threads=3, but this process shares one pool of 2 threads" in out
+    for kind in ("float", "int8"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{kind}.npy"), Recommender(root / kind, threads=2).scores(histories))
+
+
 def test_int8_artefact_is_smaller_and_ranks_like_the_float_model(artefacts):
     _, root = artefacts
     float_rec, int8_rec = Recommender(root / "float"), Recommender(root / "int8")
