@@ -125,7 +125,7 @@ def test_recommenders_on_one_shared_thread_pool_score_as_on_their_own(artefacts,
     _, root = artefacts
     histories = [RAW_IDS[i:i + 5] for i in range(0, 40, 5)]
     script = f"""
-import json, sys, numpy as np
+import numpy as np
 from recsys_compress.deploy.recommend import Recommender, share_one_thread_pool
 share_one_thread_pool(2)
 try:

@@ -24,8 +24,8 @@ import numpy as np
 
 
 def _rotary_cache_rule(max_len: int):
-    """The rewrite rule for the cos/sin cache as torch exports it (a class of its own per call,
-    because the library's rule classes are built where onnxscript is imported)."""
+    """The rewrite rule for the cos/sin cache as torch exports it (the class is built here, over
+    ``max_len``, because onnxscript is imported only when a graph is fused)."""
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
     from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
@@ -59,10 +59,7 @@ def _rotary_cache_rule(max_len: int):
             return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
                                       _domain="com.microsoft")
 
-    instance = RotaryCacheFromPositions("RotaryCacheFromPositions")
-    return pattern.RewriteRule(instance.pattern, instance.rewrite, instance.check, name=instance.name,
-                               remove_nodes=instance.remove_nodes, graph_pre_visitor=instance.setup,
-                               graph_post_visitor=instance.cleanup)
+    return RotaryCacheFromPositions.rule("RotaryCacheFromPositions")
 
 
 # onnxruntime's CPU GroupQueryAttention kernel refuses other head sizes at run time.
