@@ -164,6 +164,20 @@ def test_recommend_cli_and_its_errors(artefacts, capsys):
     assert main([str(root / "float"), "--history", RAW_IDS[0], "--k", "0"]) == 2
 
 
+def test_an_artefact_of_another_format_is_refused_naming_it(artefacts, tmp_path):
+    """A v1 artefact took left-padded histories: fed right-padded ones it would rank wrongly."""
+    import shutil
+
+    _, root = artefacts
+    old = tmp_path / "v1"
+    shutil.copytree(root / "float", old)
+    meta = json.loads((old / "deploy.json").read_text())
+    (old / "deploy.json").write_text(json.dumps({**meta, "format": "recsys-compress/onnx-v1"}))
+    with pytest.raises(ValueError, match=r"has format 'recsys-compress/onnx-v1', expected "
+                                         r"'recsys-compress/onnx-v2': export it again"):
+        Recommender(old)
+
+
 def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
     model = compressed_model()
     with pytest.raises(ValueError, match="item_ids has 3 entries but the model scores 60 items"):
