@@ -15,7 +15,9 @@ that hits one round hits both sides of its ratios. Every thread pool is pinned t
 subprocess per round, the variants' order rotated round by round.
 
 ``--runtime onnx`` measures the deployable artefact: each variant is exported once
-(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph); then each
+(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph, and with
+``--int8 dynamic static`` also +int8static = static int8, QDQ with activation scales fixed on the
+calibration batches); then each
 round is one process (never importing torch) that loads every artefact with onnxruntime, on
 one shared thread pool, and times them call by call in turn, the order rotated each call: a
 change in the machine's load hits every variant alike. (Timed each in a process of its own,
@@ -69,20 +71,27 @@ def artefact_dir(root: str | Path, variant: str) -> Path:
 UNIFORM = "uniform"  # the allocation a variant name leaves unsaid
 
 
-def parse_variant(variant: str) -> tuple[str, bool, float, int, str]:
-    """``METHOD[+int8]@RATIO[/aN][:ALLOCATION]`` (or ``base[+int8]``) ->
-    (method, int8, ratio, rank_align, allocation)."""
+# A variant's int8 suffix and the export's int8 mode (deploy.export.INT8_MODES)
+INT8_SUFFIXES = {"dynamic": "+int8", "static": "+int8static"}
+
+
+def parse_variant(variant: str) -> tuple[str, str | None, float, int, str]:
+    """``METHOD[+int8|+int8static]@RATIO[/aN][:ALLOCATION]`` (or ``base[+int8...]``) ->
+    (method, int8 mode or None, ratio, rank_align, allocation)."""
     name, _, allocation = variant.partition(":")
     method, _, rest = name.partition("@")
     ratio, _, align = rest.partition("/a")
-    return (method.removesuffix("+int8"), method.endswith("+int8"), float(ratio or 1.0), int(align or 1),
-            allocation or UNIFORM)
+    method, plus, suffix = method.partition("+")
+    int8 = next((mode for mode, s in INT8_SUFFIXES.items() if s == plus + suffix), None)
+    if plus and int8 is None:
+        raise ValueError(f"variant {variant!r}: unknown suffix +{suffix}; allowed: {', '.join(INT8_SUFFIXES.values())}")
+    return method, int8, float(ratio or 1.0), int(align or 1), allocation or UNIFORM
 
 
-def variant_name(method: str, int8: bool, ratio: float | None = None, align: int = 1,
+def variant_name(method: str, int8: str | None, ratio: float | None = None, align: int = 1,
                  allocation: str = UNIFORM) -> str:
     """The inverse of ``parse_variant`` (no ratio: base)."""
-    name = method + ("+int8" if int8 else "")
+    name = method + (INT8_SUFFIXES[int8] if int8 else "")
     if ratio is not None:
         name += f"@{ratio}" + (f"/a{align}" if align > 1 else "")
     return name + (f":{allocation}" if allocation != UNIFORM else "")
@@ -160,26 +169,35 @@ def build_variant(args: argparse.Namespace, variant: str):
 
 
 def export_worker(args: argparse.Namespace) -> dict:
-    """Export ``--export=V[,V+int8]`` into ``--folder``/V: a float variant and its int8 twin share
-    one compressed float model (onnxruntime quantises the exported graph), built once."""
+    """Export ``--export=V[,V+int8,...]`` into ``--folder``/V: a float variant and its int8 twins
+    share one compressed float model (onnxruntime quantises the exported graph), built once.
+    Static int8 fixes its activation scales on the first ``--calib-batches`` training batches,
+    the ones the compression calibrated on."""
+    from itertools import islice
+
     from recsys_compress.deploy.export import export_onnx
     from recsys_compress.models.item_llm import count_parameters
 
     names = args.export.split(",")
     if len(int8_twins(names)) != 1:
-        raise ValueError(f"--export={args.export}: one float variant and its int8 twin at most")
-    lit, dm, compress_s, _ = build_variant(args, names[0].replace("+int8", ""))
+        raise ValueError(f"--export={args.export}: one float variant and its int8 twins at most")
+    method, _, ratio, align, allocation = parse_variant(names[0])
+    lit, dm, compress_s, _ = build_variant(
+        args, variant_name(method, None, None if method == "base" else ratio, align, allocation))
     out = {}
     for v in names:
+        int8 = parse_variant(v)[1]
         info = {"variant": v, "params": count_parameters(lit.model), "compress_s": compress_s}
         export_onnx(lit.model, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
-                    dm.data.item_texts(), quantize="int8" if parse_variant(v)[1] else None, info=info, fuse=args.fuse)
+                    dm.data.item_texts(), quantize="int8" if int8 else None, info=info, fuse=args.fuse,
+                    int8=int8 or "dynamic",
+                    calibration=islice(dm.train_dataloader(), args.calib_batches) if int8 == "static" else None)
         out[v] = info
     return out
 
 
 def int8_twins(variants: list[str]) -> list[list[str]]:
-    """The variants grouped by the float model they export: ``[[V, V+int8], ...]``."""
+    """The variants grouped by the float model they export: ``[[V, V+int8, V+int8static], ...]``."""
     groups: dict[tuple, list[str]] = {}
     for v in variants:
         method, _, ratio, align, allocation = parse_variant(v)
@@ -303,6 +321,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--int8", nargs="+", choices=list(INT8_SUFFIXES), default=["dynamic"],
+                        help="the int8 twin of every variant in each mode (onnx: static adds +int8static "
+                             "variants, activation scales fixed on the calibration batches)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
@@ -348,8 +369,10 @@ def main() -> None:
     for allocation in args.allocations:
         if allocation not in ALLOCATIONS:
             parser.error(f"--allocations {allocation}; allowed: {', '.join(ALLOCATIONS)}")
-    # dynamic int8 (torch.ao and onnxruntime) runs on CPUs only
-    int8s = [False, True] if args.device == "cpu" else [False]
+    if "static" in args.int8 and args.runtime != "onnx":
+        parser.error("--int8 static quantises the exported graph: it needs --runtime onnx")
+    # int8 (torch.ao and onnxruntime) runs on CPUs only
+    int8s = [None, *args.int8] if args.device == "cpu" else [None]
     variants = [variant_name("base", q) for q in int8s]
     for r in args.ratios:
         for a in args.rank_aligns:
@@ -451,7 +474,9 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
     pairs = []
     for v in results:
         method, int8, ratio, align, allocation = parse_variant(v)
-        references = [variant_name("base", True)] if int8 and method != "base" else []
+        references = [variant_name("base", int8)] if int8 and method != "base" else []
+        if int8 == "static":  # do fixed activation scales beat per-call ones?
+            references.append(variant_name(method, "dynamic", None if method == "base" else ratio, align, allocation))
         if align > 1:
             references.append(variant_name(method, int8, ratio, 1, allocation))
         if allocation != UNIFORM:

@@ -352,6 +352,9 @@ class ExportConfig(Schema):
     KEY: ClassVar[str] = "export"
     save: bool  # the final compressed model as safetensors in RUN_DIR/model (declared in conf/train.yaml)
     onnx: bool  # and as an ONNX artefact for `recsys-recommend` in RUN_DIR/onnx
+    # an int8 run's artefact: activation scales per call (dynamic) or fixed on the compression's
+    # calibration batches (static); deploy/export.py INT8_MODES says why dynamic is the default
+    int8: Literal["dynamic", "static"]
 
 
 class RunConfig(Schema):
@@ -374,6 +377,11 @@ class RunConfig(Schema):
         _require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
+        if self.export.int8 == "static" and not (self.export.onnx and self.compression.quantizes):
+            raise ConfigError(
+                "export.int8=static quantises the ONNX artefact of an int8 run: it needs export.onnx=true and "
+                f"compression.quantize=int8 (or compression=int8); got export.onnx={self.export.onnx}, "
+                f"compression.quantize={self.compression.quantize}, compression.method={self.compression.method}")
         if self.alignment.method != "none" and self.compression.method not in LOW_RANK_METHODS:
             raise ConfigError(
                 f"alignment={self.alignment.method} refines low-rank factors, but compression.method="

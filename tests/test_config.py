@@ -90,6 +90,10 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
          r"compression.rank_align=8 rounds ranks: it applies to svd, asvd, odllm, not compression.method=wanda"),
         ("compression=wanda compression.allocation=global",
          r"compression.allocation=global sets ranks: it applies to svd, asvd, odllm, not compression.method=wanda"),
+        ("export.int8=int4", r"export.int8='int4' is not allowed; allowed: dynamic, static"),
+        ("compression=odllm export.onnx=true export.int8=static",
+         r"export.int8=static quantises the ONNX artefact of an int8 run: it needs export.onnx=true and "
+         r"compression.quantize=int8 \(or compression=int8\); got export.onnx=True, compression.quantize=None"),
     ],
 )
 def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):

@@ -36,6 +36,17 @@ def compressed_model():
     return model
 
 
+def left_padded_batches(n: int, seed: int, rows: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Histories of every length from 1 to MAX_LEN, left-padded as the datamodule pads them."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(1, N_ITEMS + 1, (rows, MAX_LEN), generator=g)
+        mask = (torch.arange(MAX_LEN) >= torch.randint(0, MAX_LEN, (rows, 1), generator=g)).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask})
+    return batches
+
+
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     model = compressed_model()
@@ -43,6 +54,8 @@ def artefacts(tmp_path_factory):
     texts = [""] + [f"Movie {i}" for i in range(1, N_ITEMS + 1)]
     export_onnx(model, root / "float", MAX_LEN, RAW_IDS, texts)
     export_onnx(model, root / "int8", MAX_LEN, RAW_IDS, texts, quantize="int8")
+    export_onnx(model, root / "int8_static", MAX_LEN, RAW_IDS, texts, quantize="int8", int8="static",
+                calibration=left_padded_batches(4, seed=2))
     return model, root
 
 
@@ -152,6 +165,25 @@ def test_int8_artefact_is_smaller_and_ranks_like_the_float_model(artefacts):
         assert np.corrcoef(row_a, row_b)[0, 1] > 0.95
 
 
+def test_static_int8_artefact_matches_eager_on_histories_it_never_calibrated_on(artefacts):
+    """Static int8: activation scales fixed on calibration histories (QDQ around every matmul),
+    no per-call quantisation. On users it never calibrated on, every score stays within 2% of the
+    eager model's largest score (measured: 0.8%) and every user's scores correlate > 0.999."""
+    model, root = artefacts
+    graph = onnx.load(str(root / "int8_static" / "model.onnx"))
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DynamicQuantizeLinear"] == 0
+    assert json.loads((root / "int8_static" / "deploy.json").read_text())["int8"] == "static"
+    assert (root / "int8_static" / "model.onnx").stat().st_size < (root / "float" / "model.onnx").stat().st_size
+    rec, dynamic = Recommender(root / "int8_static"), Recommender(root / "int8")
+    for batch in left_padded_batches(2, seed=9):
+        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+        want, got = eager_scores(model, ids, mask)[:, 1:], rec.score_indices(ids, mask)[:, 1:]
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+        assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(got, want)) > 0.999
+        assert not np.array_equal(got, dynamic.score_indices(ids, mask)[:, 1:])  # its own scales
+
+
 def test_recommend_cli_and_its_errors(artefacts, capsys):
     _, root = artefacts
     assert main([str(root / "float"), "--history", RAW_IDS[0], RAW_IDS[1], "--k", "3", "--json"]) == 0
@@ -184,6 +216,10 @@ def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS[:3])
     with pytest.raises(ValueError, match=r"quantize='int4'; allowed: null, int8"):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int4")
+    with pytest.raises(ValueError, match=r"int8='fp8'; allowed: dynamic, static"):
+        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="fp8")
+    with pytest.raises(ValueError, match=r"int8='static' fixes activation scales on calibration histories"):
+        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="static")
     from recsys_compress.compression.apply import quantize_int8
 
     quantize_int8(model, ["model.layers.0.mlp.down_proj.up"])
@@ -215,16 +251,21 @@ def test_the_artefact_is_tested_like_the_eager_model(artefacts):
     assert int8["ndcg@10"] != got["ndcg@10"]  # the int8 graph is another model: measured, not assumed
 
 
-def test_pipeline_saves_exports_and_quantises_last(tmp_path):
+@pytest.mark.parametrize("int8", ["dynamic", "static"])
+def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8):
     overrides = ["compression=odllm", "compression.quantize=int8", "ratio=0.5", "model.hidden_size=16",
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
+                 f"export.int8={int8}",
                  "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
     metrics = run_task(compose_config(overrides, tmp_path))
     assert "stages/compressed/test/ndcg@10" in metrics and "time/quantize_s" in metrics
     assert json.loads((tmp_path / "model" / "compression.json").read_text())["quantize"] == "int8"
     deploy = json.loads((tmp_path / "onnx" / "deploy.json").read_text())
     assert deploy["quantize"] == "int8" and deploy["n_items"] == 9724 and deploy["max_len"] == 20
+    assert deploy["int8"] == int8
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node)
+    assert (ops["QuantizeLinear"] > 0) == (int8 == "static") != (ops["DynamicQuantizeLinear"] > 0)
     rec = Recommender(tmp_path / "onnx")
     assert rec.item_ids[:3] == ["1", "2", "3"] and "Toy Story" in rec.texts[0]
     assert len(rec.recommend(["1", "2", "3"], k=10)) == 10

@@ -54,6 +54,8 @@ def test_benchmark_rows_pair_the_rounds():
     results["odllm@0.5:global_relative"] = rounds([6, 18, 6, 18, 6], [1] * 5, 2.0)
     results["odllm+int8@0.5/a32:global_relative"] = rounds([2, 6, 2, 6, 2], [1] * 5, 1.0)
     results["odllm+int8@0.5/a32"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
+    results["base+int8static"] = rounds([4, 12, 4, 12, 4], [1] * 5, 1.0)
+    results["odllm+int8static@0.5"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
     by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
     assert by_pair == pytest.approx({
         ("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8,
@@ -61,6 +63,9 @@ def test_benchmark_rows_pair_the_rounds():
         ("odllm+int8@0.5/a32:global_relative", "base+int8"): 0.4,  # its unaligned twin is not in the run
         ("odllm+int8@0.5/a32:global_relative", "odllm+int8@0.5/a32"): 2 / 3,
         ("odllm+int8@0.5/a32", "base+int8"): 0.6, ("odllm+int8@0.5/a32", "odllm+int8@0.5"): 0.75,
+        # static int8 against static int8 alone and against its dynamic twin
+        ("base+int8static", "base+int8"): 0.8, ("odllm+int8static@0.5", "base+int8static"): 0.75,
+        ("odllm+int8static@0.5", "odllm+int8@0.5"): 0.75,
     })
 
 
@@ -68,9 +73,13 @@ def test_variant_names_round_trip():
     sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import artefact_dir, parse_variant, variant_name
 
-    assert parse_variant("base") == ("base", False, 1.0, 1, "uniform")
-    assert parse_variant("odllm+int8@0.3/a32:global_relative") == ("odllm", True, 0.3, 32, "global_relative")
-    for name in ("base", "base+int8", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global"):
+    assert parse_variant("base") == ("base", None, 1.0, 1, "uniform")
+    assert parse_variant("odllm+int8@0.3/a32:global_relative") == ("odllm", "dynamic", 0.3, 32, "global_relative")
+    assert parse_variant("odllm+int8static@0.5") == ("odllm", "static", 0.5, 1, "uniform")
+    with pytest.raises(ValueError, match=r"unknown suffix \+int4; allowed: \+int8, \+int8static"):
+        parse_variant("odllm+int4@0.5")
+    for name in ("base", "base+int8", "base+int8static", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global",
+                 "odllm+int8static@0.5/a32:global"):
         method, int8, ratio, align, allocation = parse_variant(name)
         assert variant_name(method, int8, None if method == "base" else ratio, align, allocation) == name
     assert artefact_dir("x", "odllm@0.5/a32:global").name == "odllm@0.5_a32_global"

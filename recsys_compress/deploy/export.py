@@ -3,9 +3,10 @@
 Why ONNX + onnxruntime rather than TorchScript or a ``torch.export`` program:
 - the artefact runs without torch or this package (``onnxruntime`` alone, ~15 MB, available
   for phones, browsers and C/C++/Java/C# hosts), which is what "on device" means;
-- onnxruntime fuses attention/normalisation and plans memory, and its dynamic int8
-  quantisation applies to the exported graph, so a compressed+int8 model ships as one file
-  (torch's ``quantize_dynamic`` modules cannot be saved or exported);
+- onnxruntime fuses attention/normalisation and plans memory, and its int8 quantisation
+  (dynamic, or static on calibration histories) applies to the exported graph, so a
+  compressed+int8 model ships as one file (torch's ``quantize_dynamic`` modules cannot be saved
+  or exported);
 - TorchScript is in maintenance mode, and a ``.pt2`` program still needs the torch runtime.
 The export itself goes through ``torch.export`` (``torch.onnx.export(dynamo=True)``), so a
 model that exports to ONNX would also export to ``.pt2``.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,55 @@ def example_inputs(n_items: int, max_len: int, batch: int = 2) -> tuple[torch.Te
     return ids, mask
 
 
+# How the int8 graph quantises activations. dynamic: each matmul's input scale is computed per
+# call (DynamicQuantizeLinear), weights int8. static: scales fixed from calibration histories (QDQ
+# around every matmul, run as QLinearMatMul chains). Dynamic is the default: on SmolLM2 at 0.5 it
+# was faster on this CPU (BENCHMARKS.md, "static int8").
+INT8_MODES = ("dynamic", "static")
+
+
+class _Histories:
+    """onnxruntime's ``CalibrationDataReader`` (an ABC that accepts any class with ``get_next``) over
+    left-padded batches (dicts with ``input_ids`` and ``attention_mask``), fed as the graph takes
+    them: right-padded, at most ``max_len`` items (a training window is one longer: its last
+    item is the target; here its last ``max_len`` items are a history, as at serving time)."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], max_len: int):
+        self._feeds = iter(
+            dict(zip(("input_ids", "attention_mask"), to_right_padding(
+                b["input_ids"][:, -max_len:].cpu().numpy(), b["attention_mask"][:, -max_len:].cpu().numpy())))
+            for b in batches)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._feeds, None)
+
+
+def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
+                   calibration: Iterable[dict[str, torch.Tensor]] | None = None) -> None:
+    """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``):
+    int8 weights, per output channel for static. Both quantise the same operators: every
+    MatMul and Gemm (the item head)."""
+    from onnxruntime import quantization as q
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs one INFO line per tensor, and advice, on the root logger
+    try:
+        if int8 == "dynamic":
+            q.quantize_dynamic(str(float_path), str(path), weight_type=q.QuantType.QInt8)
+        else:
+            assert calibration is not None
+            q.quantize_static(
+                str(float_path), str(path), _Histories(calibration, max_len), quant_format=q.QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                # activations only where they meet a weight: attention's own inputs stay float
+                extra_options={"MatMulConstBOnly": True},
+            )
+    finally:
+        root.setLevel(level)
+
+
 # The quantiser names each node it writes after the node it replaces plus one of these.
 QUANTISER_SUFFIXES = ("_MatMul_quant", "_quant")
 
@@ -112,18 +162,25 @@ def export_onnx(
     quantize: str | None = None,
     info: dict[str, Any] | None = None,
     fuse: bool = True,
+    int8: str = "dynamic",
+    calibration: Iterable[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``model`` (dense, low-rank or pruned float weights) as an ONNX artefact.
 
     ``item_ids[i - 1]`` is the raw id of item index ``i``; ``quantize='int8'`` additionally
-    applies onnxruntime's dynamic int8 quantisation to the graph's matrix multiplications.
-    ``fuse``: rewrite the graph into onnxruntime's fused operators first (``fuse_for_onnxruntime``).
-    Returns the folder.
+    applies onnxruntime's int8 quantisation to the graph's matrix multiplications, with
+    activation scales per call (``int8='dynamic'``) or fixed on the left-padded ``calibration``
+    batches (``int8='static'``). ``fuse``: rewrite the graph into onnxruntime's fused operators
+    first (``fuse_for_onnxruntime``). Returns the folder.
     """
     import onnxruntime as ort
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize={quantize!r}; allowed: null, int8")
+    if int8 not in INT8_MODES:
+        raise ValueError(f"int8={int8!r}; allowed: {', '.join(INT8_MODES)}")
+    if quantize and int8 == "static" and calibration is None:
+        raise ValueError("int8='static' fixes activation scales on calibration histories: pass calibration batches")
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(
             "cannot export a model with torch int8 layers: export the float model with "
@@ -153,15 +210,7 @@ def export_onnx(
     fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
     path = folder / "model.onnx"
     if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.WARNING)  # the quantiser logs one INFO line per tensor on the root logger
-        try:
-            quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
-        finally:
-            root.setLevel(level)
+        quantize_graph(float_path, path, int8, max_len, calibration)
         carry_module_paths(float_path, path)
         float_path.unlink()
 
@@ -181,6 +230,7 @@ def export_onnx(
         "n_items": n_items,
         "max_len": max_len,
         "quantize": quantize,
+        "int8": int8 if quantize else None,
         "fusions": fusions,
         "max_abs_deviation_from_eager": deviation,
         "megabytes": path.stat().st_size / 2**20,

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,12 @@ def save_artefacts(
     if run.export.onnx:
         assert dm.data is not None
         t0 = time.perf_counter()
+        static = quantize is not None and run.export.int8 == "static"
+        # static int8 fixes its activation scales on the batches the compression calibrated on
+        calibration = islice(dm.train_dataloader(), run.compression.calib_batches) if static else None
         folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
-                             dm.data.item_texts(), quantize=quantize, info=info)
+                             dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
+                             calibration=calibration)
         meta = json.loads((folder / "deploy.json").read_text())
         out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
                     "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
