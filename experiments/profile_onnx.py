@@ -13,7 +13,8 @@ nodes the quantiser or the runtime's fusions created, from the node they came fr
 - attention: score and value matmuls, softmax, mask, rotary embedding, the head reshapes;
 - norms: the RMS norms; MLP activation: SiLU and the gate product;
 - gather: the item-embedding lookup;
-- quantise/dequantise: dynamic int8's activation quantisation and output rescaling;
+- quantise/dequantise: dynamic int8's activation quantisation and output rescaling, or static
+  int8's QuantizeLinear/DequantizeLinear between its QLinearMatMuls and the float operators;
 - other: residual adds, positions, shape arithmetic.
 
 Prints a table of ms per call by role (median call time too) and, with ``--out``, writes it

@@ -216,6 +216,8 @@ def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS[:3])
     with pytest.raises(ValueError, match=r"quantize='int4'; allowed: null, int8"):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int4")
+    with pytest.raises(ValueError, match=r"the model is on meta: export_onnx exports a CPU model"):
+        export_onnx(compressed_model().to("meta"), tmp_path, MAX_LEN, RAW_IDS)
     with pytest.raises(ValueError, match=r"int8='fp8'; allowed: dynamic, static"):
         export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="fp8")
     with pytest.raises(ValueError, match=r"int8='static' fixes activation scales on calibration histories"):

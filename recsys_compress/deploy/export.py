@@ -186,6 +186,9 @@ def export_onnx(
             "cannot export a model with torch int8 layers: export the float model with "
             "quantize='int8' (onnxruntime quantises the exported graph)"
         )
+    device = next(model.parameters()).device
+    if device.type != "cpu":  # the artefact is a CPU graph, traced and checked on CPU tensors
+        raise ValueError(f"the model is on {device}: export_onnx exports a CPU model (call model.cpu() first)")
     n_items = model.get_input_embeddings().num_embeddings - 1
     if len(item_ids) != n_items:
         raise ValueError(f"item_ids has {len(item_ids)} entries but the model scores {n_items} items")
