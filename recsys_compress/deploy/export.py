@@ -19,10 +19,11 @@ from the eager model measured at export time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,8 @@ def example_inputs(n_items: int, max_len: int, batch: int = 2) -> tuple[torch.Te
 
 # How the int8 graph quantises activations. dynamic: each matmul's input scale is computed per
 # call (DynamicQuantizeLinear), weights int8. static: scales fixed from calibration histories (QDQ
-# around every matmul, run as QLinearMatMul chains). Dynamic is the default: on SmolLM2 at 0.5 it
-# was faster on this CPU (BENCHMARKS.md, "static int8").
+# around every matmul, run as QLinearMatMul chains). Dynamic is the default: on SmolLM2 it was
+# 8-14% faster, at 1 and 2 threads (BENCHMARKS.md, "Static int8, and one thread against two").
 INT8_MODES = ("dynamic", "static")
 
 
@@ -105,9 +106,10 @@ class _Histories:
 
 def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
                    calibration: Iterable[dict[str, torch.Tensor]] | None = None) -> None:
-    """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``):
-    int8 weights, per output channel for static. Both quantise the same operators: every
-    MatMul and Gemm (the item head)."""
+    """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``).
+    Either way every projection and the item table (the item head's weight, which the embedding
+    lookup shares) are stored int8; static quantises per output channel, and only the MatMul and
+    Gemm nodes (dynamic: onnxruntime's default operator set)."""
     from onnxruntime import quantization as q
 
     root = logging.getLogger()
@@ -127,6 +129,25 @@ def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
             )
     finally:
         root.setLevel(level)
+
+
+# Loggers that report every graph pass at INFO, some with a stack trace (onnx_ir's "Failed to get
+# schema ... skipping"): ~300 lines, in a run's console and log, for one export.
+CONVERTER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def quiet_converter_logs() -> Iterator[None]:
+    """Only warnings and errors from the converters (``CONVERTER_LOGGERS``) while exporting."""
+    loggers = [logging.getLogger(name) for name in CONVERTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # The quantiser names each node it writes after the node it replaces plus one of these.
@@ -200,22 +221,23 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=2, max=max(max_len, 2))
     float_path = folder / ("model_float.onnx" if quantize else "model.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # exporter chatter about axis renaming and deprecations
-        torch.onnx.export(
-            scorer, (ids, mask), str(float_path), dynamo=True, optimize=True, verbose=False,
-            input_names=["input_ids", "attention_mask"], output_names=["scores"],
-            dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
-            external_data=False,
-        )
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
-    path = folder / "model.onnx"
-    if quantize == "int8":
-        quantize_graph(float_path, path, int8, max_len, calibration)
-        carry_module_paths(float_path, path)
-        float_path.unlink()
+    with quiet_converter_logs():
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # exporter chatter about axis renaming and deprecations
+            torch.onnx.export(
+                scorer, (ids, mask), str(float_path), dynamo=True, optimize=True, verbose=False,
+                input_names=["input_ids", "attention_mask"], output_names=["scores"],
+                dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
+                external_data=False,
+            )
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
+        path = folder / "model.onnx"
+        if quantize == "int8":
+            quantize_graph(float_path, path, int8, max_len, calibration)
+            carry_module_paths(float_path, path)
+            float_path.unlink()
 
     with torch.no_grad():  # the model as trained and evaluated: left padding, no export wrapper
         expected = SeqRecLitModule(model).eval()(left_ids, left_mask).numpy()
