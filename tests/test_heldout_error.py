@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from recsys_compress.compression.calibration import split_calibration
+from recsys_compress.compression.calibration import batch_budget, split_calibration
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.utils.compose import compose_config
@@ -28,6 +28,19 @@ def test_held_out_batches_hold_only_users_outside_calibration():
     assert len(held) < len(later) and set(later) & calibrated  # rows were removed, not whole batches
     for b in heldout:
         assert b["input_ids"].shape[0] == b["attention_mask"].shape[0] == b["user"].shape[0]
+
+
+def test_a_split_too_small_for_both_keeps_their_proportion_and_a_held_out_batch(tmp_path, caplog):
+    assert batch_budget(None, 16, 4) == (16, 4) and batch_budget(20, 16, 4) == (16, 4)
+    assert batch_budget(5, 16, 4) == (4, 1) and batch_budget(18, 16, 4) == (14, 4)
+    assert batch_budget(1, 16, 4) == (1, 0) and batch_budget(3, 16, 0) == (16, 0)
+    # ml-latest-small, one window per user: 5 training batches of 128 against the default 16 + 4
+    with caplog.at_level(logging.WARNING):
+        metrics = run_task(compose_config(TINY, tmp_path))
+    assert "the training split holds 5 batches, fewer than compression.calib_batches + " \
+           "compression.heldout_batches = 20: calibrating on 4 and holding out 1" in caplog.text
+    assert metrics["compression/calib_batches"] == 4 and metrics["compression/heldout_tokens"] > 0
+    assert metrics["compression/heldout_rel_output_error"] > 0
 
 
 def test_enough_tokens_give_close_figures_and_too_few_warn_and_fit_the_calibration_tokens(tmp_path, caplog):

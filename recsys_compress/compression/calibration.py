@@ -150,6 +150,17 @@ def collect_input_stats(
     return stats
 
 
+def batch_budget(n_batches: int | None, calib_batches: int, heldout_batches: int) -> tuple[int, int]:
+    """How many (calibration, held-out) batches to take from a split of ``n_batches`` (None:
+    unknown, take what was asked). A split too small for both keeps their proportion, with at
+    least one calibration batch: a small dataset (ml-latest-small's 5 training batches against the
+    default 16 + 4) still reports its held-out error, instead of calibrating on every batch."""
+    if n_batches is None or heldout_batches == 0 or n_batches >= calib_batches + heldout_batches:
+        return calib_batches, heldout_batches
+    calibration = max(1, n_batches * calib_batches // (calib_batches + heldout_batches))
+    return calibration, n_batches - calibration
+
+
 def split_calibration(
     batches: Iterable[dict[str, torch.Tensor]], calib_batches: int, heldout_batches: int = 0
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from itertools import islice
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from recsys_compress.compression.allocation import GRADIENT_ALLOCATIONS, allocat
 from recsys_compress.compression.apply import LayerReport, compress_low_rank, prune_layers, quantize_int8
 from recsys_compress.compression.calibration import (
     available_memory_bytes,
+    batch_budget,
     collect_input_stats,
     select_linear_layers,
     split_calibration,
@@ -125,13 +126,19 @@ class CompressionCallback(L.Callback):
                 self.reports.append(LayerReport(n, *W.shape, 0, float("nan"), float("nan"),
                                                 W.numel(), W.numel(), 0.0, 0.0))
         else:
-            calibration, heldout_set = split_calibration(batches, c.calib_batches, c.heldout_batches)
+            n_batches = len(batches) if isinstance(batches, Sized) else None
+            calib_n, heldout_n = batch_budget(n_batches, c.calib_batches, c.heldout_batches)
+            if heldout_n != c.heldout_batches:
+                log.warning("the training split holds %d batches, fewer than compression.calib_batches + "
+                            "compression.heldout_batches = %d: calibrating on %d and holding out %d, in their "
+                            "proportion", n_batches, c.calib_batches + c.heldout_batches, calib_n, heldout_n)
+            calibration, heldout_set = split_calibration(batches, calib_n, heldout_n)
 
             def forward(b):
                 return pl_module.hidden_states(b["input_ids"].to(pl_module.device),
                                                b["attention_mask"].to(pl_module.device))
 
-            if len(calibration) < c.calib_batches:
+            if len(calibration) < calib_n:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
                             "on all of them", c.calib_batches, len(calibration))
             if c.heldout_batches and not heldout_set:
