@@ -81,6 +81,26 @@ def example_inputs(n_items: int, max_len: int, batch: int = 2) -> tuple[torch.Te
     return ids, mask
 
 
+# Loggers that report every graph pass at INFO, some with a stack trace (onnx_ir's "Failed to get
+# schema ... skipping"): ~300 lines, in a run's console and log, for one export.
+CONVERTER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def quiet_logs(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Only records of ``level`` and above from the loggers ``names`` ("": the root logger)
+    inside the block; their own levels come back after it."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, own in zip(loggers, saved):
+            lg.setLevel(own)
+
+
 # How the int8 graph quantises activations. dynamic: each matmul's input scale is computed per
 # call (DynamicQuantizeLinear), weights int8. static: scales fixed from calibration histories (QDQ
 # around every matmul, run as QLinearMatMul chains). Dynamic is the default: on SmolLM2 it was
@@ -113,10 +133,8 @@ def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
     Gemm nodes (dynamic: onnxruntime's default operator set)."""
     from onnxruntime import quantization as q
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs one INFO line per tensor, and advice, on the root logger
-    try:
+    # the quantiser logs one INFO line per tensor, and advice, on the root logger ("")
+    with quiet_logs(("",), logging.ERROR):
         if int8 == "dynamic":
             q.quantize_dynamic(str(float_path), str(path), weight_type=q.QuantType.QInt8)
         else:
@@ -128,27 +146,6 @@ def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
                 # activations only where they meet a weight: attention's own inputs stay float
                 extra_options={"MatMulConstBOnly": True},
             )
-    finally:
-        root.setLevel(level)
-
-
-# Loggers that report every graph pass at INFO, some with a stack trace (onnx_ir's "Failed to get
-# schema ... skipping"): ~300 lines, in a run's console and log, for one export.
-CONVERTER_LOGGERS = ("onnxscript", "onnx_ir")
-
-
-@contextlib.contextmanager
-def quiet_converter_logs() -> Iterator[None]:
-    """Only warnings and errors from the converters (``CONVERTER_LOGGERS``) while exporting."""
-    loggers = [logging.getLogger(name) for name in CONVERTER_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # The quantiser names each node it writes after the node it replaces plus one of these.
@@ -222,7 +219,7 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=2, max=max(max_len, 2))
     float_path = folder / ("model_float.onnx" if quantize else "model.onnx")
-    with quiet_converter_logs():
+    with quiet_logs(CONVERTER_LOGGERS):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # exporter chatter about axis renaming and deprecations
             torch.onnx.export(
