@@ -260,7 +260,18 @@ def test_the_artefact_is_tested_like_the_eager_model(artefacts):
 
 
 @pytest.mark.parametrize("int8", ["dynamic", "static"])
-def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8):
+def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8, monkeypatch):
+    from recsys_compress.tasks import train_seqrec
+
+    calibrated_on = []  # the batches static int8 fixes its scales on
+
+    def export_recording(*args, calibration=None, **kwargs):
+        if calibration is not None:
+            calibration = list(calibration)
+            calibrated_on.extend(calibration)
+        return export_onnx(*args, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(train_seqrec, "export_onnx", export_recording)
     overrides = ["compression=odllm", "compression.quantize=int8", "ratio=0.5", "model.hidden_size=16",
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
@@ -272,6 +283,10 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8):
     deploy = json.loads((tmp_path / "onnx" / "deploy.json").read_text())
     assert deploy["quantize"] == "int8" and deploy["n_items"] == 9724 and deploy["max_len"] == 20
     assert deploy["int8"] == int8
+    # static int8 calibrates on the compression's own batches: ml-latest-small's 5 training batches
+    # split 2:4 leave 1 for calibration (batch_budget), not the 2 that compression.calib_batches asks
+    assert len(calibrated_on) == (metrics["compression/calib_batches"] if int8 == "static" else 0) == \
+        (1 if int8 == "static" else 0)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node)
     assert (ops["QuantizeLinear"] > 0) == (int8 == "static") != (ops["DynamicQuantizeLinear"] > 0)
     rec = Recommender(tmp_path / "onnx")

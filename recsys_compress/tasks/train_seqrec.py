@@ -18,6 +18,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from recsys_compress.alignment.runner import align
+from recsys_compress.compression.calibration import batch_budget
 from recsys_compress.compression.callback import CompressionCallback, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
@@ -105,9 +106,12 @@ def save_artefacts(
     if run.export.onnx:
         assert dm.data is not None
         t0 = time.perf_counter()
-        static = quantize is not None and run.export.int8 == "static"
-        # static int8 fixes its activation scales on the batches the compression calibrated on
-        calibration = islice(dm.train_dataloader(), run.compression.calib_batches) if static else None
+        calibration = None
+        if quantize is not None and run.export.int8 == "static":
+            # static int8 fixes its activation scales on the batches the compression calibrated on:
+            # the first ones of the training order, as many as batch_budget gave calibration
+            loader, c = dm.train_dataloader(), run.compression
+            calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
         folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
                              dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
                              calibration=calibration)
