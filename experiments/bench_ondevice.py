@@ -90,9 +90,9 @@ def parse_variant(variant: str) -> tuple[str, str | None, float, int, str]:
 
 def variant_name(method: str, int8: str | None, ratio: float | None = None, align: int = 1,
                  allocation: str = UNIFORM) -> str:
-    """The inverse of ``parse_variant`` (no ratio: base)."""
+    """The inverse of ``parse_variant``. The base has no ratio: one given for it is dropped."""
     name = method + (INT8_SUFFIXES[int8] if int8 else "")
-    if ratio is not None:
+    if ratio is not None and method != "base":
         name += f"@{ratio}" + (f"/a{align}" if align > 1 else "")
     return name + (f":{allocation}" if allocation != UNIFORM else "")
 
@@ -183,7 +183,7 @@ def export_worker(args: argparse.Namespace) -> dict:
         raise ValueError(f"--export={args.export}: one float variant and its int8 twins at most")
     method, _, ratio, align, allocation = parse_variant(names[0])
     lit, dm, compress_s, _ = build_variant(
-        args, variant_name(method, None, None if method == "base" else ratio, align, allocation))
+        args, variant_name(method, None, ratio, align, allocation))
     out = {}
     for v in names:
         int8 = parse_variant(v)[1]
@@ -476,7 +476,7 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
         method, int8, ratio, align, allocation = parse_variant(v)
         references = [variant_name("base", int8)] if int8 and method != "base" else []
         if int8 == "static":  # do fixed activation scales beat per-call ones?
-            references.append(variant_name(method, "dynamic", None if method == "base" else ratio, align, allocation))
+            references.append(variant_name(method, "dynamic", ratio, align, allocation))
         if align > 1:
             references.append(variant_name(method, int8, ratio, 1, allocation))
         if allocation != UNIFORM:

@@ -81,7 +81,7 @@ def test_variant_names_round_trip():
     for name in ("base", "base+int8", "base+int8static", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global",
                  "odllm+int8static@0.5/a32:global"):
         method, int8, ratio, align, allocation = parse_variant(name)
-        assert variant_name(method, int8, None if method == "base" else ratio, align, allocation) == name
+        assert variant_name(method, int8, ratio, align, allocation) == name
     assert artefact_dir("x", "odllm@0.5/a32:global").name == "odllm@0.5_a32_global"
 
 
