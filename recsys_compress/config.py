@@ -355,6 +355,8 @@ class ExportConfig(Schema):
     # an int8 run's artefact: activation scales per call (dynamic) or fixed on the compression's
     # calibration batches (static); deploy/export.py INT8_MODES says why dynamic is the default
     int8: Literal["dynamic", "static"]
+    # its int8 weight scales: per output channel, or one per matrix (deploy/export.py INT8_WEIGHTS)
+    int8_weights: Literal["per_channel", "per_tensor"]
 
 
 class RunConfig(Schema):
@@ -377,11 +379,13 @@ class RunConfig(Schema):
         _require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
-        if self.export.int8 == "static" and not (self.export.onnx and self.compression.quantizes):
-            raise ConfigError(
-                "export.int8=static quantises the ONNX artefact of an int8 run: it needs export.onnx=true and "
-                f"compression.quantize=int8 (or compression=int8); got export.onnx={self.export.onnx}, "
-                f"compression.quantize={self.compression.quantize}, compression.method={self.compression.method}")
+        for key, value, default in (("int8", self.export.int8, "dynamic"),
+                                    ("int8_weights", self.export.int8_weights, "per_channel")):
+            if value != default and not (self.export.onnx and self.compression.quantizes):
+                raise ConfigError(
+                    f"export.{key}={value} applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "
+                    f"compression.quantize=int8 (or compression=int8); got export.onnx={self.export.onnx}, "
+                    f"compression.quantize={self.compression.quantize}, compression.method={self.compression.method}")
         if self.alignment.method != "none" and self.compression.method not in LOW_RANK_METHODS:
             raise ConfigError(
                 f"alignment={self.alignment.method} refines low-rank factors, but compression.method="

@@ -92,8 +92,12 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
          r"compression.allocation=global sets ranks: it applies to svd, asvd, odllm, not compression.method=wanda"),
         ("export.int8=int4", r"export.int8='int4' is not allowed; allowed: dynamic, static"),
         ("compression=odllm export.onnx=true export.int8=static",
-         r"export.int8=static quantises the ONNX artefact of an int8 run: it needs export.onnx=true and "
+         r"export.int8=static applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "
          r"compression.quantize=int8 \(or compression=int8\); got export.onnx=True, compression.quantize=None"),
+        ("export.int8_weights=per_row", r"export.int8_weights='per_row' is not allowed; allowed: per_channel, per_tensor"),
+        ("compression=int8 export.int8_weights=per_tensor",
+         r"export.int8_weights=per_tensor applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "
+         r"compression.quantize=int8 \(or compression=int8\); got export.onnx=False, compression.quantize=None"),
     ],
 )
 def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):

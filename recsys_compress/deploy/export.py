@@ -108,6 +108,13 @@ def quiet_logs(names: Sequence[str], level: int = logging.WARNING) -> Iterator[N
 # (BENCHMARKS.md, "Static int8, and one thread against two").
 INT8_MODES = ("dynamic", "static")
 
+# One int8 scale per output channel of each weight (the first: the default), or one per matrix.
+# A low-rank factor's rank components differ in scale by their singular values, and one scale per
+# matrix rounds the small components away: on the strong SmolLM2 base, odllm+int8@0.5's scores
+# moved 0.29 of their spread from the float artefact's per channel, 0.52 per tensor
+# (BENCHMARKS.md, "Per-channel int8 weights").
+INT8_WEIGHTS = ("per_channel", "per_tensor")
+
 
 class _Histories:
     """onnxruntime's ``CalibrationDataReader`` (an ABC that accepts any class with ``get_next``) over
@@ -126,22 +133,23 @@ class _Histories:
 
 
 def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
-                   calibration: Iterable[dict[str, torch.Tensor]] | None = None) -> None:
-    """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``).
-    Either way every projection and the item table (the item head's weight, which the embedding
-    lookup shares) are stored int8; static quantises per output channel, and only the MatMul and
-    Gemm nodes (dynamic: onnxruntime's default operator set)."""
+                   calibration: Iterable[dict[str, torch.Tensor]] | None, weights: str) -> None:
+    """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``),
+    with weight scales ``weights`` (``INT8_WEIGHTS``). Either way every projection and the item
+    table (the item head's weight, which the embedding lookup shares) are stored int8; static
+    quantises only the MatMul and Gemm nodes (dynamic: onnxruntime's default operator set)."""
     from onnxruntime import quantization as q
 
+    per_channel = weights == "per_channel"
     # the quantiser logs one INFO line per tensor, and advice, on the root logger ("")
     with quiet_logs(("",), logging.ERROR):
         if int8 == "dynamic":
-            q.quantize_dynamic(str(float_path), str(path), weight_type=q.QuantType.QInt8)
+            q.quantize_dynamic(str(float_path), str(path), weight_type=q.QuantType.QInt8, per_channel=per_channel)
         else:
             assert calibration is not None
             q.quantize_static(
                 str(float_path), str(path), _Histories(calibration, max_len), quant_format=q.QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                 activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                 # activations only where they meet a weight: attention's own inputs stay float
                 extra_options={"MatMulConstBOnly": True},
@@ -181,15 +189,17 @@ def export_onnx(
     quantize: str | None = None,
     info: dict[str, Any] | None = None,
     fuse: bool = True,
-    int8: str = "dynamic",
+    int8: str = INT8_MODES[0],
     calibration: Iterable[dict[str, torch.Tensor]] | None = None,
+    int8_weights: str = INT8_WEIGHTS[0],
 ) -> Path:
     """Write ``model`` (dense, low-rank or pruned float weights) as an ONNX artefact.
 
     ``item_ids[i - 1]`` is the raw id of item index ``i``; ``quantize='int8'`` additionally
     applies onnxruntime's int8 quantisation to the graph's matrix multiplications, with
     activation scales per call (``int8='dynamic'``) or fixed on the left-padded ``calibration``
-    batches (``int8='static'``). ``fuse``: rewrite the graph into onnxruntime's fused operators
+    batches (``int8='static'``), and weight scales per output channel or per matrix
+    (``int8_weights``, ``INT8_WEIGHTS``). ``fuse``: rewrite the graph into onnxruntime's fused operators
     first (``fuse_for_onnxruntime``). Returns the folder.
     """
     import onnxruntime as ort
@@ -198,6 +208,8 @@ def export_onnx(
         raise ValueError(f"quantize={quantize!r}; allowed: null, int8")
     if int8 not in INT8_MODES:
         raise ValueError(f"int8={int8!r}; allowed: {', '.join(INT8_MODES)}")
+    if int8_weights not in INT8_WEIGHTS:
+        raise ValueError(f"int8_weights={int8_weights!r}; allowed: {', '.join(INT8_WEIGHTS)}")
     if quantize and int8 == "static" and calibration is None:
         raise ValueError("int8='static' fixes activation scales on calibration histories: pass calibration batches")
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
@@ -233,7 +245,7 @@ def export_onnx(
         fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
         path = folder / "model.onnx"
         if quantize == "int8":
-            quantize_graph(float_path, path, int8, max_len, calibration)
+            quantize_graph(float_path, path, int8, max_len, calibration, int8_weights)
             carry_module_paths(float_path, path)
             float_path.unlink()
 
@@ -254,6 +266,7 @@ def export_onnx(
         "max_len": max_len,
         "quantize": quantize,
         "int8": int8 if quantize else None,
+        "int8_weights": int8_weights if quantize else None,
         "fusions": fusions,
         "max_abs_deviation_from_eager": deviation,
         "megabytes": path.stat().st_size / 2**20,

@@ -114,7 +114,7 @@ def save_artefacts(
             calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
         folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
                              dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
-                             calibration=calibration)
+                             calibration=calibration, int8_weights=run.export.int8_weights)
         meta = json.loads((folder / "deploy.json").read_text())
         out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
                     "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
