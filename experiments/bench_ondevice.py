@@ -15,9 +15,10 @@ that hits one round hits both sides of its ratios. Every thread pool is pinned t
 subprocess per round, the variants' order rotated round by round.
 
 ``--runtime onnx`` measures the deployable artefact: each variant is exported once
-(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph, and with
-``--int8 dynamic static`` also +int8static = static int8, QDQ with activation scales fixed on the
-calibration batches); then each
+(``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph, weight scales
+per output channel; with ``--int8 dynamic static`` also +int8static = static int8, QDQ with
+activation scales fixed on the calibration batches; with ``--int8-weights per_channel per_tensor``
+also +int8pt / +int8staticpt, one weight scale per matrix); then each
 round is one process (never importing torch) that loads every artefact with onnxruntime, on
 one shared thread pool, and times them call by call in turn, the order rotated each call: a
 change in the machine's load hits every variant alike. (Timed each in a process of its own,
@@ -71,27 +72,29 @@ def artefact_dir(root: str | Path, variant: str) -> Path:
 UNIFORM = "uniform"  # the allocation a variant name leaves unsaid
 
 
-# A variant's int8 suffix and the export's int8 mode (deploy.export.INT8_MODES)
-INT8_SUFFIXES = {"dynamic": "+int8", "static": "+int8static"}
+# A variant's int8 suffix -> (the export's int8 mode, its weight scales): deploy.export's
+# INT8_MODES and INT8_WEIGHTS ("pt": one weight scale per matrix instead of per output channel)
+INT8_SUFFIXES = {"+int8": ("dynamic", "per_channel"), "+int8pt": ("dynamic", "per_tensor"),
+                 "+int8static": ("static", "per_channel"), "+int8staticpt": ("static", "per_tensor")}
+Int8 = tuple[str, str]  # (mode, weights), a value of INT8_SUFFIXES
 
 
-def parse_variant(variant: str) -> tuple[str, str | None, float, int, str]:
-    """``METHOD[+int8|+int8static]@RATIO[/aN][:ALLOCATION]`` (or ``base[+int8...]``) ->
-    (method, int8 mode or None, ratio, rank_align, allocation)."""
+def parse_variant(variant: str) -> tuple[str, Int8 | None, float, int, str]:
+    """``METHOD[+int8|+int8pt|+int8static|+int8staticpt]@RATIO[/aN][:ALLOCATION]`` (or
+    ``base[+int8...]``) -> (method, (int8 mode, weight scales) or None, ratio, rank_align, allocation)."""
     name, _, allocation = variant.partition(":")
     method, _, rest = name.partition("@")
     ratio, _, align = rest.partition("/a")
     method, plus, suffix = method.partition("+")
-    int8 = next((mode for mode, s in INT8_SUFFIXES.items() if s == plus + suffix), None)
-    if plus and int8 is None:
-        raise ValueError(f"variant {variant!r}: unknown suffix +{suffix}; allowed: {', '.join(INT8_SUFFIXES.values())}")
-    return method, int8, float(ratio or 1.0), int(align or 1), allocation or UNIFORM
+    if plus and plus + suffix not in INT8_SUFFIXES:
+        raise ValueError(f"variant {variant!r}: unknown suffix +{suffix}; allowed: {', '.join(INT8_SUFFIXES)}")
+    return method, INT8_SUFFIXES.get(plus + suffix), float(ratio or 1.0), int(align or 1), allocation or UNIFORM
 
 
-def variant_name(method: str, int8: str | None, ratio: float | None = None, align: int = 1,
+def variant_name(method: str, int8: Int8 | None, ratio: float | None = None, align: int = 1,
                  allocation: str = UNIFORM) -> str:
     """The inverse of ``parse_variant``. The base has no ratio: one given for it is dropped."""
-    name = method + (INT8_SUFFIXES[int8] if int8 else "")
+    name = method + (next(s for s, spec in INT8_SUFFIXES.items() if spec == tuple(int8)) if int8 else "")
     if ratio is not None and method != "base":
         name += f"@{ratio}" + (f"/a{align}" if align > 1 else "")
     return name + (f":{allocation}" if allocation != UNIFORM else "")
@@ -128,19 +131,51 @@ def build_base(args: argparse.Namespace):
 
 def quality_worker(args: argparse.Namespace) -> dict:
     """Every artefact of ``--test-artefacts`` ranks the test users (the run's evaluation
-    protocol, both ways); quality does not depend on the process, so one process tests all."""
+    protocol, both ways); quality does not depend on the process, so one process tests all.
+    Each int8 artefact whose float twin is among them is also compared with it user by user
+    (``agreement``): the error int8 alone adds, which NDCG@10 on a thousand users cannot resolve."""
     from recsys_compress.builders import build_datamodule
     from recsys_compress.deploy.evaluate import evaluate_artefact
 
     _, run = compose_run(args)
     e = run.evaluation
     dm = build_datamodule(run.dataset, run.seed)
+    names = args.test_artefacts.split(",")
     out = {}
-    for v in args.test_artefacts.split(","):
+    for v in names:
         values, per_user = evaluate_artefact(artefact_dir(args.folder, v), dm.test_dataloader(), e.exclude_seen,
                                              tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads)
         out[v] = {"test": values, "per_user": per_user.tolist()}
+        method, int8, ratio, align, allocation = parse_variant(v)
+        twin = variant_name(method, None, ratio, align, allocation)
+        if int8 and twin in names:
+            out[v]["agreement"] = agreement(artefact_dir(args.folder, twin), artefact_dir(args.folder, v),
+                                            dm.test_dataloader(), args.threads)
     return out
+
+
+AGREEMENT_K = 10
+
+
+def agreement(reference: Path, other: Path, batches, threads: int) -> dict[str, list[float]]:
+    """Per user, how far ``other``'s scores are from ``reference``'s (the same model before int8):
+    ``score_error`` = |s_other - s_ref| / |s_ref - mean(s_ref)| over the items (a constant offset
+    ranks nothing), and ``top_k_overlap`` = the share of the reference's top-``AGREEMENT_K``
+    items that ``other`` also ranks there (seen items included: this compares two programs)."""
+    import numpy as np
+
+    from recsys_compress.deploy.recommend import Recommender
+
+    ref, oth = Recommender(reference, threads=threads), Recommender(other, threads=threads)
+    error, overlap = [], []
+    for b in batches:
+        ids, mask = b["input_ids"].numpy(), b["attention_mask"].numpy()
+        a, c = ref.score_indices(ids, mask)[:, 1:], oth.score_indices(ids, mask)[:, 1:]  # index 0: padding
+        error += (np.linalg.norm(c - a, axis=1) / np.linalg.norm(a - a.mean(1, keepdims=True), axis=1)).tolist()
+        top_a = np.argpartition(-a, AGREEMENT_K, 1)[:, :AGREEMENT_K]
+        top_c = np.argpartition(-c, AGREEMENT_K, 1)[:, :AGREEMENT_K]
+        overlap += [len(np.intersect1d(x, y)) / AGREEMENT_K for x, y in zip(top_a, top_c)]
+    return {"score_error": error, "top_k_overlap": overlap}
 
 
 def build_variant(args: argparse.Namespace, variant: str):
@@ -188,16 +223,25 @@ def export_worker(args: argparse.Namespace) -> dict:
     for v in names:
         int8 = parse_variant(v)[1]
         info = {"variant": v, "params": count_parameters(lit.model), "compress_s": compress_s}
+        mode, weights = int8 or (None, None)
         export_onnx(lit.model, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
                     dm.data.item_texts(), quantize="int8" if int8 else None, info=info, fuse=args.fuse,
-                    int8=int8 or "dynamic",
-                    calibration=islice(dm.train_dataloader(), args.calib_batches) if int8 == "static" else None)
+                    **({"int8": mode, "int8_weights": weights} if int8 else {}),
+                    calibration=islice(dm.train_dataloader(), args.calib_batches) if mode == "static" else None)
         out[v] = info
     return out
 
 
+def exported_as(deploy_json: Path, variant: str) -> bool:
+    """Whether the artefact described by ``deploy_json`` is ``variant``'s export: its int8 mode
+    and weight scales (artefacts from before ``int8_weights`` were per matrix, and say nothing)."""
+    meta = json.loads(deploy_json.read_text())
+    int8 = parse_variant(variant)[1]
+    return (meta.get("int8"), meta.get("int8_weights")) == (int8 or (None, None))
+
+
 def int8_twins(variants: list[str]) -> list[list[str]]:
-    """The variants grouped by the float model they export: ``[[V, V+int8, V+int8static], ...]``."""
+    """The variants grouped by the float model they export: ``[[V, V+int8, V+int8pt, ...], ...]``."""
     groups: dict[tuple, list[str]] = {}
     for v in variants:
         method, _, ratio, align, allocation = parse_variant(v)
@@ -321,9 +365,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=4)
-    parser.add_argument("--int8", nargs="+", choices=list(INT8_SUFFIXES), default=["dynamic"],
+    parser.add_argument("--int8", nargs="+", choices=sorted({m for m, _ in INT8_SUFFIXES.values()}), default=["dynamic"],
                         help="the int8 twin of every variant in each mode (onnx: static adds +int8static "
                              "variants, activation scales fixed on the calibration batches)")
+    parser.add_argument("--int8-weights", nargs="+", choices=sorted({w for _, w in INT8_SUFFIXES.values()}),
+                        default=["per_channel"],
+                        help="onnx: each int8 twin with each kind of weight scales (per_tensor adds the "
+                             "+int8pt/+int8staticpt variants: one scale per matrix)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
@@ -371,8 +419,10 @@ def main() -> None:
             parser.error(f"--allocations {allocation}; allowed: {', '.join(ALLOCATIONS)}")
     if "static" in args.int8 and args.runtime != "onnx":
         parser.error("--int8 static quantises the exported graph: it needs --runtime onnx")
+    if args.int8_weights != ["per_channel"] and args.runtime != "onnx":
+        parser.error("--int8-weights sets the exported graph's int8 weight scales: it needs --runtime onnx")
     # int8 (torch.ao and onnxruntime) runs on CPUs only
-    int8s = [None, *args.int8] if args.device == "cpu" else [None]
+    int8s = [None, *((m, w) for m in args.int8 for w in args.int8_weights)] if args.device == "cpu" else [None]
     variants = [variant_name("base", q) for q in int8s]
     for r in args.ratios:
         for a in args.rank_aligns:
@@ -401,7 +451,7 @@ def main() -> None:
             todo = []
             for v in variants:
                 kept = artefact_dir(tmp, v) / "deploy.json"
-                if args.reuse_exports and kept.is_file():
+                if args.reuse_exports and kept.is_file() and exported_as(kept, v):
                     exported[v] = {k: json.loads(kept.read_text())[k] for k in ("params", "compress_s")}
                     print(f"{v}: reusing the artefact in {kept.parent}", file=sys.stderr)
                 else:
@@ -439,15 +489,23 @@ def main() -> None:
     if quality_table:
         print("\neach artefact on the test users (retention of the base artefact's NDCG@10 [95% paired bootstrap "
               "interval over users]):")
-        print("| variant | NDCG@10 | retention | NDCG@10, seen kept | HR@10 |")
-        print("|---|---|---|---|---|")
+        print(f"| variant | NDCG@10 | retention | NDCG@10, seen kept | HR@10 | score error vs float twin | "
+              f"top-{AGREEMENT_K} overlap with it |")
+        print("|---|---|---|---|---|---|---|")
         for q in quality_table:
+            twin = (f"{q['score_error']:.4f} | {q['top_k_overlap']:.3f}" if "score_error" in q else "- | -")
             print(f"| {q['variant']} | {q['ndcg@10']:.4f} | {q['retention']:.3f} [{q['retention_ci_low']:.3f}, "
-                  f"{q['retention_ci_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} |")
+                  f"{q['retention_ci_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} | {twin} |")
+    scale_pairs = weight_scale_pairs(quality)
+    if scale_pairs:
+        print("\nscore error per output channel / per matrix (mean over users [95% paired bootstrap interval]):")
+        for p in scale_pairs:
+            print(f"- {p['variant']} / {p['reference']}: {p['score_error_ratio']:.3f} [{p['low']:.3f}, {p['high']:.3f}]")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results,
-                                        "quality": quality_table}, indent=2) + "\n")
+                                        "quality": quality_table,
+                                        "weight_scales": scale_pairs}, indent=2) + "\n")
 
 
 def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
@@ -460,9 +518,37 @@ def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
     if not quality:
         return []
     reference = torch.tensor(quality[base]["per_user"], dtype=torch.float64)
-    return [{"variant": v, **q["test"], **retention(quality[base]["test"]["ndcg@10"], q["test"]["ndcg@10"], reference,
-                                                    torch.tensor(q["per_user"], dtype=torch.float64), key="retention")}
-            for v, q in quality.items()]
+    rows = []
+    for v, q in quality.items():
+        rows.append({"variant": v, **q["test"], **retention(
+            quality[base]["test"]["ndcg@10"], q["test"]["ndcg@10"], reference,
+            torch.tensor(q["per_user"], dtype=torch.float64), key="retention")})
+        if "agreement" in q:  # against the float twin
+            rows[-1].update({k: statistics.fmean(values) for k, values in q["agreement"].items()})
+    return rows
+
+
+def weight_scale_pairs(quality: dict[str, dict]) -> list[dict]:
+    """Each int8 artefact with weight scales per output channel against its twin with one scale
+    per matrix: the ratio of their mean score errors (from the same float twin, on the same
+    users) and its 95% paired bootstrap interval over users."""
+    import torch
+
+    from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
+
+    pairs = []
+    for v, q in quality.items():
+        method, int8, ratio, align, allocation = parse_variant(v)
+        if not int8 or int8[1] != "per_channel" or "agreement" not in q:
+            continue
+        ref = variant_name(method, (int8[0], "per_tensor"), ratio, align, allocation)
+        if "agreement" in quality.get(ref, {}):
+            per_tensor, per_channel = (torch.tensor(quality[x]["agreement"]["score_error"], dtype=torch.float64)
+                                       for x in (ref, v))
+            low, high = paired_bootstrap_ratio(per_tensor, per_channel)
+            pairs.append({"variant": v, "reference": ref, "score_error_ratio": float(per_channel.mean() / per_tensor.mean()),
+                          "low": low, "high": high})
+    return pairs
 
 
 def pairwise(results: dict[str, list[dict]]) -> list[dict]:
@@ -475,8 +561,11 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
     for v in results:
         method, int8, ratio, align, allocation = parse_variant(v)
         references = [variant_name("base", int8)] if int8 and method != "base" else []
-        if int8 == "static":  # do fixed activation scales beat per-call ones?
-            references.append(variant_name(method, "dynamic", ratio, align, allocation))
+        mode, weights = int8 or (None, None)
+        if mode == "static":  # do fixed activation scales beat per-call ones?
+            references.append(variant_name(method, ("dynamic", weights), ratio, align, allocation))
+        if weights == "per_tensor":  # what do scales per output channel cost?
+            references.append(variant_name(method, (mode, "per_channel"), ratio, align, allocation))
         if align > 1:
             references.append(variant_name(method, int8, ratio, 1, allocation))
         if allocation != UNIFORM:

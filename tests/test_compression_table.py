@@ -73,11 +73,28 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     done = subprocess.run(
         [sys.executable, "experiments/bench_ondevice.py", "--runtime", "onnx", "--base-run", str(run_dir), "--test",
          "--ratios", "0.5", "--rounds", "1", "--reps", "2", "--batch", "2", "--calib-batches", "1", "--threads", "1",
-         "--out", str(out), cache],
+         "--out", str(out), "--export-dir", str(tmp_path / "art"), cache],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     quality = {q["variant"]: q for q in result["quality"]}
+    # each int8 artefact against its float twin, user by user; an artefact against itself agrees exactly
+    for v in ("base+int8", "odllm+int8@0.5"):
+        assert 0 < quality[v]["score_error"] < 0.5 and 0 < quality[v]["top_k_overlap"] <= 1
+    assert "score_error" not in quality["base"] and "score_error" not in quality["odllm@0.5"]
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import agreement
+
+    from recsys_compress.builders import build_datamodule
+    from recsys_compress.config import validate
+    from recsys_compress.models.trained_run import run_overrides
+    from recsys_compress.utils.compose import compose_config
+
+    run = validate(compose_config(run_overrides(run_dir)))
+    dm = build_datamodule(run.dataset, run.seed)
+    same = agreement(tmp_path / "art" / "odllm@0.5", tmp_path / "art" / "odllm@0.5", dm.test_dataloader(), 1)
+    assert set(same["score_error"]) == {0.0} and set(same["top_k_overlap"]) == {1.0}
+    assert len(same["score_error"]) == len(dm.test_dataloader().dataset)
     assert set(quality) == {"base", "base+int8", "odllm@0.5", "odllm+int8@0.5"}
     # the exported trained base ranks the test users as the run's own test did
     assert quality["base"]["ndcg@10"] == pytest.approx(trained["base/test/ndcg@10"], abs=1e-6)

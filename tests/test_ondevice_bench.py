@@ -56,6 +56,8 @@ def test_benchmark_rows_pair_the_rounds():
     results["odllm+int8@0.5/a32"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
     results["base+int8static"] = rounds([4, 12, 4, 12, 4], [1] * 5, 1.0)
     results["odllm+int8static@0.5"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
+    results["odllm+int8pt@0.5"] = rounds([5, 15, 5, 15, 5], [1] * 5, 1.0)
+    results["odllm+int8staticpt@0.5"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
     by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
     assert by_pair == pytest.approx({
         ("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8,
@@ -66,6 +68,10 @@ def test_benchmark_rows_pair_the_rounds():
         # static int8 against static int8 alone and against its dynamic twin
         ("base+int8static", "base+int8"): 0.8, ("odllm+int8static@0.5", "base+int8static"): 0.75,
         ("odllm+int8static@0.5", "odllm+int8@0.5"): 0.75,
+        # one weight scale per matrix against int8 alone (its base+int8pt twin is not in the run) and
+        # against the per-channel twin; static per matrix against both of its twins
+        ("odllm+int8pt@0.5", "odllm+int8@0.5"): 1.25,
+        ("odllm+int8staticpt@0.5", "odllm+int8pt@0.5"): 0.6, ("odllm+int8staticpt@0.5", "odllm+int8static@0.5"): 1.0,
     })
 
 
@@ -74,12 +80,14 @@ def test_variant_names_round_trip():
     from bench_ondevice import artefact_dir, parse_variant, variant_name
 
     assert parse_variant("base") == ("base", None, 1.0, 1, "uniform")
-    assert parse_variant("odllm+int8@0.3/a32:global_relative") == ("odllm", "dynamic", 0.3, 32, "global_relative")
-    assert parse_variant("odllm+int8static@0.5") == ("odllm", "static", 0.5, 1, "uniform")
-    with pytest.raises(ValueError, match=r"unknown suffix \+int4; allowed: \+int8, \+int8static"):
+    assert parse_variant("odllm+int8@0.3/a32:global_relative") == (
+        "odllm", ("dynamic", "per_channel"), 0.3, 32, "global_relative")
+    assert parse_variant("odllm+int8static@0.5") == ("odllm", ("static", "per_channel"), 0.5, 1, "uniform")
+    assert parse_variant("base+int8pt") == ("base", ("dynamic", "per_tensor"), 1.0, 1, "uniform")
+    with pytest.raises(ValueError, match=r"unknown suffix \+int4; allowed: \+int8, \+int8pt, \+int8static, \+int8staticpt"):
         parse_variant("odllm+int4@0.5")
     for name in ("base", "base+int8", "base+int8static", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global",
-                 "odllm+int8static@0.5/a32:global"):
+                 "odllm+int8static@0.5/a32:global", "base+int8pt", "odllm+int8staticpt@0.3/a8"):
         method, int8, ratio, align, allocation = parse_variant(name)
         assert variant_name(method, int8, ratio, align, allocation) == name
     assert artefact_dir("x", "odllm@0.5/a32:global").name == "odllm@0.5_a32_global"
@@ -108,3 +116,24 @@ def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
     assert len(set(uniform.values())) < len(set(relative.values()))  # uniform: one rank per matrix shape
     assert uniform != relative and abs(relative_params - uniform_params) <= 64 + 256  # one direction of the widest matrix
     assert variant("base+int8")[1] == variant("base")[1]
+
+
+def test_reuse_takes_only_an_artefact_exported_as_the_variant(tmp_path):
+    """``--reuse-exports`` measures a kept artefact again only where its deploy.json says it is
+    the variant's export: an artefact from before ``int8_weights`` (one scale per matrix, and
+    nothing said) is not the +int8 of now (per output channel)."""
+    import json
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import exported_as
+
+    def meta(**fields):
+        (tmp_path / "deploy.json").write_text(json.dumps({"format": "x", **fields}))
+        return tmp_path / "deploy.json"
+
+    assert exported_as(meta(int8=None, int8_weights=None), "odllm@0.5")
+    assert exported_as(meta(), "base")  # a float artefact from before the field
+    assert not exported_as(meta(int8="dynamic"), "base+int8") and not exported_as(meta(int8="dynamic"), "base+int8pt")
+    assert exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8")
+    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8static")
+    assert exported_as(meta(int8="static", int8_weights="per_tensor"), "odllm+int8staticpt@0.5/a32")
