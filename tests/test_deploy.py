@@ -190,6 +190,11 @@ def test_per_channel_int8_weights_keep_the_low_rank_factors_closer_to_eager(arte
     model, root = artefacts
     assert weight_scale_sizes(root / "int8_per_tensor") == {1}
     assert min(weight_scale_sizes(root / "int8")) > 1
+    # the weights' zero points (all 0: symmetric int8) are dropped, or onnxruntime takes its
+    # per-column zero-point path for the per-channel graph
+    for kind in ("int8", "int8_per_tensor"):
+        matmuls = [n for n in onnx.load(str(root / kind / "model.onnx")).graph.node if n.op_type == "MatMulInteger"]
+        assert matmuls and all(len(n.input) == 3 for n in matmuls)
     meta = {k: json.loads((root / k / "deploy.json").read_text())["int8_weights"] for k in ("int8", "int8_per_tensor")}
     assert meta == {"int8": "per_channel", "int8_per_tensor": "per_tensor"}
     error = {}
@@ -199,6 +204,26 @@ def test_per_channel_int8_weights_keep_the_low_rank_factors_closer_to_eager(arte
                                       - eager_scores(model, b["input_ids"], b["attention_mask"])[:, 1:]).mean()
                                for b in left_padded_batches(3, seed=5)])
     assert error["int8"] < error["int8_per_tensor"]
+
+
+def test_dropping_the_zero_weight_zero_points_changes_no_score(artefacts, tmp_path):
+    import shutil
+
+    from onnxruntime import quantization as q
+
+    from recsys_compress.deploy.export import drop_zero_weight_zero_points
+
+    _, root = artefacts
+    shutil.copytree(root / "float", tmp_path / "kept")
+    q.quantize_dynamic(str(root / "float" / "model.onnx"), str(tmp_path / "kept" / "model.onnx"),
+                       weight_type=q.QuantType.QInt8, per_channel=True)
+    shutil.copytree(tmp_path / "kept", tmp_path / "dropped")
+    n_matmuls = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(tmp_path / "kept" / "model.onnx")).graph.node)
+    assert drop_zero_weight_zero_points(tmp_path / "dropped" / "model.onnx") == n_matmuls > 0
+    for batch in left_padded_batches(2, seed=4):
+        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+        np.testing.assert_array_equal(Recommender(tmp_path / "dropped").score_indices(ids, mask),
+                                      Recommender(tmp_path / "kept").score_indices(ids, mask))
 
 
 def test_static_int8_artefact_matches_eager_on_histories_it_never_calibrated_on(artefacts):
