@@ -110,9 +110,9 @@ INT8_MODES = ("dynamic", "static")
 
 # One int8 scale per output channel of each weight (the first: the default), or one per matrix.
 # A low-rank factor's rank components differ in scale by their singular values, and one scale per
-# matrix rounds the small components away: on the strong SmolLM2 base, odllm+int8@0.5's scores
-# moved 0.29 of their spread from the float artefact's per channel, 0.52 per tensor
-# (BENCHMARKS.md, "Per-channel int8 weights").
+# matrix rounds the small components coarser: on the strong SmolLM2 base, odllm+int8@0.5's scores
+# moved 0.30 of their spread from the float artefact's per channel, 0.53 per tensor, for 2-5% more
+# latency (BENCHMARKS.md, "Per-channel int8 weights").
 INT8_WEIGHTS = ("per_channel", "per_tensor")
 
 
@@ -162,8 +162,8 @@ def drop_zero_weight_zero_points(path: Path) -> int:
     are quantised symmetrically, so all of them are) from the graph at ``path``; returns how many.
     The results are the same bit for bit, but per-channel quantisation writes one zero per
     column, and onnxruntime runs a matmul with per-column zero points on a slower path: on
-    SmolLM2, dropping them took per-channel int8's cost over per-tensor from ~5% to ~1-4%
-    (BENCHMARKS.md, "Per-channel int8 weights")."""
+    SmolLM2 per-channel int8 took 1.03-1.06 of per-tensor's time with them, 1.00-1.05 without
+    (scratch timings, BENCHMARKS.md, "Per-channel int8 weights")."""
     import onnx
     from onnx import numpy_helper
 
