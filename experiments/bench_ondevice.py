@@ -133,7 +133,8 @@ def quality_worker(args: argparse.Namespace) -> dict:
     """Every artefact of ``--test-artefacts`` ranks the test users (the run's evaluation
     protocol, both ways); quality does not depend on the process, so one process tests all.
     Each int8 artefact whose float twin is among them is also compared with it user by user
-    (``agreement``): the error int8 alone adds, which NDCG@10 on a thousand users cannot resolve."""
+    (``agreement``, on the scores the ranking computed): the error int8 alone adds, which
+    NDCG@10 on a thousand users cannot resolve."""
     from recsys_compress.builders import build_datamodule
     from recsys_compress.deploy.evaluate import evaluate_artefact
 
@@ -141,36 +142,34 @@ def quality_worker(args: argparse.Namespace) -> dict:
     e = run.evaluation
     dm = build_datamodule(run.dataset, run.seed)
     names = args.test_artefacts.split(",")
-    out = {}
+    out, scores = {}, {}
     for v in names:
+        scores[v] = []
         values, per_user = evaluate_artefact(artefact_dir(args.folder, v), dm.test_dataloader(), e.exclude_seen,
-                                             tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads)
+                                             tuple(e.hr_ks), tuple(e.ndcg_ks), threads=args.threads, scores=scores[v])
         out[v] = {"test": values, "per_user": per_user.tolist()}
+    for v in names:
         method, int8, ratio, align, allocation = parse_variant(v)
         twin = variant_name(method, None, ratio, align, allocation)
         if int8 and twin in names:
-            out[v]["agreement"] = agreement(artefact_dir(args.folder, twin), artefact_dir(args.folder, v),
-                                            dm.test_dataloader(), args.threads)
+            out[v]["agreement"] = agreement(scores[twin], scores[v])
     return out
 
 
 AGREEMENT_K = 10
 
 
-def agreement(reference: Path, other: Path, batches, threads: int) -> dict[str, list[float]]:
-    """Per user, how far ``other``'s scores are from ``reference``'s (the same model before int8):
-    ``score_error`` = |s_other - s_ref| / |s_ref - mean(s_ref)| over the items (a constant offset
-    ranks nothing), and ``top_k_overlap`` = the share of the reference's top-``AGREEMENT_K``
-    items that ``other`` also ranks there (seen items included: this compares two programs)."""
+def agreement(reference: list, other: list) -> dict[str, list[float]]:
+    """Per user, how far ``other``'s scores are from ``reference``'s (the same model before int8;
+    both: per batch, users x item indices): ``score_error`` = |s_other - s_ref| / |s_ref -
+    mean(s_ref)| over the items (a constant offset ranks nothing), and ``top_k_overlap`` = the
+    share of the reference's top-``AGREEMENT_K`` items that ``other`` also ranks there (seen
+    items included: this compares two programs)."""
     import numpy as np
 
-    from recsys_compress.deploy.recommend import Recommender
-
-    ref, oth = Recommender(reference, threads=threads), Recommender(other, threads=threads)
     error, overlap = [], []
-    for b in batches:
-        ids, mask = b["input_ids"].numpy(), b["attention_mask"].numpy()
-        a, c = ref.score_indices(ids, mask)[:, 1:], oth.score_indices(ids, mask)[:, 1:]  # index 0: padding
+    for ref, oth in zip(reference, other, strict=True):
+        a, c = ref[:, 1:], oth[:, 1:]  # index 0: padding
         error += (np.linalg.norm(c - a, axis=1) / np.linalg.norm(a - a.mean(1, keepdims=True), axis=1)).tolist()
         top_a = np.argpartition(-a, AGREEMENT_K, 1)[:, :AGREEMENT_K]
         top_c = np.argpartition(-c, AGREEMENT_K, 1)[:, :AGREEMENT_K]

@@ -87,12 +87,15 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
 
     from recsys_compress.builders import build_datamodule
     from recsys_compress.config import validate
+    from recsys_compress.deploy.evaluate import evaluate_artefact
     from recsys_compress.models.trained_run import run_overrides
     from recsys_compress.utils.compose import compose_config
 
     run = validate(compose_config(run_overrides(run_dir)))
     dm = build_datamodule(run.dataset, run.seed)
-    same = agreement(tmp_path / "art" / "odllm@0.5", tmp_path / "art" / "odllm@0.5", dm.test_dataloader(), 1)
+    scores = []
+    evaluate_artefact(tmp_path / "art" / "odllm@0.5", dm.test_dataloader(), scores=scores)
+    same = agreement(scores, scores)
     assert set(same["score_error"]) == {0.0} and set(same["top_k_overlap"]) == {1.0}
     assert len(same["score_error"]) == len(dm.test_dataloader().dataset)
     assert set(quality) == {"base", "base+int8", "odllm@0.5", "odllm+int8@0.5"}

@@ -314,6 +314,11 @@ def test_the_artefact_is_tested_like_the_eager_model(artefacts):
     torch.testing.assert_close(got_per_user, want_per_user)
     int8, _ = evaluate_artefact(root / "int8", batches)
     assert int8["ndcg@10"] != got["ndcg@10"]  # the int8 graph is another model: measured, not assumed
+    kept = []  # each batch's scores as the artefact gave them, before the metrics mask seen items
+    evaluate_artefact(root / "float", batches, scores=kept)
+    assert len(kept) == len(batches)
+    for b, s in zip(batches, kept):
+        np.testing.assert_allclose(s, eager_scores(model, b["input_ids"], b["attention_mask"]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("int8", ["dynamic", "static"])

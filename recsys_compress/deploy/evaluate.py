@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from recsys_compress.deploy.recommend import Recommender
@@ -23,11 +24,17 @@ def evaluate_artefact(
     hr_ks: tuple[int, ...] = (1, 5, 10, 20),
     ndcg_ks: tuple[int, ...] = (5, 10, 20),
     threads: int | None = None,
+    scores: list[np.ndarray] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Both protocols' metrics of the artefact in ``folder`` and its per-user NDCG@10."""
+    """Both protocols' metrics of the artefact in ``folder`` and its per-user NDCG@10; each
+    batch's scores are also appended to ``scores`` when given (to compare two artefacts
+    user by user without ranking the users twice)."""
     rec = Recommender(folder, threads=threads)
 
     def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(rec.score_indices(input_ids.numpy(), attention_mask.numpy()))
+        batch_scores = rec.score_indices(input_ids.numpy(), attention_mask.numpy())
+        if scores is not None:
+            scores.append(batch_scores.copy())  # the metrics mask seen items in what they are given
+        return torch.from_numpy(batch_scores)
 
     return evaluate_scorer(score, batches, exclude_seen, hr_ks, ndcg_ks)
