@@ -231,10 +231,9 @@ def export_worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def exported_as(deploy_json: Path, variant: str) -> bool:
-    """Whether the artefact described by ``deploy_json`` is ``variant``'s export: its int8 mode
-    and weight scales (artefacts from before ``int8_weights`` were per matrix, and say nothing)."""
-    meta = json.loads(deploy_json.read_text())
+def exported_as(meta: dict, variant: str) -> bool:
+    """Whether the artefact whose ``deploy.json`` is ``meta`` is ``variant``'s export: its int8
+    mode and weight scales (artefacts from before ``int8_weights`` were per matrix, and say nothing)."""
     int8 = parse_variant(variant)[1]
     return (meta.get("int8"), meta.get("int8_weights")) == (int8 or (None, None))
 
@@ -450,8 +449,9 @@ def main() -> None:
             todo = []
             for v in variants:
                 kept = artefact_dir(tmp, v) / "deploy.json"
-                if args.reuse_exports and kept.is_file() and exported_as(kept, v):
-                    exported[v] = {k: json.loads(kept.read_text())[k] for k in ("params", "compress_s")}
+                meta = json.loads(kept.read_text()) if args.reuse_exports and kept.is_file() else None
+                if meta is not None and exported_as(meta, v):
+                    exported[v] = {k: meta[k] for k in ("params", "compress_s")}
                     print(f"{v}: reusing the artefact in {kept.parent}", file=sys.stderr)
                 else:
                     todo.append(v)
