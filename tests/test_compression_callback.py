@@ -137,6 +137,7 @@ def test_calibration_statistics_match_a_direct_computation(trained):
         assert stats[n].tokens == x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
         torch.testing.assert_close(stats[n].gram, x.T @ x)
         torch.testing.assert_close(stats[n].abs_sum, x.abs().sum(0))
+        torch.testing.assert_close(stats[n].abs_max, x.abs().amax(0))  # real tokens only, like the sums
         # float32 products summed in float64: float32 accuracy relative to the Gram's scale
         assert fast[n].gram.dtype == torch.float64 and fast[n].tokens == stats[n].tokens
         scale = float(stats[n].gram.abs().max())

@@ -39,7 +39,7 @@ def _worker(rank, world, init_file, out):
         model, batches = model_and_batches()
         names, stats = statistics(model, batches)
         if rank == 0:
-            torch.save({n: (s.gram, s.abs_sum, s.tokens) for n, s in stats.items()}, out)
+            torch.save({n: (s.gram, s.abs_sum, s.tokens, s.abs_max) for n, s in stats.items()}, out)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -50,8 +50,9 @@ def test_calibration_statistics_are_reduced_across_processes(tmp_path):
     model, batches = model_and_batches()
     names, single = statistics(model, batches)
     for n in names:
-        gram, abs_sum, tokens = reduced[n]
+        gram, abs_sum, tokens, abs_max = reduced[n]
         assert tokens == single[n].tokens
+        torch.testing.assert_close(abs_max, single[n].abs_max, rtol=0, atol=0)  # a maximum, not a sum
         torch.testing.assert_close(gram, single[n].gram, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(abs_sum, single[n].abs_sum, rtol=1e-12, atol=1e-12)
 

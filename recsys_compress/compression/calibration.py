@@ -2,7 +2,7 @@
 
 Calibration runs the model over training sequences of the recommendation data itself
 (OD-LLM's "task-adaptive" part) with forward hooks that accumulate, per targeted layer,
-the Gram matrix sum_t x_t x_t^T (uncentred) and sum_t |x_t|, over real (non-padding)
+the Gram matrix sum_t x_t x_t^T (uncentred), sum_t |x_t| and max_t |x_t|, over real (non-padding)
 tokens only. The sums over batches are float64; each batch's product x^T x is computed in
 ``gram_dtype``: float64 (the default) is exact to the last bit of the activations; float32
 is faster, but on real LLM activations (a few channels hundreds of times larger than the
@@ -50,10 +50,12 @@ class InputStats:
     gram: torch.Tensor | None  # n x n float64, sum_t x_t x_t^T
     abs_sum: torch.Tensor  # n float64, sum_t |x_t|
     tokens: int
+    abs_max: torch.Tensor | None = None  # n float64, max_t |x_t| (the range int8 must cover)
 
     def to(self, device: torch.device | str) -> InputStats:
         """The statistics on ``device`` (they are summed on the CPU; factorisation runs by the weight)."""
-        return InputStats(None if self.gram is None else self.gram.to(device), self.abs_sum.to(device), self.tokens)
+        return InputStats(None if self.gram is None else self.gram.to(device), self.abs_sum.to(device), self.tokens,
+                          None if self.abs_max is None else self.abs_max.to(device))
 
     @property
     def rank_deficient(self) -> bool:
@@ -86,6 +88,7 @@ def collect_input_stats(
             torch.zeros(modules[name].in_features, modules[name].in_features, dtype=torch.float64) if gram else None,
             torch.zeros(modules[name].in_features, dtype=torch.float64),
             0,
+            torch.zeros(modules[name].in_features, dtype=torch.float64),
         )
         for name in layer_names
     }
@@ -95,24 +98,27 @@ def collect_input_stats(
     # memory flat, and the identity check cannot confuse two different tensors.
     last: dict[str, object] = {"input": None, "contribution": None}
 
-    def contribution(x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    def contribution(x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor, int, torch.Tensor]:
         x = x[mask_holder["mask"].to(x.device).bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite input activation in layer {name}")
         x = x.to(gram_dtype)
         x_gram = (x.T @ x).double().cpu() if gram else None
-        return x_gram, x.abs().sum(0, dtype=torch.float64).cpu(), x.shape[0]
+        magnitude = x.abs()
+        x_max = magnitude.amax(0).double().cpu() if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64)
+        return x_gram, magnitude.sum(0, dtype=torch.float64).cpu(), x.shape[0], x_max
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if inputs[0] is not last["input"]:
                 last["input"], last["contribution"] = inputs[0], contribution(inputs[0], name)
-            x_gram, x_abs, tokens = last["contribution"]
+            x_gram, x_abs, tokens, x_max = last["contribution"]
             s = stats[name]
             if s.gram is not None:
                 s.gram += x_gram
             s.abs_sum += x_abs
             s.tokens += tokens
+            torch.maximum(s.abs_max, x_max, out=s.abs_max)
         return fn
 
     # Under DDP every process reads the same batches; each takes every world-th one and the
@@ -138,11 +144,12 @@ def collect_input_stats(
                   if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
         for s in stats.values():
             tokens = torch.tensor([float(s.tokens)], dtype=torch.float64)
-            for name, tensor in (("gram", s.gram), ("abs_sum", s.abs_sum), ("tokens", tokens)):
+            for name, tensor in (("gram", s.gram), ("abs_sum", s.abs_sum), ("tokens", tokens), ("abs_max", s.abs_max)):
                 if tensor is None:
                     continue
                 reduced = tensor.to(device)
-                torch.distributed.all_reduce(reduced)
+                op = torch.distributed.ReduceOp.MAX if name == "abs_max" else torch.distributed.ReduceOp.SUM
+                torch.distributed.all_reduce(reduced, op=op)
                 if name == "tokens":
                     s.tokens = int(reduced.item())
                 else:
