@@ -357,6 +357,13 @@ class ExportConfig(Schema):
     int8: Literal["dynamic", "static"]
     # its int8 weight scales: per output channel, or one per matrix (deploy/export.py INT8_WEIGHTS)
     int8_weights: Literal["per_channel", "per_tensor"]
+    # SmoothQuant's alpha for the MLP down projections' inputs before int8 (deploy/smoothing.py), or
+    # null: no smoothing
+    int8_smooth: float | None
+
+    def check(self, p: str) -> None:
+        if self.int8_smooth is not None:
+            _require(0 <= self.int8_smooth <= 1, f"{p}.int8_smooth", self.int8_smooth, "null (off) or 0 to 1")
 
 
 class RunConfig(Schema):
@@ -380,7 +387,8 @@ class RunConfig(Schema):
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
         for key, value, default in (("int8", self.export.int8, "dynamic"),
-                                    ("int8_weights", self.export.int8_weights, "per_channel")):
+                                    ("int8_weights", self.export.int8_weights, "per_channel"),
+                                    ("int8_smooth", self.export.int8_smooth, None)):
             if value != default and not (self.export.onnx and self.compression.quantizes):
                 raise ConfigError(
                     f"export.{key}={value} applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "

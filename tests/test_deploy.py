@@ -321,11 +321,12 @@ def test_the_artefact_is_tested_like_the_eager_model(artefacts):
         np.testing.assert_allclose(s, eager_scores(model, b["input_ids"], b["attention_mask"]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("int8", ["dynamic", "static"])
-def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8, monkeypatch):
+# static int8 with smoothing: both read the calibration batches (one list, read twice)
+@pytest.mark.parametrize("int8,smooth", [("dynamic", None), ("static", 0.5)])
+def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8, smooth, monkeypatch):
     from recsys_compress.tasks import train_seqrec
 
-    calibrated_on = []  # the batches static int8 fixes its scales on
+    calibrated_on = []  # the batches static int8 fixes its scales on, and smoothing its channel scales
 
     def export_recording(*args, calibration=None, **kwargs):
         if calibration is not None:
@@ -337,18 +338,21 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8, monkeypatch):
     overrides = ["compression=odllm", "compression.quantize=int8", "ratio=0.5", "model.hidden_size=16",
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
-                 f"export.int8={int8}",
+                 f"export.int8={int8}", f"export.int8_smooth={'null' if smooth is None else smooth}",
                  "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
     metrics = run_task(compose_config(overrides, tmp_path))
     assert "stages/compressed/test/ndcg@10" in metrics and "time/quantize_s" in metrics
     assert json.loads((tmp_path / "model" / "compression.json").read_text())["quantize"] == "int8"
     deploy = json.loads((tmp_path / "onnx" / "deploy.json").read_text())
     assert deploy["quantize"] == "int8" and deploy["n_items"] == 9724 and deploy["max_len"] == 20
-    assert deploy["int8"] == int8
-    # static int8 calibrates on the compression's own batches: ml-latest-small's 5 training batches
-    # split 2:4 leave 1 for calibration (batch_budget), not the 2 that compression.calib_batches asks
-    assert len(calibrated_on) == (metrics["compression/calib_batches"] if int8 == "static" else 0) == \
-        (1 if int8 == "static" else 0)
+    assert deploy["int8"] == int8 and deploy["int8_smooth"] == smooth
+    assert ("smoothing" in deploy) == (smooth is not None)
+    # static int8 and smoothing calibrate on the compression's own batches: ml-latest-small's 5
+    # training batches split 2:4 leave 1 for calibration (batch_budget), not the 2 that
+    # compression.calib_batches asks
+    calibrates = int8 == "static" or smooth is not None
+    assert len(calibrated_on) == (metrics["compression/calib_batches"] if calibrates else 0) == \
+        (1 if calibrates else 0)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node)
     assert (ops["QuantizeLinear"] > 0) == (int8 == "static") != (ops["DynamicQuantizeLinear"] > 0)
     rec = Recommender(tmp_path / "onnx")

@@ -20,6 +20,8 @@ from the eager model measured at export time).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import warnings
@@ -34,6 +36,7 @@ from transformers import PreTrainedModel
 
 from recsys_compress.deploy.fusions import fuse_for_onnxruntime
 from recsys_compress.deploy.recommend import to_right_padding
+from recsys_compress.deploy.smoothing import check_alpha, smooth_mlp_activations
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,13 @@ INT8_MODES = ("dynamic", "static")
 INT8_WEIGHTS = ("per_channel", "per_tensor")
 
 
+def histories(batches: Iterable[dict[str, torch.Tensor]], max_len: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Left-padded training windows as serving histories: their last ``max_len`` items (a
+    window is one longer: its last item is the target; here it is the latest history item)."""
+    for b in batches:
+        yield {"input_ids": b["input_ids"][:, -max_len:], "attention_mask": b["attention_mask"][:, -max_len:]}
+
+
 class _Histories:
     """onnxruntime's ``CalibrationDataReader`` (an ABC that accepts any class with ``get_next``) over
     left-padded batches (dicts with ``input_ids`` and ``attention_mask``), fed as the graph takes
@@ -125,8 +135,8 @@ class _Histories:
     def __init__(self, batches: Iterable[dict[str, torch.Tensor]], max_len: int):
         self._feeds = iter(
             dict(zip(("input_ids", "attention_mask"), to_right_padding(
-                b["input_ids"][:, -max_len:].cpu().numpy(), b["attention_mask"][:, -max_len:].cpu().numpy())))
-            for b in batches)
+                b["input_ids"].cpu().numpy(), b["attention_mask"].cpu().numpy())))
+            for b in histories(batches, max_len))
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._feeds, None)
@@ -219,6 +229,7 @@ def export_onnx(
     int8: str = INT8_MODES[0],
     calibration: Iterable[dict[str, torch.Tensor]] | None = None,
     int8_weights: str = INT8_WEIGHTS[0],
+    int8_smooth: float | None = None,
 ) -> Path:
     """Write ``model`` (dense, low-rank or pruned float weights) as an ONNX artefact.
 
@@ -226,8 +237,11 @@ def export_onnx(
     applies onnxruntime's int8 quantisation to the graph's matrix multiplications, with
     activation scales per call (``int8='dynamic'``) or fixed on the left-padded ``calibration``
     batches (``int8='static'``), and weight scales per output channel or per matrix
-    (``int8_weights``, ``INT8_WEIGHTS``). ``fuse``: rewrite the graph into onnxruntime's fused operators
-    first (``fuse_for_onnxruntime``). Returns the folder.
+    (``int8_weights``, ``INT8_WEIGHTS``). ``int8_smooth``: before int8, fold SmoothQuant scales
+    with this alpha into every gated MLP, from the down projections' inputs on the ``calibration``
+    batches (``smoothing.smooth_mlp_activations``; ``model`` itself is left as it is; None: off).
+    ``fuse``: rewrite the graph into onnxruntime's fused operators first
+    (``fuse_for_onnxruntime``). Returns the folder.
     """
     import onnxruntime as ort
 
@@ -239,6 +253,13 @@ def export_onnx(
         raise ValueError(f"int8_weights={int8_weights!r}; allowed: {', '.join(INT8_WEIGHTS)}")
     if quantize and int8 == "static" and calibration is None:
         raise ValueError("int8='static' fixes activation scales on calibration histories: pass calibration batches")
+    if int8_smooth is not None:
+        if not quantize:
+            raise ValueError(f"int8_smooth={int8_smooth} prepares a model for int8: it needs quantize='int8'")
+        check_alpha(int8_smooth)
+        if calibration is None:
+            raise ValueError("int8_smooth scales channels by their range on calibration histories: "
+                             "pass calibration batches")
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(
             "cannot export a model with torch int8 layers: export the float model with "
@@ -252,7 +273,17 @@ def export_onnx(
         raise ValueError(f"item_ids has {len(item_ids)} entries but the model scores {n_items} items")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    scorer = ItemScorer(model).eval()
+    exported, smoothing = model, None
+    if quantize and int8_smooth is not None:
+        calibration = list(histories(calibration, max_len))  # static int8 reads them again
+        exported = copy.deepcopy(model).eval()
+        lit = SeqRecLitModule(exported).eval()
+        smoothing = smooth_mlp_activations(exported, calibration, lambda b: lit.hidden_states(
+            b["input_ids"], b["attention_mask"]), int8_smooth)
+        log.info("int8_smooth=%s: %d MLPs, %d calibration tokens; largest down_proj input channel %.0fx the "
+                 "median before, %.1fx after", int8_smooth, smoothing.layers, smoothing.tokens,
+                 smoothing.outlier_ratio_before, smoothing.outlier_ratio_after)
+    scorer = ItemScorer(exported).eval()
     left_ids, left_mask = example_inputs(n_items, max_len)
     ids, mask = (torch.from_numpy(a) for a in to_right_padding(left_ids.numpy(), left_mask.numpy()))
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -294,6 +325,8 @@ def export_onnx(
         "quantize": quantize,
         "int8": int8 if quantize else None,
         "int8_weights": int8_weights if quantize else None,
+        "int8_smooth": int8_smooth,
+        **({"smoothing": dataclasses.asdict(smoothing)} if smoothing else {}),
         "fusions": fusions,
         "max_abs_deviation_from_eager": deviation,
         "megabytes": path.stat().st_size / 2**20,

@@ -107,14 +107,16 @@ def save_artefacts(
         assert dm.data is not None
         t0 = time.perf_counter()
         calibration = None
-        if quantize is not None and run.export.int8 == "static":
-            # static int8 fixes its activation scales on the batches the compression calibrated on:
-            # the first ones of the training order, as many as batch_budget gave calibration
+        smooth = run.export.int8_smooth if quantize is not None else None
+        if quantize is not None and (run.export.int8 == "static" or smooth is not None):
+            # static int8 fixes its activation scales, and smoothing its channel scales, on the
+            # batches the compression calibrated on: the first ones of the training order, as
+            # many as batch_budget gave calibration
             loader, c = dm.train_dataloader(), run.compression
             calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
         folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
                              dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
-                             calibration=calibration, int8_weights=run.export.int8_weights)
+                             calibration=calibration, int8_weights=run.export.int8_weights, int8_smooth=smooth)
         meta = json.loads((folder / "deploy.json").read_text())
         out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
                     "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
