@@ -18,7 +18,8 @@ subprocess per round, the variants' order rotated round by round.
 (``recsys_compress.deploy.export``; +int8 = onnxruntime dynamic int8 on the graph, weight scales
 per output channel; with ``--int8 dynamic static`` also +int8static = static int8, QDQ with
 activation scales fixed on the calibration batches; with ``--int8-weights per_channel per_tensor``
-also +int8pt / +int8staticpt, one weight scale per matrix); then each
+also +int8pt / +int8staticpt, one weight scale per matrix; with ``--int8-smooth none 0.75`` also
++int8s0.75, SmoothQuant scales folded into every MLP first, ``deploy.smoothing``); then each
 round is one process (never importing torch) that loads every artefact with onnxruntime, on
 one shared thread pool, and times them call by call in turn, the order rotated each call: a
 change in the machine's load hits every variant alike. (Timed each in a process of its own,
@@ -51,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -58,6 +60,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from recsys_compress.utils.cli import parse_with_overrides
 
@@ -72,29 +75,56 @@ def artefact_dir(root: str | Path, variant: str) -> Path:
 UNIFORM = "uniform"  # the allocation a variant name leaves unsaid
 
 
-# A variant's int8 suffix -> (the export's int8 mode, its weight scales): deploy.export's
-# INT8_MODES and INT8_WEIGHTS ("pt": one weight scale per matrix instead of per output channel)
-INT8_SUFFIXES = {"+int8": ("dynamic", "per_channel"), "+int8pt": ("dynamic", "per_tensor"),
-                 "+int8static": ("static", "per_channel"), "+int8staticpt": ("static", "per_tensor")}
-Int8 = tuple[str, str]  # (mode, weights), a value of INT8_SUFFIXES
+class Int8(NamedTuple):
+    """How a variant's int8 artefact is exported (``export_onnx``'s int8, int8_weights, int8_smooth)."""
+    mode: str = "dynamic"
+    weights: str = "per_channel"
+    smooth: float | None = None  # SmoothQuant's alpha, or None: no smoothing
+
+    @property
+    def suffix(self) -> str:
+        """``+int8[static][pt][sALPHA]``: static activation scales, one weight scale per matrix
+        ("pt", per tensor), SmoothQuant at ALPHA; bare ``+int8`` is dynamic, per channel, unsmoothed."""
+        return ("+int8" + ("static" if self.mode == "static" else "") + ("pt" if self.weights == "per_tensor" else "")
+                + (f"s{self.smooth:g}" if self.smooth is not None else ""))
+
+
+INT8_SUFFIX = re.compile(r"\+int8(static)?(pt)?(?:s(\d*\.?\d+))?")
+
+
+def smooth_alpha(text: str) -> float | None:
+    """``--int8-smooth``'s values: ``none`` (no smoothing) or an alpha from 0 to 1."""
+    if text.lower() in ("none", "null"):
+        return None
+    alpha = float(text)
+    if not 0 <= alpha <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: allowed: none or 0 to 1")
+    return alpha
 
 
 def parse_variant(variant: str) -> tuple[str, Int8 | None, float, int, str]:
-    """``METHOD[+int8|+int8pt|+int8static|+int8staticpt]@RATIO[/aN][:ALLOCATION]`` (or
-    ``base[+int8...]``) -> (method, (int8 mode, weight scales) or None, ratio, rank_align, allocation)."""
+    """``METHOD[+int8[static][pt][sALPHA]]@RATIO[/aN][:ALLOCATION]`` (or ``base[+int8...]``) ->
+    (method, its ``Int8`` or None, ratio, rank_align, allocation)."""
     name, _, allocation = variant.partition(":")
     method, _, rest = name.partition("@")
     ratio, _, align = rest.partition("/a")
     method, plus, suffix = method.partition("+")
-    if plus and plus + suffix not in INT8_SUFFIXES:
-        raise ValueError(f"variant {variant!r}: unknown suffix +{suffix}; allowed: {', '.join(INT8_SUFFIXES)}")
-    return method, INT8_SUFFIXES.get(plus + suffix), float(ratio or 1.0), int(align or 1), allocation or UNIFORM
+    int8 = None
+    if plus:
+        match = INT8_SUFFIX.fullmatch(plus + suffix)
+        if not match:
+            raise ValueError(f"variant {variant!r}: unknown suffix +{suffix}; allowed: "
+                             "+int8[static][pt][sALPHA], e.g. +int8, +int8pt, +int8static, +int8s0.75")
+        static, per_tensor, alpha = match.groups()
+        int8 = Int8("static" if static else "dynamic", "per_tensor" if per_tensor else "per_channel",
+                    float(alpha) if alpha else None)
+    return method, int8, float(ratio or 1.0), int(align or 1), allocation or UNIFORM
 
 
 def variant_name(method: str, int8: Int8 | None, ratio: float | None = None, align: int = 1,
                  allocation: str = UNIFORM) -> str:
     """The inverse of ``parse_variant``. The base has no ratio: one given for it is dropped."""
-    name = method + (next(s for s, spec in INT8_SUFFIXES.items() if spec == tuple(int8)) if int8 else "")
+    name = method + (Int8(*int8).suffix if int8 else "")
     if ratio is not None and method != "base":
         name += f"@{ratio}" + (f"/a{align}" if align > 1 else "")
     return name + (f":{allocation}" if allocation != UNIFORM else "")
@@ -205,8 +235,8 @@ def build_variant(args: argparse.Namespace, variant: str):
 def export_worker(args: argparse.Namespace) -> dict:
     """Export ``--export=V[,V+int8,...]`` into ``--folder``/V: a float variant and its int8 twins
     share one compressed float model (onnxruntime quantises the exported graph), built once.
-    Static int8 fixes its activation scales on the first ``--calib-batches`` training batches,
-    the ones the compression calibrated on."""
+    Static int8 fixes its activation scales, and smoothing its channel scales, on the first
+    ``--calib-batches`` training batches, the ones the compression calibrated on."""
     from itertools import islice
 
     from recsys_compress.deploy.export import export_onnx
@@ -222,20 +252,21 @@ def export_worker(args: argparse.Namespace) -> dict:
     for v in names:
         int8 = parse_variant(v)[1]
         info = {"variant": v, "params": count_parameters(lit.model), "compress_s": compress_s}
-        mode, weights = int8 or (None, None)
+        calibrates = int8 is not None and (int8.mode == "static" or int8.smooth is not None)
         export_onnx(lit.model, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
                     dm.data.item_texts(), quantize="int8" if int8 else None, info=info, fuse=args.fuse,
-                    **({"int8": mode, "int8_weights": weights} if int8 else {}),
-                    calibration=islice(dm.train_dataloader(), args.calib_batches) if mode == "static" else None)
+                    **({"int8": int8.mode, "int8_weights": int8.weights, "int8_smooth": int8.smooth} if int8 else {}),
+                    calibration=islice(dm.train_dataloader(), args.calib_batches) if calibrates else None)
         out[v] = info
     return out
 
 
 def exported_as(meta: dict, variant: str) -> bool:
     """Whether the artefact whose ``deploy.json`` is ``meta`` is ``variant``'s export: its int8
-    mode and weight scales (artefacts from before ``int8_weights`` were per matrix, and say nothing)."""
+    mode, weight scales and smoothing (artefacts from before ``int8_weights`` were per matrix, and
+    say nothing; those from before ``int8_smooth`` were not smoothed)."""
     int8 = parse_variant(variant)[1]
-    return (meta.get("int8"), meta.get("int8_weights")) == (int8 or (None, None))
+    return (meta.get("int8"), meta.get("int8_weights"), meta.get("int8_smooth")) == (int8 or (None, None, None))
 
 
 def int8_twins(variants: list[str]) -> list[list[str]]:
@@ -363,13 +394,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=4)
-    parser.add_argument("--int8", nargs="+", choices=sorted({m for m, _ in INT8_SUFFIXES.values()}), default=["dynamic"],
+    parser.add_argument("--int8", nargs="+", default=["dynamic"],
                         help="the int8 twin of every variant in each mode (onnx: static adds +int8static "
                              "variants, activation scales fixed on the calibration batches)")
-    parser.add_argument("--int8-weights", nargs="+", choices=sorted({w for _, w in INT8_SUFFIXES.values()}),
-                        default=["per_channel"],
+    parser.add_argument("--int8-weights", nargs="+", default=["per_channel"],
                         help="onnx: each int8 twin with each kind of weight scales (per_tensor adds the "
                              "+int8pt/+int8staticpt variants: one scale per matrix)")
+    parser.add_argument("--int8-smooth", nargs="+", type=smooth_alpha, default=None,
+                        help="onnx: each int8 twin with each SmoothQuant alpha, or none (0.75: the "
+                             "+int8s0.75 variants; deploy.smoothing); default: the config's export.int8_smooth")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda (int8 variants are CPU-only)")
@@ -411,16 +444,24 @@ def main() -> None:
     if args.device != "cpu" and args.runtime != "torch":
         parser.error(f"--device={args.device} applies to --runtime torch; onnx runs on the CPU")
     from recsys_compress.compression.allocation import ALLOCATIONS  # here: the workers stay torch-free
+    from recsys_compress.deploy.export import INT8_MODES, INT8_WEIGHTS
 
-    for allocation in args.allocations:
-        if allocation not in ALLOCATIONS:
-            parser.error(f"--allocations {allocation}; allowed: {', '.join(ALLOCATIONS)}")
+    for flag, values, allowed in (("--allocations", args.allocations, ALLOCATIONS), ("--int8", args.int8, INT8_MODES),
+                                  ("--int8-weights", args.int8_weights, INT8_WEIGHTS)):
+        for value in values:
+            if value not in allowed:
+                parser.error(f"{flag} {value}; allowed: {', '.join(allowed)}")
     if "static" in args.int8 and args.runtime != "onnx":
         parser.error("--int8 static quantises the exported graph: it needs --runtime onnx")
     if args.int8_weights != ["per_channel"] and args.runtime != "onnx":
         parser.error("--int8-weights sets the exported graph's int8 weight scales: it needs --runtime onnx")
+    if args.int8_smooth is None:  # what train.py would ship
+        args.int8_smooth = [compose_run(args)[1].export.int8_smooth if args.runtime == "onnx" else None]
+    if args.int8_smooth != [None] and args.runtime != "onnx":
+        parser.error("--int8-smooth prepares the exported graph for int8: it needs --runtime onnx")
     # int8 (torch.ao and onnxruntime) runs on CPUs only
-    int8s = [None, *((m, w) for m in args.int8 for w in args.int8_weights)] if args.device == "cpu" else [None]
+    int8s = [None, *(Int8(m, w, a) for m in args.int8 for w in args.int8_weights for a in args.int8_smooth)] \
+        if args.device == "cpu" else [None]
     variants = [variant_name("base", q) for q in int8s]
     for r in args.ratios:
         for a in args.rank_aligns:
@@ -495,16 +536,17 @@ def main() -> None:
             twin = (f"{q['score_error']:.4f} | {q['top_k_overlap']:.3f}" if "score_error" in q else "- | -")
             print(f"| {q['variant']} | {q['ndcg@10']:.4f} | {q['retention']:.3f} [{q['retention_ci_low']:.3f}, "
                   f"{q['retention_ci_high']:.3f}] | {q['seen_kept/ndcg@10']:.4f} | {q['hr@10']:.4f} | {twin} |")
-    scale_pairs = weight_scale_pairs(quality)
-    if scale_pairs:
-        print("\nscore error per output channel / per matrix (mean over users [95% paired bootstrap interval]):")
-        for p in scale_pairs:
+    error_pairs = score_error_pairs(quality)
+    if error_pairs:
+        print("\nscore error against the int8 twin one setting away (per output channel / per matrix, smoothed / "
+              "not; mean over users [95% paired bootstrap interval]):")
+        for p in error_pairs:
             print(f"- {p['variant']} / {p['reference']}: {p['score_error_ratio']:.3f} [{p['low']:.3f}, {p['high']:.3f}]")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "pairs": pairs, "rounds": results,
                                         "quality": quality_table,
-                                        "weight_scales": scale_pairs}, indent=2) + "\n")
+                                        "score_error_pairs": error_pairs}, indent=2) + "\n")
 
 
 def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
@@ -527,10 +569,11 @@ def quality_rows(quality: dict[str, dict], base: str) -> list[dict]:
     return rows
 
 
-def weight_scale_pairs(quality: dict[str, dict]) -> list[dict]:
-    """Each int8 artefact with weight scales per output channel against its twin with one scale
-    per matrix: the ratio of their mean score errors (from the same float twin, on the same
-    users) and its 95% paired bootstrap interval over users."""
+def score_error_pairs(quality: dict[str, dict]) -> list[dict]:
+    """Each int8 artefact against the int8 twin it differs from by one setting: weight scales
+    per output channel against one scale per matrix, smoothed against unsmoothed. The ratio of
+    their mean score errors (from the same float twin, on the same users) and its 95% paired
+    bootstrap interval over users."""
     import torch
 
     from recsys_compress.evaluation.bootstrap import paired_bootstrap_ratio
@@ -538,14 +581,21 @@ def weight_scale_pairs(quality: dict[str, dict]) -> list[dict]:
     pairs = []
     for v, q in quality.items():
         method, int8, ratio, align, allocation = parse_variant(v)
-        if not int8 or int8[1] != "per_channel" or "agreement" not in q:
+        if not int8 or "agreement" not in q:
             continue
-        ref = variant_name(method, (int8[0], "per_tensor"), ratio, align, allocation)
-        if "agreement" in quality.get(ref, {}):
-            per_tensor, per_channel = (torch.tensor(quality[x]["agreement"]["score_error"], dtype=torch.float64)
-                                       for x in (ref, v))
-            low, high = paired_bootstrap_ratio(per_tensor, per_channel)
-            pairs.append({"variant": v, "reference": ref, "score_error_ratio": float(per_channel.mean() / per_tensor.mean()),
+        references = []
+        if int8.weights == "per_channel":
+            references.append(int8._replace(weights="per_tensor"))
+        if int8.smooth is not None:
+            references.append(int8._replace(smooth=None))
+        for reference in references:
+            ref = variant_name(method, reference, ratio, align, allocation)
+            if "agreement" not in quality.get(ref, {}):
+                continue
+            before, after = (torch.tensor(quality[x]["agreement"]["score_error"], dtype=torch.float64)
+                             for x in (ref, v))
+            low, high = paired_bootstrap_ratio(before, after)
+            pairs.append({"variant": v, "reference": ref, "score_error_ratio": float(after.mean() / before.mean()),
                           "low": low, "high": high})
     return pairs
 
@@ -560,11 +610,12 @@ def pairwise(results: dict[str, list[dict]]) -> list[dict]:
     for v in results:
         method, int8, ratio, align, allocation = parse_variant(v)
         references = [variant_name("base", int8)] if int8 and method != "base" else []
-        mode, weights = int8 or (None, None)
-        if mode == "static":  # do fixed activation scales beat per-call ones?
-            references.append(variant_name(method, ("dynamic", weights), ratio, align, allocation))
-        if weights == "per_tensor":  # what do scales per output channel cost?
-            references.append(variant_name(method, (mode, "per_channel"), ratio, align, allocation))
+        if int8 and int8.mode == "static":  # do fixed activation scales beat per-call ones?
+            references.append(variant_name(method, int8._replace(mode="dynamic"), ratio, align, allocation))
+        if int8 and int8.weights == "per_tensor":  # what do scales per output channel cost?
+            references.append(variant_name(method, int8._replace(weights="per_channel"), ratio, align, allocation))
+        if int8 and int8.smooth is not None:  # smoothing changes weights only: it should cost nothing
+            references.append(variant_name(method, int8._replace(smooth=None), ratio, align, allocation))
         if align > 1:
             references.append(variant_name(method, int8, ratio, 1, allocation))
         if allocation != UNIFORM:

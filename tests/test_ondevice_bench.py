@@ -58,6 +58,7 @@ def test_benchmark_rows_pair_the_rounds():
     results["odllm+int8static@0.5"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
     results["odllm+int8pt@0.5"] = rounds([5, 15, 5, 15, 5], [1] * 5, 1.0)
     results["odllm+int8staticpt@0.5"] = rounds([3, 9, 3, 9, 3], [1] * 5, 1.0)
+    results["odllm+int8s0.75@0.5"] = rounds([4, 12, 4, 12, 4], [1] * 5, 1.0)
     by_pair = {(p["variant"], p["reference"]): p["latency"]["median"] for p in pairwise(results)}
     assert by_pair == pytest.approx({
         ("odllm+int8@0.5", "base+int8"): 0.8, ("odllm@0.5/a32", "odllm@0.5"): 0.8,
@@ -72,22 +73,28 @@ def test_benchmark_rows_pair_the_rounds():
         # against the per-channel twin; static per matrix against both of its twins
         ("odllm+int8pt@0.5", "odllm+int8@0.5"): 1.25,
         ("odllm+int8staticpt@0.5", "odllm+int8pt@0.5"): 0.6, ("odllm+int8staticpt@0.5", "odllm+int8static@0.5"): 1.0,
+        # smoothed against its unsmoothed twin (its int8 alone, base+int8s0.75, is not in the run)
+        ("odllm+int8s0.75@0.5", "odllm+int8@0.5"): 1.0,
     })
 
 
 def test_variant_names_round_trip():
     sys.path.insert(0, str(REPO / "experiments"))
-    from bench_ondevice import artefact_dir, parse_variant, variant_name
+    from bench_ondevice import Int8, artefact_dir, parse_variant, variant_name
 
     assert parse_variant("base") == ("base", None, 1.0, 1, "uniform")
     assert parse_variant("odllm+int8@0.3/a32:global_relative") == (
-        "odllm", ("dynamic", "per_channel"), 0.3, 32, "global_relative")
-    assert parse_variant("odllm+int8static@0.5") == ("odllm", ("static", "per_channel"), 0.5, 1, "uniform")
-    assert parse_variant("base+int8pt") == ("base", ("dynamic", "per_tensor"), 1.0, 1, "uniform")
-    with pytest.raises(ValueError, match=r"unknown suffix \+int4; allowed: \+int8, \+int8pt, \+int8static, \+int8staticpt"):
-        parse_variant("odllm+int4@0.5")
+        "odllm", ("dynamic", "per_channel", None), 0.3, 32, "global_relative")
+    assert parse_variant("odllm+int8static@0.5") == ("odllm", ("static", "per_channel", None), 0.5, 1, "uniform")
+    assert parse_variant("base+int8pt") == ("base", ("dynamic", "per_tensor", None), 1.0, 1, "uniform")
+    assert parse_variant("odllm+int8s0.75@0.5") == ("odllm", Int8(smooth=0.75), 0.5, 1, "uniform")
+    assert parse_variant("base+int8staticpts0.5")[1] == Int8("static", "per_tensor", 0.5)
+    for bad in ("odllm+int4@0.5", "base+int8s", "base+int8ptstatic"):
+        with pytest.raises(ValueError, match=r"unknown suffix .*; allowed: \+int8\[static\]\[pt\]\[sALPHA\]"):
+            parse_variant(bad)
     for name in ("base", "base+int8", "base+int8static", "odllm@0.5", "odllm+int8@0.5/a16", "svd@0.7:global",
-                 "odllm+int8static@0.5/a32:global", "base+int8pt", "odllm+int8staticpt@0.3/a8"):
+                 "odllm+int8static@0.5/a32:global", "base+int8pt", "odllm+int8staticpt@0.3/a8",
+                 "odllm+int8s0.75@0.5/a32", "base+int8staticpts1"):
         method, int8, ratio, align, allocation = parse_variant(name)
         assert variant_name(method, int8, ratio, align, allocation) == name
     assert artefact_dir("x", "odllm@0.5/a32:global").name == "odllm@0.5_a32_global"
@@ -134,3 +141,28 @@ def test_reuse_takes_only_an_artefact_exported_as_the_variant():
     assert exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8")
     assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8static")
     assert exported_as(meta(int8="static", int8_weights="per_tensor"), "odllm+int8staticpt@0.5/a32")
+    # an artefact from before int8_smooth was not smoothed
+    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8s0.75")
+    assert exported_as(meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.75), "base+int8s0.75")
+    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.5), "base+int8s0.75")
+
+
+def test_int8_twins_one_setting_apart_are_compared_on_the_same_users():
+    """Per channel against per matrix, smoothed against not: the ratio of mean score errors, with
+    a paired interval that holds it; twins absent from the run, or without a float twin, are skipped."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_ondevice import score_error_pairs
+
+    users = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+    def errors(scale):
+        return {"agreement": {"score_error": [scale * u for u in users]}}
+
+    quality = {"base": {}, "base+int8": errors(1.0), "base+int8pt": errors(2.0), "base+int8s0.75": errors(0.25),
+               "base+int8static": {}}
+    pairs = {(p["variant"], p["reference"]): p for p in score_error_pairs(quality)}
+    assert set(pairs) == {("base+int8", "base+int8pt"), ("base+int8s0.75", "base+int8")}
+    for key, ratio in (("base+int8", "base+int8pt"), 0.5), (("base+int8s0.75", "base+int8"), 0.25):
+        p = pairs[key]
+        assert p["score_error_ratio"] == pytest.approx(ratio)
+        assert p["low"] == pytest.approx(ratio) and p["high"] == pytest.approx(ratio)  # every user's ratio is the same
