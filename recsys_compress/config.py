@@ -388,7 +388,7 @@ class RunConfig(Schema):
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
         for key, value, default in (("int8", self.export.int8, "dynamic"),
                                     ("int8_weights", self.export.int8_weights, "per_channel"),
-                                    ("int8_smooth", self.export.int8_smooth, None)):
+                                    ("int8_smooth", self.export.int8_smooth, 0.5)):
             if value != default and not (self.export.onnx and self.compression.quantizes):
                 raise ConfigError(
                     f"export.{key}={value} applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "

@@ -100,8 +100,8 @@ def test_every_trainer_logger_and_callbacks_option_instantiates(trainer, tmp_pat
          r"compression.quantize=int8 \(or compression=int8\); got export.onnx=False, compression.quantize=None"),
         ("compression=int8 export.onnx=true export.int8_smooth=1.5",
          r"export.int8_smooth=1.5 is out of range; allowed: null \(off\) or 0 to 1"),
-        ("compression=odllm export.onnx=true export.int8_smooth=0.5",
-         r"export.int8_smooth=0.5 applies to the ONNX artefact of an int8 run"),
+        ("compression=odllm export.onnx=true export.int8_smooth=0.75",
+         r"export.int8_smooth=0.75 applies to the ONNX artefact of an int8 run"),
     ],
 )
 def test_bad_values_fail_at_start_naming_key_and_allowed(override, message, tmp_path):
