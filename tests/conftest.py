@@ -127,3 +127,33 @@ def run_train(args, cwd=None, timeout=600, **env):
     script = Path(cwd) / "train.py" if cwd else REPO / "train.py"
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd or REPO, capture_output=True,
                           text=True, env=environment, timeout=timeout)
+
+
+def left_padded_batches(n: int, seed: int, n_items: int, max_len: int, rows: int = 16) -> list[dict]:
+    """Item histories of every length from 1 to ``max_len``, left-padded as the datamodule pads them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(1, n_items + 1, (rows, max_len), generator=g)
+        mask = (torch.arange(max_len) >= torch.randint(0, max_len, (rows, 1), generator=g)).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask})
+    return batches
+
+
+def odllm_on_random_statistics(model, ratio: float = 0.5):
+    """``model`` compressed by odllm at ``ratio`` from Gaussian input statistics (the export
+    tests need low-rank factors, not good ones)."""
+    import torch
+
+    from recsys_compress.compression.apply import compress_low_rank
+    from recsys_compress.compression.calibration import InputStats, select_linear_layers
+
+    names = select_linear_layers(model)
+    stats = {}
+    for n in names:
+        x = torch.randn(200, model.get_submodule(n).in_features, dtype=torch.float64)
+        stats[n] = InputStats(x.T @ x, x.abs().sum(0), 200)
+    compress_low_rank(model, names, "odllm", ratio, stats)
+    return model

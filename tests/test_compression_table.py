@@ -66,7 +66,8 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
 def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run, tmp_path):
     """``bench_ondevice.py --base-run RUN --test``: the run's trained model (not the untrained
     architecture) is what is exported, each artefact ranks the test users as shipped, and a
-    float variant and its int8 twin are compressed once."""
+    float variant and its int8 twin are compressed once. The int8 twins are smoothed as train.py
+    would ship them (export.int8_smooth's default, 0.5: ``+int8s0.5``)."""
     run_dir, cache = trained_run
     trained = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "ondevice.json"
@@ -79,7 +80,7 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     result = json.loads(out.read_text())
     quality = {q["variant"]: q for q in result["quality"]}
     # each int8 artefact against its float twin, user by user; an artefact against itself agrees exactly
-    for v in ("base+int8", "odllm+int8@0.5"):
+    for v in ("base+int8s0.5", "odllm+int8s0.5@0.5"):
         assert 0 < quality[v]["score_error"] < 0.5 and 0 < quality[v]["top_k_overlap"] <= 1
     assert "score_error" not in quality["base"] and "score_error" not in quality["odllm@0.5"]
     sys.path.insert(0, str(REPO / "experiments"))
@@ -98,7 +99,7 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     same = agreement(scores, scores)
     assert set(same["score_error"]) == {0.0} and set(same["top_k_overlap"]) == {1.0}
     assert len(same["score_error"]) == len(dm.test_dataloader().dataset)
-    assert set(quality) == {"base", "base+int8", "odllm@0.5", "odllm+int8@0.5"}
+    assert set(quality) == {"base", "base+int8s0.5", "odllm@0.5", "odllm+int8s0.5@0.5"}
     # the exported trained base ranks the test users as the run's own test did
     assert quality["base"]["ndcg@10"] == pytest.approx(trained["base/test/ndcg@10"], abs=1e-6)
     assert quality["base"]["seen_kept/ndcg@10"] == pytest.approx(trained["base/test/seen_kept/ndcg@10"], abs=1e-6)
@@ -106,5 +107,6 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     for q in quality.values():
         assert q["retention_ci_low"] <= q["retention"] <= q["retention_ci_high"]
     rounds = result["rounds"]
-    assert rounds["odllm@0.5"][0]["compress_s"] == rounds["odllm+int8@0.5"][0]["compress_s"] > 0  # built once
+    assert rounds["odllm@0.5"][0]["compress_s"] == rounds["odllm+int8s0.5@0.5"][0]["compress_s"] > 0  # built once
+    assert json.loads((tmp_path / "art" / "odllm+int8s0.5@0.5" / "deploy.json").read_text())["int8_smooth"] == 0.5
     assert "each artefact on the test users" in done.stdout

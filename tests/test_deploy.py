@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import left_padded_batches as left_padded
+from conftest import odllm_on_random_statistics
 
-from recsys_compress.compression.apply import compress_low_rank
-from recsys_compress.compression.calibration import InputStats, select_linear_layers
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.deploy.recommend import Recommender, main, to_right_padding
@@ -26,26 +26,13 @@ RAW_IDS = [str(1000 + 3 * i) for i in range(N_ITEMS)]
 
 def compressed_model():
     torch.manual_seed(0)
-    model = build_llama(N_ITEMS, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        intermediate_size=64, max_len=MAX_LEN).eval()
-    names = select_linear_layers(model)
-    stats = {}
-    for n in names:
-        x = torch.randn(200, model.get_submodule(n).in_features, dtype=torch.float64)
-        stats[n] = InputStats(x.T @ x, x.abs().sum(0), 200)
-    compress_low_rank(model, names, "odllm", 0.5, stats)
-    return model
+    return odllm_on_random_statistics(build_llama(N_ITEMS, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                  intermediate_size=64, max_len=MAX_LEN).eval())
 
 
 def left_padded_batches(n: int, seed: int, rows: int = 16) -> list[dict[str, torch.Tensor]]:
     """Histories of every length from 1 to MAX_LEN, left-padded as the datamodule pads them."""
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        ids = torch.randint(1, N_ITEMS + 1, (rows, MAX_LEN), generator=g)
-        mask = (torch.arange(MAX_LEN) >= torch.randint(0, MAX_LEN, (rows, 1), generator=g)).long()
-        batches.append({"input_ids": ids * mask, "attention_mask": mask})
-    return batches
+    return left_padded(n, seed, N_ITEMS, MAX_LEN, rows)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import left_padded_batches, odllm_on_random_statistics
 from torch import nn
 
-from recsys_compress.compression.apply import compress_low_rank
-from recsys_compress.compression.calibration import InputStats, collect_input_stats, select_linear_layers
+from recsys_compress.compression.calibration import collect_input_stats
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.deploy.recommend import Recommender
 from recsys_compress.deploy.smoothing import mlp_down_projections, smooth_mlp_activations, smoothing_scales
@@ -33,24 +33,11 @@ def model_with_an_outlier_channel(low_rank: bool) -> nn.Module:
         for mlp in (layer.mlp for layer in model.model.layers):
             mlp.up_proj.weight[OUTLIER_CHANNEL] *= OUTLIER_GAIN
             mlp.down_proj.weight[:, OUTLIER_CHANNEL] /= OUTLIER_GAIN
-    if low_rank:
-        names = select_linear_layers(model)
-        stats = {}
-        for n in names:
-            x = torch.randn(200, model.get_submodule(n).in_features, dtype=torch.float64)
-            stats[n] = InputStats(x.T @ x, x.abs().sum(0), 200)
-        compress_low_rank(model, names, "odllm", 0.5, stats)
-    return model
+    return odllm_on_random_statistics(model) if low_rank else model
 
 
-def batches(n: int, seed: int, rows: int = 16) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, N_ITEMS + 1, (rows, MAX_LEN), generator=g)
-        mask = (torch.arange(MAX_LEN) >= torch.randint(0, MAX_LEN, (rows, 1), generator=g)).long()
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
-    return out
+def batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    return left_padded_batches(n, seed, N_ITEMS, MAX_LEN)
 
 
 def scores(model, batch) -> torch.Tensor:
