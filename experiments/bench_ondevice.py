@@ -263,10 +263,14 @@ def export_worker(args: argparse.Namespace) -> dict:
 
 def exported_as(meta: dict, variant: str) -> bool:
     """Whether the artefact whose ``deploy.json`` is ``meta`` is ``variant``'s export: its int8
-    mode, weight scales and smoothing (artefacts from before ``int8_weights`` were per matrix, and
-    say nothing; those from before ``int8_smooth`` were not smoothed)."""
+    mode, weight scales, smoothing and weight bits (artefacts from before ``int8_weights`` were per
+    matrix, and say nothing; those from before ``int8_smooth`` were not smoothed; those from before
+    ``int8_weight_bits`` may hold 8-bit weights, which saturate on CPUs without VNNI)."""
+    from recsys_compress.deploy.export import INT8_WEIGHT_BITS
+
     int8 = parse_variant(variant)[1]
-    return (meta.get("int8"), meta.get("int8_weights"), meta.get("int8_smooth")) == (int8 or (None, None, None))
+    expected = (*int8, INT8_WEIGHT_BITS) if int8 else (None,) * 4
+    return (meta.get("int8"), meta.get("int8_weights"), meta.get("int8_smooth"), meta.get("int8_weight_bits")) == expected
 
 
 def int8_twins(variants: list[str]) -> list[list[str]]:

@@ -193,6 +193,21 @@ def test_per_channel_int8_weights_keep_the_low_rank_factors_closer_to_eager(arte
     assert error["int8"] < error["int8_per_tensor"]
 
 
+def test_int8_weights_are_stored_in_7_bits_and_deploy_json_says_so(artefacts):
+    """Every int8 weight of every int8 artefact (dynamic and static, either scale) lies in
+    [-64, 63], the 7-bit range that does not saturate uint8 x int8 pairs summed in int16 on CPUs
+    without VNNI; deploy.json records the bits, so a kept artefact from before can be told apart."""
+    from onnx import numpy_helper
+
+    _, root = artefacts
+    for kind in ("int8", "int8_per_tensor", "int8_static"):
+        weights = [numpy_helper.to_array(i) for i in onnx.load(str(root / kind / "model.onnx")).graph.initializer
+                   if i.data_type == onnx.TensorProto.INT8 and np.prod(i.dims) > 64]
+        assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64, kind
+        assert json.loads((root / kind / "deploy.json").read_text())["int8_weight_bits"] == 7
+    assert json.loads((root / "float" / "deploy.json").read_text())["int8_weight_bits"] is None
+
+
 def test_dropping_the_zero_weight_zero_points_changes_no_score(artefacts, tmp_path):
     import shutil
 

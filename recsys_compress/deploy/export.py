@@ -142,6 +142,14 @@ class _Histories:
         return next(self._feeds, None)
 
 
+# 7-bit weights (reduce_range), said explicitly: onnxruntime 1.32 no longer defaults to them. A
+# uint8 x int8 product pair summed in int16 (vpmaddubsw, CPUs without VNNI, as AVX2 ones) saturates
+# at full 8-bit range, and per-channel scales put every column there: on the tiny test model the
+# per-channel int8 error was 4x the per-tensor one (0.0060 against 0.0016), 0.0015 with 7 bits.
+# deploy.json records it, so a kept artefact from before can be told apart.
+INT8_WEIGHT_BITS = 7
+
+
 def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
                    calibration: Iterable[dict[str, torch.Tensor]] | None, weights: str) -> None:
     """Write the int8 form of the float graph at ``float_path`` to ``path`` (``INT8_MODES``),
@@ -151,11 +159,7 @@ def quantize_graph(float_path: Path, path: Path, int8: str, max_len: int,
     from onnxruntime import quantization as q
 
     per_channel = weights == "per_channel"
-    # 7-bit weights (reduce_range), said explicitly: onnxruntime 1.32 no longer defaults to them. A
-    # uint8 x int8 product pair summed in int16 (vpmaddubsw, CPUs without VNNI, as AVX2 ones) saturates
-    # at full 8-bit range, and per-channel scales put every column there: on the tiny test model the
-    # per-channel int8 error was 4x the per-tensor one (0.0060 against 0.0016), 0.0015 with 7 bits.
-    reduce_range = True
+    reduce_range = INT8_WEIGHT_BITS == 7
     # the quantiser logs one INFO line per tensor, and advice, on the root logger ("")
     with quiet_logs(("",), logging.ERROR):
         if int8 == "dynamic":
@@ -331,6 +335,7 @@ def export_onnx(
         "quantize": quantize,
         "int8": int8 if quantize else None,
         "int8_weights": int8_weights if quantize else None,
+        "int8_weight_bits": INT8_WEIGHT_BITS if quantize else None,
         "int8_smooth": int8_smooth,
         **({"smoothing": dataclasses.asdict(smoothing)} if smoothing else {}),
         "fusions": fusions,

@@ -84,7 +84,6 @@ def smooth_mlp_activations(
     batches: Iterable[dict[str, torch.Tensor]],
     forward: Callable[[dict[str, torch.Tensor]], object],
     alpha: float,
-    max_batches: int = 10**9,
 ) -> SmoothingReport:
     """Fold SmoothQuant scales (``smoothing_scales``) into every gated MLP of ``model``, in
     place: the per-channel maxima of each ``down_proj`` input over the real tokens of
@@ -94,7 +93,8 @@ def smooth_mlp_activations(
     if not pairs:
         raise ValueError("export.int8_smooth folds into gated MLPs (gate_proj, up_proj, down_proj), "
                          "and this model has none: set export.int8_smooth=null")
-    stats = collect_input_stats(model, list(pairs), batches, forward, max_batches, gram=False)
+    batches = list(batches)
+    stats = collect_input_stats(model, list(pairs), batches, forward, len(batches), gram=False)
     tokens = next(iter(stats.values())).tokens
     if tokens == 0:
         raise ValueError("export.int8_smooth needs calibration tokens: the calibration batches held none")
