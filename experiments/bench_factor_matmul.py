@@ -15,6 +15,11 @@ own, on onnxruntime's global thread pool, the graphs timed call by call in turn.
 
 The block row weighs each shape by its share of a block's dense FLOPs (q, k, v, o, gate, up,
 down): the projection time of a low-rank block over a dense one, as the runtime delivers it.
+
+``--siblings`` also times the projections that read one input (q, k and v; gate and up) as
+separate matmuls against one matmul over their concatenated weights (for factor pairs: the
+first factors concatenated, the second ones apart), ``--chain`` independent copies per graph:
+whether fusing siblings would give the 2-thread kernels wider, more efficient work.
 """
 
 from __future__ import annotations
@@ -44,6 +49,47 @@ def pair_graph(shapes: list[tuple[int, int]], seed: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+def sibling_graph(hidden: int, outs: list[int], ranks: list[int] | None, fused: bool, copies: int, seed: int) -> bytes:
+    """An ONNX graph of ``copies`` independent sibling groups, each reading ``x`` (``hidden`` wide)
+    into one output per ``outs`` width: dense (``ranks`` None) or factor pairs at ``ranks``;
+    ``fused``: the matmuls that read ``x`` as one over their concatenated weights, then Split."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, weights, outputs = [], [], []
+
+    def weight(value: np.ndarray, name: str) -> str:
+        weights.append(numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    def draw(n_in: int, n_out: int) -> np.ndarray:
+        return rng.standard_normal((n_in, n_out)) / n_in**0.5
+
+    firsts = ranks or outs  # the widths of the matmuls that read x
+    for c in range(copies):
+        parts = [f"p{c}_{i}" for i in range(len(outs))]
+        first = [draw(hidden, w) for w in firsts]  # the same weights fused or not
+        if fused:
+            weights.append(numpy_helper.from_array(np.array(firsts, dtype=np.int64), f"sizes{c}"))
+            nodes += [helper.make_node("MatMul", ["x", weight(np.concatenate(first, axis=1), f"w{c}")], [f"h{c}"]),
+                      helper.make_node("Split", [f"h{c}", f"sizes{c}"], parts, axis=-1)]
+        else:
+            nodes += [helper.make_node("MatMul", ["x", weight(w, f"w{c}_{i}")], [parts[i]]) for i, w in enumerate(first)]
+        for i, n_out in enumerate(outs):
+            if ranks:
+                nodes.append(helper.make_node("MatMul", [parts[i], weight(draw(ranks[i], n_out), f"u{c}_{i}")], [f"y{c}_{i}"]))
+            outputs.append(f"y{c}_{i}" if ranks else parts[i])
+    graph = helper.make_graph(nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, hidden])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def sibling_groups(hidden: int, kv: int, ffn: int) -> dict[str, list[int]]:
+    """The output widths of the projections of a block that read one input."""
+    return {"q/k/v": [hidden, kv, kv], "gate/up": [ffn, ffn]}
+
+
 def kinds(hidden: int, kv: int, ffn: int) -> dict[str, tuple[int, int, int]]:
     """Projection shapes (in, out) and how many of each a block holds."""
     return {"q/o": (hidden, hidden, 2), "k/v": (hidden, kv, 2), "gate/up/down": (hidden, ffn, 3)}
@@ -67,6 +113,13 @@ def time_worker(args: argparse.Namespace) -> dict:
             sessions[(name, key)] = ort.InferenceSession(pair_graph(shapes, seed=0), options,
                                                          providers=["CPUExecutionProvider"])
         inputs[name] = np.random.default_rng(1).standard_normal((args.tokens, n_in)).astype(np.float32)
+    for name, outs in (sibling_groups(args.hidden, args.kv, args.ffn) if args.siblings else {}).items():
+        uniform = [ranks(args.hidden, n_out, args.ratio, [])[0] for n_out in outs]
+        for key, rank_list, fused in (("dense", None, False), ("dense fused", None, True),
+                                      ("factors", uniform, False), ("factors fused", uniform, True)):
+            sessions[(name, key)] = ort.InferenceSession(sibling_graph(args.hidden, outs, rank_list, fused, args.chain, 0),
+                                                         options, providers=["CPUExecutionProvider"])
+        inputs[name] = np.random.default_rng(1).standard_normal((args.tokens, args.hidden)).astype(np.float32)
     times: dict[tuple, list[float]] = {key: [] for key in sessions}
     order = list(sessions)
     for call in range(args.warmup + args.reps):
@@ -115,6 +168,20 @@ def summarise(args: argparse.Namespace, medians: dict[int, dict[str, float]]) ->
     return rows
 
 
+def summarise_siblings(args: argparse.Namespace, medians: dict[int, dict[str, float]]) -> list[dict]:
+    """Per thread count and sibling group: fused over separate, for dense and factor pairs, and
+    the factor pairs (separate or fused) over the separate dense matmuls."""
+    rows = []
+    for threads, m in medians.items():
+        for name in sibling_groups(args.hidden, args.kv, args.ffn):
+            t = {key: m[f"{name}|{key}"] for key in ("dense", "dense fused", "factors", "factors fused")}
+            rows.append({"threads": threads, "group": name, "dense_fused_over_separate": t["dense fused"] / t["dense"],
+                         "factors_fused_over_separate": t["factors fused"] / t["factors"],
+                         "factors_over_dense": t["factors"] / t["dense"],
+                         "factors_fused_over_dense": t["factors fused"] / t["dense"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=576, help="SmolLM2-135M's hidden size by default")
@@ -127,6 +194,8 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=8, help="matmul pairs per graph (amortises the call)")
     parser.add_argument("--reps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--siblings", action="store_true",
+                        help="also time q/k/v and gate/up as one matmul over concatenated weights against separate ones")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,9 +218,17 @@ def main() -> None:
         dense = f"{r['dense_us_per_matmul']:.0f}" if r["dense_us_per_matmul"] else "-"
         print(f"| {r['threads']} | {r['shape']} | {r['rank'] if r['rank'] else '-'} | {r['flop_ratio']:.3f} | {r['time_ratio']:.3f} | "
               f"{r['efficiency']:.2f} | {dense} |")
+    siblings = summarise_siblings(args, medians) if args.siblings else []
+    if siblings:
+        print("\nprojections that read one input: one matmul over concatenated weights (fused) against separate ones")
+        print("| threads | group | dense: fused x separate | factors: fused x separate | factors x dense | factors fused x dense |")
+        print("|---|---|---|---|---|---|")
+        for r in siblings:
+            print(f"| {r['threads']} | {r['group']} | {r['dense_fused_over_separate']:.3f} | {r['factors_fused_over_separate']:.3f} | "
+                  f"{r['factors_over_dense']:.3f} | {r['factors_fused_over_dense']:.3f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows, "siblings": siblings}, indent=2) + "\n")
 
 
 def strip_threads(argv: list[str]) -> list[str]:

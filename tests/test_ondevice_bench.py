@@ -128,23 +128,30 @@ def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
 def test_reuse_takes_only_an_artefact_exported_as_the_variant():
     """``--reuse-exports`` measures a kept artefact again only where its deploy.json says it is
     the variant's export: an artefact from before ``int8_weights`` (one scale per matrix, and
-    nothing said) is not the +int8 of now (per output channel)."""
+    nothing said) is not the +int8 of now (per output channel), nor one from before
+    ``int8_weight_bits`` (8-bit weights under onnxruntime >= 1.32)."""
     sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import exported_as
 
     def meta(**fields):
         return {"format": "x", **fields}
 
+    def int8_meta(**fields):
+        return meta(int8_weight_bits=7, **fields)
+
     assert exported_as(meta(int8=None, int8_weights=None), "odllm@0.5")
     assert exported_as(meta(), "base")  # a float artefact from before the field
-    assert not exported_as(meta(int8="dynamic"), "base+int8") and not exported_as(meta(int8="dynamic"), "base+int8pt")
-    assert exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8")
-    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8static")
-    assert exported_as(meta(int8="static", int8_weights="per_tensor"), "odllm+int8staticpt@0.5/a32")
+    assert not exported_as(int8_meta(int8="dynamic"), "base+int8") and not exported_as(int8_meta(int8="dynamic"), "base+int8pt")
+    assert exported_as(int8_meta(int8="dynamic", int8_weights="per_channel"), "base+int8")
+    assert not exported_as(int8_meta(int8="dynamic", int8_weights="per_channel"), "base+int8static")
+    assert exported_as(int8_meta(int8="static", int8_weights="per_tensor"), "odllm+int8staticpt@0.5/a32")
     # an artefact from before int8_smooth was not smoothed
-    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8s0.75")
-    assert exported_as(meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.75), "base+int8s0.75")
-    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.5), "base+int8s0.75")
+    assert not exported_as(int8_meta(int8="dynamic", int8_weights="per_channel"), "base+int8s0.75")
+    assert exported_as(int8_meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.75), "base+int8s0.75")
+    assert not exported_as(int8_meta(int8="dynamic", int8_weights="per_channel", int8_smooth=0.5), "base+int8s0.75")
+    # one from before int8_weight_bits, or with 8-bit weights, is not today's +int8
+    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel"), "base+int8")
+    assert not exported_as(meta(int8="dynamic", int8_weights="per_channel", int8_weight_bits=8), "base+int8")
 
 
 def test_int8_twins_one_setting_apart_are_compared_on_the_same_users():
@@ -166,3 +173,22 @@ def test_int8_twins_one_setting_apart_are_compared_on_the_same_users():
         p = pairs[key]
         assert p["score_error_ratio"] == pytest.approx(ratio)
         assert p["low"] == pytest.approx(ratio) and p["high"] == pytest.approx(ratio)  # every user's ratio is the same
+
+
+def test_fused_sibling_projections_compute_what_the_separate_ones_do():
+    """``bench_factor_matmul --siblings`` times one matmul over q/k/v's (or gate/up's)
+    concatenated first weights against separate ones: both graphs must compute the same outputs,
+    dense and as factor pairs, or the comparison times different work."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from bench_factor_matmul import sibling_graph
+
+    x = {"x": np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)}
+    for ranks in (None, [3, 2, 2]):
+        outs = [ort.InferenceSession(sibling_graph(12, [12, 4, 4], ranks, fused, copies=2, seed=1),
+                                     providers=["CPUExecutionProvider"]).run(None, x) for fused in (False, True)]
+        assert [o.shape for o in outs[0]] == [(5, 12), (5, 4), (5, 4)] * 2
+        for separate, fused in zip(*outs):
+            np.testing.assert_allclose(separate, fused, rtol=1e-5, atol=1e-6)
