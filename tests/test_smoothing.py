@@ -1,6 +1,7 @@
-"""SmoothQuant-style equalisation of the MLP down projection's input (deploy/smoothing.py):
-the float function is unchanged, the ranges move as the formula says, and the int8 artefact of
-a model with an outlier channel gets closer to the eager model."""
+"""SmoothQuant-style equalisation of the inputs int8 rounds (deploy/smoothing.py): q/k/v's and
+gate/up's (folded into the RMSNorm before them) and the MLP down projection's (folded into
+up_proj). The float function is unchanged, the ranges move as the formula says, and the int8
+artefact of a model with outlier channels gets closer to the eager model."""
 
 import json
 
@@ -13,7 +14,7 @@ from torch import nn
 from recsys_compress.compression.calibration import collect_input_stats
 from recsys_compress.deploy.export import export_onnx
 from recsys_compress.deploy.recommend import Recommender
-from recsys_compress.deploy.smoothing import mlp_down_projections, smooth_mlp_activations, smoothing_scales
+from recsys_compress.deploy.smoothing import SMOOTH_TARGETS, smooth_activations, smoothing_groups, smoothing_scales
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
@@ -23,16 +24,23 @@ OUTLIER_CHANNEL, OUTLIER_GAIN = 5, 1000.0
 
 
 def model_with_an_outlier_channel(low_rank: bool) -> nn.Module:
-    """A tiny LLaMA whose down projections read one channel ``OUTLIER_GAIN`` times larger than
-    the rest (up_proj's row scaled up, down_proj's column down: the same function), as
-    trained LLMs' MLPs do."""
+    """A tiny LLaMA each of whose projections reads one channel ``OUTLIER_GAIN`` times larger
+    than the rest, as trained LLMs' do: the down projections (up_proj's row scaled up,
+    down_proj's column down), q/k/v and gate/up (the norm's weight scaled up, their columns
+    down); the same function."""
     torch.manual_seed(0)
     model = build_llama(N_ITEMS, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                         intermediate_size=64, max_len=MAX_LEN).eval()
     with torch.no_grad():
-        for mlp in (layer.mlp for layer in model.model.layers):
+        for layer in model.model.layers:
+            mlp, attn = layer.mlp, layer.self_attn
             mlp.up_proj.weight[OUTLIER_CHANNEL] *= OUTLIER_GAIN
             mlp.down_proj.weight[:, OUTLIER_CHANNEL] /= OUTLIER_GAIN
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                norm.weight[OUTLIER_CHANNEL] *= OUTLIER_GAIN
+                for r in readers:
+                    r.weight[:, OUTLIER_CHANNEL] /= OUTLIER_GAIN
     return odllm_on_random_statistics(model) if low_rank else model
 
 
@@ -45,12 +53,18 @@ def scores(model, batch) -> torch.Tensor:
         return SeqRecLitModule(model).eval()(batch["input_ids"], batch["attention_mask"])
 
 
-def down_input_max(model) -> dict[str, torch.Tensor]:
+def input_max(model) -> dict[str, torch.Tensor]:
+    """Per smoothed input (named by its first reader), max |x_j| on the calibration batches."""
     lit = SeqRecLitModule(model).eval()
-    names = list(mlp_down_projections(model))
+    names = list(smoothing_groups(model))
     stats = collect_input_stats(model, names, batches(3, seed=1), lambda b: lit.hidden_states(
         b["input_ids"], b["attention_mask"]), max_batches=3, gram=False)
     return {n: s.abs_max for n, s in stats.items()}
+
+
+def reader_weight_max(group, low_rank: bool) -> torch.Tensor:
+    """max_j over the readers of an input of their weight's column j (the first factor's)."""
+    return torch.stack([(r.down.weight if low_rank else r.weight).abs().amax(0) for r in group.readers]).amax(0).double()
 
 
 @pytest.mark.parametrize("low_rank", [False, True], ids=["dense", "low_rank"])
@@ -58,25 +72,55 @@ def test_smoothing_keeps_the_function_and_equalises_ranges_as_the_formula_says(l
     model = model_with_an_outlier_channel(low_rank)
     held_out = batches(2, seed=7)
     before = [scores(model, b) for b in held_out]
-    h_before = down_input_max(model)
-    weight_max_before = {n: (d.down.weight if low_rank else d.weight).abs().amax(0).double()
-                         for n, (_, d) in mlp_down_projections(model).items()}
+    x_before = input_max(model)
+    groups = smoothing_groups(model)
+    assert sorted(n.rsplit(".", 1)[1] for n in groups) == ["down_proj"] * 2 + ["gate_proj"] * 2 + ["q_proj"] * 2
+    weight_max_before = {n: reader_weight_max(g, low_rank) for n, g in groups.items()}
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     lit = SeqRecLitModule(model).eval()
-    report = smooth_mlp_activations(model, batches(3, seed=1), lambda b: lit.hidden_states(
+    report = smooth_activations(model, batches(3, seed=1), lambda b: lit.hidden_states(
         b["input_ids"], b["attention_mask"]), alpha=0.5)
-    assert report.layers == 2 and report.tokens > 0
+    assert report.inputs == 6 and report.tokens > 0
     for b, expected in zip(held_out, before):
         torch.testing.assert_close(scores(model, b), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    h_after = down_input_max(model)
-    for n, (_, down) in mlp_down_projections(model).items():
-        s = smoothing_scales(h_before[n], weight_max_before[n], 0.5)
-        # the input of channel j is divided by s_j (on the same calibration batches)
-        torch.testing.assert_close(h_after[n], h_before[n] / s, rtol=1e-4, atol=1e-6)
-        # alpha 0.5 leaves every channel's input range equal to its weight column's
-        weight_max = (down.down.weight if low_rank else down.weight).abs().amax(0).double()
-        torch.testing.assert_close(h_after[n], weight_max, rtol=1e-4, atol=1e-6)
-        assert float(h_before[n].max() / h_before[n].median()) > 50  # the outlier stood out
+    x_after = input_max(model)
+    scales = {}
+    for n, group in smoothing_groups(model).items():  # in folding order: down_proj's input first
+        weight_max = weight_max_before[n]
+        if not low_rank and n.endswith("gate_proj"):
+            # a dense up_proj reads the gate/up input with the rows the down fold divided
+            up_rows = weights_before[n.replace("gate", "up") + ".weight"] / scales[n.replace("gate", "down")][:, None]
+            weight_max = torch.maximum(weights_before[n + ".weight"].abs().amax(0), up_rows.abs().amax(0)).double()
+        s = scales[n] = smoothing_scales(x_before[n], weight_max, 0.5).float()
+        # the input's channel j is divided by s_j (on the same calibration batches)
+        torch.testing.assert_close(x_after[n], x_before[n] / s, rtol=1e-4, atol=1e-6)
+        # alpha 0.5 leaves every channel's input range equal to its readers' widest weight column
+        torch.testing.assert_close(x_after[n], reader_weight_max(group, low_rank), rtol=1e-4, atol=1e-6)
+        assert float(x_before[n].max() / x_before[n].median()) > 50, n  # the outlier stood out
     assert report.outlier_ratio_before > 50 > 10 > report.outlier_ratio_after
+
+
+def test_smoothing_targets_choose_the_inputs():
+    """``mlp_down`` alone leaves the norms and q/k/v/gate/up untouched; ``norm_inputs`` alone
+    leaves up_proj's rows and down_proj; an unknown target is refused naming the allowed ones."""
+    model = model_with_an_outlier_channel(False)
+    lit = SeqRecLitModule(model).eval()
+    forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])  # noqa: E731
+    for targets, changed in ((("mlp_down",), {"mlp.up_proj.weight", "mlp.down_proj.weight"}),
+                             (("norm_inputs",), {"input_layernorm.weight", "post_attention_layernorm.weight",
+                                                 "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                 "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"})):
+        model = model_with_an_outlier_channel(False)
+        lit = SeqRecLitModule(model).eval()
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        report = smooth_activations(model, batches(2, seed=1), lambda b: lit.hidden_states(
+            b["input_ids"], b["attention_mask"]), alpha=0.5, targets=targets)
+        assert report.inputs == 2 * len(targets) * (1 if targets == ("mlp_down",) else 2)
+        moved = {k.split(".", 3)[3] for k, v in model.state_dict().items() if not torch.equal(v, reference[k])}
+        assert moved == changed, targets
+    with pytest.raises(ValueError, match=r"smoothing targets \['qkv'\]; allowed: mlp_down, norm_inputs"):
+        smooth_activations(model, batches(1, seed=1), forward, 0.5, targets=("qkv",))
+    assert set(SMOOTH_TARGETS) == {"mlp_down", "norm_inputs"}
 
 
 def test_smoothing_scales_follow_the_formula_and_leave_dead_channels_alone():
@@ -113,7 +157,7 @@ def test_a_smoothed_int8_artefact_is_closer_to_the_eager_model(low_rank, tmp_pat
     plain, smooth = int8_error(tmp_path / "plain", model), int8_error(tmp_path / "smooth", model)
     assert smooth < 0.5 * plain, (smooth, plain)
     meta = json.loads((tmp_path / "smooth" / "deploy.json").read_text())
-    assert meta["int8_smooth"] == 0.5 and meta["smoothing"]["layers"] == 2
+    assert meta["int8_smooth"] == 0.5 and meta["smoothing"]["inputs"] == 6
     assert meta["smoothing"]["outlier_ratio_before"] > 50 > meta["smoothing"]["outlier_ratio_after"]
     assert json.loads((tmp_path / "plain" / "deploy.json").read_text())["int8_smooth"] is None
 
@@ -128,4 +172,4 @@ def test_smoothing_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match=r"int8_smooth=2 is out of range; allowed: None \(off\) or 0 to 1"):
         export_onnx(model, tmp_path / "c", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=2, calibration=calibration)
     with pytest.raises(ValueError, match="has none"):
-        smooth_mlp_activations(nn.Sequential(nn.Linear(4, 4)), calibration, lambda b: None, 0.5)
+        smooth_activations(nn.Sequential(nn.Linear(4, 4)), calibration, lambda b: None, 0.5)

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from recsys_compress.deploy.fusions import fuse_for_onnxruntime
 from recsys_compress.deploy.recommend import to_right_padding
-from recsys_compress.deploy.smoothing import check_alpha, smooth_mlp_activations
+from recsys_compress.deploy.smoothing import check_alpha, smooth_activations
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def export_onnx(
     batches (``int8='static'``), and weight scales per output channel or per matrix
     (``int8_weights``, ``INT8_WEIGHTS``). ``int8_smooth``: before int8, fold SmoothQuant scales
     with this alpha into every gated MLP, from the down projections' inputs on the ``calibration``
-    batches (``smoothing.smooth_mlp_activations``; ``model`` itself is left as it is; None: off).
+    batches (``smoothing.smooth_activations``; ``model`` itself is left as it is; None: off).
     ``fuse``: rewrite the graph into onnxruntime's fused operators first
     (``fuse_for_onnxruntime``). Returns the folder.
     """
@@ -288,10 +288,10 @@ def export_onnx(
         calibration = list(histories(calibration, max_len))  # static int8 reads them again
         exported = copy.deepcopy(model).eval()
         lit = SeqRecLitModule(exported).eval()
-        smoothing = smooth_mlp_activations(exported, calibration, lambda b: lit.hidden_states(
+        smoothing = smooth_activations(exported, calibration, lambda b: lit.hidden_states(
             b["input_ids"], b["attention_mask"]), int8_smooth)
-        log.info("int8_smooth=%s: %d MLPs, %d calibration tokens; largest down_proj input channel %.0fx the "
-                 "median before, %.1fx after", int8_smooth, smoothing.layers, smoothing.tokens,
+        log.info("int8_smooth=%s: %d inputs, %d calibration tokens; largest input channel %.0fx the "
+                 "median before, %.1fx after", int8_smooth, smoothing.inputs, smoothing.tokens,
                  smoothing.outlier_ratio_before, smoothing.outlier_ratio_after)
     scorer = ItemScorer(exported).eval()
     left_ids, left_mask = example_inputs(n_items, max_len)

@@ -35,19 +35,71 @@ def _output_layer(module: nn.Module) -> nn.Linear:
     return module.up if isinstance(module, LowRankLinear) else module
 
 
+def _divide_output(producer: nn.Module, scales: torch.Tensor) -> None:
+    """Divide ``producer``'s output channel j by ``scales[j]``: a linear layer's row j (and bias),
+    or a norm's weight (and bias) j."""
+    if _is_channel_norm(producer):
+        params = [producer.weight, getattr(producer, "bias", None)]
+    else:
+        layer = _output_layer(producer)
+        params = [layer.weight, layer.bias]
+    for p in params:
+        if p is not None:
+            p.div_(scales.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))
+
+
 def _input_weight(module: nn.Module) -> torch.Tensor:
     """The weight that multiplies ``module``'s input (out x in): the first factor of a low-rank layer."""
     return module.down.weight if isinstance(module, LowRankLinear) else module.weight
 
 
-def mlp_down_projections(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """``{down_proj name: (up_proj, down_proj)}`` of every gated MLP (LLaMA's ``gate_proj``,
-    ``up_proj``, ``down_proj``) whose up and down projections are linear or low-rank layers."""
+# What the fold smooths: "mlp_down", the down projection's input (up_proj's output rows divided);
+# "norm_inputs", the inputs of q/k/v and of gate/up (the RMSNorm before them divided), which is
+# SmoothQuant's own placement (LayerNorm -> QKV and FC1).
+SMOOTH_TARGETS = ("mlp_down", "norm_inputs")
+
+
+@dataclass
+class SmoothingGroup:
+    """One input that int8 rounds: ``producer``'s output channel j is divided by s_j and each of
+    ``readers``' input column j multiplied by it, which leaves the function unchanged."""
+
+    producer: nn.Module  # a linear (or low-rank) layer, or a norm with a per-channel weight
+    readers: list[nn.Module]
+
+
+def _is_channel_norm(module: nn.Module | None) -> bool:
+    """A norm whose output is weight * f(x) (+ bias), per channel: RMSNorm, LayerNorm."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1
+
+
+def _projections(module: nn.Module | None, names: tuple[str, ...]) -> list[nn.Module] | None:
+    found = [getattr(module, n, None) for n in names]
+    return found if all(isinstance(p, (nn.Linear, LowRankLinear)) for p in found) else None
+
+
+def smoothing_groups(model: nn.Module, targets: tuple[str, ...] = SMOOTH_TARGETS) -> dict[str, SmoothingGroup]:
+    """``{name of the input's first reader: group}``, in the order to fold them, for every LLaMA block of ``model``
+    (``SMOOTH_TARGETS``): a gated MLP's down projection reads act(gate) * up, q/k/v read
+    ``input_layernorm`` and gate/up ``post_attention_layernorm``. The final norm is left alone:
+    the item head it feeds shares its weight with the item embeddings."""
+    unknown = set(targets) - set(SMOOTH_TARGETS)
+    if unknown:
+        raise ValueError(f"smoothing targets {sorted(unknown)}; allowed: {', '.join(SMOOTH_TARGETS)}")
     found = {}
     for name, module in model.named_modules():
-        parts = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-        if all(isinstance(p, (nn.Linear, LowRankLinear)) for p in parts):
-            found[f"{name}.down_proj"] = (parts[1], parts[2])
+        mlp = getattr(module, "mlp", None)
+        mlp_parts = _projections(mlp, ("gate_proj", "up_proj", "down_proj"))
+        qkv = _projections(getattr(module, "self_attn", None), ("q_proj", "k_proj", "v_proj"))
+        # down_proj's first: its fold rescales up_proj's rows, and so the weight columns that the
+        # gate/up input's scales are then balanced against (a dense up_proj is both)
+        if "mlp_down" in targets and mlp_parts:
+            found[f"{name}.mlp.down_proj"] = SmoothingGroup(mlp_parts[1], [mlp_parts[2]])
+        if "norm_inputs" in targets and qkv and _is_channel_norm(getattr(module, "input_layernorm", None)):
+            found[f"{name}.self_attn.q_proj"] = SmoothingGroup(module.input_layernorm, qkv)
+        if "norm_inputs" in targets and mlp_parts and _is_channel_norm(getattr(module, "post_attention_layernorm", None)):
+            found[f"{name}.mlp.gate_proj"] = SmoothingGroup(module.post_attention_layernorm, mlp_parts[:2])
     return found
 
 
@@ -70,47 +122,49 @@ def smoothing_scales(activation_max: torch.Tensor, weight_max: torch.Tensor, alp
 
 @dataclass
 class SmoothingReport:
-    layers: int
+    inputs: int  # the inputs smoothed (SmoothingGroup)
     tokens: int
-    # max_j |h_j| / median_j max|h_j|, the largest over layers: how far the outliers stand out
+    # max_j |h_j| / median_j max|h_j|, the largest over the inputs: how far the outliers stand out
     # from a typical channel, before and after the fold (the range one int8 scale must cover)
     outlier_ratio_before: float
     outlier_ratio_after: float
 
 
 @torch.no_grad()
-def smooth_mlp_activations(
+def smooth_activations(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     forward: Callable[[dict[str, torch.Tensor]], object],
     alpha: float,
+    targets: tuple[str, ...] = SMOOTH_TARGETS,
 ) -> SmoothingReport:
-    """Fold SmoothQuant scales (``smoothing_scales``) into every gated MLP of ``model``, in
-    place: the per-channel maxima of each ``down_proj`` input over the real tokens of
-    ``forward(batch)`` for the ``batches``. The float function is unchanged; int8 quantisation of
-    the result rounds the down projection's input on a narrower range."""
-    pairs = mlp_down_projections(model)
-    if not pairs:
-        raise ValueError("export.int8_smooth folds into gated MLPs (gate_proj, up_proj, down_proj), "
-                         "and this model has none: set export.int8_smooth=null")
+    """Fold SmoothQuant scales (``smoothing_scales``) into ``model`` in place, for each input of
+    ``smoothing_groups(model, targets)``: the per-channel maxima of the input over the real
+    tokens of ``forward(batch)`` for the ``batches``, and of its readers' weight columns. The
+    float function is unchanged; int8 quantisation of the result rounds each input on a
+    narrower range."""
+    groups = smoothing_groups(model, targets)
+    if not groups:
+        raise ValueError("export.int8_smooth folds into LLaMA blocks (RMSNorm -> q/k/v and gate/up; up_proj -> "
+                         "down_proj), and this model has none: set export.int8_smooth=null")
     batches = list(batches)
-    stats = collect_input_stats(model, list(pairs), batches, forward, len(batches), gram=False)
+    # every input's statistics before any fold: each fold leaves the function, and so the
+    # other inputs, as they were
+    stats = collect_input_stats(model, list(groups), batches, forward, len(batches), gram=False)
     tokens = next(iter(stats.values())).tokens
     if tokens == 0:
         raise ValueError("export.int8_smooth needs calibration tokens: the calibration batches held none")
     before = after = 0.0
-    for name, (up_proj, down_proj) in pairs.items():
-        h_max = stats[name].abs_max
-        weight = _input_weight(down_proj)
-        scales = smoothing_scales(h_max, weight.abs().amax(0), alpha)
-        rows = _output_layer(up_proj)
-        rows.weight.div_(scales.to(rows.weight.dtype)[:, None])
-        if rows.bias is not None:
-            rows.bias.div_(scales.to(rows.bias.dtype))
-        weight.mul_(scales.to(weight.dtype)[None, :])
-        median = float(h_max.median())
+    for name, group in groups.items():
+        x_max = stats[name].abs_max
+        weights = [_input_weight(r) for r in group.readers]
+        scales = smoothing_scales(x_max, torch.stack([w.abs().amax(0) for w in weights]).amax(0), alpha)
+        _divide_output(group.producer, scales)
+        for w in weights:
+            w.mul_(scales.to(w.dtype)[None, :])
+        median = float(x_max.median())
         if median > 0:
-            before = max(before, float(h_max.max()) / median)
-            smoothed = h_max / scales
+            before = max(before, float(x_max.max()) / median)
+            smoothed = x_max / scales
             after = max(after, float(smoothed.max() / smoothed.median()))
-    return SmoothingReport(len(pairs), tokens, before, after)
+    return SmoothingReport(len(groups), tokens, before, after)
