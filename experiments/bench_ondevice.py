@@ -19,7 +19,7 @@ subprocess per round, the variants' order rotated round by round.
 per output channel; with ``--int8 dynamic static`` also +int8static = static int8, QDQ with
 activation scales fixed on the calibration batches; with ``--int8-weights per_channel per_tensor``
 also +int8pt / +int8staticpt, one weight scale per matrix; with ``--int8-smooth none 0.75`` also
-+int8s0.75, SmoothQuant scales folded into every MLP first, ``deploy.smoothing``); then each
++int8s0.75, SmoothQuant scales folded into every block first, ``deploy.smoothing``); then each
 round is one process (never importing torch) that loads every artefact with onnxruntime, on
 one shared thread pool, and times them call by call in turn, the order rotated each call: a
 change in the machine's load hits every variant alike. (Timed each in a process of its own,

@@ -248,8 +248,9 @@ def export_onnx(
     activation scales per call (``int8='dynamic'``) or fixed on the left-padded ``calibration``
     batches (``int8='static'``), and weight scales per output channel or per matrix
     (``int8_weights``, ``INT8_WEIGHTS``). ``int8_smooth``: before int8, fold SmoothQuant scales
-    with this alpha into every gated MLP, from the down projections' inputs on the ``calibration``
-    batches (``smoothing.smooth_activations``; ``model`` itself is left as it is; None: off).
+    with this alpha into every block (RMSNorm -> q/k/v and gate/up, up_proj -> down_proj), from
+    those inputs on the ``calibration`` batches (``smoothing.smooth_activations``; ``model``
+    itself is left as it is; None: off).
     ``fuse``: rewrite the graph into onnxruntime's fused operators first
     (``fuse_for_onnxruntime``). Returns the folder.
     """

@@ -1,21 +1,27 @@
-"""SmoothQuant-style equalisation of each MLP's down-projection input, before int8 export.
+"""SmoothQuant-style equalisation of the inputs int8 rounds, before int8 export.
 
-Dynamic int8 quantises a matmul's input with one scale per call, set by its largest value.
-In a LLaMA MLP the down projection reads h = act(gate(x)) * up(x), and a few channels of h run
-far larger than the rest (SmolLM2: keeping every ``down_proj`` float halved the int8 artefact's
-score error, 0.34 -> 0.16, where any other kind of projection moved it 0.01-0.05; BENCHMARKS.md,
+Dynamic int8 quantises a matmul's input with one scale per call, set by its largest value, and a
+few channels of a trained LLM's activations run far larger than the rest. In a LLaMA MLP the down
+projection reads h = act(gate(x)) * up(x), the worst of them (SmolLM2: keeping every
+``down_proj`` float halved the int8 artefact's score error, 0.34 -> 0.16; BENCHMARKS.md,
 "Per-channel int8 weights"). One scale fitted to those channels rounds all the others coarsely.
 
-SmoothQuant (Xiao et al., 2023) moves the range into the weight: per input channel j,
+SmoothQuant (Xiao et al., 2023) moves the range into the weights: per input channel j,
 
-    s_j = max|h_j|^alpha / max|W_j|^(1 - alpha)
+    s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)
 
-(max|h_j| over calibration tokens, max|W_j| over the j-th input column of the matrix h meets),
-then h_j / s_j and W[:, j] * s_j. Here h_j / s_j comes from dividing row j of ``up_proj`` (its
-output channel j, bias included), which h multiplies elementwise, so the model computes the
-same function in float (up to rounding) and the graph gains no operator. For a low-rank model
-the rows are those of ``up_proj.up`` and the columns those of ``down_proj.down``, the factors
-that produce h and read it.
+(max|x_j| over calibration tokens, max|W_j| over the j-th input column of the matrices that read
+x, the widest of them), then x_j / s_j and W[:, j] * s_j. The division is folded into what
+produces x, so the model computes the same function in float (up to rounding) and the graph
+gains no operator (``smoothing_groups``):
+
+- the down projection's input: row j of ``up_proj`` (its output channel j, bias included), which
+  h multiplies elementwise;
+- the inputs of q/k/v and of gate/up, SmoothQuant's own placement: weight j of the RMSNorm before
+  them (``input_layernorm``, ``post_attention_layernorm``), which scales its output channel j.
+
+For a low-rank model the rows are those of ``up_proj.up`` and the columns those of each reader's
+``down``, the factors that produce x and read it.
 """
 
 from __future__ import annotations
