@@ -130,7 +130,7 @@ def smoothing_scales(activation_max: torch.Tensor, weight_max: torch.Tensor, alp
 class SmoothingReport:
     inputs: int  # the inputs smoothed (SmoothingGroup)
     tokens: int
-    # max_j |h_j| / median_j max|h_j|, the largest over the inputs: how far the outliers stand out
+    # max_j |x_j| / median_j max|x_j|, the largest over the inputs: how far the outliers stand out
     # from a typical channel, before and after the fold (the range one int8 scale must cover)
     outlier_ratio_before: float
     outlier_ratio_after: float
