@@ -291,9 +291,10 @@ def export_onnx(
         lit = SeqRecLitModule(exported).eval()
         smoothing = smooth_activations(exported, calibration, lambda b: lit.hidden_states(
             b["input_ids"], b["attention_mask"]), int8_smooth)
-        log.info("int8_smooth=%s: %d inputs, %d calibration tokens; largest input channel %.0fx the "
-                 "median before, %.1fx after", int8_smooth, smoothing.inputs, smoothing.tokens,
-                 smoothing.outlier_ratio_before, smoothing.outlier_ratio_after)
+        log.info("int8_smooth=%s: %d inputs, %d calibration tokens; largest input channel over the median, "
+                 "before -> after: %s", int8_smooth, smoothing.inputs, smoothing.tokens, ", ".join(
+                     f"{t} {smoothing.outlier_ratio_before[t]:.0f}x -> {smoothing.outlier_ratio_after[t]:.1f}x"
+                     for t in smoothing.outlier_ratio_before))
     scorer = ItemScorer(exported).eval()
     left_ids, left_mask = example_inputs(n_items, max_len)
     ids, mask = (torch.from_numpy(a) for a in to_right_padding(left_ids.numpy(), left_mask.numpy()))

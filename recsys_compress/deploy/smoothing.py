@@ -70,6 +70,7 @@ class SmoothingGroup:
     """One input that int8 rounds: ``producer``'s output channel j is divided by s_j and each of
     ``readers``' input column j multiplied by it, which leaves the function unchanged."""
 
+    target: str  # which of SMOOTH_TARGETS
     producer: nn.Module  # a linear (or low-rank) layer, or a norm with a per-channel weight
     readers: list[nn.Module]
 
@@ -101,11 +102,11 @@ def smoothing_groups(model: nn.Module, targets: tuple[str, ...] = SMOOTH_TARGETS
         # down_proj's first: its fold rescales up_proj's rows, and so the weight columns that the
         # gate/up input's scales are then balanced against (a dense up_proj is both)
         if "mlp_down" in targets and mlp_parts:
-            found[f"{name}.mlp.down_proj"] = SmoothingGroup(mlp_parts[1], [mlp_parts[2]])
+            found[f"{name}.mlp.down_proj"] = SmoothingGroup("mlp_down", mlp_parts[1], [mlp_parts[2]])
         if "norm_inputs" in targets and qkv and _is_channel_norm(getattr(module, "input_layernorm", None)):
-            found[f"{name}.self_attn.q_proj"] = SmoothingGroup(module.input_layernorm, qkv)
+            found[f"{name}.self_attn.q_proj"] = SmoothingGroup("norm_inputs", module.input_layernorm, qkv)
         if "norm_inputs" in targets and mlp_parts and _is_channel_norm(getattr(module, "post_attention_layernorm", None)):
-            found[f"{name}.mlp.gate_proj"] = SmoothingGroup(module.post_attention_layernorm, mlp_parts[:2])
+            found[f"{name}.mlp.gate_proj"] = SmoothingGroup("norm_inputs", module.post_attention_layernorm, mlp_parts[:2])
     return found
 
 
@@ -130,10 +131,11 @@ def smoothing_scales(activation_max: torch.Tensor, weight_max: torch.Tensor, alp
 class SmoothingReport:
     inputs: int  # the inputs smoothed (SmoothingGroup)
     tokens: int
-    # max_j |x_j| / median_j max|x_j|, the largest over the inputs: how far the outliers stand out
-    # from a typical channel, before and after the fold (the range one int8 scale must cover)
-    outlier_ratio_before: float
-    outlier_ratio_after: float
+    # per target, max_j |x_j| / median_j max|x_j|, the largest over its inputs: how far the
+    # outliers stand out from a typical channel, before and after the fold (the range one int8
+    # scale must cover)
+    outlier_ratio_before: dict[str, float]
+    outlier_ratio_after: dict[str, float]
 
 
 @torch.no_grad()
@@ -160,7 +162,8 @@ def smooth_activations(
     tokens = next(iter(stats.values())).tokens
     if tokens == 0:
         raise ValueError("export.int8_smooth needs calibration tokens: the calibration batches held none")
-    before = after = 0.0
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
     for name, group in groups.items():
         x_max = stats[name].abs_max
         weights = [_input_weight(r) for r in group.readers]
@@ -170,7 +173,7 @@ def smooth_activations(
             w.mul_(scales.to(w.dtype)[None, :])
         median = float(x_max.median())
         if median > 0:
-            before = max(before, float(x_max.max()) / median)
             smoothed = x_max / scales
-            after = max(after, float(smoothed.max() / smoothed.median()))
+            before[group.target] = max(before.get(group.target, 0.0), float(x_max.max()) / median)
+            after[group.target] = max(after.get(group.target, 0.0), float(smoothed.max() / smoothed.median()))
     return SmoothingReport(len(groups), tokens, before, after)
