@@ -102,25 +102,24 @@ def test_smoothing_keeps_the_function_and_equalises_ranges_as_the_formula_says(l
 
 
 def test_smoothing_targets_choose_the_inputs():
-    """``mlp_down`` alone leaves the norms and q/k/v/gate/up untouched; ``norm_inputs`` alone
-    leaves up_proj's rows and down_proj; an unknown target is refused naming the allowed ones."""
-    model = model_with_an_outlier_channel(False)
-    lit = SeqRecLitModule(model).eval()
-    forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])  # noqa: E731
-    for targets, changed in ((("mlp_down",), {"mlp.up_proj.weight", "mlp.down_proj.weight"}),
-                             (("norm_inputs",), {"input_layernorm.weight", "post_attention_layernorm.weight",
-                                                 "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                                 "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"})):
+    """``mlp_down`` alone leaves the norms and q/k/v/gate/up untouched (one input a block);
+    ``norm_inputs`` alone leaves up_proj's rows and down_proj (two a block); an unknown target is
+    refused naming the allowed ones."""
+    for targets, inputs, changed in (
+            (("mlp_down",), 2, {"mlp.up_proj.weight", "mlp.down_proj.weight"}),
+            (("norm_inputs",), 4, {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                                   "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
+                                   "mlp.up_proj.weight"})):
         model = model_with_an_outlier_channel(False)
         lit = SeqRecLitModule(model).eval()
         reference = {k: v.clone() for k, v in model.state_dict().items()}
         report = smooth_activations(model, batches(2, seed=1), lambda b: lit.hidden_states(
             b["input_ids"], b["attention_mask"]), alpha=0.5, targets=targets)
-        assert report.inputs == 2 * len(targets) * (1 if targets == ("mlp_down",) else 2)
+        assert report.inputs == inputs and set(report.outlier_ratio_before) == set(targets)
         moved = {k.split(".", 3)[3] for k, v in model.state_dict().items() if not torch.equal(v, reference[k])}
         assert moved == changed, targets
     with pytest.raises(ValueError, match=r"smoothing targets \['qkv'\]; allowed: mlp_down, norm_inputs"):
-        smooth_activations(model, batches(1, seed=1), forward, 0.5, targets=("qkv",))
+        smooth_activations(model, batches(1, seed=1), lambda b: None, 0.5, targets=("qkv",))
     assert set(SMOOTH_TARGETS) == {"mlp_down", "norm_inputs"}
 
 
