@@ -12,6 +12,7 @@ allowed, raised before any work starts. Groups that configure third-party object
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 from pathlib import Path
@@ -357,13 +358,22 @@ class ExportConfig(Schema):
     int8: Literal["dynamic", "static"]
     # its int8 weight scales: per output channel, or one per matrix (deploy/export.py INT8_WEIGHTS)
     int8_weights: Literal["per_channel", "per_tensor"]
-    # SmoothQuant's alpha for the MLP down projections' inputs before int8 (deploy/smoothing.py), or
-    # null: no smoothing
+    # SmoothQuant's alpha for the inputs int8 rounds (RMSNorm -> q/k/v and gate/up, up_proj ->
+    # down_proj; deploy/smoothing.py), or null: no smoothing
     int8_smooth: float | None
 
     def check(self, p: str) -> None:
         if self.int8_smooth is not None:
             _require(0 <= self.int8_smooth <= 1, f"{p}.int8_smooth", self.int8_smooth, "null (off) or 0 to 1")
+
+
+@functools.cache
+def declared_export_defaults() -> dict[str, Any]:
+    """The ``export`` group as ``conf/train.yaml`` declares it: the int8-only options' defaults,
+    which a run without an int8 ONNX export must leave as they are."""
+    from recsys_compress.utils.compose import PROJECT_ROOT
+
+    return OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "train.yaml").export)
 
 
 class RunConfig(Schema):
@@ -386,10 +396,10 @@ class RunConfig(Schema):
         _require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
-        for key, value, default in (("int8", self.export.int8, "dynamic"),
-                                    ("int8_weights", self.export.int8_weights, "per_channel"),
-                                    ("int8_smooth", self.export.int8_smooth, 0.5)):
-            if value != default and not (self.export.onnx and self.compression.quantizes):
+        declared = declared_export_defaults()
+        for key in ("int8", "int8_weights", "int8_smooth"):
+            value = getattr(self.export, key)
+            if value != declared[key] and not (self.export.onnx and self.compression.quantizes):
                 raise ConfigError(
                     f"export.{key}={value} applies to the ONNX artefact of an int8 run: it needs export.onnx=true and "
                     f"compression.quantize=int8 (or compression=int8); got export.onnx={self.export.onnx}, "
