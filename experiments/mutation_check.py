@@ -160,6 +160,17 @@ FAULTS = [
     Fault("whitening_dropped", "recsys_compress/compression/low_rank.py",
           "        lambda W: W.double() @ S,", "        lambda W: W.double(),",
           ("tests/test_low_rank.py::test_whitened_minimises_output_error_on_its_activations",)),
+    # issue 48: faults found where every test passed
+    Fault("report_cell_ignores_the_setting", "experiments/report.py",
+          '        cell = Cell(r["_setting"], _method_label(r), r["_alignment"], r["_ratio"])',
+          '        cell = Cell(frozenset(), _method_label(r), r["_alignment"], r["_ratio"])',
+          ("tests/test_report.py::test_incomparable_runs_never_share_a_cell_and_seeds_pool",)),
+    Fault("lstsq_fits_on_the_teachers_inputs", "recsys_compress/alignment/lstsq.py",
+          "                        z = xs[name] @ B.T", "                        z = xt[name] @ B.T",
+          ("tests/test_alignment.py::test_lstsq_refits_on_the_students_inputs_not_the_teachers",)),
+    Fault("lstsq_never_reverts", "recsys_compress/alignment/lstsq.py",
+          "            reverted = after >= before", "            reverted = False",
+          ("tests/test_alignment.py::test_an_lstsq_refit_that_raises_a_blocks_error_is_undone_bit_for_bit",)),
 ]
 
 

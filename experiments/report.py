@@ -26,7 +26,11 @@ what the runs are:
   the report holds both curves (did the proxy move the final layer, and which way);
 - compression runs (``retention/ndcg@10``): the OD-LLM table, retention by method (with its rank
   allocation when not uniform), alignment and ratio with each aligned cell's alignment time,
-  ``retention.png``, and what the runs cost (base models trained vs reused from the cache,
+  ``retention.png``. Only comparable runs share a cell: runs whose configs differ in anything
+  but those axes, the seed and where outputs go (another base model, dataset, quantisation,
+  export, calibration...) get a table (and a panel) of their own, named by what differs; seeds
+  of one configuration are pooled (mean ± std); a rerun with the same seed is left out for the
+  newest. The report lists the runs behind each cell and the runs left out, and what the runs cost (base models trained vs reused from the cache,
   compression and alignment seconds); when runs differ in ``compression.allocation``, the rank
   each matrix kept per decoder block and matrix type, uniform vs global, in ``ranks.png``
   (source table ``ranks.csv``);
@@ -68,9 +72,10 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"no metrics.json under {folder}")
         for path in paths:
             metrics = json.loads(path.read_text())
-            cfg_path = path.parent / ".hydra" / "config.yaml"
-            cfg = OmegaConf.to_container(OmegaConf.load(cfg_path)) if cfg_path.is_file() else {}
+            cfg = run_config(path.parent)
             metrics["_run"] = str(path.parent)
+            metrics["_mtime"] = path.stat().st_mtime
+            metrics["_setting"] = setting_of(cfg, metrics)
             # Runs record what they are in metrics.json; older runs only in their Hydra config.
             metrics["_encoder"] = metrics.get("repr/encoder", cfg.get("representation", {}).get("model", "?"))
             # the pretrained model a proxy-trained encoder started from (itself for a pretrained one)
@@ -88,6 +93,74 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             metrics["_batch_by"] = metrics.get("ctr/batch_by", ctr.get("batch_by", "sample"))
             runs.append(metrics)
     return runs
+
+
+def run_config(folder: Path) -> dict[str, Any]:
+    """The config a run started with: the runner's ``run_config.yaml`` (kept on resume), else
+    Hydra's ``.hydra/config.yaml``; empty for a run that recorded neither."""
+    for path in (folder / "run_config.yaml", folder / ".hydra" / "config.yaml"):
+        if path.is_file():
+            cfg = OmegaConf.to_container(OmegaConf.load(path))
+            assert isinstance(cfg, dict)
+            return cfg
+    return {}
+
+
+# Config keys that say where and how a run was kept, not what it measured: runs that differ only
+# here are the same experiment (resuming and the base-model cache give the same result by design).
+NOT_A_SETTING = ("paths", "hydra", "logger", "task_name", "resume", "base_cache", "export.save",
+                 "trainer.default_root_dir", "callbacks.progress_bar", "callbacks.lr_monitor",
+                 "callbacks.last_checkpoint", "callbacks.model_checkpoint.dirpath")
+# The retention table's own axes, and what is pooled across runs of one cell.
+RETENTION_AXES = ("compression.method", "compression.allocation", "alignment.method", "ratio")
+POOLED = ("seed",)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+
+
+def setting_of(cfg: dict[str, Any], metrics: dict[str, Any]) -> frozenset:
+    """What makes two runs comparable: every config value except the retention table's axes,
+    the pooled seed and what only says where outputs go. A run without a recorded config is
+    known only by what its metrics name (dataset, base model, quantisation), which cannot pool
+    seeds (the base-model key holds the seed)."""
+    if not cfg:
+        return frozenset({("(no config recorded) dataset", metrics.get("data/name", "?")),
+                          ("base model", metrics.get("base/cache_key", "?")),
+                          ("deployed artefact", "deploy/test/ndcg@10" in metrics)})
+    skip = NOT_A_SETTING + RETENTION_AXES + POOLED
+    return frozenset((k, v) for k, v in _flatten(cfg).items()
+                     if not any(k == s or k.startswith(s + ".") for s in skip))
+
+
+def _default_config() -> dict[str, Any]:
+    """``python train.py``'s own config, flattened: what a setting's values are named against."""
+    from recsys_compress.utils.compose import compose_config
+
+    return _flatten(OmegaConf.to_container(compose_config()))
+
+
+def setting_labels(settings: list[frozenset]) -> dict[frozenset, str]:
+    """Each setting named by its dataset and model and, of the keys in which the settings differ,
+    the values that are not ``python train.py``'s defaults (what a reader must know to tell two
+    tables apart)."""
+    values = [dict(s) for s in settings]
+    keys = set().union(*values) if values else set()
+    varying = sorted(k for k in keys if len({json.dumps(v.get(k), default=str) for v in values}) > 1)
+    defaults = _default_config() if varying else {}
+    labels = {}
+    for setting, v in zip(settings, values):
+        named = [f"{v[k]}" for k in ("dataset.name", "model.name") if k in v]
+        named += [f"{k}={v.get(k, '(not set)')}" for k in varying
+                  if k not in ("dataset.name", "model.name") and (k not in v or k not in defaults or v[k] != defaults[k])]
+        labels[setting] = ", ".join(named) or "runs without a recorded config"
+    return labels
 
 
 def _variant(r: dict[str, Any]) -> str:
@@ -389,49 +462,114 @@ def _method_label(r: dict[str, Any]) -> str:
     return r["_method"] if r.get("_allocation", "uniform") == "uniform" else f"{r['_method']} ({r['_allocation']})"
 
 
-def retention_table(rows, out: Path) -> list[str]:
-    ratios = sorted({r["_ratio"] for r in rows})
-    columns = sorted({(_method_label(r), r["_alignment"]) for r in rows})
-    cell = {(_method_label(r), r["_alignment"], r["_ratio"]): r["retention/ndcg@10"] for r in rows}
-    # 95% paired bootstrap interval over test users (runs from before it was recorded have none).
-    interval = {(_method_label(r), r["_alignment"], r["_ratio"]): (r["retention/ndcg@10_ci_low"],
-                                                                  r["retention/ndcg@10_ci_high"])
-                for r in rows if "retention/ndcg@10_ci_low" in r}
-    align_s = {(_method_label(r), r["_alignment"], r["_ratio"]): r["time/align_s"]
-               for r in rows if "time/align_s" in r}
-    lines = ["### Retention of test NDCG@10 [95% paired bootstrap interval over test users] "
-             "(alignment time in brackets)", "",
-             "| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for ratio in ratios:
-        vals = []
-        for m, a in columns:
-            key = (m, a, ratio)
-            text = f"{cell[key]:.3f}" if key in cell else ""
-            if key in interval:
-                text += f" [{interval[key][0]:.3f}, {interval[key][1]:.3f}]"
-            vals.append(f"{text} ({align_s[key]:.0f} s)" if key in align_s else text)
-        lines.append(f"| {ratio} | " + " | ".join(vals) + " |")
+class Cell(NamedTuple):
+    """One entry of a retention table: a setting (see ``setting_of``), a method, an alignment and
+    a ratio; the runs in it differ only in their seed."""
+
+    setting: frozenset
+    method: str
+    alignment: str
+    ratio: Any
+
+
+def retention_cells(rows) -> tuple[dict[Cell, list[dict[str, Any]]], list[tuple[dict[str, Any], str]]]:
+    """Runs by cell, one per seed, and the runs left out with the reason. Runs of one cell with
+    different seeds are pooled; a second run with the same seed (a rerun of one configuration)
+    is left out in favour of the newest, which is what a rerun is for."""
+    cells: dict[Cell, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    left_out = []
+    for r in sorted(rows, key=lambda r: r["_mtime"], reverse=True):
+        cell = Cell(r["_setting"], _method_label(r), r["_alignment"], r["_ratio"])
+        kept = cells[cell].get(r["_seed"])
+        if kept is not None:
+            left_out.append((r, f"the same configuration and seed as {kept['_run']}, which is newer"))
+            continue
+        cells[cell][r["_seed"]] = r
+    return {cell: sorted(by_seed.values(), key=lambda r: str(r["_seed"])) for cell, by_seed in cells.items()}, left_out
+
+
+def _cell_text(runs: list[dict[str, Any]]) -> tuple[str, float, float, float, float]:
+    """A cell's text, and its mean, std and interval (a single run's paired bootstrap interval;
+    seeds pooled give mean ± std instead)."""
     nan = float("nan")
-    points = [(m, a, x, cell[(m, a, x)], *interval.get((m, a, x), (nan, nan)))
-              for m, a in columns for x in ratios if (m, a, x) in cell]
-    write_source_table(out / "retention.csv", ["method", "alignment", "ratio", "retention/ndcg@10", "ci_low",
-                                               "ci_high"], points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, a in columns:  # drawn from the source table's points, the intervals as error bars
-        drawn = [p for p in points if p[:2] == (m, a)]
-        errors = [[max(p[3] - p[4], 0) for p in drawn], [max(p[5] - p[3], 0) for p in drawn]]
-        ax.errorbar([p[2] for p in drawn], [p[3] for p in drawn], yerr=errors, marker="o", capsize=3,
-                    label=m if a == "none" else f"{m} + {a}")
-    ax.axhline(1.0, color="grey", linestyle=":")
-    ax.set_xlabel("ratio (fraction of targeted parameters kept)")
-    ax.set_ylabel("retention of test NDCG@10")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    values = [r["retention/ndcg@10"] for r in runs]
+    if len(runs) > 1:
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        return f"{mean:.3f} ± {std:.3f} (n={len(runs)} seeds)", mean, std, nan, nan
+    r = runs[0]
+    text = f"{values[0]:.3f}"
+    low, high = r.get("retention/ndcg@10_ci_low"), r.get("retention/ndcg@10_ci_high")
+    if low is not None and high is not None:  # runs from before the interval was recorded have none
+        text += f" [{low:.3f}, {high:.3f}]"
+    else:
+        low = high = nan
+    return text, values[0], 0.0, low, high
+
+
+def retention_table(rows, out: Path) -> list[str]:
+    """One table per setting (runs that are not comparable never share a cell), seeds pooled,
+    the runs behind every cell and the runs left out listed; ``retention.csv`` and ``retention.png``
+    (a panel per setting) from the same cells."""
+    cells, left_out = retention_cells(rows)
+    labels = setting_labels(list({c.setting for c in cells}))
+    settings = sorted(labels, key=lambda st: (len(labels[st]), labels[st]))  # the plainest first
+    lines: list[str] = []
+    points = []
+    for setting in settings:
+        mine = {c: runs for c, runs in cells.items() if c.setting == setting}
+        ratios = sorted({c.ratio for c in mine}, key=str)
+        columns = sorted({(c.method, c.alignment) for c in mine})
+        title = "### Retention of test NDCG@10 [95% paired bootstrap interval over test users] (alignment time in brackets)"
+        lines += [title + (f": {labels[setting]}" if len(settings) > 1 else ""), "",
+                  "| ratio | " + " | ".join(m if a == "none" else f"{m} + {a}" for m, a in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for ratio in ratios:
+            vals = []
+            for m, a in columns:
+                runs = mine.get(Cell(setting, m, a, ratio))
+                if not runs:
+                    vals.append("")
+                    continue
+                text, mean, std, low, high = _cell_text(runs)
+                points.append((labels[setting], m, a, ratio, mean, low, high, std, len(runs),
+                               " ".join(r["_run"] for r in runs)))
+                align_s = [r["time/align_s"] for r in runs if "time/align_s" in r]
+                vals.append(f"{text} ({statistics.fmean(align_s):.0f} s)" if align_s else text)
+            lines.append(f"| {ratio} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["### Runs behind each cell", "", "| setting | method | alignment | ratio | seeds | runs |",
+              "|---|---|---|---|---|---|"]
+    for cell, runs in sorted(cells.items(), key=lambda kv: (labels[kv[0].setting], kv[0][1:].__repr__())):
+        lines.append(f"| {labels[cell.setting]} | {cell.method} | {cell.alignment} | {cell.ratio} | "
+                     f"{', '.join(str(r['_seed']) for r in runs)} | {', '.join(r['_run'] for r in runs)} |")
+    lines.append("")
+    if left_out:
+        lines += ["### Runs left out", "", "| run | why |", "|---|---|"]
+        lines += [f"| {r['_run']} | {why} |" for r, why in left_out]
+        lines.append("")
+    write_source_table(out / "retention.csv", ["setting", "method", "alignment", "ratio", "retention/ndcg@10",
+                                               "ci_low", "ci_high", "std", "seeds", "runs"], points)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for m, a in sorted({(p[1], p[2]) for p in points if p[0] == labels[setting]}):
+            # drawn from the source table's points: the interval (one run) or ± std (seeds) as error bars
+            drawn = sorted((p for p in points if p[:3] == (labels[setting], m, a)), key=lambda p: p[3])
+            errors = [[max(p[4] - p[5], 0) if p[8] == 1 else p[7] for p in drawn],
+                      [max(p[6] - p[4], 0) if p[8] == 1 else p[7] for p in drawn]]
+            errors = [[0.0 if e != e else e for e in side] for side in errors]  # no interval recorded: no bar
+            ax.errorbar([p[3] for p in drawn], [p[4] for p in drawn], yerr=errors, marker="o", capsize=3,
+                        label=m if a == "none" else f"{m} + {a}")
+        ax.axhline(1.0, color="grey", linestyle=":")
+        ax.set_xlabel("ratio (fraction of targeted parameters kept)")
+        if len(settings) > 1:
+            ax.set_title(labels[setting], fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("retention of test NDCG@10")
     fig.tight_layout()
     fig.savefig(out / "retention.png", dpi=130)
     plt.close(fig)
-    return lines + [""]
+    return lines
 
 
 def rank_points(rows) -> list[tuple]:
@@ -489,12 +627,12 @@ def cost_table(rows) -> list[str]:
     lines = ["### Cost of the runs", "",
              f"{len(rows)} compression runs; base model trained in {len(trained)} "
              f"({train_s:.0f} s of training), reused from the base-model cache in {len(rows) - len(trained)}.", "",
-             "| method | alignment | ratio | base | compress s | align s |", "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (_method_label(r), r["_alignment"], r["_ratio"])):
+             "| method | alignment | ratio | base | compress s | align s | run |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (_method_label(r), r["_alignment"], str(r["_ratio"]), r["_run"])):
         base = "cached" if r.get("base/cache_hit") == 1 else f"trained {r.get('time/train_s', float('nan')):.0f} s"
         align = f"{r['time/align_s']:.1f}" if "time/align_s" in r else "-"
         lines.append(f"| {_method_label(r)} | {r['_alignment']} | {r['_ratio']} | {base} | "
-                     f"{r.get('time/compress_s', float('nan')):.1f} | {align} |")
+                     f"{r.get('time/compress_s', float('nan')):.1f} | {align} | {r['_run']} |")
     return lines + [""]
 
 
@@ -552,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(lines) == 2:
         raise SystemExit("none of the runs has probe, MARC or compression metrics to report")
     (args.out / "report.md").write_text("\n".join(lines))
-    (args.out / "report.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    labels = setting_labels(sorted({r["_setting"] for r in runs}, key=lambda st: sorted(map(str, st))))
+    kept = [{**{k: v for k, v in r.items() if k != "_setting"}, "_setting": labels[r["_setting"]]} for r in runs]
+    (args.out / "report.json").write_text(json.dumps(kept, indent=2, default=str) + "\n")
     print("\n".join(lines))
     print(f"written to {args.out}")
     return 0

@@ -172,6 +172,61 @@ def test_progressive_lstsq_lowers_every_block_error(teacher_student, batches):
         assert torch.equal(offloaded.state_dict()[key], value), key
 
 
+def _real_token_inputs(model, name, data):
+    """The input of sub-layer ``name`` on the real tokens of ``data``, from a plain full forward
+    (no block cache): what the re-fit must have seen, computed independently of it."""
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            for b in data:
+                mask = b["attention_mask"]
+                captured_before = len(captured)
+                model.base_model(input_ids=b["input_ids"], attention_mask=mask,
+                                 position_ids=position_ids_for(mask), use_cache=False)
+                captured[captured_before] = captured[captured_before][mask.bool()].double()
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def test_lstsq_refits_on_the_students_inputs_not_the_teachers(teacher_student, batches):
+    """Block 1's q_proj (the first layer its re-fit solves) gets A = argmin ||A B X_s - W X_t||
+    with X_s its input in the student whose block 0 is already re-fitted, and X_t its input in
+    the teacher: what makes the method progressive. Solved here by torch.linalg.lstsq."""
+    teacher, student = teacher_student
+    data, _ = batches
+    student = copy.deepcopy(student)
+    cache = capture_teacher(teacher, data, 4, torch.device("cpu"))
+    reports = progressive_lstsq(teacher, student, cache, ridge=0.0)
+    assert [r["reverted"] for r in reports] == [0, 0]
+    name = "model.layers.1.self_attn.q_proj"
+    xs, xt = _real_token_inputs(student, name, data), _real_token_inputs(teacher, name, data)
+    assert (xs - xt).abs().max() > 1e-3  # block 0 was compressed: the two inputs differ
+    layer, W = student.get_submodule(name), teacher.get_submodule(name).weight.double()
+    Z, Y = xs @ layer.down.weight.double().T, xt @ W.T
+    expected = torch.linalg.lstsq(Z, Y).solution.T
+    torch.testing.assert_close(layer.up.weight.double(), expected.to(layer.up.weight.dtype).double(),
+                               rtol=1e-4, atol=1e-5)
+    on_teacher_inputs = torch.linalg.lstsq(xt @ layer.down.weight.double().T, Y).solution.T
+    assert (expected - on_teacher_inputs).abs().max() > 1e-3  # the test can tell the two apart
+
+
+def test_an_lstsq_refit_that_raises_a_blocks_error_is_undone_bit_for_bit(teacher_student, batches):
+    """A ridge far above the Gram's scale shrinks every A towards 0, so each block's error rises:
+    each block's factors come back exactly as they were, and the report says reverted."""
+    teacher, student = teacher_student
+    data, _ = batches
+    student = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    reports = progressive_lstsq(teacher, student, capture_teacher(teacher, data, 4, torch.device("cpu")),
+                                ridge=1e6)
+    assert [r["reverted"] for r in reports] == [1, 1]
+    assert all(r["mse_after"] == r["mse_before"] for r in reports)
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 class Kill(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == 9:
