@@ -21,13 +21,16 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     from recsys_compress.tasks.runner import USER_ERRORS, run_task
+    from recsys_compress.utils.run_dir import discard_refused_run_dir
 
     try:
         metrics = run_task(cfg)
     except USER_ERRORS:
         # The runner has printed the message; a single run ends there, without Hydra printing
-        # it again with a traceback. In a multirun the job fails and the other jobs go on.
+        # it again with a traceback, and without leaving an empty run folder behind. In a
+        # multirun the job fails (its folder says why) and the other jobs go on.
         if HydraConfig.get().mode == RunMode.RUN:
+            discard_refused_run_dir(cfg.paths.output_dir)
             raise SystemExit(1) from None
         raise
     # Sweepers (Optuna) maximise the value returned here: a validation metric of the task's

@@ -96,23 +96,23 @@ class KillAfterEpoch:
 
 
 class SigtermAtEpoch:
-    """A Lightning callback that sends SIGTERM to its own process at the start of epoch
-    ``epoch``, as a scheduler pre-empting the job would; once (``marker`` remembers it), so a
-    resumed run with the same config runs on."""
+    """A Lightning callback that sends SIGTERM (or ``signal_name``, e.g. SIGINT: Ctrl-C) to its
+    own process at the start of epoch ``epoch``, as a scheduler pre-empting the job (or a user)
+    would; once (``marker`` remembers it), so a resumed run with the same config runs on."""
 
-    def __new__(cls, epoch: int, marker: str):
+    def __new__(cls, epoch: int, marker: str, signal_name: str = "SIGTERM"):
         import os
         import signal
 
         import lightning as L
 
-        class _Sigterm(L.Callback):
+        class _Signal(L.Callback):
             def on_train_epoch_start(self, trainer, pl_module):
                 if trainer.current_epoch == epoch and not os.path.exists(marker):
                     open(marker, "w").close()
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), getattr(signal, signal_name))
 
-        return _Sigterm()
+        return _Signal()
 
 
 def run_train(args, cwd=None, timeout=600, **env):

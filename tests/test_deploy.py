@@ -123,6 +123,21 @@ def test_recommend_returns_the_eager_top_k_without_seen_items(artefacts):
     assert {RAW_IDS[7]} <= {r.item_id for r in rec.recommend(history, k=N_ITEMS, exclude_seen=False)}
 
 
+def test_a_history_longer_than_max_len_is_read_as_its_latest_items(artefacts):
+    """A long-time user is recommended for who they are now: the artefact reads the last max_len
+    items of the history, oldest first, and every item of it still counts as seen."""
+    _, root = artefacts
+    rec = Recommender(root / "float")
+    history = RAW_IDS[5:5 + 2 * MAX_LEN + 3]
+    latest = history[-MAX_LEN:]
+    np.testing.assert_array_equal(rec.scores([history]), rec.scores([latest]))
+    assert not np.array_equal(rec.scores([history]), rec.scores([history[:MAX_LEN]]))
+    ids, _ = rec.encode([history])
+    assert ids[0].tolist() == [RAW_IDS.index(h) + 1 for h in latest]
+    assert rec.recommend(history, k=5, exclude_seen=False) == rec.recommend(latest, k=5, exclude_seen=False)
+    assert not set(history) & {r.item_id for r in rec.recommend(history, k=N_ITEMS)}
+
+
 def test_recommenders_on_one_shared_thread_pool_score_as_on_their_own(artefacts, tmp_path):
     """In a process of its own: the shared pool is process-wide (onnxruntime then refuses
     sessions with pools of their own)."""
@@ -390,3 +405,17 @@ def test_the_profile_attributes_every_kernel_to_its_role(artefacts):
         assert 0 < p["kernel_ms_per_call"] <= p["call_ms_mean"] * 1.1
     assert float_profile["roles_ms"]["quantise/dequantise"] == 0 < int8_profile["roles_ms"]["quantise/dequantise"]
     assert any(op.startswith(("MatMulInteger", "DynamicQuantizeMatMul")) for op in int8_profile["ops_ms"])
+
+
+def test_a_plain_run_with_export_onnx_ships_the_trained_model(tmp_path):
+    """export.onnx=true without compression exports the trained model itself, tested as shipped."""
+    overrides = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=2", "logger=none", "export.onnx=true",
+                 "evaluation.popularity_baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = run_task(compose_config(overrides, tmp_path / "run"))
+    deploy = json.loads((tmp_path / "run" / "onnx" / "deploy.json").read_text())
+    assert deploy["method"] == "none" and deploy["quantize"] is None and deploy["max_abs_deviation_from_eager"] < 1e-4
+    assert metrics["deploy/test/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"], abs=1e-4)
+    assert metrics["deploy/retention/ndcg@10"] == pytest.approx(metrics["deploy/test/ndcg@10"] / metrics["test/ndcg@10"])
+    assert len(Recommender(tmp_path / "run" / "onnx").recommend(["1", "2", "3"], k=10)) == 10
+    assert not (tmp_path / "run" / "model").exists()  # export.save is the compressed model's

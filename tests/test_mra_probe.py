@@ -236,6 +236,12 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
     assert metrics["probe/layer"] == "all" and metrics["probe/final_layer"] == 2
     assert (tmp_path / "runs" / "all" / "probe_layers.csv").read_text().count("\n") == 4  # header + layers 0..2
     assert metrics["test/auc"] == metrics[f"layers/{metrics['probe/best_layer']}/test/auc"]
+    # Each layer of the curve is that layer's probe: the same result as a single-layer run of it
+    # (every CTR fit starts from the run's seed), and the layers differ from the final one.
+    single = run_task(compose_config([*overrides, "probe.layer=0"], tmp_path / "single" / "layer0"))
+    assert (metrics["layers/0/test/auc"], metrics["layers/0/val/best_auc"]) == (single["test/auc"],
+                                                                              single["val/best_auc"])
+    assert metrics["layers/0/test/auc"] != metrics["layers/2/test/auc"]
     id_only = run_task(compose_config([*overrides, "probe.compressor=none"], tmp_path / "runs" / "id_only"))
 
     sys.path.insert(0, str(REPO / "experiments"))

@@ -55,7 +55,7 @@ def test_sigterm_exits_143_and_resume_continues_with_the_runs_own_config(tmp_pat
                          f"hydra.run.dir={run}"])
     assert marker.is_file()
     assert started.returncode == 143, started.stderr[-3000:]  # not 0: a scheduler must see the interruption
-    assert (run / "error.txt").read_text().startswith("SIGTERMException")
+    assert (run / "error.txt").read_text().startswith("interrupted by SIGTERM")
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
 
     # The README's resume line, nothing else: the run's 3 epochs and tiny model come from the run.
@@ -67,6 +67,34 @@ def test_sigterm_exits_143_and_resume_continues_with_the_runs_own_config(tmp_pat
     assert metrics["train/epochs"] == 3 and metrics["params/total"] < 200_000  # 16-wide; the default 64-wide has 754k
     assert "max_epochs: 3" in (run / ".hydra" / "config.yaml").read_text()
     assert not (run / "error.txt").exists()
+
+
+def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    marker = tmp_path / "sigint-sent"
+    out = run_train([*TINY, "trainer.max_epochs=3", "+callbacks.sigint._target_=conftest.SigtermAtEpoch",
+                     "+callbacks.sigint.epoch=1", f"+callbacks.sigint.marker={marker}",
+                     "+callbacks.sigint.signal_name=SIGINT", f"hydra.run.dir={run}"])
+    assert marker.is_file()
+    text = out.stdout + out.stderr
+    assert out.returncode == 130, text[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (run / "metrics.json").exists()
+    assert (f"interrupted by Ctrl-C: its last checkpoint is {last}; continue with: python3 train.py "
+            f"hydra.run.dir={run} resume=auto") in text
+    assert "Traceback" not in text and "SystemExit" not in text, text[-3000:]
+    assert (run / "error.txt").read_text().startswith("interrupted by Ctrl-C")
+
+
+def test_resume_auto_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, caplog):
+    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.utils.run_dir import prepare_run_dir
+
+    folder = tmp_path / "typo"
+    with caplog.at_level("WARNING"):
+        prepare_run_dir(compose_config(["resume=auto"], folder))
+    assert (f"resume=auto: {folder} holds no run to continue (no run_config.yaml); starting a new run there"
+            in caplog.text)
 
 
 def test_a_rerun_into_a_finished_run_is_refused_and_resume_refuses_an_override_that_changes_it(tmp_path):
@@ -97,7 +125,13 @@ def test_a_config_error_prints_its_message_once_without_a_traceback(tmp_path):
     assert out.returncode == 1
     assert text.count(message) == 1, text[-3000:]
     assert "Traceback" not in text
-    assert (tmp_path / "run" / "error.txt").read_text().startswith(message)
+    assert not (tmp_path / "run").exists()  # the message was the answer: no empty run folder left behind
+    # a refused command in a folder that holds a run keeps everything there
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert run_train(["ratio=7", f"hydra.run.dir={tmp_path / 'kept'}"]).returncode == 1
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "kept" / "error.txt").read_text().startswith(message)
 
 
 def test_make_uses_python3_and_lists_its_targets():

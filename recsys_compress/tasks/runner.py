@@ -26,9 +26,29 @@ TASKS = {"train": train_seqrec, "mra_probe": mra_probe, "marc": marc, "proxy": p
 # Errors in what the user gave (config values, data files): their message says everything, so
 # they are reported without a traceback.
 USER_ERRORS = (ConfigError, DataFormatError)
-# The exit status of a process ended by SIGTERM (128 + 15): schedulers (SLURM pre-emption, a
-# shell loop) must see an interrupted run as interrupted, not as a success.
+# The exit status of a process ended by SIGTERM (128 + 15) or Ctrl-C (SIGINT, 128 + 2): schedulers
+# (SLURM pre-emption, a shell loop) must see an interrupted run as interrupted, not as a success.
 SIGTERM_EXIT = 143
+SIGINT_EXIT = 130
+
+
+def interruption(error: BaseException) -> str | None:
+    """``SIGTERM`` or ``Ctrl-C`` when ``error`` is how a run was interrupted, else None. Lightning
+    turns Ctrl-C inside a Trainer into ``SystemExit(1)`` raised while handling the
+    KeyboardInterrupt, after its own one-line "graceful shutdown" notice."""
+    if isinstance(error, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(error, KeyboardInterrupt) or (
+            isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)):
+        return "Ctrl-C"
+    return None
+
+
+def resume_hint(output_dir: Path) -> str:
+    """Where an interrupted run's checkpoint is and the command that continues it."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    where = f"its last checkpoint is {last}" if last.is_file() else "it left no checkpoint (it had not finished an epoch)"
+    return f"{where}; continue with: python3 train.py hydra.run.dir={output_dir} resume=auto"
 
 
 def run_task(cfg: DictConfig) -> dict[str, Any]:
@@ -46,23 +66,25 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         with ddp_job(cfg):  # in a multirun, the job's other ranks run this job only
             metrics = TASKS[name](cfg)
     except BaseException as error:
+        output_dir = Path(cfg.paths.output_dir)
+        interrupted = interruption(error)
         if isinstance(error, USER_ERRORS):
             log.error("%s: %s", type(error).__name__, error)
-        elif isinstance(error, SIGTERMException):
-            log.error("interrupted by SIGTERM; continue with hydra.run.dir=%s resume=auto", cfg.paths.output_dir)
+        elif interrupted:
+            log.error("interrupted by %s: %s", interrupted, resume_hint(output_dir))
         else:
             log.exception("task %s failed", name)
         # The job's own folder says why it failed (a multirun goes on with the other jobs).
         if global_rank() == 0:
-            output_dir = Path(cfg.paths.output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
+            what = f"interrupted by {interrupted}" if interrupted else f"{type(error).__name__}: {error}"
             (output_dir / "error.txt").write_text(
-                f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error)))
+                f"{what}\n\n" + "".join(traceback.format_exception(error)))
         # One W&B run per job, marked failed so dashboards do not mistake it for a result.
         if wandb.run is not None:
             wandb.finish(exit_code=1)
-        if isinstance(error, SIGTERMException):
-            raise SystemExit(SIGTERM_EXIT) from error
+        if interrupted:
+            raise SystemExit(SIGTERM_EXIT if interrupted == "SIGTERM" else SIGINT_EXIT) from None
         raise
     if wandb.run is not None:
         wandb.finish()

@@ -104,23 +104,29 @@ def save_artefacts(
         save_compressed(model, output_dir / "model", info)
         log.info("compressed model saved to %s (float; quantize after loading: %s)", output_dir / "model", quantize)
     if run.export.onnx:
-        assert dm.data is not None
-        t0 = time.perf_counter()
-        calibration = None
-        smooth = run.export.int8_smooth if quantize is not None else None
-        if quantize is not None and (run.export.int8 == "static" or smooth is not None):
-            # static int8 fixes its activation scales, and smoothing its channel scales, on the
-            # batches the compression calibrated on: the first ones of the training order, as
-            # many as batch_budget gave calibration
-            loader, c = dm.train_dataloader(), run.compression
-            calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
-        folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
-                             dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
-                             calibration=calibration, int8_weights=run.export.int8_weights, int8_smooth=smooth)
-        meta = json.loads((folder / "deploy.json").read_text())
-        out.update({"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
-                    "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]})
+        out.update(export_artefact(run, model, dm, quantize, output_dir, info))
     return out
+
+
+def export_artefact(run: RunConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None,
+                    output_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The ONNX artefact (``RUN_DIR/onnx``) of ``model`` for ``recsys-recommend``."""
+    assert dm.data is not None
+    t0 = time.perf_counter()
+    calibration = None
+    smooth = run.export.int8_smooth if quantize is not None else None
+    if quantize is not None and (run.export.int8 == "static" or smooth is not None):
+        # static int8 fixes its activation scales, and smoothing its channel scales, on the
+        # batches the compression calibrated on: the first ones of the training order, as
+        # many as batch_budget gave calibration
+        loader, c = dm.train_dataloader(), run.compression
+        calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
+    folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
+                         dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
+                         calibration=calibration, int8_weights=run.export.int8_weights, int8_smooth=smooth)
+    meta = json.loads((folder / "deploy.json").read_text())
+    return {"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
+            "export/max_abs_deviation": meta["max_abs_deviation_from_eager"]}
 
 
 def evaluate_deployed(run: RunConfig, dm: NextItemDataModule, folder: Path, base_ndcg: float,
@@ -204,7 +210,10 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
 
     compressing = run.compression.method != "none"
     key, material = base_model_key(cfg)
+    # Only a compression run reuses a cached base (a plain run is asked to train); every run
+    # that trains one stores it, so `python train.py` followed by `compression=odllm` trains once.
     caching = compressing and run.base_cache
+    storing = run.base_cache and not cfg.trainer.get("fast_dev_run")
     # Under DDP the ranks train together: one waiting on the lock would deadlock the other.
     locking = caching and not multi_process(cfg)
     with base_model_lock(cfg.paths.cache_dir, key) if locking else contextlib.nullcontext():
@@ -216,7 +225,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             if has_lora(model):  # the best checkpoint was tested with its adapters; keep a stock model
                 merge_lora(model)
             base_per_user = lit.test_per_user
-            if caching and not cfg.trainer.get("fast_dev_run"):
+            if storing:
                 store_base(cfg.paths.cache_dir, key, material, model, metrics, base_per_user)
         else:
             base_per_user = load_base_test_per_user(cfg.paths.cache_dir, key)
@@ -241,6 +250,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["base/test/ndcg@10"],
                                              None if multi_process(cfg) else base_per_user))
         metrics.update({
+            "compression/quantize": run.compression.quantizes,
             "compression/method": run.compression.method,
             "compression/allocation": run.compression.allocation,
             "compression/ratio": run.ratio,
@@ -249,6 +259,12 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "size/base_mb": base_mb,
             "compression/model_ratio": params / base_params,
         })
+    elif run.export.onnx and global_rank() == 0:  # the trained model itself, as deployed
+        info = {"method": "none", "ratio": None, "quantize": None, "alignment": "none",
+                "dataset": run.dataset.name, "model": run.model.name}
+        metrics.update(export_artefact(run, model, dm, None, output_dir, info))
+        metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["test/ndcg@10"],
+                                         None if multi_process(cfg) else base_per_user))
     metrics.update(
         {
             "params/total": params,
@@ -269,10 +285,30 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
 
     path = finish_run(output_dir, metrics, trainers.loggers)
     log.info("metrics written to %s", path)
-    Console().print(
-        f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"
-        + (f"  (popularity ndcg@10 {metrics['baseline/popularity/test/ndcg@10']:.4f})"
-           if run.evaluation.popularity_baseline else "")
-        + f"  train {metrics['time/train_s']:.1f}s  -> {path}"
-    )
+    Console().print("\n".join(result_lines(metrics, path)), highlight=False)
     return metrics
+
+
+def result_lines(metrics: dict[str, Any], path: Path) -> list[str]:
+    """The run's answer, the last lines it prints: the test score and, for a compression run,
+    the base model's, the retention with its paired interval and the deployed artefact's."""
+    pop = metrics.get("baseline/popularity/test/ndcg@10")
+    lines = [f"[bold]test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}"
+             + (f"  (popularity ndcg@10 {pop:.4f})" if pop is not None else "")
+             + f"  train {metrics['time/train_s']:.1f}s"
+             + ("  (base model from the cache)" if metrics.get("base/cache_hit") == 1 else "") + "[/bold]"]
+    if "retention/ndcg@10" in metrics:
+        method = f"{metrics['compression/method']}@{metrics['compression/ratio']:g}"
+        if metrics.get("alignment/method", "none") != "none":
+            method += f" + {metrics['alignment/method']}"
+        low, high = metrics.get("retention/ndcg@10_ci_low"), metrics.get("retention/ndcg@10_ci_high")
+        interval = f" [{low:.3f}, {high:.3f}] (95% paired bootstrap over test users)" if low is not None else ""
+        lines.append(f"[bold]{method}: test ndcg@10 {metrics['base/test/ndcg@10']:.4f} (base) -> "
+                     f"{metrics['test/ndcg@10']:.4f}, retention {metrics['retention/ndcg@10']:.3f}{interval}[/bold]")
+    if "deploy/retention/ndcg@10" in metrics:
+        low, high = metrics.get("deploy/retention/ndcg@10_ci_low"), metrics.get("deploy/retention/ndcg@10_ci_high")
+        interval = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+        lines.append(f"[bold]deployed artefact: test ndcg@10 {metrics['deploy/test/ndcg@10']:.4f}, retention "
+                     f"{metrics['deploy/retention/ndcg@10']:.3f}{interval}, {metrics['size/onnx_mb']:.1f} MB[/bold]")
+    lines.append(f"metrics -> {path}")
+    return lines

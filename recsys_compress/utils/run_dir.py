@@ -87,6 +87,9 @@ def prepare_run_dir(cfg: DictConfig, rank: int = 0) -> DictConfig:
         if rank == 0 and (output_dir / ".hydra").is_dir():
             shutil.copyfile(saved_path, output_dir / ".hydra" / "config.yaml")
         return saved
+    if cfg.get("resume") == "auto" and rank == 0:
+        log.warning("resume=auto: %s holds no run to continue (%s); starting a new run there", output_dir,
+                    f"no {RUN_CONFIG}" if not saved_path.is_file() else "no checkpoint or metrics.json")
     if rank != 0:  # rank 0 has checked the directory and recorded the config
         return cfg
     if cfg.get("resume") != "auto":
@@ -98,6 +101,25 @@ def prepare_run_dir(cfg: DictConfig, rank: int = 0) -> DictConfig:
     output_dir.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(OmegaConf.to_yaml(cfg))
     return cfg
+
+
+# What a run refused at start leaves: Hydra's record of the command, its log, our copy of the
+# config and the error. A folder holding anything else is someone's results and is kept.
+REFUSED_RUN_FILES = {".hydra", "train.log", RUN_CONFIG, "error.txt"}
+
+
+def discard_refused_run_dir(output_dir: str | Path) -> bool:
+    """Remove the folder of a run refused before it did any work (the message was printed), and
+    its date folder when that is left empty, so refused commands leave no empty runs behind.
+    Returns whether it removed anything."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir() or not {p.name for p in output_dir.iterdir()} <= REFUSED_RUN_FILES:
+        return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    parent = output_dir.parent
+    if parent.name[:4].isdigit() and parent.is_dir() and not any(parent.iterdir()):  # outputs/TASK/DATE/TIME
+        parent.rmdir()
+    return True
 
 
 def clear_stale_error(output_dir: str | Path) -> None:
