@@ -29,6 +29,23 @@ def test_grouplens_title_with_comma_is_one_field():
     assert raw.item_info["11"].title == "American President, The (1995)"
 
 
+def test_a_file_without_a_final_newline_is_read_with_a_warning_naming_its_last_line(tmp_path, caplog):
+    """A cut-off copy ends mid-line: its last timestamp parses as a valid, wrong number."""
+    folder = tmp_path / "gl"
+    head_lines(SMALL / "ratings.csv", folder / "ratings.csv", 5)
+    with open(folder / "ratings.csv", "a") as f:
+        f.write("7,42,4.0,96498")
+    with caplog.at_level("WARNING"):
+        raw = read_grouplens_csv(folder)
+    assert len(raw.users) == 5
+    assert (f"{folder / 'ratings.csv'} does not end with a newline: it may be truncated (an interrupted copy?); "
+            "its last line is '7,42,4.0,96498'") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_grouplens_csv(SMALL)
+    assert "does not end with a newline" not in caplog.text
+
+
 def test_grouplens_malformed_line_names_file_line_and_content(tmp_path):
     folder = tmp_path / "gl"
     head_lines(SMALL / "ratings.csv", folder / "ratings.csv", 5)

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_train
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "logger=none",
@@ -84,6 +86,28 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is_and_exits_130(tmp_pat
             f"hydra.run.dir={run} resume=auto") in text
     assert "Traceback" not in text and "SystemExit" not in text, text[-3000:]
     assert (run / "error.txt").read_text().startswith("interrupted by Ctrl-C")
+
+
+def test_a_run_folder_that_is_a_file_or_unwritable_fails_in_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for key, args in [("hydra.run.dir", []), ("hydra.sweep.dir", ["-m", "ratio=0.3,0.5"])]:
+        out = run_train([*args, f"{key}={blocker / 'run'}"])
+        text = out.stdout + out.stderr
+        assert out.returncode == 1
+        assert text.strip() == (f"error: cannot write the run outputs to {key}={blocker / 'run'}: {blocker} is a "
+                                f"file, not a folder; choose another folder with {key}=PATH"), text[-3000:]
+    # read-only disk or folder (as root nothing is read-only here: the refusal is simulated)
+    from recsys_compress.utils.output_dir_check import check_writable_folder
+
+    def refused(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(SystemExit) as refusal:
+        check_writable_folder(tmp_path / "ro", "hydra.run.dir")
+    assert str(refusal.value) == (f"error: cannot write the run outputs to hydra.run.dir={tmp_path / 'ro'}: permission "
+                                  f"denied ({tmp_path / 'ro'}); choose another folder with hydra.run.dir=PATH")
 
 
 def test_resume_auto_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, caplog):

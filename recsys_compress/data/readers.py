@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+log = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -80,6 +84,12 @@ def _require(path: Path, expected: str) -> Path:
 def _read_text(path: Path) -> str:
     """A data file's text; a file that is not UTF-8 (binary, another encoding) names itself."""
     data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        # Line-based files end with a newline; one that does not was probably cut off (an
+        # interrupted copy), and its last line can hold a cut-off number that parses as a valid one.
+        last = data.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")
+        log.warning("%s does not end with a newline: it may be truncated (an interrupted copy?); its last line "
+                    "is %r", path, last[:200])
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
