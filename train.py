@@ -8,6 +8,9 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 # W&B is offline unless the user opts in (WANDB_MODE=online); no account or network needed.
 os.environ.setdefault("WANDB_MODE", "offline")
+# ... and quiet: its end-of-run history and summary (~40 lines) would bury the run's own answer,
+# which the task prints last (WANDB_QUIET=false brings them back; `wandb leet` shows a run).
+os.environ.setdefault("WANDB_QUIET", "true")
 
 from recsys_compress.config import register_schemas  # noqa: E402
 

@@ -23,7 +23,8 @@ REQUIRED = [
 
 
 def train(run_dir, *overrides):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # W&B as a user has it (CI sets WANDB_SILENT): quiet by train.py's own default
+    env = {**{k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_QUIET")}, "WANDB_MODE": "offline"}
     out = subprocess.run(
         [sys.executable, "train.py", *TINY, f"hydra.run.dir={run_dir}", *overrides],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
@@ -47,6 +48,31 @@ def test_metrics_json_has_the_contract_keys(default_run):
     assert 0 <= metrics["test/ndcg@10"] <= metrics["test/hr@10"] <= metrics["test/hr@20"] <= 1
     assert metrics["params/total"] == 9725 * 16 + 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * 16) + 16
     assert metrics["baseline/popularity/test/ndcg@10"] == pytest.approx(0.01917, abs=1e-4)
+
+
+def test_the_runs_answer_is_its_last_lines(default_run):
+    run_dir, metrics, out = default_run
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == f"metrics -> {run_dir / 'metrics.json'}"
+    assert lines[-2].startswith(f"test ndcg@10 {metrics['test/ndcg@10']:.4f}  hr@10 {metrics['test/hr@10']:.4f}  "
+                                f"(popularity ndcg@10 {metrics['baseline/popularity/test/ndcg@10']:.4f})")
+    assert "Run summary" not in out.stdout + out.stderr  # W&B's ~40 summary lines stay off the console
+
+
+def test_a_compression_runs_answer_names_base_compressed_and_retention_with_its_interval(tmp_path):
+    from recsys_compress.tasks.train_seqrec import result_lines
+
+    metrics = {"test/ndcg@10": 0.0412, "test/hr@10": 0.08, "time/train_s": 0.0, "base/cache_hit": 1,
+               "base/test/ndcg@10": 0.0500, "retention/ndcg@10": 0.824, "retention/ndcg@10_ci_low": 0.75,
+               "retention/ndcg@10_ci_high": 0.9, "compression/method": "odllm", "compression/ratio": 0.5,
+               "alignment/method": "progressive", "deploy/test/ndcg@10": 0.0410, "deploy/retention/ndcg@10": 0.82,
+               "deploy/retention/ndcg@10_ci_low": 0.74, "deploy/retention/ndcg@10_ci_high": 0.89, "size/onnx_mb": 3.25}
+    assert result_lines(metrics, tmp_path / "metrics.json") == [
+        "[bold]test ndcg@10 0.0412  hr@10 0.0800  train 0.0s  (base model from the cache)[/bold]",
+        "[bold]odllm@0.5 + progressive: test ndcg@10 0.0500 (base) -> 0.0412, retention 0.824 [0.750, 0.900] "
+        "(95% paired bootstrap over test users)[/bold]",
+        "[bold]deployed artefact: test ndcg@10 0.0410, retention 0.820 [0.740, 0.890], 3.2 MB[/bold]",
+        f"metrics -> {tmp_path / 'metrics.json'}"]
 
 
 def test_run_directory_has_checkpoints_csv_and_config(default_run):

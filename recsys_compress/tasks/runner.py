@@ -51,6 +51,18 @@ def resume_hint(output_dir: Path) -> str:
     return f"{where}; continue with: python3 train.py hydra.run.dir={output_dir} resume=auto"
 
 
+def log_lightning_once() -> None:
+    """``import lightning`` gives the ``lightning`` logger a console handler of its own, while its
+    records also reach the root logger's handlers (Hydra's console and ``train.log``): every
+    Lightning line twice. Where the root logger has handlers, keep only those."""
+    if not logging.getLogger().handlers:
+        return
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
+
+
 def run_task(cfg: DictConfig) -> dict[str, Any]:
     """Run the task ``cfg.task.name``; a failure leaves ``error.txt`` and a failed W&B run.
 
@@ -61,6 +73,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"task.name={name!r} is not a task; allowed: {', '.join(TASKS)}")
     import wandb
 
+    log_lightning_once()
     try:
         cfg = prepare_run_dir(cfg, global_rank())
         with ddp_job(cfg):  # in a multirun, the job's other ranks run this job only

@@ -285,7 +285,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
 
     path = finish_run(output_dir, metrics, trainers.loggers)
     log.info("metrics written to %s", path)
-    Console().print("\n".join(result_lines(metrics, path)), highlight=False)
+    Console().print("\n".join(result_lines(metrics, path)), highlight=False, soft_wrap=True)
     return metrics
 
 
