@@ -193,6 +193,11 @@ FAULTS = [
     Fault("plain_run_ignores_export_onnx", "recsys_compress/tasks/train_seqrec.py",
           "    elif run.export.onnx and global_rank() == 0:", "    elif False:",
           ("tests/test_deploy.py::test_a_plain_run_with_export_onnx_ships_the_trained_model",)),
+    Fault("config_validation_loads_torch", "recsys_compress/config.py",
+          "from recsys_compress.compression.names import ALLOCATIONS, DEFAULT_TARGETS, LOW_RANK_METHODS\n",
+          "from recsys_compress.compression.allocation import ALLOCATIONS\n"
+          "from recsys_compress.compression.names import DEFAULT_TARGETS, LOW_RANK_METHODS\n",
+          ("tests/test_user_commands.py::test_a_wrong_value_is_refused_before_torch_lightning_or_transformers_load",)),
     Fault("lstsq_fits_on_the_teachers_inputs", "recsys_compress/alignment/lstsq.py",
           "                        z = xs[name] @ B.T", "                        z = xt[name] @ B.T",
           ("tests/test_alignment.py::test_lstsq_refits_on_the_students_inputs_not_the_teachers",)),

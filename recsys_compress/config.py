@@ -21,9 +21,8 @@ from typing import Any, ClassVar, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recsys_compress.compression.allocation import ALLOCATIONS
-from recsys_compress.compression.calibration import DEFAULT_TARGETS
-from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
+from recsys_compress.compression.names import ALLOCATIONS, DEFAULT_TARGETS, LOW_RANK_METHODS
+from recsys_compress.compression.names import METHOD_KINDS as METHODS
 
 
 class ConfigError(ValueError):
@@ -465,6 +464,8 @@ def _check_trainer(container: dict[str, Any]) -> None:
              "trainer.max_epochs", max_epochs, ">= 1, or -1 (no epoch limit) with trainer.max_time set")
     strategy, accelerator = str(trainer.get("strategy", "auto")), str(trainer.get("accelerator", "auto"))
     precision = str(trainer.get("precision", "32-true"))
+    if not (strategy.startswith("fsdp") or accelerator in ("gpu", "cuda") or precision.startswith("bf16")):
+        return  # nothing here needs torch: a wrong value elsewhere fails before it loads
     import torch
 
     cuda = torch.cuda.is_available()
@@ -802,3 +803,11 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():
         store.store(group=group, name="base", node=defaults_of(schema))
+
+
+def validate_task(cfg: DictConfig) -> Schema | None:
+    """Validate ``cfg`` with its task's validator (None for a task without one). Imports nothing
+    heavy, so the runner calls it before it loads a task: a wrong value fails in seconds."""
+    validators = {"train": validate, "mra_probe": validate_probe, "marc": validate_marc, "proxy": validate_proxy}
+    validator = validators.get(str(OmegaConf.select(cfg, "task.name", default="")))
+    return validator(cfg) if validator else None

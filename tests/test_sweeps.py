@@ -1,5 +1,6 @@
 """Experiment and search configs compose; a multirun records a failing job and finishes the rest."""
 
+import csv
 import json
 import os
 import subprocess
@@ -79,9 +80,12 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
     assert f"| 0.5 | {metrics['retention/ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in text
     assert "base model trained in 1 (" in text and "| svd | none | 0.5 | trained" in text
     assert "| ratio=7 compression=svd" in text and "ConfigError: ratio=7.0 is out of range" in text
-    drawn = (tmp_path / "report" / "retention.csv").read_text().splitlines()  # the plotted points
-    assert drawn == ["method,alignment,ratio,retention/ndcg@10,ci_low,ci_high",
-                     f"svd,none,0.5,{metrics['retention/ndcg@10']!r},{low!r},{high!r}"]
+    with open(tmp_path / "report" / "retention.csv") as f:  # the plotted points
+        drawn = list(csv.reader(f))
+    assert drawn == [["setting", "method", "alignment", "ratio", "retention/ndcg@10", "ci_low", "ci_high", "std",
+                      "seeds", "runs"],
+                     ["ml_latest_small, llama_tiny", "svd", "none", "0.5", repr(metrics["retention/ndcg@10"]),
+                      repr(low), repr(high), "0.0", "1", str(sweep / "1")]]
     assert (tmp_path / "report" / "retention.png").stat().st_size > 10_000
 
 

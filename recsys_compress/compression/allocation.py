@@ -44,10 +44,8 @@ import math
 import torch
 
 from recsys_compress.compression.low_rank import rank_for_ratio
+from recsys_compress.compression.names import ALLOCATIONS, GRADIENT_ALLOCATIONS  # noqa: F401  (re-exported)
 
-ALLOCATIONS = ("uniform", "global", "global_relative", "zero_sum")
-# rules that rank directions by the calibration loss's gradient, not by singular values alone
-GRADIENT_ALLOCATIONS = ("zero_sum",)
 DENSE = -1  # the rank recorded for a matrix kept dense
 
 

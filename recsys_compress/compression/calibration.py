@@ -19,11 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# q/k/v/o and gate/up/down of every decoder block (LLaMA naming).
-DEFAULT_TARGETS = (
-    "*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj",
-    "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj",
-)
+from recsys_compress.compression.names import DEFAULT_TARGETS
 
 
 def select_linear_layers(

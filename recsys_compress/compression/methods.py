@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from recsys_compress.compression.calibration import InputStats
+from recsys_compress.compression.names import METHOD_KINDS
 from recsys_compress.compression.low_rank import (
     Factorization,
     InputTransform,
@@ -101,6 +102,10 @@ def names(kind: str | None = None) -> tuple[str, ...]:
 
 LOW_RANK_METHODS = names("low_rank")
 PRUNING_METHODS = names("pruning")
+# The config validates against names.METHOD_KINDS (torch-free): the registry must say the same.
+if {n: m.kind for n, m in METHODS.items()} != METHOD_KINDS:
+    raise RuntimeError("compression.methods.METHODS and compression.names.METHOD_KINDS disagree: "
+                       f"{ {n: m.kind for n, m in METHODS.items()} } vs {METHOD_KINDS}")
 
 
 def get_method(name: str) -> LowRank | Pruning | Quantization:

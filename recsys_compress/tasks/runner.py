@@ -1,28 +1,32 @@
-"""Dispatch `train.py` to a task and always close the experiment trackers."""
+"""Dispatch `train.py` to a task and always close the experiment trackers.
+
+This module imports nothing heavy: the config is validated first and the task (with torch,
+Lightning and transformers) is imported after, so a wrong value fails in a few seconds.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from recsys_compress.config import ConfigError
+from recsys_compress.config import ConfigError, validate_task
 from recsys_compress.data.readers import DataFormatError
-from recsys_compress.tasks.marc import marc
-from recsys_compress.tasks.mra_probe import mra_probe
-from recsys_compress.tasks.proxy import proxy
-from recsys_compress.tasks.train_seqrec import train_seqrec
-from recsys_compress.utils.ddp_sweep import ddp_job
 from recsys_compress.utils.run_dir import clear_stale_error, prepare_run_dir
 from recsys_compress.utils.run_outputs import global_rank
 
 log = logging.getLogger(__name__)
 
-TASKS = {"train": train_seqrec, "mra_probe": mra_probe, "marc": marc, "proxy": proxy}
+# Each task's function, as "module:function", imported when the task runs.
+TASKS = {"train": "recsys_compress.tasks.train_seqrec:train_seqrec",
+         "mra_probe": "recsys_compress.tasks.mra_probe:mra_probe",
+         "marc": "recsys_compress.tasks.marc:marc",
+         "proxy": "recsys_compress.tasks.proxy:proxy"}
 # Errors in what the user gave (config values, data files): their message says everything, so
 # they are reported without a traceback.
 USER_ERRORS = (ConfigError, DataFormatError)
@@ -36,7 +40,7 @@ def interruption(error: BaseException) -> str | None:
     """``SIGTERM`` or ``Ctrl-C`` when ``error`` is how a run was interrupted, else None. Lightning
     turns Ctrl-C inside a Trainer into ``SystemExit(1)`` raised while handling the
     KeyboardInterrupt, after its own one-line "graceful shutdown" notice."""
-    if isinstance(error, SIGTERMException):
+    if type(error).__name__ == "SIGTERMException" and type(error).__module__.startswith("lightning"):
         return "SIGTERM"
     if isinstance(error, KeyboardInterrupt) or (
             isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)):
@@ -71,13 +75,16 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     name = cfg.task.name
     if name not in TASKS:
         raise ConfigError(f"task.name={name!r} is not a task; allowed: {', '.join(TASKS)}")
-    import wandb
-
-    log_lightning_once()
     try:
         cfg = prepare_run_dir(cfg, global_rank())
+        validate_task(cfg)  # before the task's heavy imports
+        module, function = TASKS[name].split(":")
+        task = getattr(importlib.import_module(module), function)
+        log_lightning_once()
+        from recsys_compress.utils.ddp_sweep import ddp_job
+
         with ddp_job(cfg):  # in a multirun, the job's other ranks run this job only
-            metrics = TASKS[name](cfg)
+            metrics = task(cfg)
     except BaseException as error:
         output_dir = Path(cfg.paths.output_dir)
         interrupted = interruption(error)
@@ -94,12 +101,14 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
             (output_dir / "error.txt").write_text(
                 f"{what}\n\n" + "".join(traceback.format_exception(error)))
         # One W&B run per job, marked failed so dashboards do not mistake it for a result.
-        if wandb.run is not None:
+        wandb = sys.modules.get("wandb")  # not loaded: no run to close
+        if wandb is not None and wandb.run is not None:
             wandb.finish(exit_code=1)
         if interrupted:
             raise SystemExit(SIGTERM_EXIT if interrupted == "SIGTERM" else SIGINT_EXIT) from None
         raise
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
     if global_rank() == 0:
         clear_stale_error(cfg.paths.output_dir)
