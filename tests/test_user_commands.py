@@ -109,6 +109,13 @@ def test_a_run_folder_that_is_a_file_or_unwritable_fails_in_one_line(tmp_path, m
         check_writable_folder(tmp_path / "ro", "hydra.run.dir")
     assert str(refusal.value) == (f"error: cannot write the run outputs to hydra.run.dir={tmp_path / 'ro'}: permission "
                                   f"denied ({tmp_path / 'ro'}); choose another folder with hydra.run.dir=PATH")
+    monkeypatch.undo()  # an existing folder without write access (a read-only mount)
+    (tmp_path / "mounted").mkdir()
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as refusal:
+        check_writable_folder(tmp_path / "mounted", "hydra.run.dir")
+    assert str(refusal.value).endswith(f"hydra.run.dir={tmp_path / 'mounted'}: it is not writable; choose another "
+                                       "folder with hydra.run.dir=PATH")
 
 
 def test_a_wrong_value_is_refused_before_torch_lightning_or_transformers_load(tmp_path):
