@@ -38,7 +38,7 @@ bench-ddp:          ## DDP (2 gloo processes) vs single-process epoch time on ML
 
 odllm-table:        ## OD-LLM methods x ratios x alignment on llama_tiny/ML-1M (one base model), then its report
 	$(PY) train.py -m experiment=odllm_table_ml1m hydra.sweep.dir=outputs/odllm_table_ml1m/sweep
-	$(PY) experiments/report.py outputs/odllm_table_ml1m/sweep --out outputs/odllm_table_ml1m/report
+	$(PY) -m recsys_compress.reporting.report outputs/odllm_table_ml1m/sweep --out outputs/odllm_table_ml1m/report
 
 # Issue 18: one trained base per model (trained here when its folder holds no metrics.json), then
 # every allocation x ratio x alignment on that base in one invocation, paired with uniform by user.
@@ -62,7 +62,7 @@ marc:               ## MARC (bottleneck, and + HSIC) on ML-1M
 	$(PY) train.py -m experiment=marc_ml1m hydra.sweep.dir=outputs/marc_ml1m/sweep
 
 marc-report: mra-curve id-only marc   ## MRA curve with ID-only and MARC as references
-	$(PY) experiments/report.py outputs/mra_curve_ml1m outputs/marc_ml1m --out outputs/marc_ml1m/report
+	$(PY) -m recsys_compress.reporting.report outputs/mra_curve_ml1m outputs/marc_ml1m --out outputs/marc_ml1m/report
 
 cold-seeds:         ## cold-item ML-1M, seeds 0-2: probes, ID-only, MARC, fresh models on their codes; paired report
 	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,15,30 seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/linear
@@ -72,7 +72,7 @@ cold-seeds:         ## cold-item ML-1M, seeds 0-2: probes, ID-only, MARC, fresh 
 	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/linear/$$((6 + s)) && \
 	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/marc/$$s marc.deploy_noise=true || exit 1; \
 	done
-	$(PY) experiments/report.py outputs/cold_seeds --out outputs/cold_seeds/report
+	$(PY) -m recsys_compress.reporting.report outputs/cold_seeds --out outputs/cold_seeds/report
 
 cold-itembatch:     ## cold-item ML-1M, seeds 0-2: probes on random vs item-grouped batches, MARC with item-id dropout, fresh models on codes
 	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/linear
@@ -84,7 +84,7 @@ cold-itembatch:     ## cold-item ML-1M, seeds 0-2: probes on random vs item-grou
 	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear/$$((3 + s)) && \
 	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear_itembatch/$$((3 + s)) || exit 1; \
 	done
-	$(PY) experiments/report.py outputs/cold_itembatch --out outputs/cold_itembatch/report
+	$(PY) -m recsys_compress.reporting.report outputs/cold_itembatch --out outputs/cold_itembatch/report
 
 cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4) most informative code dims vs all 32, MARC at dim 8, the probes
 	$(PY) train.py -m experiment=mra_cold_ml1m probe.layer=0,30 seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/linear
@@ -98,7 +98,7 @@ cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4)
 	  $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s marc.export_dims=8 || exit 1; \
 	done
 	for s in 0 1 2; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
-	$(PY) experiments/report.py outputs/cold_export --out outputs/cold_export/report
+	$(PY) -m recsys_compress.reporting.report outputs/cold_export --out outputs/cold_export/report
 
 # The proxy and its settings: `make proxy-marc PROXY=mrl PROXY_ARGS=proxy.objective=mrl` for another.
 # A step whose run folder holds metrics.json is skipped and an interrupted one resumes (resume=auto),
@@ -119,7 +119,7 @@ proxy-marc:         ## cold-item ML-1M, seeds 0-2: a proxy fine-tunes SmolLM2, M
 	    test -f $(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l/metrics.json || $(PY) train.py experiment=mra_cold_ml1m probe.layer=$$l representation.encoder_run=$$P seed=$$s logger=csv resume=auto hydra.run.dir=$(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l || exit 1; \
 	  done; \
 	done
-	$(PY) experiments/report.py $(foreach s,0 1 2,$(PROXY_OUT)/$(PROXY)_s$(s) $(PROXY_OUT)/marc_$(PROXY)_s$(s) $(PROXY_OUT)/mra_$(PROXY)_s$(s) $(PROXY_OUT)/mra_pre_s$(s)) --out $(PROXY_OUT)/report_$(PROXY)
+	$(PY) -m recsys_compress.reporting.report $(foreach s,0 1 2,$(PROXY_OUT)/$(PROXY)_s$(s) $(PROXY_OUT)/marc_$(PROXY)_s$(s) $(PROXY_OUT)/mra_$(PROXY)_s$(s) $(PROXY_OUT)/mra_pre_s$(s)) --out $(PROXY_OUT)/report_$(PROXY)
 
 clean:              ## remove outputs/, multirun/ and the pytest cache (not .cache/: cached models and data)
 	rm -rf outputs multirun .pytest_cache

@@ -161,7 +161,7 @@ FAULTS = [
           "        lambda W: W.double() @ S,", "        lambda W: W.double(),",
           ("tests/test_low_rank.py::test_whitened_minimises_output_error_on_its_activations",)),
     # issue 48: faults found where every test passed
-    Fault("report_cell_ignores_the_setting", "experiments/report.py",
+    Fault("report_cell_ignores_the_setting", "recsys_compress/reporting/report.py",
           '        cell = Cell(r["_setting"], _method_label(r), r["_alignment"], r["_ratio"])',
           '        cell = Cell(frozenset(), _method_label(r), r["_alignment"], r["_ratio"])',
           ("tests/test_report.py::test_incomparable_runs_never_share_a_cell_and_seeds_pool",)),

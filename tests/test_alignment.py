@@ -319,8 +319,7 @@ def test_pipeline_compress_align_test(alignment, tmp_path):
     assert (tmp_path / "alignment" / "last.ckpt").is_file() == (alignment == "progressive")
 
     # The report's OD-LLM table shows the aligned cell with its alignment time.
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()

@@ -242,8 +242,7 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
     assert run_task(compose_config(uniform, tmp_path / "uniform"))["base/cache_hit"] == 1
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     with open(tmp_path / "report" / "ranks.csv") as f:

@@ -1,14 +1,10 @@
-"""experiments/compare_tables.py: cells of two compression_table invocations paired by user."""
+"""recsys_compress/reporting/compare_tables.py: cells of two compression_table invocations paired by user."""
 
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "experiments"))
-import compare_tables  # noqa: E402
+from recsys_compress.reporting import compare_tables
 
 
 def table(path, base, cells):

@@ -86,8 +86,7 @@ def test_lora_run_trains_adapters_and_stores_a_merged_stock_base_model(tmp_path)
     # every validation is timed: the curve of NDCG@10 against wall time
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import training_curves
+    from recsys_compress.reporting import training_curves
 
     assert training_curves.main([str(out), "--out", str(tmp_path / "curves.png")]) == 0
     with open(tmp_path / "curves.csv") as f:

@@ -188,7 +188,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     first_checkpoints = sorted(p.name for p in (tmp_path / "again").rglob("*.ckpt"))
     assert evaluate_codes.main([str(tmp_path / "out"), *changed, "--out", str(tmp_path / "again")]) == 0
     assert sorted(p.name for p in (tmp_path / "again").rglob("*.ckpt")) == first_checkpoints
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path / "out"), str(tmp_path / "again"), "--out", str(tmp_path / "report")]) == 0
     exported = f", its {cfg.marc.export_dims} most informative dims deployed" if cfg.marc.export_dims else ""

@@ -244,8 +244,7 @@ def test_probe_all_layers_in_one_run_then_the_report_and_bad_inputs(ml100k_slice
     assert metrics["layers/0/test/auc"] != metrics["layers/2/test/auc"]
     id_only = run_task(compose_config([*overrides, "probe.compressor=none"], tmp_path / "runs" / "id_only"))
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
@@ -275,8 +274,7 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
             for what, extra in [("probe", []), ("id_only", ["probe.compressor=none", "ctr.item_id_dropout=0.5",
                                                                  "ctr.batch_by=item"])]
             for seed in (0, 1)}
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
@@ -301,8 +299,7 @@ def test_report_pools_the_seeds_of_one_configuration(ml100k_slice, tmp_path):
 
 
 def test_sign_flip_test_counts_the_sign_patterns_by_hand():
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     # 3 positive differences: only all-plus and all-minus reach |mean| = 2, so 2 of 8 patterns
     assert report.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
@@ -315,8 +312,7 @@ def test_sign_flip_test_counts_the_sign_patterns_by_hand():
 
 
 def test_the_report_pairs_each_reference_with_its_own_encoders_final_and_best_on_validation_layers():
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     def run(seed, split="item", **metrics):
         return {"_seed": seed, "_split_by": split, "_item_id_dropout": 0.0, "_batch_by": "sample", "_run": "r",

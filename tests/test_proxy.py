@@ -211,8 +211,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         OmegaConf.save(saved, other / "run_config.yaml")
         assert (encoder_label("llama_tiny", str(other)) == label) == same, name
     # the report draws the proxy's deployed code as a reference line under that name
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
     assert f"| {label}: its deployed code, dim 32 | {metrics['test/auc']:.4f} |" \

@@ -1,18 +1,14 @@
-"""experiments/report.py's retention table: only comparable runs share a cell."""
+"""recsys_compress/reporting/report.py's retention table: only comparable runs share a cell."""
 
 import csv
 import json
 import os
 import statistics
-import sys
 
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from recsys_compress.reporting import report
 from recsys_compress.utils.compose import compose_config
-
-sys.path.insert(0, str(REPO / "experiments"))
-import report  # noqa: E402
 
 
 def fake_run(folder, overrides, retention, mtime, interval=None):

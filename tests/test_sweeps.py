@@ -71,8 +71,7 @@ def test_a_multirun_records_a_failing_job_and_completes_the_others(tmp_path):
     assert records[1]["objective"] == metrics["val/ndcg@10"]
 
     # The report turns the sweep into the retention table, its costs and the failed job.
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
@@ -230,8 +229,7 @@ def test_script_command_lines_keep_overrides_out_of_list_options():
 
 def test_the_report_lists_a_failed_job_that_recorded_no_error_text(tmp_path):
     # A job killed from outside (OOM, scancel) can leave a summary record with an empty error.
-    sys.path.insert(0, str(REPO / "experiments"))
-    import report
+    from recsys_compress.reporting import report
 
     records = [{"status": "failed", "overrides": ["ratio=0.3"], "error": ""},
                {"status": "failed", "overrides": ["ratio=0.5"]},

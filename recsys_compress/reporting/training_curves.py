@@ -1,8 +1,8 @@
 """Validation NDCG@10 against wall time, one line per training run, from the runs' CSV logs.
 
-    python3 experiments/training_curves.py RUN_DIR [RUN_DIR ...] --out reports/curves.png
-    python3 experiments/training_curves.py outputs/a outputs/b --labels "full" "lora" --out curves.png
-    python3 experiments/training_curves.py outputs/c --points curves.csv --out curves2.png   # + earlier curves
+    recsys-training-curves RUN_DIR [RUN_DIR ...] --out reports/curves.png
+    recsys-training-curves outputs/a outputs/b --labels "full" "lora" --out curves.png
+    recsys-training-curves outputs/c --points curves.csv --out curves2.png   # + earlier curves
 
 Each run folder must hold the CSV logger's ``metrics.csv`` (``logger=csv`` or the default
 ``logger=default``), whose validation rows carry ``time/elapsed_s`` (logged by the training

@@ -6,9 +6,9 @@ one can be paired with any cell of the other: B's cell over A's cell, with the p
 interval of the ratio of their mean NDCG@10 (``evaluation.bootstrap.retention``). Cells are
 matched on method, ratio and alignment; ``--a``/``--b`` pick the allocation on each side.
 
-    python experiments/compare_tables.py outputs/allocation/ml1m_llama_tiny.json \
+    recsys-compare-tables outputs/allocation/ml1m_llama_tiny.json \
         outputs/allocation/ml1m_llama_tiny_zs_val.json --a zero_sum --b zero_sum
-    python experiments/compare_tables.py outputs/allocation/ml1m_llama_tiny.json \
+    recsys-compare-tables outputs/allocation/ml1m_llama_tiny.json \
         outputs/allocation/ml1m_llama_tiny_zs_val.json --a global_relative --b zero_sum
 """
 

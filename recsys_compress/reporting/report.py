@@ -1,7 +1,7 @@
 """Tables and plots from the metrics.json files of one or more (multi)runs.
 
-    python experiments/report.py outputs/mra_probe/multiruns/2026-11-24_19-00-00 --out reports/mra_ml1m
-    python experiments/report.py RUN_DIR [RUN_DIR ...] --out DIR
+    recsys-report outputs/mra_probe/multiruns/2026-11-24_19-00-00 --out reports/mra_ml1m
+    recsys-report RUN_DIR [RUN_DIR ...] --out DIR
 
 Every folder given is searched recursively for ``metrics.json``. What is drawn depends on
 what the runs are:
