@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # which the task prints last (WANDB_QUIET=false brings them back; `wandb leet` shows a run).
 os.environ.setdefault("WANDB_QUIET", "true")
 
-from recsys_compress.config import register_schemas  # noqa: E402
+from recsys_compress.tasks.config import register_schemas
 
 # Every group's defaults come from its schema (GROUP/base); also in jobs a launcher starts anew.
 register_schemas()

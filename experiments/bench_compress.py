@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ml_100k")
     from recsys_compress.utils.cli import parse_with_overrides
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     args.overrides = overrides
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from recsys_compress.compression.callback import CompressionCallback
-    from recsys_compress.config import validate
+    from recsys_compress.tasks.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 
     if args.threads:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from recsys_compress.utils.cli import parse_with_overrides
-from recsys_compress.utils.compose import path_override
+from recsys_compress.utils.overrides import path_override
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recsys_compress.config import LoraSettings
+from recsys_compress.models.config import LoraSettings
 from recsys_compress.models.finetune import add_lora
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import load_item_llm

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from recsys_compress.compression.callback import CompressionCallback
-    from recsys_compress.config import validate
+    from recsys_compress.tasks.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     cfg = compose_config([f"model={args.model}", *overrides])
     run = validate(cfg)

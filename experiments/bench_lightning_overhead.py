@@ -22,11 +22,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from recsys_compress.config import RunConfig, validate
+from recsys_compress.tasks.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 
 class EpochTimer(L.Callback):

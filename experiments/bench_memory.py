@@ -27,7 +27,7 @@ def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, 
     import torch
 
     from recsys_compress.compression.callback import CompressionCallback
-    from recsys_compress.config import CompressionConfig
+    from recsys_compress.compression.config import CompressionConfig
     from recsys_compress.models.item_llm import build_llama, count_parameters
     from recsys_compress.models.lit_seqrec import SeqRecLitModule
     from recsys_compress.utils.memory import resident_mib

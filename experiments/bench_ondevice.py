@@ -133,9 +133,9 @@ def variant_name(method: str, int8: Int8 | None, ratio: float | None = None, ali
 def compose_run(args: argparse.Namespace):
     """The composed and validated config: ``--base-run``'s own command line, or ``model=--model``,
     then the overrides given here."""
-    from recsys_compress.config import validate
-    from recsys_compress.models.trained_run import run_overrides
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.config import validate
+    from recsys_compress.tasks.trained_run import run_overrides
+    from recsys_compress.tasks.compose import compose_config
 
     first = run_overrides(args.base_run) if args.base_run else [f"model={args.model}"]
     cfg = compose_config([*first, *args.overrides])
@@ -148,7 +148,7 @@ def build_base(args: argparse.Namespace):
     import torch
 
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-    from recsys_compress.models.trained_run import load_trained_base
+    from recsys_compress.tasks.trained_run import load_trained_base
 
     cfg, run = compose_run(args)
     dm = build_datamodule(run.dataset, run.seed)

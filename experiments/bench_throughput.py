@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from recsys_compress.config import validate
+from recsys_compress.tasks.config import validate
 from recsys_compress.models.item_llm import count_parameters
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 
 def measure(model_name: str, batch_size: int, steps: int, overrides: list[str]) -> dict:

@@ -42,12 +42,12 @@ from recsys_compress.builders import build_datamodule, build_lit_module, build_m
 from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
-from recsys_compress.config import validate
+from recsys_compress.tasks.config import validate
 from recsys_compress.evaluation.bootstrap import retention
-from recsys_compress.models.trained_run import load_trained_base, run_overrides as overrides_of
+from recsys_compress.tasks.trained_run import load_trained_base, run_overrides as overrides_of
 from recsys_compress.utils.cli import parse_with_overrides
 from recsys_compress.utils.instantiators import Trainers
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 
 def main() -> None:

@@ -32,14 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import load_file
 
-from recsys_compress.config import register_schemas, validate_marc, validate_probe
+from recsys_compress.tasks.config import register_schemas, validate_marc, validate_probe
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.representations.proxy import encoder_label
 from recsys_compress.builders import build_ctr_datamodule
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.utils.cli import parse_with_overrides
-from recsys_compress.utils.compose import PROJECT_ROOT, path_override
+from recsys_compress.tasks.compose import PROJECT_ROOT
+from recsys_compress.utils.overrides import path_override
 from recsys_compress.utils.instantiators import Trainers
 from recsys_compress.utils.run_outputs import finish_run
 

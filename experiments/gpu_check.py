@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recsys_compress.utils.compose import path_override
+from recsys_compress.utils.overrides import path_override
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import validate_proxy
+from recsys_compress.tasks.config import validate_proxy
 from recsys_compress.representations.proxy import (CompressionHead, held_out_pairs, info_nce, proxy_texts,
                                                    proxy_token_states)
 from recsys_compress.representations.token_states import llama_top, pooled
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 
 @torch.no_grad()

@@ -11,8 +11,11 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from recsys_compress.config import (ConfigError, DatasetConfig, MARCRunConfig, ModelConfig, ProbeRunConfig,
-                                    RepresentationConfig, RunConfig)
+from recsys_compress.data.config import DatasetConfig
+from recsys_compress.models.config import ModelConfig
+from recsys_compress.representations.config import RepresentationConfig
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import MARCRunConfig, ProbeRunConfig, RunConfig
 from recsys_compress.ctr.data import CTRDataModule, build_ctr_splits
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.gguf_cache import convert_gguf

@@ -15,12 +15,14 @@ from recsys_compress.alignment.progressive import AlignmentError, ProgressiveAli
 from recsys_compress.alignment.runner import align
 from recsys_compress.compression.apply import compress_low_rank
 from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers
-from recsys_compress.config import AlignmentConfig, ConfigError, validate
+from recsys_compress.alignment.config import AlignmentConfig
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.item_llm import position_ids_for
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 from conftest import REPO, SMALL
 

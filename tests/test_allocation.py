@@ -196,7 +196,7 @@ def test_a_mixed_rank_model_with_a_dense_layer_saves_loads_and_exports(tmp_path)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     from recsys_compress.compression.callback import CompressionCallback
-    from recsys_compress.config import CompressionConfig
+    from recsys_compress.compression.config import CompressionConfig
 
     with torch.no_grad():
         reference = model(input_ids=ids).logits
@@ -217,7 +217,7 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
     import json
 
     from recsys_compress.tasks.runner import run_task
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     overrides = ["compression=odllm", "compression.allocation=global", "compression.quantize=int8", "ratio=0.3",
                  "alignment=progressive_lstsq", "alignment.batches=2", "model.hidden_size=16",
@@ -267,10 +267,11 @@ def test_a_budget_below_min_rank_fails_before_training(tmp_path):
 
 
 def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
-    from recsys_compress.config import ConfigError, validate
+    from recsys_compress.schema import ConfigError
+    from recsys_compress.tasks.config import validate
     from recsys_compress.models.item_llm import build_llama
     from recsys_compress.compression.callback import check_allocation
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     model = build_llama(50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                         max_len=8)
@@ -361,7 +362,7 @@ def test_zero_sum_composes_through_the_pipeline(tmp_path, monkeypatch, split):
 
     from recsys_compress.compression import callback as callback_module
     from recsys_compress.tasks.runner import run_task
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     differentiated = []
     original = callback_module.loss_gradients

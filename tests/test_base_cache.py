@@ -12,7 +12,7 @@ import pytest
 
 from recsys_compress.models.base_cache import base_model_key
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 from recsys_compress.utils.fingerprint import content_fingerprint
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",

@@ -6,7 +6,9 @@ import torch
 
 from conftest import SMALL
 from recsys_compress.compression.callback import CompressionCallback
-from recsys_compress.config import CompressionConfig, ConfigError, OptimConfig
+from recsys_compress.compression.config import CompressionConfig
+from recsys_compress.models.config import OptimConfig
+from recsys_compress.schema import ConfigError
 from recsys_compress.compression.calibration import select_linear_layers
 from recsys_compress.compression.low_rank import LowRankLinear, rank_for_ratio
 from recsys_compress.data.datamodule import NextItemDataModule

@@ -87,10 +87,10 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     from bench_ondevice import agreement
 
     from recsys_compress.builders import build_datamodule
-    from recsys_compress.config import validate
+    from recsys_compress.tasks.config import validate
     from recsys_compress.deploy.evaluate import evaluate_artefact
-    from recsys_compress.models.trained_run import run_overrides
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.trained_run import run_overrides
+    from recsys_compress.tasks.compose import compose_config
 
     run = validate(compose_config(run_overrides(run_dir)))
     dm = build_datamodule(run.dataset, run.seed)

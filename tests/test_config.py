@@ -6,9 +6,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from recsys_compress.config import ConfigError, validate
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate
 from recsys_compress.utils.instantiators import instantiate_group
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 CONF = REPO / "conf"
 
@@ -136,7 +137,7 @@ def test_the_lora_recipe_asks_for_bf16_only_where_the_hardware_has_it(tmp_path, 
     and autocasts where bf16 arithmetic exists."""
     import torch
 
-    import recsys_compress.config as config_module
+    import recsys_compress.tasks.config as config_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for has_bf16, precision in ((True, "bf16-mixed"), (False, "32-true")):
@@ -149,7 +150,7 @@ def test_the_lora_recipe_asks_for_bf16_only_where_the_hardware_has_it(tmp_path, 
 def test_a_gpu_trainer_or_bf16_without_cuda_fails_at_start_naming_the_alternative(tmp_path, monkeypatch):
     import torch
 
-    import recsys_compress.config as config_module
+    import recsys_compress.tasks.config as config_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu, but this machine has no CUDA GPU .* "
@@ -176,7 +177,7 @@ def test_a_time_cap_needs_no_plus_and_zero_epochs_are_refused(tmp_path):
 
 
 def test_an_unset_required_value_and_an_unknown_top_level_key_are_named(tmp_path):
-    from recsys_compress.config import validate_marc, validate_probe
+    from recsys_compress.tasks.config import validate_marc, validate_probe
 
     with pytest.raises(ConfigError, match="missing required key dataset.path: set it on the command line"):
         validate(compose_train(["dataset=sequence_text"], tmp_path))

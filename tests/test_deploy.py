@@ -18,7 +18,7 @@ from recsys_compress.evaluation.ranking import evaluate_scorer
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 N_ITEMS, MAX_LEN = 60, 12
 RAW_IDS = [str(1000 + 3 * i) for i in range(N_ITEMS)]

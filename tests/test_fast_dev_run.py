@@ -5,7 +5,7 @@ import json
 import pytest
 
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 FAST = ["+trainer.fast_dev_run=true", "logger=none", "evaluation.popularity_baseline=false"]
 

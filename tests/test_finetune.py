@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SMALL, run_train
-from recsys_compress.config import LoraSettings, OptimConfig
+from recsys_compress.models.config import LoraSettings, OptimConfig
 from recsys_compress.models.finetune import add_lora, has_lora, merge_lora
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule

@@ -7,7 +7,7 @@ import logging
 from recsys_compress.compression.calibration import batch_budget, split_calibration
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 from conftest import SMALL
 

@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from recsys_compress.config import CTRConfig, ConfigError, MARCConfig
+from recsys_compress.ctr.config import CTRConfig
+from recsys_compress.marc.config import MARCConfig
+from recsys_compress.schema import ConfigError
 from recsys_compress.marc.bottleneck import (VariationalBottleneck, hsic, informative_dims, kl_to_standard_normal,
                                              posterior_std)
 from recsys_compress.representations.token_states import cached_token_states, llama_top, pooled, token_states
@@ -19,7 +21,7 @@ from recsys_compress.ctr.data import ItemGroupBatchSampler
 from recsys_compress.representations.layer_means import extract_layer_means, load_encoder
 from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 from conftest import REPO
 

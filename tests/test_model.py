@@ -4,7 +4,7 @@ from conftest import SMALL
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama, count_parameters
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
-from recsys_compress.config import OptimConfig
+from recsys_compress.models.config import OptimConfig
 
 
 def tiny(n_items=50, **kw):

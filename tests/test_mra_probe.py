@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from recsys_compress.config import ConfigError
+from recsys_compress.schema import ConfigError
 from recsys_compress.data.readers import ItemInfo
 from recsys_compress.ctr.data import CTRDataModule, build_ctr_splits
 from recsys_compress.ctr.model import CTRLitModule, DCNv2, RepresentationCompressor, pca_projection
@@ -21,7 +21,7 @@ from recsys_compress.representations.layer_means import (
     user_texts,
 )
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 from conftest import REPO, SMALL
 
@@ -398,7 +398,7 @@ def test_probe_with_user_representations(ml100k_slice, tmp_path):
         run_task(compose_config([*overrides, "probe.compressor=none"], tmp_path / "bad"))
     with pytest.raises(ConfigError, match="representation.user_template=.* allowed fields: profile, history, id"):
         run_task(compose_config([*overrides, "representation.user_template='{name}'"], tmp_path / "bad"))
-    from recsys_compress.config import validate_marc
+    from recsys_compress.tasks.config import validate_marc
 
     with pytest.raises(ConfigError, match="representation.users=true is supported by task=mra_probe only"):
         validate_marc(compose_config(["task=marc", "representation.users=true"], tmp_path / "bad"))

@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, ProxyConfig, validate_marc, validate_probe
+from recsys_compress.representations.config import ProxyConfig
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate_marc, validate_probe
 from recsys_compress.representations.layer_means import cache_entry, extract_layer_means, item_texts
 from recsys_compress.representations.layer_means import load_encoder
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cosine_regression, encoder_label,
@@ -21,7 +23,7 @@ from recsys_compress.representations.proxy import (ProxyModule, chance_loss, cos
                                                    mrl_prefixes, next_token_loss)
 from recsys_compress.representations.token_states import llama_top
 from recsys_compress.tasks.runner import run_task
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 from conftest import REPO
 

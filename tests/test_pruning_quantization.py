@@ -43,7 +43,8 @@ def test_int8_stacked_on_low_rank_quantises_both_factors():
 
 
 def test_unknown_method_and_quantize_fail():
-    from recsys_compress.config import CompressionConfig, ConfigError
+    from recsys_compress.compression.config import CompressionConfig
+    from recsys_compress.schema import ConfigError
 
     with pytest.raises(ConfigError, match="allowed: none, svd, asvd, odllm, prune_magnitude, wanda, int8"):
         CompressionConfig(method="gptq")

@@ -8,7 +8,7 @@ import statistics
 from omegaconf import OmegaConf
 
 from recsys_compress.reporting import report
-from recsys_compress.utils.compose import compose_config
+from recsys_compress.tasks.compose import compose_config
 
 
 def fake_run(folder, overrides, retention, mtime, interval=None):

@@ -19,7 +19,7 @@ from recsys_compress.compression.calibration import (
 from recsys_compress.compression.callback import CompressionCallback
 from recsys_compress.compression.sensitivity import loss_gradients
 from recsys_compress.compression.sequential import compress_sequential
-from recsys_compress.config import CompressionConfig
+from recsys_compress.compression.config import CompressionConfig
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule

@@ -9,8 +9,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from recsys_compress.config import validate, validate_marc, validate_probe
-from recsys_compress.utils.compose import PROJECT_ROOT, compose_config
+from recsys_compress.tasks.config import validate, validate_marc, validate_probe
+from recsys_compress.tasks.compose import PROJECT_ROOT, compose_config
 
 from conftest import REPO
 

@@ -125,8 +125,8 @@ def test_a_wrong_value_is_refused_before_torch_lightning_or_transformers_load(tm
 
     script = ("import sys\n"
               "from recsys_compress.tasks.runner import run_task\n"
-              "from recsys_compress.config import ConfigError\n"
-              "from recsys_compress.utils.compose import compose_config\n"
+              "from recsys_compress.schema import ConfigError\n"
+              "from recsys_compress.tasks.compose import compose_config\n"
               f"cfg = compose_config(['compression=odllm', 'ratio=0'], {str(tmp_path / 'run')!r})\n"
               "try:\n    run_task(cfg)\nexcept ConfigError as e:\n    print('refused:', e)\n"
               "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))\n")
@@ -136,7 +136,7 @@ def test_a_wrong_value_is_refused_before_torch_lightning_or_transformers_load(tm
 
 
 def test_resume_auto_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, caplog):
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
     from recsys_compress.utils.run_dir import prepare_run_dir
 
     folder = tmp_path / "typo"

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from recsys_compress.alignment.block_cache import capture_teacher
 from recsys_compress.alignment.lstsq import progressive_lstsq
 from recsys_compress.alignment.progressive import ProgressiveAlignmentModule, check_alignable
-from recsys_compress.config import AlignmentConfig
+from recsys_compress.alignment.config import AlignmentConfig
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,8 @@ from recsys_compress.compression.calibration import (
 from recsys_compress.compression.methods import LowRank, Quantization, get_method
 from recsys_compress.compression.sensitivity import loss_gradients
 from recsys_compress.compression.sequential import compress_sequential
-from recsys_compress.config import CompressionConfig, ConfigError
+from recsys_compress.compression.config import CompressionConfig
+from recsys_compress.schema import ConfigError
 from recsys_compress.models.blocks import layers_by_block
 from recsys_compress.utils.tables import write_table
 

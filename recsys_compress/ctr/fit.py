@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from recsys_compress.config import CTRConfig
+from recsys_compress.ctr.config import CTRConfig
 from recsys_compress.ctr.data import CTRDataModule
 from recsys_compress.ctr.model import CTRLitModule, RepresentationCompressor
 from recsys_compress.utils.instantiators import Trainers

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_compress.marc.bottleneck import VariationalBottleneck, hsic, kl_to_standard_normal
-from recsys_compress.config import CTRConfig, MARCConfig
+from recsys_compress.ctr.config import CTRConfig
+from recsys_compress.marc.config import MARCConfig
 from recsys_compress.ctr.model import CTRMetricsMixin, DCNv2
 from recsys_compress.representations.token_states import pooled
 

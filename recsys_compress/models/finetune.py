@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from recsys_compress.config import LoraSettings
+from recsys_compress.models.config import LoraSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from recsys_compress.config import EvaluationConfig, OptimConfig
+from recsys_compress.evaluation.config import EvaluationConfig
+from recsys_compress.models.config import OptimConfig
 from recsys_compress.evaluation.ranking import FullRankingMetrics
 from recsys_compress.models.item_llm import position_ids_for
 

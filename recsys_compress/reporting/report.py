@@ -141,7 +141,7 @@ def setting_of(cfg: dict[str, Any], metrics: dict[str, Any]) -> frozenset:
 
 def _default_config() -> dict[str, Any]:
     """``python train.py``'s own config, flattened: what a setting's values are named against."""
-    from recsys_compress.utils.compose import compose_config
+    from recsys_compress.tasks.compose import compose_config
 
     return _flatten(OmegaConf.to_container(compose_config()))
 

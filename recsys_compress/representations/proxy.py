@@ -39,7 +39,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recsys_compress.config import PROXY_ENCODER_FORMAT, ConfigError, ProxyConfig
+from recsys_compress.representations.config import PROXY_ENCODER_FORMAT, ProxyConfig, mrl_prefixes
+from recsys_compress.schema import ConfigError
 from recsys_compress.representations.layer_means import Encoder, item_texts, split_user_texts
 from recsys_compress.representations.token_states import cached_token_states, pooled, text_tokens
 
@@ -68,16 +69,6 @@ def next_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
     target = mask[:, 1:].bool()
     logits = hidden[:, :-1][target] @ readout.T
     return F.cross_entropy(logits.float(), tokens[:, 1:][target])
-
-
-def mrl_prefixes(dim: int, levels: int) -> list[int]:
-    """dim, dim/2, ..., dim/2^(levels-1): the nested code sizes Matryoshka learning trains
-    (``ProxyConfig.check`` applies this rule at start)."""
-    step = 2 ** (levels - 1)
-    if dim % step:
-        raise ValueError(f"proxy.dim={dim} is not divisible by 2^(proxy.mrl_levels-1) = {step}: MRL's prefixes "
-                         f"halve it {levels - 1} times; allowed: a multiple of {step}, or fewer levels")
-    return [dim >> level for level in range(levels)]
 
 
 class ProxyTexts(NamedTuple):

@@ -20,7 +20,9 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, LoraSettings, validate_marc
+from recsys_compress.models.config import LoraSettings
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate_marc
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.marc.bottleneck import deployed_codes, kl_to_standard_normal

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, ProbeRunConfig, validate_probe
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import ProbeRunConfig, validate_probe
 from recsys_compress.ctr.data import CTRSplits
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor

@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from recsys_compress.builders import build_ctr_datamodule, build_encoder
-from recsys_compress.config import ConfigError, proxy_encoder_identity, validate_proxy
+from recsys_compress.representations.config import proxy_encoder_identity
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate_proxy
 from recsys_compress.ctr.fit import ctr_fields, fit_ctr
 from recsys_compress.ctr.model import RepresentationCompressor
 from recsys_compress.representations.proxy import (ProxyModule, chance_loss, held_out_pairs, proxy_texts,

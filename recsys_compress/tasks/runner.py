@@ -15,7 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recsys_compress.config import ConfigError, validate_task
+from recsys_compress.schema import ConfigError
+from recsys_compress.tasks.config import validate_task
 from recsys_compress.data.readers import DataFormatError
 from recsys_compress.utils.run_dir import clear_stale_error, prepare_run_dir
 from recsys_compress.utils.run_outputs import global_rank

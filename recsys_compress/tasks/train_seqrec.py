@@ -22,7 +22,7 @@ from recsys_compress.compression.calibration import batch_budget
 from recsys_compress.compression.callback import CompressionCallback, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.config import RunConfig, validate
+from recsys_compress.tasks.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx

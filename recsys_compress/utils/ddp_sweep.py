@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 from omegaconf import DictConfig
 
-from recsys_compress.utils.compose import path_override
+from recsys_compress.utils.overrides import path_override
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from recsys_compress.config import ConfigError
+from recsys_compress.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Compose the project's Hydra config outside `train.py` (benchmark scripts, tests, notebooks)."""
+"""Compose the project's Hydra config outside `train.py` (benchmark scripts, tests, notebooks), with
+every group's schema defaults registered first."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from recsys_compress.tasks.config import register_schemas
+from recsys_compress.utils.overrides import path_override
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def path_override(key: str, path: str | Path) -> str:
-    """``key='path'``: quoted, so a folder whose name holds Hydra's grammar (``=``, ``,``, spaces,
-    brackets, as evaluate_codes' default output folder named by its overrides does) stays one value."""
-    quoted = str(path).replace("'", "\\'")
-    return f"{key}='{quoted}'"
 
 
 def compose_config(
     overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train"
 ) -> DictConfig:
     """The config `python train.py OVERRIDES` would run with (Hydra's own paths pinned)."""
-    from recsys_compress.config import register_schemas
-
     register_schemas()  # the groups' ``base`` options
     output_dir = output_dir or PROJECT_ROOT / "outputs" / "adhoc"
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from recsys_compress.config import RunConfig
+from recsys_compress.tasks.config import RunConfig
 from recsys_compress.models.base_cache import cache_folder, load_base
 from recsys_compress.models.finetune import add_lora, merge_lora
 

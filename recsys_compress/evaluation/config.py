@@ -1,0 +1,26 @@
+"""The ``evaluation`` group's schema."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from recsys_compress.schema import ConfigError, Schema, require
+
+
+class EvaluationConfig(Schema):
+    KEY: ClassVar[str] = "evaluation"
+    # Full ranking over the whole catalogue, leave-one-out.
+    exclude_seen: bool = True  # items already in the user's history are not ranked
+    hr_ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    ndcg_ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    popularity_baseline: bool = True  # also report the popularity baseline under the same protocol
+
+    def check(self, p: str) -> None:
+        for key in ("hr_ks", "ndcg_ks"):
+            ks = getattr(self, key)
+            require(bool(ks) and all(k >= 1 for k in ks), f"{p}.{key}", ks, "non-empty, each >= 1")
+        # metrics.json promises these keys; a run without them would break reports.
+        require({1, 5, 10, 20} <= set(self.hr_ks), f"{p}.hr_ks", self.hr_ks, "must include 1, 5, 10, 20")
+        require({5, 10, 20} <= set(self.ndcg_ks), f"{p}.ndcg_ks", self.ndcg_ks, "must include 5, 10, 20")
