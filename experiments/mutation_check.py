@@ -201,6 +201,10 @@ FAULTS = [
           "from recsys_compress.compression.allocation import ALLOCATIONS\n"
           "from recsys_compress.compression.names import DEFAULT_TARGETS, LOW_RANK_METHODS\n",
           ("tests/test_user_commands.py::test_a_wrong_value_is_refused_before_torch_lightning_or_transformers_load",)),
+    Fault("mra_curves_of_two_datasets_unnamed", "recsys_compress/reporting/report.py",
+          """    return f" [{r.get('_dataset', '?')}]" if len({x.get("_dataset", "?") for x in runs}) > 1 else \"\"""",
+          '    return ""',
+          ("tests/test_report.py::test_probe_runs_on_two_datasets_are_two_curves_not_two_seeds",)),
     Fault("lstsq_fits_on_the_teachers_inputs", "recsys_compress/alignment/lstsq.py",
           "                        z = xs[name] @ B.T", "                        z = xt[name] @ B.T",
           ("tests/test_alignment.py::test_lstsq_refits_on_the_students_inputs_not_the_teachers",)),

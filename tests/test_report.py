@@ -69,3 +69,18 @@ def test_a_single_setting_keeps_the_plain_title_and_the_interval(tmp_path):
     assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "(alignment time in brackets)\n" in text and "| 0.5 | 0.800 [0.700, 0.900] |" in text
+
+
+def test_probe_runs_on_two_datasets_are_two_curves_not_two_seeds(tmp_path):
+    """The same encoder, layer and seed on ML-100K and ML-1M: two curves, each with its own
+    point; pooled as seeds they would be one point with a made-up spread."""
+    for dataset, auc in (("ml_100k", 0.70), ("ml_1m", 0.80)):
+        folder = tmp_path / "runs" / dataset
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({
+            "probe/layer": 1, "probe/dim": 32, "probe/compressor": "linear", "repr/encoder": "llama_tiny",
+            "data/name": dataset, "seed": 0, "test/auc": auc, "val/best_auc": auc, "test/logloss": 0.5}))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "mra_curve.csv") as f:
+        drawn = sorted((r["curve"], float(r["test/auc"]), r["seeds"]) for r in csv.DictReader(f))
+    assert drawn == [("llama_tiny linear dim 32 [ml_100k]", 0.70, "1"), ("llama_tiny linear dim 32 [ml_1m]", 0.80, "1")]

@@ -216,6 +216,7 @@ class Curve(NamedTuple):
     variant: str
     split_by: str
     base: str
+    dataset: str = "?"
 
     @property
     def label(self) -> str:
@@ -231,11 +232,19 @@ class Reference(NamedTuple):
     drawn: bool
     encoder: str | None
     split_by: str
+    dataset: str = "?"
 
     def pairs_with(self, curve: Curve) -> bool:
-        """Only a reference on the curve's test sets (same split) and of its encoder (or of none)
-        is paired with it: MARC on one proxy's encoder says nothing against another's layers."""
-        return self.split_by == curve.split_by and self.encoder in (None, curve.encoder)
+        """Only a reference on the curve's test sets (same dataset and split) and of its encoder
+        (or of none) is paired with it: MARC on one proxy's encoder says nothing against another's
+        layers, nor a run on ML-1M against a curve on ML-100K."""
+        return (self.split_by, self.dataset) == (curve.split_by, curve.dataset) and self.encoder in (None, curve.encoder)
+
+
+def _dataset_tag(r: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """`` [DATASET]`` where the report holds runs of several datasets (their curves and references
+    are apart, never pooled as seeds), else nothing."""
+    return f" [{r.get('_dataset', '?')}]" if len({x.get("_dataset", "?") for x in runs}) > 1 else ""
 
 
 def _collect() -> tuple[list[float], list[Any]]:
@@ -257,8 +266,9 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[Curve, list[tuple[int, Summ
         layer = r.get("probe/layer")
         if layer is None or layer == -1 or "marc/dim" in r:
             continue
-        key = Curve(r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"), _variant(r),
-                    r["_split_by"], r.get("_base_encoder", r["_encoder"]))
+        key = Curve(r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"),
+                    _variant(r) + _dataset_tag(r, runs), r["_split_by"], r.get("_base_encoder", r["_encoder"]),
+                    r.get("_dataset", "?"))
         if layer == "all":
             for name, value in r.items():
                 if name.startswith("layers/") and name.endswith("/test/auc"):
@@ -309,10 +319,11 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
         else:
             continue
         for label, auc, logloss, drawn in entries:
-            groups[(label, drawn, encoder, r["_split_by"])].append((auc, logloss, r["_seed"]))
+            groups[(label + _dataset_tag(r, runs), drawn, encoder, r["_split_by"], r.get("_dataset", "?"))].append(
+                (auc, logloss, r["_seed"]))
     return [Reference(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
-                      Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn, encoder, split_by)
-            for (label, drawn, encoder, split_by), rows in groups.items()]
+                      Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn, encoder, split_by, dataset)
+            for (label, drawn, encoder, split_by, dataset), rows in groups.items()]
 
 
 def write_source_table(path: Path, columns: list[str], rows: list[tuple]) -> Path:
