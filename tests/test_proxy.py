@@ -220,6 +220,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         in (tmp_path / "report" / "report.md").read_text()
     # a fresh CTR model on codes of a run that read the encoder is named by that encoder too, so the
     # report pairs it with that encoder's probes
+    sys.path.insert(0, str(REPO / "experiments"))
     import evaluate_codes
 
     probe_cfg = compose_config([*overrides, f"representation.encoder_run={out}", "probe.layer=2"], tmp_path / "p2")
