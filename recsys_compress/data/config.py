@@ -10,9 +10,9 @@ from recsys_compress.schema import ConfigError, Schema, require
 class DatasetConfig(Schema):
     KEY: ClassVar[str] = "dataset"
     name: str
-    format: Literal["grouplens_csv", "recbole_atomic", "sequence_text"]
+    format: Literal["grouplens_csv", "recbole_atomic", "sequence_text", "lcrec_json"]
     path: str
-    file_name: str | None = None  # RecBole NAME of NAME.inter; defaults to the folder name
+    file_name: str | None = None  # NAME of NAME.inter (RecBole) or NAME.inter.json (LC-Rec); defaults to the folder name
     min_rating: float | None = None  # None: every rating is an interaction
     k_core: int = 0  # keep users and items with >= k interactions (0 or 1: off)
     max_len: int = 50  # the history a model sees (items)

@@ -70,7 +70,7 @@ class RawInteractions:
         return len(self.users)
 
 
-def _require(path: Path, expected: str) -> Path:
+def require_file(path: Path, expected: str) -> Path:
     if not path.is_file():
         folder = path.parent
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -81,10 +81,11 @@ def _require(path: Path, expected: str) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
-    """A data file's text; a file that is not UTF-8 (binary, another encoding) names itself."""
+def read_text(path: Path, line_based: bool = True) -> str:
+    """A data file's text; a file that is not UTF-8 (binary, another encoding) names itself.
+    ``line_based``: the format ends every line with a newline (a JSON file need not)."""
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if line_based and data and not data.endswith(b"\n"):
         # Line-based files end with a newline; one that does not was probably cut off (an
         # interrupted copy), and its last line can hold a cut-off number that parses as a valid one.
         last = data.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")
@@ -115,11 +116,11 @@ _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 def read_grouplens_csv(folder: str | Path) -> RawInteractions:
     """Read ``ratings.csv`` (required) and ``movies.csv`` (optional) from ``folder``."""
     folder = Path(folder)
-    ratings_path = _require(
+    ratings_path = require_file(
         folder / "ratings.csv", "ratings.csv (userId,movieId,rating,timestamp) [+ movies.csv]"
     )
     users, items, ratings, timestamps = [], [], [], []
-    with io.StringIO(_read_text(ratings_path), newline="") as f:
+    with io.StringIO(read_text(ratings_path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         expected = ["userId", "movieId", "rating", "timestamp"]
@@ -144,7 +145,7 @@ def read_grouplens_csv(folder: str | Path) -> RawInteractions:
     item_info: dict[str, ItemInfo] = {}
     movies_path = folder / "movies.csv"
     if movies_path.is_file():
-        with io.StringIO(_read_text(movies_path), newline="") as f:
+        with io.StringIO(read_text(movies_path), newline="") as f:
             reader = csv.reader(f)
             next(reader, None)
             for row in reader:
@@ -164,7 +165,7 @@ def read_grouplens_csv(folder: str | Path) -> RawInteractions:
 
 def _read_atomic_table(path: Path) -> tuple[list[str], list[str], list[tuple[int, str, list[str]]]]:
     """Parse a RecBole atomic file: returns names, types and (lineno, line, fields) rows."""
-    lines = _read_text(path).splitlines()  # handles \n, \r\n and a final newline alike
+    lines = read_text(path).splitlines()  # handles \n, \r\n and a final newline alike
     if not lines:
         raise DataFormatError(f"{path}: file is empty (expected a typed 'name:type' header)")
     names, types = [], []
@@ -224,7 +225,7 @@ def read_recbole_atomic(folder: str | Path, name: str | None = None) -> RawInter
     """
     folder = Path(folder)
     name = name or folder.name
-    inter_path = _require(
+    inter_path = require_file(
         folder / f"{name}.inter",
         f"{name}.inter with typed header containing user_id:token and item_id:token "
         f"[+ {name}.item]",
@@ -314,9 +315,9 @@ _ITEM_ID = re.compile(r"[0-9]+")
 
 def read_sequence_text(path: str | Path) -> RawInteractions:
     """Read ``user item item ...`` lines; the position in the line is the time order."""
-    path = _require(Path(path), "a text file with one 'user item item ...' line per user")
+    path = require_file(Path(path), "a text file with one 'user item item ...' line per user")
     users, items, timestamps = [], [], []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         tokens = line.split()
@@ -340,17 +341,26 @@ def read_sequence_text(path: str | Path) -> RawInteractions:
     return RawInteractions(users, items, None, timestamps, {}, str(path))
 
 
+def _read_lcrec(path: str | Path, name: str | None = None) -> RawInteractions:
+    from recsys_compress.data.lcrec import read_lcrec  # its module builds on this one's types
+
+    return read_lcrec(path, name)
+
+
 READERS = {
     "grouplens_csv": read_grouplens_csv,
     "recbole_atomic": read_recbole_atomic,
     "sequence_text": read_sequence_text,
+    "lcrec_json": _read_lcrec,  # data/lcrec.py: NAME.inter.json (+ NAME.item.json, NAME.index.json)
 }
+# the formats whose files are named after the dataset (dataset.file_name, else the folder's name)
+NAMED_FORMATS = ("recbole_atomic", "lcrec_json")
 
 
 def read_interactions(fmt: str, path: str | Path, name: str | None = None) -> RawInteractions:
     """Dispatch on ``fmt`` (one of ``READERS``)."""
     if fmt not in READERS:
         raise ValueError(f"dataset.format={fmt!r} is not supported; allowed: {', '.join(READERS)}")
-    if fmt == "recbole_atomic":
-        return read_recbole_atomic(path, name)
+    if fmt in NAMED_FORMATS:
+        return READERS[fmt](path, name)
     return READERS[fmt](path)
