@@ -28,6 +28,7 @@ from recsys_compress.representations.config import (
     encoder_subject,
 )
 from recsys_compress.schema import ConfigError, Schema, defaults_of, parse, require
+from recsys_compress.tokenizers.config import SemanticIDsConfig
 
 
 class ProbeConfig(Schema):
@@ -83,7 +84,8 @@ _INFRASTRUCTURE_KEYS = ("task_name", "task", "paths", "trainer", "logger", "call
 
 
 def _known_top_level_keys() -> list[str]:
-    fields = {name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig, ProxyRunConfig) for name in cls.model_fields}
+    fields = {name for cls in (RunConfig, ProbeRunConfig, MARCRunConfig, ProxyRunConfig, SemanticRunConfig)
+              for name in cls.model_fields}
     return sorted(fields | set(_INFRASTRUCTURE_KEYS))
 
 
@@ -226,6 +228,20 @@ def validate_proxy(cfg: DictConfig) -> ProxyRunConfig:
     return run
 
 
+class SemanticRunConfig(Schema):
+    KEY: ClassVar[str] = ""
+    seed: int
+    dataset: DatasetConfig
+    representation: RepresentationConfig
+    semantic: SemanticIDsConfig
+
+
+def validate_semantic(cfg: DictConfig) -> SemanticRunConfig:
+    """Validate a ``task=semantic_ids`` config; raises ``ConfigError`` naming the offending key."""
+    container = _checked_container(cfg)
+    return parse(SemanticRunConfig, _fields_of(SemanticRunConfig, container))
+
+
 def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     """Validate a ``task=marc`` config; raises ``ConfigError`` naming the offending key."""
     container = _checked_ctr_container(cfg)
@@ -244,6 +260,7 @@ GROUP_SCHEMAS: dict[str, type[Schema]] = {
     "dataset": DatasetConfig, "model": ModelConfig, "evaluation": EvaluationConfig,
     "compression": CompressionConfig, "alignment": AlignmentConfig, "representation": RepresentationConfig,
     "ctr": CTRConfig, "probe": ProbeConfig, "marc": MARCConfig, "proxy": ProxyConfig, "export": ExportConfig,
+    "semantic": SemanticIDsConfig,
 }
 
 
@@ -273,6 +290,7 @@ def register_schemas() -> None:
 def validate_task(cfg: DictConfig) -> Schema | None:
     """Validate ``cfg`` with its task's validator (None for a task without one). Imports nothing
     heavy, so the runner calls it before it loads a task: a wrong value fails in seconds."""
-    validators = {"train": validate, "mra_probe": validate_probe, "marc": validate_marc, "proxy": validate_proxy}
+    validators = {"train": validate, "mra_probe": validate_probe, "marc": validate_marc, "proxy": validate_proxy,
+                  "semantic_ids": validate_semantic}
     validator = validators.get(str(OmegaConf.select(cfg, "task.name", default="")))
     return validator(cfg) if validator else None

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 TASKS = {"train": "recsys_compress.tasks.train_seqrec:train_seqrec",
          "mra_probe": "recsys_compress.tasks.mra_probe:mra_probe",
          "marc": "recsys_compress.tasks.marc:marc",
-         "proxy": "recsys_compress.tasks.proxy:proxy"}
+         "proxy": "recsys_compress.tasks.proxy:proxy",
+         "semantic_ids": "recsys_compress.tasks.semantic_ids:semantic_ids"}
 # Errors in what the user gave (config values, data files): their message says everything, so
 # they are reported without a traceback.
 USER_ERRORS = (ConfigError, DataFormatError)

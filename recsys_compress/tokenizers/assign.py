@@ -21,9 +21,6 @@ import torch
 from recsys_compress.data.lcrec import colliding_groups
 from recsys_compress.tokenizers.rqvae import RQVAE
 
-COLLISION_RULES = ("lcrec", "tiger")
-
-
 def sinkhorn(distances: torch.Tensor, epsilon: float = 0.003, iterations: int = 200) -> torch.Tensor:
     """``[items, codes]`` transport plan with every code's column summing to items / codes and
     every item's row to 1: Sinkhorn-Knopp on exp(-d / epsilon), the distances first centred and

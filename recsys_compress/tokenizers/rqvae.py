@@ -31,7 +31,7 @@ def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
 class RQVAE(nn.Module):
     def __init__(self, in_dim: int, levels: int = 4, codebook_size: int = 256, code_dim: int = 32,
                  hidden: tuple[int, ...] = (512, 256, 128), commitment: float = 0.25, kmeans_iters: int = 100,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, dead_code_ratio: float = 0.0):
         super().__init__()
         if levels < 1 or codebook_size < 2 or code_dim < 1:
             raise ValueError(f"levels={levels}, codebook_size={codebook_size}, code_dim={code_dim}: allowed "
@@ -40,7 +40,8 @@ class RQVAE(nn.Module):
         self.encoder = mlp([in_dim, *hidden, code_dim], dropout)
         self.decoder = mlp([code_dim, *reversed(hidden), in_dim], dropout)
         self.quantizer = ResidualVQ(dim=code_dim, num_quantizers=levels, codebook_size=codebook_size,
-                                    kmeans_init=True, kmeans_iters=kmeans_iters, commitment_weight=commitment)
+                                    kmeans_init=True, kmeans_iters=kmeans_iters, commitment_weight=commitment,
+                                    dead_code_threshold_ratio=dead_code_ratio)
 
     @property
     def codebooks(self) -> torch.Tensor:
