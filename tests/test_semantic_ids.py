@@ -33,6 +33,7 @@ def test_an_index_is_built_cached_by_its_inputs_and_written_in_lc_rec_format(ml1
     assert run_task(compose_config([*common, "semantic.code_dim=8"], tmp_path / "c"))["semantic/cache_hit"] == 0
     assert run_task(compose_config([*common, "representation.template='{title}'"], tmp_path / "d"))[
         "semantic/cache_hit"] == 0
+    assert run_task(compose_config([*common, "representation=llama_tiny"], tmp_path / "e"))["semantic/cache_hit"] == 0
 
 
 def test_the_published_index_is_loaded_and_made_unique_by_tigers_extra_code(tmp_path):
