@@ -2,7 +2,6 @@
 
 import copy
 import json
-import sys
 
 import lightning as L
 import pytest
@@ -24,7 +23,7 @@ from recsys_compress.models.item_llm import position_ids_for
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.tasks.compose import compose_config
 
-from conftest import REPO, SMALL
+from conftest import SMALL
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Rank allocation: uniform (one ratio per matrix) and global (one budget over all matrices)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -240,8 +239,6 @@ def test_global_allocation_composes_with_alignment_int8_and_export(tmp_path):
     # The same base (cached) with uniform ranks; the report draws both allocations' ranks.
     uniform = [o for o in overrides if not o.startswith(("compression.allocation", "alignment", "compression.quantize"))]
     assert run_task(compose_config(uniform, tmp_path / "uniform"))["base/cache_hit"] == 1
-    import sys
-
     from recsys_compress.reporting import report
 
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0

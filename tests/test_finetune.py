@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -84,8 +83,6 @@ def test_lora_run_trains_adapters_and_stores_a_merged_stock_base_model(tmp_path)
     assert not any("lora" in k or "base_layer" in k for k in keys)
     assert "model.layers.0.self_attn.q_proj.weight" in keys
     # every validation is timed: the curve of NDCG@10 against wall time
-    import sys
-
     from recsys_compress.reporting import training_curves
 
     assert training_curves.main([str(out), "--out", str(tmp_path / "curves.png")]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from recsys_compress.schema import ConfigError, Schema, require
+from recsys_compress.schema import Schema, require
 
 
 class AlignmentConfig(Schema):

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from recsys_compress.schema import ConfigError, Schema, require
+from recsys_compress.schema import Schema, require
 
 
 class EvaluationConfig(Schema):

@@ -168,7 +168,6 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-
 class ProbeRunConfig(Schema):
     KEY: ClassVar[str] = ""
     seed: int
@@ -198,7 +197,6 @@ def validate_probe(cfg: DictConfig) -> ProbeRunConfig:
     return run
 
 
-
 class MARCRunConfig(Schema):
     KEY: ClassVar[str] = ""
     seed: int
@@ -206,7 +204,6 @@ class MARCRunConfig(Schema):
     marc: MARCConfig
     representation: RepresentationConfig
     ctr: CTRConfig
-
 
 
 class ProxyRunConfig(Schema):
@@ -253,7 +250,6 @@ def validate_marc(cfg: DictConfig) -> MARCRunConfig:
     return run
 
 
-
 # The config groups whose defaults the schemas declare: each gets a ``base`` option in Hydra's
 # ConfigStore, listed first in the defaults of every YAML option of the group.
 GROUP_SCHEMAS: dict[str, type[Schema]] = {
@@ -262,7 +258,6 @@ GROUP_SCHEMAS: dict[str, type[Schema]] = {
     "ctr": CTRConfig, "probe": ProbeConfig, "marc": MARCConfig, "proxy": ProxyConfig, "export": ExportConfig,
     "semantic": SemanticIDsConfig,
 }
-
 
 
 def bf16_mixed_if_supported() -> str:
