@@ -30,8 +30,8 @@ what the runs are:
   but those axes, the seed and where outputs go (another base model, dataset, quantisation,
   export, calibration...) get a table (and a panel) of their own, named by what differs; seeds
   of one configuration are pooled (mean ± std); a rerun with the same seed is left out for the
-  newest. The report lists the runs behind each cell and the runs left out, and what the runs cost (base models trained vs reused from the cache,
-  compression and alignment seconds); when runs differ in ``compression.allocation``, the rank
+  newest. The report lists the runs behind each cell and the runs left out, and what the runs
+  cost (base models trained vs reused from the cache, compression and alignment seconds); when runs differ in ``compression.allocation``, the rank
   each matrix kept per decoder block and matrix type, uniform vs global, in ``ranks.png``
   (source table ``ranks.csv``);
 - multiruns (``summary.jsonl`` of the sweep callback): the jobs that failed and why.
@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -139,6 +141,7 @@ def setting_of(cfg: dict[str, Any], metrics: dict[str, Any]) -> frozenset:
                      if not any(k == s or k.startswith(s + ".") for s in skip))
 
 
+@functools.cache
 def _default_config() -> dict[str, Any]:
     """``python train.py``'s own config, flattened: what a setting's values are named against."""
     from recsys_compress.tasks.compose import compose_config
@@ -241,10 +244,11 @@ class Reference(NamedTuple):
         return (self.split_by, self.dataset) == (curve.split_by, curve.dataset) and self.encoder in (None, curve.encoder)
 
 
-def _dataset_tag(r: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    """`` [DATASET]`` where the report holds runs of several datasets (their curves and references
-    are apart, never pooled as seeds), else nothing."""
-    return f" [{r.get('_dataset', '?')}]" if len({x.get("_dataset", "?") for x in runs}) > 1 else ""
+def _dataset_tagger(runs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """A run's `` [DATASET]`` where the report holds runs of several datasets (their curves and
+    references are apart, never pooled as seeds), else nothing."""
+    several = len({x.get("_dataset", "?") for x in runs}) > 1
+    return lambda r: f" [{r.get('_dataset', '?')}]" if several else ""
 
 
 def _collect() -> tuple[list[float], list[Any]]:
@@ -262,12 +266,13 @@ def probe_points(runs: list[dict[str, Any]]) -> dict[Curve, list[tuple[int, Summ
             store[key][layer][0].append(value)
             store[key][layer][1].append(seed)
 
+    dataset_tag = _dataset_tagger(runs)
     for r in runs:
         layer = r.get("probe/layer")
         if layer is None or layer == -1 or "marc/dim" in r:
             continue
         key = Curve(r["_encoder"], r.get("probe/compressor", "linear"), r.get("probe/dim"),
-                    _variant(r) + _dataset_tag(r, runs), r["_split_by"], r.get("_base_encoder", r["_encoder"]),
+                    _variant(r) + dataset_tag(r), r["_split_by"], r.get("_base_encoder", r["_encoder"]),
                     r.get("_dataset", "?"))
         if layer == "all":
             for name, value in r.items():
@@ -286,6 +291,7 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
     MARC's end-to-end model (its own task module) is listed next to the deployed one (a fresh
     CTR model on the exported codes) but not drawn."""
     groups: dict[tuple, list[tuple[float, float, Any]]] = defaultdict(list)
+    dataset_tag = _dataset_tagger(runs)
     for r in runs:
         # the encoder whose curve a run pairs with: a proxy run records the model it started from,
         # and names the encoder it wrote as its probes do; an ID-only model reads none
@@ -319,7 +325,7 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
         else:
             continue
         for label, auc, logloss, drawn in entries:
-            groups[(label + _dataset_tag(r, runs), drawn, encoder, r["_split_by"], r.get("_dataset", "?"))].append(
+            groups[(label + dataset_tag(r), drawn, encoder, r["_split_by"], r.get("_dataset", "?"))].append(
                 (auc, logloss, r["_seed"]))
     return [Reference(label, Summary([a for a, _, _ in rows], [s for _, _, s in rows]),
                       Summary([ll for _, ll, _ in rows], [s for _, _, s in rows]), drawn, encoder, split_by, dataset)
@@ -550,7 +556,7 @@ def retention_table(rows, out: Path) -> list[str]:
         lines.append("")
     lines += ["### Runs behind each cell", "", "| setting | method | alignment | ratio | seeds | runs |",
               "|---|---|---|---|---|---|"]
-    for cell, runs in sorted(cells.items(), key=lambda kv: (labels[kv[0].setting], kv[0][1:].__repr__())):
+    for cell, runs in sorted(cells.items(), key=lambda kv: (labels[kv[0].setting], repr(kv[0][1:]))):
         lines.append(f"| {labels[cell.setting]} | {cell.method} | {cell.alignment} | {cell.ratio} | "
                      f"{', '.join(str(r['_seed']) for r in runs)} | {', '.join(r['_run'] for r in runs)} |")
     lines.append("")
