@@ -97,19 +97,23 @@ def save_artefacts(
     out: dict[str, Any] = {}
     if global_rank() != 0:  # under DDP every rank holds the same model: one writes it
         return out
-    info = {"method": run.compression.method, "ratio": run.ratio, "quantize": quantize,
-            "alignment": run.alignment.method,
-            "dataset": run.dataset.name, "model": run.model.name}
     if run.export.save:
-        save_compressed(model, output_dir / "model", info)
+        save_compressed(model, output_dir / "model", artefact_info(run, quantize))
         log.info("compressed model saved to %s (float; quantize after loading: %s)", output_dir / "model", quantize)
     if run.export.onnx:
-        out.update(export_artefact(run, model, dm, quantize, output_dir, info))
+        out.update(export_artefact(run, model, dm, quantize, output_dir))
     return out
 
 
+def artefact_info(run: RunConfig, quantize: str | None) -> dict[str, Any]:
+    """What a saved or exported model records about itself (a plain run's ratio is none: it kept all)."""
+    compressing = run.compression.method != "none"
+    return {"method": run.compression.method, "ratio": run.ratio if compressing else None, "quantize": quantize,
+            "alignment": run.alignment.method, "dataset": run.dataset.name, "model": run.model.name}
+
+
 def export_artefact(run: RunConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None,
-                    output_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+                    output_dir: Path) -> dict[str, Any]:
     """The ONNX artefact (``RUN_DIR/onnx``) of ``model`` for ``recsys-recommend``."""
     assert dm.data is not None
     t0 = time.perf_counter()
@@ -121,8 +125,8 @@ def export_artefact(run: RunConfig, model: PreTrainedModel, dm: NextItemDataModu
         # many as batch_budget gave calibration
         loader, c = dm.train_dataloader(), run.compression
         calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
-    folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids,
-                         dm.data.item_texts(), quantize=quantize, info=info, int8=run.export.int8,
+    folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids, dm.data.item_texts(),
+                         quantize=quantize, info=artefact_info(run, quantize), int8=run.export.int8,
                          calibration=calibration, int8_weights=run.export.int8_weights, int8_smooth=smooth)
     meta = json.loads((folder / "deploy.json").read_text())
     return {"time/export_s": time.perf_counter() - t0, "size/onnx_mb": meta["megabytes"],
@@ -260,9 +264,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "compression/model_ratio": params / base_params,
         })
     elif run.export.onnx and global_rank() == 0:  # the trained model itself, as deployed
-        info = {"method": "none", "ratio": None, "quantize": None, "alignment": "none",
-                "dataset": run.dataset.name, "model": run.model.name}
-        metrics.update(export_artefact(run, model, dm, None, output_dir, info))
+        metrics.update(export_artefact(run, model, dm, None, output_dir))
         metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["test/ndcg@10"],
                                          None if multi_process(cfg) else base_per_user))
     metrics.update(
