@@ -108,18 +108,12 @@ def prepare_run_dir(cfg: DictConfig, rank: int = 0) -> DictConfig:
 REFUSED_RUN_FILES = {".hydra", "train.log", RUN_CONFIG, "error.txt"}
 
 
-def discard_refused_run_dir(output_dir: str | Path) -> bool:
-    """Remove the folder of a run refused before it did any work (the message was printed), and
-    its date folder when that is left empty, so refused commands leave no empty runs behind.
-    Returns whether it removed anything."""
+def discard_refused_run_dir(output_dir: str | Path) -> None:
+    """Remove the folder of a run refused before it did any work (the message was printed), so
+    refused commands leave no empty runs behind (conf/hydra: runs are outputs/TASK/runs/STAMP)."""
     output_dir = Path(output_dir)
-    if not output_dir.is_dir() or not {p.name for p in output_dir.iterdir()} <= REFUSED_RUN_FILES:
-        return False
-    shutil.rmtree(output_dir, ignore_errors=True)
-    parent = output_dir.parent
-    if parent.name[:4].isdigit() and parent.is_dir() and not any(parent.iterdir()):  # outputs/TASK/DATE/TIME
-        parent.rmdir()
-    return True
+    if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= REFUSED_RUN_FILES:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def clear_stale_error(output_dir: str | Path) -> None:
