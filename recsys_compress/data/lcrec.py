@@ -14,6 +14,7 @@ Every malformed file fails naming the file, the item and what was expected.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -124,11 +125,16 @@ def colliding_groups(index: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
     return sorted((g for g in by_tuple.values() if len(g) > 1), key=len, reverse=True)
 
 
-def index_stats(index: Mapping[str, tuple[str, ...]]) -> dict[str, int]:
-    """Items, distinct tuples, levels, colliding groups and the items in them; each level's codes used."""
+def index_stats(index: Mapping[str, tuple[str, ...]]) -> dict[str, float]:
+    """Items, distinct tuples, levels, colliding groups and the items in them; per level the codes
+    used and the perplexity of their use (exp of its entropy: the number of codes when every
+    code is used equally)."""
     groups = colliding_groups(index)
-    levels = len(next(iter(index.values())))
-    per_level = [Counter(t[level] for t in index.values()) for level in range(levels)]
-    return {"items": len(index), "tuples": len({tuple(t) for t in index.values()}), "levels": levels,
-            "colliding_groups": len(groups), "colliding_items": sum(len(g) for g in groups),
-            **{f"level_{level}_codes_used": len(c) for level, c in enumerate(per_level)}}
+    tuples = list(index.values())
+    out: dict[str, float] = {"items": len(tuples), "tuples": len(set(tuples)), "levels": len(tuples[0]),
+                             "colliding_groups": len(groups), "colliding_items": sum(len(g) for g in groups)}
+    for level in range(len(tuples[0])):
+        shares = [c / len(tuples) for c in Counter(t[level] for t in tuples).values()]
+        out[f"level_{level}/codes_used"] = len(shares)
+        out[f"level_{level}/perplexity"] = math.exp(-sum(p * math.log(p) for p in shares))
+    return out

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from recsys_compress.builders import build_datamodule, build_encoder
-from recsys_compress.data.lcrec import colliding_groups, read_index, write_index
+from recsys_compress.data.lcrec import index_stats, read_index, write_index
 from recsys_compress.representations.layer_means import cached_layer_means, item_texts
 from recsys_compress.schema import ConfigError
 from recsys_compress.tasks.config import SemanticRunConfig, validate_semantic
@@ -37,21 +36,11 @@ log = logging.getLogger(__name__)
 INDEX_CACHE_VERSION = 1
 
 
-def usage_stats(index: dict[str, tuple[str, ...]], prefix: str = "semantic") -> dict[str, float]:
-    """Per level: codes used and the perplexity of their use (exp of its entropy; the codebook
-    size when every code is used equally); tuples, colliding groups and the items in them."""
-    tuples = list(index.values())
-    out: dict[str, float] = {f"{prefix}/items": len(tuples), f"{prefix}/tuples": len(set(tuples)),
-                             f"{prefix}/levels": len(tuples[0])}
-    for level in range(len(tuples[0])):
-        counts = Counter(t[level] for t in tuples)
-        p = torch.tensor(list(counts.values()), dtype=torch.float64) / len(tuples)
-        out[f"{prefix}/level_{level}/codes_used"] = len(counts)
-        out[f"{prefix}/level_{level}/perplexity"] = float(torch.exp(-(p * p.log()).sum()))
-    groups = colliding_groups(index)
-    out[f"{prefix}/colliding_groups"] = len(groups)
-    out[f"{prefix}/colliding_items"] = sum(len(g) for g in groups)
-    return out
+def collisions_before(index: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """The colliding groups and items of ``index`` before collisions are handled."""
+    stats = index_stats(index)
+    return {"semantic/colliding_groups_before": stats["colliding_groups"],
+            "semantic/colliding_items_before": stats["colliding_items"]}
 
 
 def index_cache_key(representations: Path, run: SemanticRunConfig) -> str:
@@ -85,18 +74,16 @@ def build_rqvae_index(run: SemanticRunConfig, item_ids: list[str], texts: list[s
                   s.dropout, s.dead_code_ratio)
     losses = fit_rqvae(model, x, s.epochs, s.batch_size, s.lr, run.seed)
     codes = assign_codes(model, x, s.sinkhorn_epsilon, s.sinkhorn_iterations)
-    before = usage_stats(dict(zip(item_ids, code_tokens(codes))), "semantic/before")
+    before = collisions_before(dict(zip(item_ids, code_tokens(codes))))
     rounds = 0
     if s.collisions == "lcrec":
-        codes, rounds = resolve_collisions_lcrec(model, x, codes, s.collision_rounds, s.sinkhorn_epsilon or 0.003,
+        codes, rounds = resolve_collisions_lcrec(model, x, codes, s.collision_rounds, s.sinkhorn_epsilon,
                                                  s.sinkhorn_iterations)
     index = dict(zip(item_ids, code_tokens(codes)))
     if s.collisions == "tiger":
         index = disambiguate_tiger(index)
     figures = {"semantic/reconstruction_error": model.reconstruction_error(x), "semantic/first_loss": losses[0],
-               "semantic/last_loss": losses[-1], "semantic/collision_rounds": rounds,
-               "semantic/colliding_groups_before": before["semantic/before/colliding_groups"],
-               "semantic/colliding_items_before": before["semantic/before/colliding_items"],
+               "semantic/last_loss": losses[-1], "semantic/collision_rounds": rounds, **before,
                "time/build_s": time.perf_counter() - t0}
     folder.mkdir(parents=True, exist_ok=True)
     write_index(folder / name, index)
@@ -141,17 +128,16 @@ def semantic_ids(cfg: DictConfig) -> dict[str, Any]:
         index, figures = build_rqvae_index(run, item_ids, texts, cfg.paths.cache_dir)
         source = f"RQ-VAE over {run.representation.model} embeddings"
     if s.index_path is not None or s.kind == "random":
-        before = usage_stats(index, "semantic/before")
-        figures = {"semantic/colliding_groups_before": before["semantic/before/colliding_groups"],
-                   "semantic/colliding_items_before": before["semantic/before/colliding_items"]}
+        figures = collisions_before(index)
         index = disambiguate_tiger(index)  # the config allows only tiger without an RQ-VAE
-    metrics: dict[str, Any] = {**usage_stats(index), **figures, "data/name": run.dataset.name, "seed": run.seed,
+    metrics: dict[str, Any] = {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures,
+                               "data/name": run.dataset.name, "seed": run.seed,
                                "semantic/kind": "loaded" if s.index_path else s.kind,
                                "semantic/collisions": s.collisions, "time/total_s": time.perf_counter() - t0}
     path = write_index(output_dir / f"{run.dataset.name}.index.json", index)
     finish_run(output_dir, metrics, loggers)
-    usage = ", ".join(f"{int(metrics[f'semantic/level_{lv}/codes_used'])} ({metrics[f'semantic/level_{lv}/perplexity']:.0f})"
-                      for lv in range(int(metrics["semantic/levels"])))
+    usage = ", ".join(f"{int(metrics[f'semantic/level_{lv}/codes_used'])} "
+                      f"({metrics[f'semantic/level_{lv}/perplexity']:.0f})" for lv in range(int(metrics["semantic/levels"])))
     recon = metrics.get("semantic/reconstruction_error")
     Console().print(
         f"[bold]{run.dataset.name}: {int(metrics['semantic/items'])} items -> {int(metrics['semantic/tuples'])} tuples "

@@ -19,9 +19,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from recsys_compress.data.lcrec import colliding_groups
+from recsys_compress.tokenizers.config import SINKHORN_EPSILON, SINKHORN_ITERATIONS
 from recsys_compress.tokenizers.rqvae import RQVAE
 
-def sinkhorn(distances: torch.Tensor, epsilon: float = 0.003, iterations: int = 200) -> torch.Tensor:
+def sinkhorn(distances: torch.Tensor, epsilon: float = SINKHORN_EPSILON,
+             iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
     """``[items, codes]`` transport plan with every code's column summing to items / codes and
     every item's row to 1: Sinkhorn-Knopp on exp(-d / epsilon), the distances first centred and
     scaled to [-1, 1] (so ``epsilon`` means the same whatever the distances' scale). At LC-Rec's
@@ -47,8 +49,8 @@ def _last_level(model: RQVAE, residual: torch.Tensor, epsilon: float | None, ite
 
 
 @torch.no_grad()
-def assign_codes(model: RQVAE, embeddings: torch.Tensor, epsilon: float | None = 0.003,
-                 iterations: int = 200) -> torch.Tensor:
+def assign_codes(model: RQVAE, embeddings: torch.Tensor, epsilon: float | None = SINKHORN_EPSILON,
+                 iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
     """``[items, levels]`` codes: nearest codes on the first levels, the last by Sinkhorn
     (``epsilon`` null or 0: nearest there too)."""
     model.eval()
@@ -58,8 +60,12 @@ def assign_codes(model: RQVAE, embeddings: torch.Tensor, epsilon: float | None =
 
 @torch.no_grad()
 def resolve_collisions_lcrec(model: RQVAE, embeddings: torch.Tensor, codes: torch.Tensor, rounds: int = 20,
-                             epsilon: float = 0.003, iterations: int = 200) -> tuple[torch.Tensor, int]:
-    """LC-Rec's re-assignment rounds; returns the codes and the rounds run."""
+                             epsilon: float | None = SINKHORN_EPSILON, iterations: int = SINKHORN_ITERATIONS
+                             ) -> tuple[torch.Tensor, int]:
+    """LC-Rec's re-assignment rounds; returns the codes and the rounds run. They spread a group by
+    Sinkhorn whatever the first assignment used (``epsilon`` null: LC-Rec's 0.003): nearest codes
+    would give the group its shared code back."""
+    epsilon = epsilon or SINKHORN_EPSILON
     codes = codes.clone()
     _, residual = model.residuals(embeddings)
     for done in range(rounds):

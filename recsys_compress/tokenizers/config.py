@@ -8,6 +8,12 @@ from pydantic import Field
 
 from recsys_compress.schema import ConfigError, Schema, require
 
+# LC-Rec's uniform semantic mapping: Sinkhorn's entropy weight on [-1, 1]-scaled distances, and the
+# iterations it needs at that weight to balance the codes (tokenizers/assign.py says why not 50)
+SINKHORN_EPSILON = 0.003
+SINKHORN_ITERATIONS = 200
+
+
 class SemanticIDsConfig(Schema):
     KEY: ClassVar[str] = "semantic"
     # rqvae: learned from the items' text embeddings; random: random tuples of the same shape
@@ -31,8 +37,8 @@ class SemanticIDsConfig(Schema):
     # final layer, MiniLM's sentence embedding; 0: the mean token embedding, SmolLM2's option)
     layer: int | Literal["last"] = "last"
     # LC-Rec's uniform semantic mapping on the last level (null: nearest code)
-    sinkhorn_epsilon: float | None = 0.003
-    sinkhorn_iterations: int = 200
+    sinkhorn_epsilon: float | None = SINKHORN_EPSILON
+    sinkhorn_iterations: int = SINKHORN_ITERATIONS
     collisions: Literal["lcrec", "tiger"] = "lcrec"  # tiger for a loaded or random index: no RQ-VAE behind it
     collision_rounds: int = 20
 

@@ -78,8 +78,8 @@ class RQVAE(nn.Module):
         return torch.stack(codes, 1) if codes else residual.new_zeros(len(x), 0, dtype=torch.long), residual
 
 
-def fit_rqvae(model: RQVAE, embeddings: torch.Tensor, epochs: int = 200, batch_size: int = 1024, lr: float = 1e-3,
-              seed: int = 0, progress: bool = True) -> list[float]:
+def fit_rqvae(model: RQVAE, embeddings: torch.Tensor, epochs: int = 200, batch_size: int = 1024,
+              lr: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
     """Train ``model`` on ``embeddings`` (items x dim); returns the mean loss of every epoch.
 
     The codebooks are k-means-initialised on the first batch; the data are shuffled by ``seed``."""
