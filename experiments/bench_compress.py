@@ -1,9 +1,9 @@
-"""Compression time of the whole SVD callback, split into calibration and factorisation.
+"""Compression time of the whole SVD compression step (Compressor), split into calibration and factorisation.
 
 Loads the model once (load time reported apart, as the target excludes it), then compresses a
 fresh copy per variant: every combination of ``--gram-dtypes`` and ``--calib-batches``.
 ``--rounds`` alternate through the variants so machine noise hits each alike; the table gives
-medians over rounds of the whole callback (``time/compress_s``), its calibration part
+medians over rounds of the whole compression step (``time/compress_s``), its calibration part
 (forward passes + statistics) and its factorisation part, and the mean relative output error
 of the compressed layers on their calibration activations (quality must not pay for speed).
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.compression.compressor import Compressor
     from recsys_compress.tasks.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for gram_dtype, batches in variants:
             lit = copy.deepcopy(base)
-            cb = CompressionCallback(run.compression.replace(method=args.method, calib_batches=batches,
+            cb = Compressor(run.compression.replace(method=args.method, calib_batches=batches,
                                                              gram_dtype=gram_dtype), args.ratio)
             cb.compress(lit, dm.train_dataloader())
             summary = cb.summary()

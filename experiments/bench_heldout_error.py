@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.compression.compressor import Compressor
     from recsys_compress.tasks.config import validate
     from recsys_compress.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.tasks.compose import compose_config
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in args.ratios:
         for method in args.methods:
             lit = copy.deepcopy(base)
-            cb = CompressionCallback(run.compression.replace(method=method, calib_batches=args.calib_batches,
+            cb = Compressor(run.compression.replace(method=method, calib_batches=args.calib_batches,
                                                              heldout_batches=args.heldout_batches), ratio)
             cb.compress(lit, dm.train_dataloader())
             s = cb.summary()

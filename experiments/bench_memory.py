@@ -26,7 +26,7 @@ WIDTH, INTERMEDIATE, HEADS, ITEMS = 1024, 2752, 8, 2000
 def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, length: int) -> dict:
     import torch
 
-    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.compression.compressor import Compressor
     from recsys_compress.compression.config import CompressionConfig
     from recsys_compress.models.item_llm import build_llama, count_parameters
     from recsys_compress.models.lit_seqrec import SeqRecLitModule
@@ -44,12 +44,12 @@ def measure(mode: str, depth: int, batches: int, heldout: int, batch_size: int, 
     rss_before = resident_mib()
     config = CompressionConfig(method="odllm", calib_batches=batches, heldout_batches=heldout,
                                sequential=mode == "sequential")
-    callback = CompressionCallback(config, 0.5)
+    compressor = Compressor(config, 0.5)
     t0 = time.perf_counter()
-    callback.compress(lit, data)
+    compressor.compress(lit, data)
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mib()
-    summary = callback.summary()
+    summary = compressor.summary()
     return {"mode": mode, "blocks": depth, "params": params, "weights_mib": params * 4 / 2**20,
             "rss_before_mib": rss_before, "peak_rss_mib": peak, "overhead_mib": peak - rss_before,
             "seconds": seconds, "calib_tokens": summary["compression/calib_tokens"],

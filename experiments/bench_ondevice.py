@@ -211,7 +211,7 @@ def build_variant(args: argparse.Namespace, variant: str):
     """The model of ``variant`` (base, METHOD@R, with +int8), its datamodule and compression time."""
     import torch
 
-    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.compression.compressor import Compressor
 
     torch.set_num_threads(args.threads)
     run, dm, lit = build_base(args)
@@ -219,7 +219,7 @@ def build_variant(args: argparse.Namespace, variant: str):
     method, quantize, ratio, align, allocation = parse_variant(variant)
     compress_s = 0.0
     if method != "base" or quantize:
-        cb = CompressionCallback(
+        cb = Compressor(
             run.compression.replace(method="int8" if method == "base" else method, calib_batches=args.calib_batches,
                                     allocation=allocation,
                                     quantize="int8" if quantize else None, rank_align=align,
@@ -253,7 +253,7 @@ def export_worker(args: argparse.Namespace) -> dict:
         int8 = parse_variant(v)[1]
         info = {"variant": v, "params": count_parameters(lit.model), "compress_s": compress_s}
         calibrates = int8 is not None and (int8.mode == "static" or int8.smooth is not None)
-        export_onnx(lit.model, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
+        export_onnx(lit, artefact_dir(args.folder, v), max(args.length, dm.max_len), dm.data.item_ids,
                     dm.data.item_texts(), quantize="int8" if int8 else None, info=info, fuse=args.fuse,
                     **({"int8": int8.mode, "int8_weights": int8.weights, "int8_smooth": int8.smooth} if int8 else {}),
                     calibration=islice(dm.train_dataloader(), args.calib_batches) if calibrates else None)

@@ -40,10 +40,11 @@ import lightning as L
 from recsys_compress.alignment.runner import align
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.compression.allocation import ALLOCATIONS
-from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.compressor import Compressor
 from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
 from recsys_compress.tasks.config import validate
 from recsys_compress.evaluation.bootstrap import retention
+from recsys_compress.tasks.train_seqrec import compress_on
 from recsys_compress.tasks.trained_run import load_trained_base, run_overrides as overrides_of
 from recsys_compress.utils.cli import parse_with_overrides
 from recsys_compress.utils.instantiators import Trainers
@@ -87,10 +88,12 @@ def main() -> None:
 
     trainers = Trainers(cfg)  # the run's trainer settings, no loggers: the table is the record
 
-    def test(callbacks=()) -> dict:
-        trainer: L.Trainer = trainers(callbacks=list(callbacks), enable_checkpointing=False,
-                                      enable_progress_bar=False, enable_model_summary=False)
-        return trainer.test(lit, datamodule=dm, verbose=False)[0]
+    def trainer() -> L.Trainer:
+        return trainers(callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+
+    def test() -> dict:
+        return trainer().test(lit, datamodule=dm, verbose=False)[0]
 
     base = test()
     base_per_user = lit.test_per_user  # per-user NDCG@10: the retention intervals are paired by user
@@ -100,8 +103,9 @@ def main() -> None:
                                    for a in (args.allocations if m in LOW_RANK_METHODS else ["uniform"])]:
             lit.model = copy.deepcopy(base_model)
             _, compressing = cell(method, ratio, allocation)
-            cb = CompressionCallback(compressing.compression, ratio)
-            compressed_result = test([cb])  # the callback compresses at setup
+            cb = Compressor(compressing.compression, ratio)
+            compress_on(trainer(), cb, lit, dm)
+            compressed_result = test()
             compressed_per_user = lit.test_per_user
             compressed_model = copy.deepcopy(lit.model)  # every alignment starts from the same factors
             summary = cb.summary()
@@ -120,7 +124,7 @@ def main() -> None:
                 if alignment != "none":
                     L.seed_everything(run.seed)
                     aligning = cell(method, ratio, allocation, alignment)[1].alignment
-                    row.update(align(aligning, base_model, lit.model, dm.train_dataloader(),
+                    row.update(align(aligning, lit, base_model, dm.train_dataloader(),
                                      trainer_factory=trainers))
                     result, per_user = test(), lit.test_per_user
                 row["test/ndcg@10"] = result["test/ndcg@10"]

@@ -20,10 +20,16 @@ from recsys_compress.tasks.config import validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.tasks.compose import compose_config
 
 from conftest import SMALL
+
+
+def atomic(model):
+    """The atomic recommender around ``model``: the seam alignment calls."""
+    return SeqRecLitModule(model)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def trainer(max_steps, callbacks=(), **kw):
 
 def hidden_errors(teacher, student, data):
     """Per block: MSE between student and teacher hidden states leaving it (end to end)."""
-    cache = capture_teacher(teacher, data, len(data), torch.device("cpu"))
+    cache = capture_teacher(teacher, data, len(data), torch.device("cpu"), atomic(teacher).sequence)
     errors = []
     with torch.no_grad():
         hidden = [student.get_input_embeddings()(b.input_ids) for b in cache]
@@ -71,7 +77,7 @@ def hidden_errors(teacher, student, data):
 def test_block_cache_matches_the_full_forward(teacher_student, batches):
     teacher, _ = teacher_student
     data, _ = batches
-    cache = capture_teacher(teacher, data, 2, torch.device("cpu"))
+    cache = capture_teacher(teacher, data, 2, torch.device("cpu"), atomic(teacher).sequence)
     assert len(cache) == 2 and len(cache[0].teacher) == 3
     b = cache[1]
     with torch.no_grad():
@@ -90,14 +96,14 @@ def test_a_bf16_student_aligns_to_a_float32_teachers_cache(teacher_student, batc
     teacher, student = teacher_student
     data, _ = batches
     student = copy.deepcopy(student).to(torch.bfloat16)
-    cache = capture_teacher(teacher, data, 1, torch.device("cpu"))[0]
+    cache = capture_teacher(teacher, data, 1, torch.device("cpu"), atomic(teacher).sequence)[0]
     hidden = student.get_input_embeddings()(cache.input_ids)
     with torch.no_grad():
         out = run_block(decoder_blocks(student)[0], hidden, cache.block_kwargs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), run_block(decoder_blocks(student.float())[0], hidden.float(),
                                                       cache.block_kwargs), atol=0.1, rtol=0.05)
-    module = ProgressiveAlignmentModule(teacher, copy.deepcopy(student).to(torch.bfloat16), data, num_batches=2,
+    module = ProgressiveAlignmentModule(atomic(copy.deepcopy(student).to(torch.bfloat16)), teacher, data, num_batches=2,
                                         steps_per_layer=3, lr=1e-3)
     trainer(6, precision="bf16-true").fit(module)
     assert [r["layer"] for r in module.layer_reports] == [0, 1]
@@ -107,7 +113,7 @@ def test_only_the_current_blocks_factors_change(teacher_student, batches):
     teacher, student = teacher_student
     student = copy.deepcopy(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    module = ProgressiveAlignmentModule(teacher, student, batches[0], num_batches=4, steps_per_layer=10, lr=1e-2)
+    module = ProgressiveAlignmentModule(atomic(student), teacher, batches[0], num_batches=4, steps_per_layer=10, lr=1e-2)
     trainer(5).fit(module)  # stop inside block 0
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     factors_0 = {k for k in before if k.startswith("model.layers.0.") and k.endswith((".down.weight", ".up.weight"))}
@@ -119,7 +125,7 @@ def test_each_block_error_falls_and_end_to_end_errors_fall(teacher_student, batc
     data, _ = batches
     student = copy.deepcopy(student)
     errors_before = hidden_errors(teacher, student, data)
-    module = ProgressiveAlignmentModule(teacher, student, data, num_batches=4, steps_per_layer=30, lr=3e-3)
+    module = ProgressiveAlignmentModule(atomic(student), teacher, data, num_batches=4, steps_per_layer=30, lr=3e-3)
     trainer(module.total_steps).fit(module)
     assert [r["layer"] for r in module.layer_reports] == [0, 1]
     for report in module.layer_reports:
@@ -133,7 +139,7 @@ def test_a_block_made_worse_gets_its_starting_factors_back(teacher_student, batc
     teacher, student = teacher_student
     student = copy.deepcopy(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    module = ProgressiveAlignmentModule(teacher, student, batches[0], num_batches=4, steps_per_layer=3, lr=5.0,
+    module = ProgressiveAlignmentModule(atomic(student), teacher, batches[0], num_batches=4, steps_per_layer=3, lr=5.0,
                                         scheduler="constant")
     trainer(module.total_steps).fit(module)  # an absurd learning rate wrecks every block
     assert [r["reverted"] for r in module.layer_reports] == [1, 1]
@@ -156,7 +162,7 @@ def test_progressive_lstsq_lowers_every_block_error(teacher_student, batches):
     data, _ = batches
     student = copy.deepcopy(student)
     errors_before = hidden_errors(teacher, student, data)
-    cache = capture_teacher(teacher, data, 4, torch.device("cpu"))
+    cache = capture_teacher(teacher, data, 4, torch.device("cpu"), atomic(teacher).sequence)
     reports = progressive_lstsq(teacher, student, cache, ridge=1e-6)
     assert [r["layer"] for r in reports] == [0, 1]
     assert all(r["mse_after"] < r["mse_before"] for r in reports)
@@ -165,7 +171,7 @@ def test_progressive_lstsq_lowers_every_block_error(teacher_student, batches):
     # state to the batch's device). On this CPU-only machine the states are on the CPU either way,
     # so where they live is a GPU check (experiments/gpu_check.py), not this test's.
     offloaded = copy.deepcopy(teacher_student[1])
-    cache = capture_teacher(teacher, data, 4, torch.device("cpu"), offload=True)
+    cache = capture_teacher(teacher, data, 4, torch.device("cpu"), atomic(teacher).sequence, offload=True)
     untimed = [{k: v for k, v in r.items() if "second" not in k and not k.endswith("_s")} for r in reports]
     again = progressive_lstsq(teacher, offloaded, cache, ridge=1e-6)
     assert [{k: r[k] for k in u} for r, u in zip(again, untimed)] == untimed
@@ -198,7 +204,7 @@ def test_lstsq_refits_on_the_students_inputs_not_the_teachers(teacher_student, b
     teacher, student = teacher_student
     data, _ = batches
     student = copy.deepcopy(student)
-    cache = capture_teacher(teacher, data, 4, torch.device("cpu"))
+    cache = capture_teacher(teacher, data, 4, torch.device("cpu"), atomic(teacher).sequence)
     reports = progressive_lstsq(teacher, student, cache, ridge=0.0)
     assert [r["reverted"] for r in reports] == [0, 0]
     name = "model.layers.1.self_attn.q_proj"
@@ -220,7 +226,7 @@ def test_an_lstsq_refit_that_raises_a_blocks_error_is_undone_bit_for_bit(teacher
     data, _ = batches
     student = copy.deepcopy(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    reports = progressive_lstsq(teacher, student, capture_teacher(teacher, data, 4, torch.device("cpu")),
+    reports = progressive_lstsq(teacher, student, capture_teacher(teacher, data, 4, torch.device("cpu"), atomic(teacher).sequence),
                                 ridge=1e6)
     assert [r["reverted"] for r in reports] == [1, 1]
     assert all(r["mse_after"] == r["mse_before"] for r in reports)
@@ -239,7 +245,7 @@ def test_resume_continues_from_the_checkpointed_block(teacher_student, batches, 
     data, _ = batches
     cfg = AlignmentConfig(method="progressive", batches=4, steps_per_layer=6, lr=3e-3)
     uninterrupted = copy.deepcopy(student)
-    align(cfg, teacher, uninterrupted, data, output_dir=tmp_path / "a")
+    align(cfg, atomic(uninterrupted), teacher, data, output_dir=tmp_path / "a")
 
     resumed = copy.deepcopy(student)
 
@@ -248,9 +254,9 @@ def test_resume_continues_from_the_checkpointed_block(teacher_student, batches, 
                          enable_progress_bar=False, enable_model_summary=False)
 
     with pytest.raises(RuntimeError, match="killed"):
-        align(cfg, teacher, resumed, data, trainer_factory=killed, output_dir=tmp_path / "b")
+        align(cfg, atomic(resumed), teacher, data, trainer_factory=killed, output_dir=tmp_path / "b")
     assert (tmp_path / "b" / "alignment" / "last.ckpt").is_file()  # written after block 0 (step 6)
-    out = align(cfg, teacher, resumed, data, output_dir=tmp_path / "b")
+    out = align(cfg, atomic(resumed), teacher, data, output_dir=tmp_path / "b")
     assert out["align/layers"] == 1  # only block 1 was left
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -271,7 +277,7 @@ def test_bad_inputs_fail_clearly(teacher_student, batches):
     broken = copy.deepcopy(teacher)
     with torch.no_grad():
         broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    module = ProgressiveAlignmentModule(broken, copy.deepcopy(student), batches[0], num_batches=2, steps_per_layer=4)
+    module = ProgressiveAlignmentModule(atomic(copy.deepcopy(student)), broken, batches[0], num_batches=2, steps_per_layer=4)
     with pytest.raises(FloatingPointError, match="at block 0, step 0 of 4"):
         trainer(8).fit(module)
 
@@ -296,7 +302,7 @@ def test_the_closed_form_runs_where_the_runs_trainer_runs(teacher_student, batch
                                enable_model_summary=False, **overrides))
         return built[-1]
 
-    out = align(AlignmentConfig(method="progressive_lstsq", batches=2), teacher, student, batches[0],
+    out = align(AlignmentConfig(method="progressive_lstsq", batches=2), atomic(student), teacher, batches[0],
                 trainer_factory=trainers)
     assert len(built) == 1 and out["align/layers"] == 2
     assert {p.device for p in student.parameters()} == {built[0].strategy.root_device}

@@ -165,6 +165,7 @@ def test_a_mixed_rank_model_with_a_dense_layer_saves_loads_and_exports(tmp_path)
     from recsys_compress.compression.serialization import load_compressed, save_compressed
     from recsys_compress.deploy.export import export_onnx
     from recsys_compress.models.item_llm import build_llama
+    from recsys_compress.models.lit_seqrec import SeqRecLitModule
 
     torch.manual_seed(0)
     model = build_llama(40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64).eval()
@@ -187,19 +188,19 @@ def test_a_mixed_rank_model_with_a_dense_layer_saves_loads_and_exports(tmp_path)
     for r in reports:
         layer = loaded.get_submodule(r.name)
         assert isinstance(layer, torch.nn.Linear) if r.dense else layer.rank == r.rank
-    folder = export_onnx(model, tmp_path / "onnx", 12, [str(i) for i in range(1, 41)], [""] * 41)
+    folder = export_onnx(SeqRecLitModule(model), tmp_path / "onnx", 12, [str(i) for i in range(1, 41)], [""] * 41)
     import json
 
     assert json.loads((folder / "deploy.json").read_text())["max_abs_deviation_from_eager"] < 1e-4
     # int8 stacked on top: the dense layer is quantised whole, a low-rank one factor by factor
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    from recsys_compress.compression.callback import CompressionCallback
+    from recsys_compress.compression.compressor import Compressor
     from recsys_compress.compression.config import CompressionConfig
 
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    cb = CompressionCallback(CompressionConfig(method="odllm", allocation="global", quantize="int8"), 0.5)
+    cb = Compressor(CompressionConfig(method="odllm", allocation="global", quantize="int8"), 0.5)
     cb.names, cb.reports = names, reports
     cb.apply_quantization(model)
     assert isinstance(model.get_submodule(names[0]), DynamicInt8Linear)
@@ -267,7 +268,7 @@ def test_an_alignment_above_the_uniform_ranks_fails_before_training(tmp_path):
     from recsys_compress.schema import ConfigError
     from recsys_compress.tasks.config import validate
     from recsys_compress.models.item_llm import build_llama
-    from recsys_compress.compression.callback import check_allocation
+    from recsys_compress.compression.compressor import check_allocation
     from recsys_compress.tasks.compose import compose_config
 
     model = build_llama(50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -357,18 +358,18 @@ def test_zero_sum_composes_through_the_pipeline(tmp_path, monkeypatch, split):
     target), the budget holds, the ranks differ between matrices and reach compression_layers.csv."""
     import csv
 
-    from recsys_compress.compression import callback as callback_module
+    from recsys_compress.compression import compressor as compressor_module
     from recsys_compress.tasks.runner import run_task
     from recsys_compress.tasks.compose import compose_config
 
     differentiated = []
-    original = callback_module.loss_gradients
+    original = compressor_module.loss_gradients
 
     def recording(model, names, batches, loss):
         differentiated.append(batches)
         return original(model, names, batches, loss)
 
-    monkeypatch.setattr(callback_module, "loss_gradients", recording)
+    monkeypatch.setattr(compressor_module, "loss_gradients", recording)
     overrides = ["compression=odllm", "compression.allocation=zero_sum", "ratio=0.3", "model.hidden_size=16",
                  "model.intermediate_size=32", "dataset.max_len=20", "compression.calib_batches=2",
                  "compression.heldout_batches=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
@@ -391,7 +392,7 @@ def test_first_order_loss_changes_predict_the_next_item_loss_change_on_real_batc
     of a tiny LLaMA's layer changes the calibration loss by about what zero_sum predicts (first
     order: within 30% here, sign included)."""
     from conftest import SMALL
-    from recsys_compress.compression.calibration import collect_input_stats, select_linear_layers, split_calibration
+    from recsys_compress.compression.calibration import collect_input_stats, split_calibration
     from recsys_compress.compression.low_rank import cholesky_with_jitter
     from recsys_compress.compression.sensitivity import loss_gradients
     from recsys_compress.data.datamodule import NextItemDataModule
@@ -406,8 +407,7 @@ def test_first_order_loss_changes_predict_the_next_item_loss_change_on_real_batc
     calibration, _ = split_calibration(dm.train_dataloader(), 4, 0)
     name = "model.layers.0.mlp.gate_proj"
     gradients = loss_gradients(lit.model, [name], calibration, lit.loss)
-    stats = collect_input_stats(lit.model, [name], calibration,
-                                lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]), len(calibration))
+    stats = collect_input_stats(lit.model, [name], calibration, lit.hidden_states, len(calibration))
 
     def loss() -> float:
         with torch.no_grad():

@@ -40,10 +40,10 @@ def artefacts(tmp_path_factory):
     model = compressed_model()
     root = tmp_path_factory.mktemp("deploy")
     texts = [""] + [f"Movie {i}" for i in range(1, N_ITEMS + 1)]
-    export_onnx(model, root / "float", MAX_LEN, RAW_IDS, texts)
-    export_onnx(model, root / "int8", MAX_LEN, RAW_IDS, texts, quantize="int8")
-    export_onnx(model, root / "int8_per_tensor", MAX_LEN, RAW_IDS, texts, quantize="int8", int8_weights="per_tensor")
-    export_onnx(model, root / "int8_static", MAX_LEN, RAW_IDS, texts, quantize="int8", int8="static",
+    export_onnx(SeqRecLitModule(model), root / "float", MAX_LEN, RAW_IDS, texts)
+    export_onnx(SeqRecLitModule(model), root / "int8", MAX_LEN, RAW_IDS, texts, quantize="int8")
+    export_onnx(SeqRecLitModule(model), root / "int8_per_tensor", MAX_LEN, RAW_IDS, texts, quantize="int8", int8_weights="per_tensor")
+    export_onnx(SeqRecLitModule(model), root / "int8_static", MAX_LEN, RAW_IDS, texts, quantize="int8", int8="static",
                 calibration=left_padded_batches(4, seed=2))
     return model, root
 
@@ -79,7 +79,7 @@ def test_attention_and_rotary_run_as_onnxruntime_kernels_and_padding_stays_invis
     model = build_llama(N_ITEMS, hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=2,
                         intermediate_size=64, max_len=MAX_LEN).eval()
     with caplog.at_level(logging.INFO):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS)
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS)
     assert [r.name for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))] == []
     assert any(r.name == "recsys_compress.deploy.export" for r in caplog.records)  # ours still logs
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
@@ -291,22 +291,22 @@ def test_an_artefact_of_another_format_is_refused_naming_it(artefacts, tmp_path)
 def test_export_refuses_wrong_item_list_and_torch_int8(tmp_path):
     model = compressed_model()
     with pytest.raises(ValueError, match="item_ids has 3 entries but the model scores 60 items"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS[:3])
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS[:3])
     with pytest.raises(ValueError, match=r"quantize='int4'; allowed: null, int8"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int4")
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS, quantize="int4")
     with pytest.raises(ValueError, match=r"the model is on meta: export_onnx exports a CPU model"):
-        export_onnx(compressed_model().to("meta"), tmp_path, MAX_LEN, RAW_IDS)
+        export_onnx(SeqRecLitModule(compressed_model().to("meta")), tmp_path, MAX_LEN, RAW_IDS)
     with pytest.raises(ValueError, match=r"int8='fp8'; allowed: dynamic, static"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="fp8")
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="fp8")
     with pytest.raises(ValueError, match=r"int8_weights='per_row'; allowed: per_channel, per_tensor"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8_weights="per_row")
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8_weights="per_row")
     with pytest.raises(ValueError, match=r"int8='static' fixes activation scales on calibration histories"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="static")
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS, quantize="int8", int8="static")
     from recsys_compress.compression.apply import quantize_int8
 
     quantize_int8(model, ["model.layers.0.mlp.down_proj.up"])
     with pytest.raises(ValueError, match="torch int8 layers"):
-        export_onnx(model, tmp_path, MAX_LEN, RAW_IDS)
+        export_onnx(SeqRecLitModule(model), tmp_path, MAX_LEN, RAW_IDS)
 
 
 def test_the_artefact_is_tested_like_the_eager_model(artefacts):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SMALL
-from recsys_compress.compression import callback as callback_module
+from recsys_compress.compression import compressor as compressor_module
 from recsys_compress.compression import sequential as sequential_module
 from recsys_compress.compression.apply import relative_output_error
 from recsys_compress.compression.calibration import (
@@ -16,7 +16,7 @@ from recsys_compress.compression.calibration import (
     split_calibration,
     statistics_bytes,
 )
-from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.compressor import Compressor
 from recsys_compress.compression.sensitivity import loss_gradients
 from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.compression.config import CompressionConfig
@@ -43,7 +43,7 @@ def fresh(dm) -> SeqRecLitModule:
 
 def whole_model(dm, method, allocation="uniform", rank_align=1):
     lit = fresh(dm)
-    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, allocation=allocation,
+    cb = Compressor(CompressionConfig(method=method, calib_batches=4, allocation=allocation,
                                                rank_align=rank_align), 0.5)
     cb.compress(lit, dm.train_dataloader())
     return lit, cb
@@ -55,7 +55,7 @@ def sequential(dm, method, propagate, allocation="uniform", rank_align=1):
     names = select_linear_layers(lit.model)
     gradients = loss_gradients(lit.model, names, calibration, lit.loss) if allocation == "zero_sum" else None
     result = compress_sequential(lit.model, names, method, 0.5, calibration, heldout,
-                                 lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]),
+                                 lit.hidden_states,
                                  allocation=allocation, propagate=propagate, rank_align=rank_align,
                                  gradients=gradients)
     return lit, result
@@ -108,7 +108,7 @@ def test_compressed_propagation_keeps_block_0_and_refits_the_blocks_above(data):
     calibration, _ = split_calibration(data.train_dataloader(), 4, 0)
     qkv = [r for r in result.reports if r.name.endswith(("q_proj", "k_proj", "v_proj"))]
     deployed = collect_input_stats(lit.model, [r.name for r in qkv], calibration,
-                                   lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"]), len(calibration))
+                                   lit.hidden_states, len(calibration))
     for r in qkv:
         W_hat = lit.model.get_submodule(r.name)
         with torch.no_grad():
@@ -131,7 +131,7 @@ def test_only_one_blocks_statistics_are_alive_at_once(data, monkeypatch):
         return collect
 
     monkeypatch.setattr(sequential_module, "collect_input_stats", counting(sequential_module.collect_input_stats))
-    monkeypatch.setattr(callback_module, "collect_input_stats", counting(callback_module.collect_input_stats))
+    monkeypatch.setattr(compressor_module, "collect_input_stats", counting(compressor_module.collect_input_stats))
     sequential(data, "odllm", "compressed", allocation="global")
     assert peak["grams"] == 2 * PER_BLOCK  # one block: calibration + held-out
     peak["grams"] = 0
@@ -232,7 +232,7 @@ def test_the_sequential_path_runs_as_a_bounded_step(data, monkeypatch):
 
 def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_blocks_fails(data):
     lit = fresh(data)
-    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, sequential=True), 0.5)
+    cb = Compressor(CompressionConfig(method="odllm", calib_batches=4, sequential=True), 0.5)
     cb.compress(lit, data.train_dataloader())
     direct, _ = sequential(data, "odllm", "compressed")
     for key, value in direct.model.state_dict().items():
@@ -241,7 +241,7 @@ def test_the_config_switch_reaches_the_sequential_path_and_a_layer_outside_the_b
     assert summary["compression/calib_tokens"] > 0 and summary["compression/heldout_tokens"] > 0
     assert 0 < summary["time/calibrate_s"] < summary["time/compress_s"]
 
-    outside = CompressionCallback(CompressionConfig(method="odllm", calib_batches=2, sequential=True,
+    outside = Compressor(CompressionConfig(method="odllm", calib_batches=2, sequential=True,
                                                     include=["*.mlp.up_proj", "lm_head"]), 0.5)
     with pytest.raises(ValueError, match="layer lm_head lies outside them: exclude it .* compression.sequential=false"):
         outside.compress(fresh(data), data.train_dataloader())
@@ -252,12 +252,12 @@ def test_statistics_that_would_not_fit_are_refused_with_the_numbers(data, monkey
     one_block = 2 * 8 * (6 * (32 * 32 + 32) + 64 * 64 + 64)
     assert statistics_bytes(in_features, 32, 0, heldout=True, sequential=False) == LAYERS * one_block
     assert statistics_bytes(in_features, 32, 1000, heldout=True, sequential=True) == one_block + 4 * 32 * 1000
-    monkeypatch.setattr(callback_module, "available_memory_bytes", lambda: 100_000)
+    monkeypatch.setattr(compressor_module, "available_memory_bytes", lambda: 100_000)
     whole, one = LAYERS * one_block / 2**20, (one_block + 4 * 32 * 10_752) / 2**20
     for sequential, expected, mode, hint in (
             (False, f"{whole:.1f}", "every layer at once", "set compression.sequential=true"),
             (True, f"{one:.1f}", "one block at a time", "lower compression.calib_batches or compression.heldout_batches")):
-        cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, sequential=sequential), 0.5)
+        cb = Compressor(CompressionConfig(method="odllm", calib_batches=4, sequential=sequential), 0.5)
         with pytest.raises(MemoryError, match=rf"calibration statistics need {expected} MiB \(21 layers, {mode}, "
                                               rf"10,752 padded tokens\), and 0.1 MiB are available: {hint}"):
             cb.compress(fresh(data), data.train_dataloader())
@@ -266,7 +266,7 @@ def test_statistics_that_would_not_fit_are_refused_with_the_numbers(data, monkey
     weights = sum(m.weight.numel() for m in module.model.modules()
                   if isinstance(m, torch.nn.Linear) and m is not module.model.get_output_embeddings())
     assert statistics_bytes(in_features, 32, 0, True, False, gradient_weights=weights) == LAYERS * one_block + 8 * weights
-    cb = CompressionCallback(CompressionConfig(method="odllm", calib_batches=4, allocation="zero_sum"), 0.5)
+    cb = Compressor(CompressionConfig(method="odllm", calib_batches=4, allocation="zero_sum"), 0.5)
     with pytest.raises(MemoryError, match=rf"need {(LAYERS * one_block + 8 * weights) / 2**20:.1f} MiB \(21 layers, "
                                           rf"every layer at once, 10,752 padded tokens, loss gradients of {weights:,} weights\)"):
         cb.compress(module, data.train_dataloader())

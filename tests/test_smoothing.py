@@ -57,8 +57,7 @@ def input_max(model) -> dict[str, torch.Tensor]:
     """Per smoothed input (named by its first reader), max |x_j| on the calibration batches."""
     lit = SeqRecLitModule(model).eval()
     names = list(smoothing_groups(model))
-    stats = collect_input_stats(model, names, batches(3, seed=1), lambda b: lit.hidden_states(
-        b["input_ids"], b["attention_mask"]), max_batches=3, gram=False)
+    stats = collect_input_stats(model, names, batches(3, seed=1), lit.hidden_states, max_batches=3, gram=False)
     return {n: s.abs_max for n, s in stats.items()}
 
 
@@ -78,8 +77,7 @@ def test_smoothing_keeps_the_function_and_equalises_ranges_as_the_formula_says(l
     weight_max_before = {n: reader_weight_max(g, low_rank) for n, g in groups.items()}
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     lit = SeqRecLitModule(model).eval()
-    report = smooth_activations(model, batches(3, seed=1), lambda b: lit.hidden_states(
-        b["input_ids"], b["attention_mask"]), alpha=0.5)
+    report = smooth_activations(model, batches(3, seed=1), lit.hidden_states, alpha=0.5)
     assert report.inputs == 6 and report.tokens > 0
     for b, expected in zip(held_out, before):
         torch.testing.assert_close(scores(model, b), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
@@ -113,8 +111,7 @@ def test_smoothing_targets_choose_the_inputs():
         model = model_with_an_outlier_channel(False)
         lit = SeqRecLitModule(model).eval()
         reference = {k: v.clone() for k, v in model.state_dict().items()}
-        report = smooth_activations(model, batches(2, seed=1), lambda b: lit.hidden_states(
-            b["input_ids"], b["attention_mask"]), alpha=0.5, targets=targets)
+        report = smooth_activations(model, batches(2, seed=1), lit.hidden_states, alpha=0.5, targets=targets)
         assert report.inputs == inputs and set(report.outlier_ratio_before) == set(targets)
         moved = {k.split(".", 3)[3] for k, v in model.state_dict().items() if not torch.equal(v, reference[k])}
         assert moved == changed, targets
@@ -149,8 +146,8 @@ def int8_error(folder, model) -> float:
 def test_a_smoothed_int8_artefact_is_closer_to_the_eager_model(low_rank, tmp_path):
     model = model_with_an_outlier_channel(low_rank)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    export_onnx(model, tmp_path / "plain", MAX_LEN, RAW_IDS, quantize="int8")
-    export_onnx(model, tmp_path / "smooth", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=0.5,
+    export_onnx(SeqRecLitModule(model), tmp_path / "plain", MAX_LEN, RAW_IDS, quantize="int8")
+    export_onnx(SeqRecLitModule(model), tmp_path / "smooth", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=0.5,
                 calibration=batches(4, seed=2))
     for k, v in model.state_dict().items():  # the caller's model is not touched
         torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
@@ -163,14 +160,29 @@ def test_a_smoothed_int8_artefact_is_closer_to_the_eager_model(low_rank, tmp_pat
     assert json.loads((tmp_path / "plain" / "deploy.json").read_text())["int8_smooth"] is None
 
 
+def test_smoothing_statistics_are_taken_without_dropout(tmp_path):
+    """A recommender handed over in training mode (the pipeline's, after alignment) with input
+    dropout: the channel ranges smoothing reads are those of the model as served, not of a dropped-out
+    forward, and the recommender keeps its mode."""
+    model = model_with_an_outlier_channel(False)
+    training = SeqRecLitModule(model, embedding_dropout=0.5).train()
+    for folder, recommender in (("training", training), ("eval", SeqRecLitModule(model).eval())):
+        torch.manual_seed(1)
+        export_onnx(recommender, tmp_path / folder, MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=0.5,
+                    calibration=batches(2, seed=2))
+    smoothing = [json.loads((tmp_path / f / "deploy.json").read_text())["smoothing"] for f in ("training", "eval")]
+    assert smoothing[0] == smoothing[1]
+    assert training.training and training.embedding_dropout.training
+
+
 def test_smoothing_refuses_what_it_cannot_do(tmp_path):
     model = model_with_an_outlier_channel(False)
     calibration = batches(1, seed=2)
     with pytest.raises(ValueError, match="needs quantize='int8'"):
-        export_onnx(model, tmp_path / "a", MAX_LEN, RAW_IDS, int8_smooth=0.5, calibration=calibration)
+        export_onnx(SeqRecLitModule(model), tmp_path / "a", MAX_LEN, RAW_IDS, int8_smooth=0.5, calibration=calibration)
     with pytest.raises(ValueError, match="pass calibration batches"):
-        export_onnx(model, tmp_path / "b", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=0.5)
+        export_onnx(SeqRecLitModule(model), tmp_path / "b", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=0.5)
     with pytest.raises(ValueError, match=r"int8_smooth=2 is out of range; allowed: None \(off\) or 0 to 1"):
-        export_onnx(model, tmp_path / "c", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=2, calibration=calibration)
+        export_onnx(SeqRecLitModule(model), tmp_path / "c", MAX_LEN, RAW_IDS, quantize="int8", int8_smooth=2, calibration=calibration)
     with pytest.raises(ValueError, match="has none"):
         smooth_activations(nn.Sequential(nn.Linear(4, 4)), calibration, lambda b: None, 0.5)

@@ -9,7 +9,7 @@ on its own (the GPTQ / SVD-LLM "catcher" pattern).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +17,23 @@ import torch
 from transformers import PreTrainedModel
 
 from recsys_compress.models.blocks import decoder_blocks
-from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.models.interface import TokenSequence
 
 
 @dataclass
 class AlignmentBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    sequence: TokenSequence  # what the decoder read (RecommenderModel.sequence of the batch)
     block_kwargs: dict[str, Any]
     # teacher[l] enters block l of the teacher; teacher[-1] leaves the last block (pre-norm).
     teacher: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.sequence.input_ids
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.sequence.attention_mask
 
     def teacher_at(self, index: int) -> torch.Tensor:
         """``teacher[index]`` on the batch's device (the states may be offloaded to the CPU)."""
@@ -41,9 +48,10 @@ class AlignmentBatch:
 @torch.no_grad()
 def capture_teacher(
     teacher: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], max_batches: int, device: torch.device,
-    offload: bool = False,
+    sequence: Callable[[dict[str, torch.Tensor]], TokenSequence], offload: bool = False,
 ) -> list[AlignmentBatch]:
     """Run the teacher over ``max_batches`` batches, recording every block's input and output.
+    ``sequence``: the recommender's ``RecommenderModel.sequence``, what its decoder reads for a batch.
 
     ``offload``: keep those (layers + 1) hidden states per batch in CPU memory, so the accelerator
     holds only the block at work (``AlignmentBatch.teacher_at`` brings one state over)."""
@@ -68,11 +76,11 @@ def capture_teacher(
         for batch in batches:
             if len(cached) >= max_batches:
                 break
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            teacher.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                               use_cache=False)
+            seq = sequence(batch).to(device)
+            teacher.base_model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
+                               position_ids=seq.position_ids, use_cache=False)
             records["kwargs"].pop("hidden_states", None)
-            cached.append(AlignmentBatch(ids, mask, records["kwargs"], records["hidden"]))
+            cached.append(AlignmentBatch(seq, records["kwargs"], records["hidden"]))
     finally:
         for h in handles:
             h.remove()

@@ -6,7 +6,7 @@ the hidden state produced by the student's already-refined blocks below it, its 
 teacher's block-l output on the teacher's own hidden states, and the loss
 
     MSE(student_l(h_student), teacher_l(h_teacher))
-      + task_weight * next-item cross-entropy (through the frozen blocks above)
+      + task_weight * the recommender's own cross-entropy (through the frozen blocks above)
       + distill_weight * T^2 KL(teacher logits / T || student logits / T)
 
 Then block l is frozen and block l+1 starts; a block whose MSE rose (too high a learning rate
@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from recsys_compress.alignment.block_cache import AlignmentBatch, capture_teacher
 from recsys_compress.models.blocks import decoder_blocks, run_block
 from recsys_compress.compression.low_rank import LowRankLinear
+from recsys_compress.models.interface import RecommenderModel
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,13 @@ def masked_mse(output: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor)
 
 
 class ProgressiveAlignmentModule(L.LightningModule):
+    """Aligns ``recommender.backbone`` (the student, compressed) to ``teacher``, its uncompressed
+    twin, on the sequences the recommender's decoder reads for ``batches``."""
+
     def __init__(
         self,
+        recommender: RecommenderModel,
         teacher: PreTrainedModel,
-        student: PreTrainedModel,
         batches: Iterable[dict[str, torch.Tensor]],
         num_batches: int = 16,
         steps_per_layer: int = 100,
@@ -90,9 +94,12 @@ class ProgressiveAlignmentModule(L.LightningModule):
         offload_states: bool = False,
     ):
         super().__init__()
+        student = recommender.backbone
         check_alignable(teacher, student)
-        self.save_hyperparameters(ignore=["teacher", "student", "batches"])
+        self.save_hyperparameters(ignore=["recommender", "teacher", "batches"])
         self.student = student
+        # Not a submodule either: the recommender holds the student, which is registered above.
+        self.__dict__["recommender"] = recommender
         # Not a registered submodule: the frozen teacher is rebuilt from the base model, so it
         # stays out of checkpoints and optimisers.
         self.__dict__["teacher"] = teacher.requires_grad_(False).eval()
@@ -115,7 +122,7 @@ class ProgressiveAlignmentModule(L.LightningModule):
         if not self.cache:
             self.teacher.to(self.device)
             self.cache = capture_teacher(self.teacher, self._batches, self.hparams.num_batches, self.device,
-                                         self.hparams.offload_states)
+                                         self.recommender.sequence, self.hparams.offload_states)
 
     def train_dataloader(self):
         # Steps index the cached batches (step % n); the loader only paces Lightning's loop.
@@ -215,19 +222,18 @@ class ProgressiveAlignmentModule(L.LightningModule):
         return loss
 
     def _task_terms(self, output: torch.Tensor, layer: int, cached: AlignmentBatch) -> torch.Tensor:
-        """Next-item CE and logit distillation through the (frozen) blocks above ``layer``."""
+        """The recommender's own cross-entropy and logit distillation through the (frozen) blocks
+        above ``layer``."""
         hp = self.hparams
         hidden = output
         for block in decoder_blocks(self.student)[layer + 1:]:
             hidden = run_block(block, hidden, cached.block_kwargs)
-        has_target = cached.attention_mask[:, :-1].bool()
-        head = self.student.get_output_embeddings()
-        logits = head(self.student.base_model.norm(hidden)[:, :-1][has_target]).float()
-        loss = hp.task_weight * F.cross_entropy(logits, cached.input_ids[:, 1:][has_target])
+        logits, targets = self.recommender.predicted_logits(self.student, hidden, cached.sequence)
+        loss = hp.task_weight * F.cross_entropy(logits, targets)
         if hp.distill_weight > 0:
             with torch.no_grad():
-                teacher_hidden = self.teacher.base_model.norm(cached.teacher_at(-1))[:, :-1][has_target]
-                teacher_logits = self.teacher.get_output_embeddings()(teacher_hidden).float()
+                teacher_logits, _ = self.recommender.predicted_logits(self.teacher, cached.teacher_at(-1),
+                                                                      cached.sequence)
             t = hp.distill_temperature
             kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                           log_target=True, reduction="batchmean")

@@ -18,6 +18,7 @@ from recsys_compress.alignment.block_cache import capture_teacher
 from recsys_compress.alignment.lstsq import progressive_lstsq
 from recsys_compress.alignment.progressive import ProgressiveAlignmentModule, check_alignable
 from recsys_compress.alignment.config import AlignmentConfig
+from recsys_compress.models.interface import RecommenderModel
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -25,19 +26,21 @@ log = logging.getLogger(__name__)
 
 def align(
     cfg: AlignmentConfig,
+    recommender: RecommenderModel,
     teacher: PreTrainedModel,
-    student: PreTrainedModel,
     batches: Iterable[dict[str, torch.Tensor]],
     trainer_factory: Any = None,
     output_dir: str | Path | None = None,
     loggers: list | None = None,
 ) -> dict[str, Any]:
-    """Align ``student`` in place; returns ``time/align_s`` and per-block summaries.
+    """Align ``recommender.backbone`` (the compressed student) in place to ``teacher``, its
+    uncompressed twin; returns ``time/align_s`` and per-block summaries.
 
     ``trainer_factory(**overrides) -> L.Trainer`` builds the Trainer for gradient alignment
     (the run's trainer config, so accelerator, precision and clipping apply); progress is
     checkpointed to ``output_dir/alignment/last.ckpt`` and resumed from there when present.
     """
+    student = recommender.backbone
     check_alignable(teacher, student)
     loggers = loggers or []
     t0 = time.perf_counter()
@@ -47,7 +50,8 @@ def align(
         device = (trainer_factory(callbacks=[], logger=False, enable_checkpointing=False).strategy.root_device
                   if trainer_factory else next(student.parameters()).device)
         student.to(device)
-        cache = capture_teacher(teacher.to(device), batches, cfg.batches, device, cfg.offload_states)
+        cache = capture_teacher(teacher.to(device), batches, cfg.batches, device, recommender.sequence,
+                                cfg.offload_states)
         was_training = student.training
         student.eval()
         reports = progressive_lstsq(teacher, student, cache, cfg.ridge)
@@ -55,7 +59,7 @@ def align(
         del cache
     elif cfg.method == "progressive":
         module = ProgressiveAlignmentModule(
-            teacher, student, batches, num_batches=cfg.batches, steps_per_layer=cfg.steps_per_layer, lr=cfg.lr,
+            recommender, teacher, batches, num_batches=cfg.batches, steps_per_layer=cfg.steps_per_layer, lr=cfg.lr,
             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps,
             task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
             distill_temperature=cfg.distill_temperature, offload_states=cfg.offload_states,

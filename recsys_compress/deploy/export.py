@@ -11,8 +11,9 @@ Why ONNX + onnxruntime rather than TorchScript or a ``torch.export`` program:
 The export itself goes through ``torch.export`` (``torch.onnx.export(dynamo=True)``), so a
 model that exports to ONNX would also export to ``.pt2``.
 
-A folder holds ``model.onnx`` (batch and history length dynamic, histories right-padded: see
-``ItemScorer``), ``items.json`` (raw item id
+A folder holds ``model.onnx`` (the graph the recommender gives through
+``RecommenderModel.export_graph``; the atomic model's takes right-padded histories of dynamic
+batch and length), ``items.json`` (raw item id
 and text of every item index) and ``deploy.json`` (format, sizes, and the maximum deviation
 from the eager model measured at export time).
 """
@@ -30,58 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
-from transformers import PreTrainedModel
 
 from recsys_compress.deploy.fusions import fuse_for_onnxruntime
-from recsys_compress.deploy.recommend import to_right_padding
 from recsys_compress.deploy.smoothing import check_alpha, smooth_activations
-from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.models.interface import RecommenderModel
+from recsys_compress.models.padding import to_right_padding
 
 log = logging.getLogger(__name__)
 
 FORMAT = "recsys-compress/onnx-v2"  # v2: the graph takes right-padded histories
-
-
-class ItemScorer(nn.Module):
-    """``(input_ids, attention_mask) -> scores`` of every item index as the next item, for
-    **right-padded** histories (real items first, item 0 after them).
-
-    The same scores as ``SeqRecLitModule.forward`` in eval mode gives the left-padded history
-    (positions count from the first real item either way, and causal attention never lets a real
-    item see the padding after it), without Lightning, for export. Right padding is what
-    onnxruntime's ``GroupQueryAttention`` kernel handles (``fusions``); ``recommend.to_right_padding``
-    turns the datamodule's left-padded batches into it. Every slot gets its index as position, so
-    that the kernel reads each sequence as the full width: padding slots then attend to items
-    and to each other, and only the last real item's state is read.
-    """
-
-    def __init__(self, model: PreTrainedModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch, length = input_ids.shape
-        hidden = self.model.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=torch.arange(length, device=input_ids.device).expand(batch, length),
-            use_cache=False,
-        ).last_hidden_state
-        last = (attention_mask.sum(-1) - 1).clamp(min=0)
-        return self.model.get_output_embeddings()(hidden[torch.arange(batch, device=hidden.device), last])
-
-
-def example_inputs(n_items: int, max_len: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded example histories (one full, one half padding), as the datamodule pads them:
-    the export traces their right-padded form and checks the graph against the eager model."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, n_items + 1, (batch, max_len), generator=generator)
-    mask = torch.ones_like(ids)
-    ids[1:, : max_len // 2] = 0
-    mask[1:, : max_len // 2] = 0
-    return ids, mask
 
 
 # Loggers that report every graph pass at INFO, some with a stack trace (onnx_ir's "Failed to get
@@ -228,7 +187,7 @@ def carry_module_paths(source: Path, target: Path) -> None:
 
 
 def export_onnx(
-    model: PreTrainedModel,
+    recommender: RecommenderModel,
     folder: str | Path,
     max_len: int,
     item_ids: Sequence[str],
@@ -241,7 +200,7 @@ def export_onnx(
     int8_weights: str = INT8_WEIGHTS[0],
     int8_smooth: float | None = None,
 ) -> Path:
-    """Write ``model`` (dense, low-rank or pruned float weights) as an ONNX artefact.
+    """Write ``recommender``'s model (dense, low-rank or pruned float weights) as an ONNX artefact.
 
     ``item_ids[i - 1]`` is the raw id of item index ``i``; ``quantize='int8'`` additionally
     applies onnxruntime's int8 quantisation to the graph's matrix multiplications, with
@@ -256,6 +215,7 @@ def export_onnx(
     """
     import onnxruntime as ort
 
+    model = recommender.backbone
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize={quantize!r}; allowed: null, int8")
     if int8 not in INT8_MODES:
@@ -279,7 +239,7 @@ def export_onnx(
     device = next(model.parameters()).device
     if device.type != "cpu":  # the artefact is a CPU graph, traced and checked on CPU tensors
         raise ValueError(f"the model is on {device}: export_onnx exports a CPU model (call model.cpu() first)")
-    n_items = model.get_input_embeddings().num_embeddings - 1
+    n_items = recommender.n_items
     if len(item_ids) != n_items:
         raise ValueError(f"item_ids has {len(item_ids)} entries but the model scores {n_items} items")
     folder = Path(folder)
@@ -288,27 +248,24 @@ def export_onnx(
     if quantize and int8_smooth is not None:
         calibration = list(histories(calibration, max_len))  # static int8 reads them again
         exported = copy.deepcopy(model).eval()
-        lit = SeqRecLitModule(exported).eval()
-        smoothing = smooth_activations(exported, calibration, lambda b: lit.hidden_states(
-            b["input_ids"], b["attention_mask"]), int8_smooth)
+        was_training = recommender.training
+        recommender.eval()  # no dropout in the statistics
+        smoothing = smooth_activations(exported, calibration, lambda b: recommender.hidden_states(b, exported),
+                                       int8_smooth)
+        recommender.train(was_training)
         log.info("int8_smooth=%s: %d inputs, %d calibration tokens; largest input channel over the median, "
                  "before -> after: %s", int8_smooth, smoothing.inputs, smoothing.tokens, ", ".join(
                      f"{t} {smoothing.outlier_ratio_before[t]:.0f}x -> {smoothing.outlier_ratio_after[t]:.1f}x"
                      for t in smoothing.outlier_ratio_before))
-    scorer = ItemScorer(exported).eval()
-    left_ids, left_mask = example_inputs(n_items, max_len)
-    ids, mask = (torch.from_numpy(a) for a in to_right_padding(left_ids.numpy(), left_mask.numpy()))
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    length = torch.export.Dim("length", min=2, max=max(max_len, 2))
+    graph = recommender.export_graph(exported, max_len)
     float_path = folder / ("model_float.onnx" if quantize else "model.onnx")
     with quiet_logs(CONVERTER_LOGGERS):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # exporter chatter about axis renaming and deprecations
             torch.onnx.export(
-                scorer, (ids, mask), str(float_path), dynamo=True, optimize=True, verbose=False,
-                input_names=["input_ids", "attention_mask"], output_names=["scores"],
-                dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
-                external_data=False,
+                graph.module, tuple(graph.inputs.values()), str(float_path), dynamo=True, optimize=True,
+                verbose=False, input_names=list(graph.inputs), output_names=graph.output_names,
+                dynamic_shapes=graph.dynamic_shapes, external_data=False,
             )
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -319,10 +276,9 @@ def export_onnx(
             carry_module_paths(float_path, path)
             float_path.unlink()
 
-    with torch.no_grad():  # the model as trained and evaluated: left padding, no export wrapper
-        expected = SeqRecLitModule(model).eval()(left_ids, left_mask).numpy()
+    expected = graph.expected.numpy()  # the model as trained and evaluated, no export wrapper
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    got = session.run(None, {name: value.numpy() for name, value in graph.inputs.items()})[0]
     deviation = float(abs(got - expected).max())
     if quantize is None and deviation > 1e-3 * max(1.0, float(abs(expected).max())):
         raise RuntimeError(f"the exported graph deviates from the eager model by {deviation:.3g}")

@@ -68,7 +68,7 @@ def metrics_from_ranks(
 
 
 class FullRankingMetrics(Metric):
-    """Accumulates HR@K, NDCG@K and MRR over batches of full-catalogue scores."""
+    """Accumulates HR@K, NDCG@K and MRR over batches of target ranks (or of full-catalogue scores)."""
 
     full_state_update = False
     higher_is_better = True
@@ -97,7 +97,11 @@ class FullRankingMetrics(Metric):
     def update(
         self, scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None = None
     ) -> None:
-        ahead, ties = target_ranks(mask_scores(scores.float(), target, seen), target)
+        """Add a batch of full-catalogue ``scores`` (B x (n_items + 1), index 0 = padding)."""
+        self.update_ranks(*target_ranks(mask_scores(scores.float(), target, seen), target))
+
+    def update_ranks(self, ahead: torch.Tensor, ties: torch.Tensor | None = None) -> None:
+        """Add a batch of target ranks: items ranked strictly ahead of each target, and tied with it."""
         per_example = metrics_from_ranks(ahead, sorted(set(self.hr_ks) | set(self.ndcg_ks)), ties)
         for name in self.names:
             setattr(self, name, getattr(self, name) + per_example[name].sum())

@@ -15,11 +15,10 @@ import lightning as L
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
-from transformers import PreTrainedModel
 
 from recsys_compress.alignment.runner import align
 from recsys_compress.compression.calibration import batch_budget
-from recsys_compress.compression.callback import CompressionCallback, check_allocation
+from recsys_compress.compression.compressor import Compressor, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.tasks.config import RunConfig, validate
@@ -37,9 +36,10 @@ from recsys_compress.models.base_cache import (
     store_base,
 )
 from recsys_compress.models.item_llm import count_nonzero_parameters, count_parameters, serialized_megabytes
+from recsys_compress.models.interface import RecommenderModel
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.utils.callbacks import TrainingThroughput
-from recsys_compress.utils.instantiators import Trainers, instantiate_loggers
+from recsys_compress.utils.instantiators import Trainers, instantiate_loggers, place
 from recsys_compress.utils.ddp_sweep import multi_process
 from recsys_compress.utils.run_outputs import finish_run, global_rank
 
@@ -66,21 +66,23 @@ def compress_and_test(
     c = run.compression
     aligning = run.alignment.method != "none"
     teacher = copy.deepcopy(lit.model).eval() if aligning else None
-    compressor = CompressionCallback(c, run.ratio, report_dir=output_dir, defer_quantize=True)
+    compressor = Compressor(c, run.ratio, defer_quantize=True)
     quantize = compressor.quantize  # int8 for compression=int8 or a stacked compression.quantize=int8
-    trainer: L.Trainer = trainers(callbacks=[compressor], enable_checkpointing=False)
+    trainer: L.Trainer = trainers(callbacks=[], enable_checkpointing=False)
+    compress_on(trainer, compressor, lit, dm)
+    compressor.write_report(output_dir, trainer.loggers)
     t0 = time.perf_counter()
-    test = trainer.test(lit, datamodule=dm, verbose=False)[0]  # the callback compresses at setup
-    out: dict[str, Any] = {**compressor.summary(), "time/test_s": time.perf_counter() - t0 - compressor.seconds}
+    test = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    out: dict[str, Any] = {**compressor.summary(), "time/test_s": time.perf_counter() - t0}
     out.update({f"stages/compressed/{k}": v for k, v in test.items()})
 
     if aligning:
         L.seed_everything(run.seed)
-        out.update(align(run.alignment, teacher, lit.model, dm.train_dataloader(),
+        out.update(align(run.alignment, lit, teacher, dm.train_dataloader(),
                          trainer_factory=trainers, output_dir=output_dir, loggers=trainers.loggers))
         del teacher
         test = trainer.test(lit, datamodule=dm, verbose=False)[0]
-    out.update(save_artefacts(run, lit.model, dm, quantize, output_dir))
+    out.update(save_artefacts(run, lit, dm, quantize, output_dir))
     if quantize:
         out["time/quantize_s"] = compressor.apply_quantization(lit.model)
         test = trainer.test(lit, datamodule=dm, verbose=False)[0]
@@ -90,18 +92,29 @@ def compress_and_test(
     return out
 
 
+def compress_on(trainer: L.Trainer, compressor: Compressor, recommender: SeqRecLitModule,
+                dm: NextItemDataModule) -> None:
+    """Compress ``recommender`` where ``trainer`` will test it: on its device, cast to its precision
+    (bf16-true: bf16 weights, half the memory), calibrated on ``dm``'s training batches (and its
+    validation batches for a gradient-driven allocation with ``gradient_split=val``)."""
+    place(recommender, trainer)
+    c = compressor.config
+    gradient_batches = dm.val_dataloader() if compressor.takes_gradients and c.gradient_split == "val" else None
+    compressor.compress(recommender, dm.train_dataloader(), gradient_batches)
+
+
 def save_artefacts(
-    run: RunConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None, output_dir: Path
+    run: RunConfig, recommender: RecommenderModel, dm: NextItemDataModule, quantize: str | None, output_dir: Path
 ) -> dict[str, Any]:
     """Write the float model (``RUN_DIR/model``) and the ONNX artefact (``RUN_DIR/onnx``)."""
     out: dict[str, Any] = {}
     if global_rank() != 0:  # under DDP every rank holds the same model: one writes it
         return out
     if run.export.save:
-        save_compressed(model, output_dir / "model", artefact_info(run, quantize))
+        save_compressed(recommender.backbone, output_dir / "model", artefact_info(run, quantize))
         log.info("compressed model saved to %s (float; quantize after loading: %s)", output_dir / "model", quantize)
     if run.export.onnx:
-        out.update(export_artefact(run, model, dm, quantize, output_dir))
+        out.update(export_artefact(run, recommender, dm, quantize, output_dir))
     return out
 
 
@@ -112,9 +125,9 @@ def artefact_info(run: RunConfig, quantize: str | None) -> dict[str, Any]:
             "alignment": run.alignment.method, "dataset": run.dataset.name, "model": run.model.name}
 
 
-def export_artefact(run: RunConfig, model: PreTrainedModel, dm: NextItemDataModule, quantize: str | None,
+def export_artefact(run: RunConfig, recommender: RecommenderModel, dm: NextItemDataModule, quantize: str | None,
                     output_dir: Path) -> dict[str, Any]:
-    """The ONNX artefact (``RUN_DIR/onnx``) of ``model`` for ``recsys-recommend``."""
+    """The ONNX artefact (``RUN_DIR/onnx``) of ``recommender`` for ``recsys-recommend``."""
     assert dm.data is not None
     t0 = time.perf_counter()
     calibration = None
@@ -125,7 +138,7 @@ def export_artefact(run: RunConfig, model: PreTrainedModel, dm: NextItemDataModu
         # many as batch_budget gave calibration
         loader, c = dm.train_dataloader(), run.compression
         calibration = islice(loader, batch_budget(len(loader), c.calib_batches, c.heldout_batches)[0])
-    folder = export_onnx(model, output_dir / "onnx", dm.max_len, dm.data.item_ids, dm.data.item_texts(),
+    folder = export_onnx(recommender, output_dir / "onnx", dm.max_len, dm.data.item_ids, dm.data.item_texts(),
                          quantize=quantize, info=artefact_info(run, quantize), int8=run.export.int8,
                          calibration=calibration, int8_weights=run.export.int8_weights, int8_smooth=smooth)
     meta = json.loads((folder / "deploy.json").read_text())
@@ -264,7 +277,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "compression/model_ratio": params / base_params,
         })
     elif run.export.onnx and global_rank() == 0:  # the trained model itself, as deployed
-        metrics.update(export_artefact(run, model, dm, None, output_dir))
+        metrics.update(export_artefact(run, lit, dm, None, output_dir))
         metrics.update(evaluate_deployed(run, dm, output_dir / "onnx", metrics["test/ndcg@10"],
                                          None if multi_process(cfg) else base_per_user))
     metrics.update(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -56,6 +57,15 @@ class Trainers:
             callbacks = self.callbacks(checkpoint_dir)
         return instantiate(self.trainer_group, **{"logger": self.loggers or False, "callbacks": callbacks,
                                                    **overrides})
+
+
+def place(module: torch.nn.Module, trainer: L.Trainer) -> torch.nn.Module:
+    """``module`` on ``trainer``'s device, cast to its precision's dtype (bf16-true: bf16), for work
+    done on it outside ``fit``/``test`` (compression): Lightning does both only inside them, and
+    its teardown leaves the module on the CPU after each."""
+    module.to(trainer.strategy.root_device)
+    trainer.precision_plugin.convert_module(module)
+    return module
 
 
 def instantiate_loggers(cfg: DictConfig, **extra_hparams: Any) -> list[Any]:

@@ -1,11 +1,11 @@
-"""CompressionCallback on a tiny model trained briefly on real MovieLens sequences."""
+"""The Compressor, as the train task runs it, on a tiny model trained briefly on real MovieLens sequences."""
 
 import lightning as L
 import pytest
 import torch
 
 from conftest import SMALL
-from recsys_compress.compression.callback import CompressionCallback
+from recsys_compress.compression.compressor import Compressor
 from recsys_compress.compression.config import CompressionConfig
 from recsys_compress.models.config import OptimConfig
 from recsys_compress.schema import ConfigError
@@ -14,6 +14,7 @@ from recsys_compress.compression.low_rank import LowRankLinear, rank_for_ratio
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.item_llm import build_llama, count_parameters
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.tasks.train_seqrec import compress_on
 
 HIDDEN, INTER, LAYERS = 32, 64, 2
 
@@ -31,21 +32,21 @@ def trained():
 
 
 def compressed(trained, method, ratio, precision="32-true", **kw):
-    """The trained model compressed by the callback at test setup, under ``precision``:
-    (module, callback, parameters before, test metrics)."""
+    """The trained model compressed as the train task does it, under ``precision``, then tested:
+    (module, compressor, parameters before, test metrics)."""
     dm, state = trained
     lit = SeqRecLitModule(build_llama(dm.n_items, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
                                       num_kv_heads=1, intermediate_size=INTER, max_len=20))
     lit.load_state_dict(state)
-    cb = CompressionCallback(CompressionConfig(method=method, calib_batches=4, **kw), ratio)
+    cb = Compressor(CompressionConfig(method=method, calib_batches=4, **kw), ratio)
     before = count_parameters(lit.model)
-    trainer = L.Trainer(logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
-                        precision=precision)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, precision=precision)
+    compress_on(trainer, cb, lit, dm)
     test = trainer.test(lit, datamodule=dm, verbose=False)[0]
     return lit, cb, before, test
 
 
-def test_callback_reaches_the_expected_parameter_count(trained):
+def test_compression_reaches_the_expected_parameter_count(trained):
     lit, cb, before, _ = compressed(trained, "odllm", 0.5)
     # grouped-query attention: k/v are HIDDEN x HIDDEN/2, sized from weight.shape
     shapes = [(HIDDEN, HIDDEN), (HIDDEN // 2, HIDDEN), (HIDDEN // 2, HIDDEN), (HIDDEN, HIDDEN),
@@ -66,7 +67,7 @@ def test_callback_reaches_the_expected_parameter_count(trained):
 def test_compression_sees_the_weights_the_run_holds(trained, monkeypatch):
     """Under trainer.precision=bf16-true the factorised weights are bf16 (half the memory, as a
     24 GB GPU needs for a 7B model), on the trainer's device: Lightning casts and moves the module
-    only after the setup hooks, where the callback compresses."""
+    only inside trainer.test, after compression."""
     import recsys_compress.compression.methods as methods
 
     seen = []
@@ -122,7 +123,7 @@ def test_calibration_statistics_match_a_direct_computation(trained):
     lit.load_state_dict(state)
     names = select_linear_layers(lit.model, ["*.layers.1.self_attn.*_proj", "*.layers.1.mlp.*"])
     batches = list(dm.train_dataloader())[:2]
-    forward = lambda b: lit.hidden_states(b["input_ids"], b["attention_mask"])
+    forward = lit.hidden_states
     stats = collect_input_stats(lit.model, names, batches, forward, max_batches=2)  # float64 products
     fast = collect_input_stats(lit.model, names, batches, forward, max_batches=2, gram_dtype=torch.float32)
 

@@ -1,13 +1,15 @@
-"""``CompressionCallback``: compression of the wrapped LLM as a Lightning callback.
+"""``Compressor``: compression of a recommender's decoder, called by the task before testing.
 
 Every method of the registry (``compression/methods.py``): low-rank factorisation (svd, asvd,
 odllm) and, through the same interface and parameter budget, the paper's baselines:
 unstructured pruning (prune_magnitude, wanda) and int8 dynamic quantisation, which can also be
 stacked on a low-rank or pruned model (``compression.quantize=int8``).
 
-Attached to a Trainer, it compresses the LightningModule's model once, at the start of the
-first stage it sees (``setup``), so ``trainer.test(...)`` evaluates the compressed model and
-a later ``trainer.fit(...)`` (progressive alignment) trains it.
+It calls the model only through ``RecommenderModel`` (the backbone it transforms, the forward
+that calibration runs, the losses that gradient-driven allocations differentiate), on whatever
+device and precision the caller put the model (``utils.instantiators.place``: the run's Trainer's).
+It is a plain object, not a Lightning callback: compression is one step of the task, done once,
+and as a callback it had to move and cast the module by hand inside ``trainer.test``'s setup.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Iterable, Sized
 from itertools import islice
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from recsys_compress.compression.allocation import GRADIENT_ALLOCATIONS, allocate_ranks, check_budget
@@ -37,6 +38,7 @@ from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.compression.config import CompressionConfig
 from recsys_compress.schema import ConfigError
 from recsys_compress.models.blocks import layers_by_block
+from recsys_compress.models.interface import RecommenderModel
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -58,21 +60,19 @@ def check_allocation(c: CompressionConfig, ratio: float, model: torch.nn.Module)
         raise ConfigError(str(e)) from None
 
 
-class CompressionCallback(L.Callback):
+class Compressor:
     """Compress with ``config`` (a validated ``CompressionConfig``) at ``ratio``.
 
-    ``report_dir``: where ``compression_layers.csv`` goes. ``defer_quantize``: factorise/prune
-    only; the pipeline calls ``apply_quantization`` itself, after alignment and the float export.
+    ``defer_quantize``: factorise/prune only; the pipeline calls ``apply_quantization`` itself,
+    after alignment and the float export.
     """
 
-    def __init__(self, config: CompressionConfig, ratio: float, report_dir: str | Path | None = None,
-                 defer_quantize: bool = False):
+    def __init__(self, config: CompressionConfig, ratio: float, defer_quantize: bool = False):
         self.config, self.ratio = config, ratio
         self.method = config.method
         self.kind = get_method(config.method)
         self.quantize = config.quantizes  # int8 for compression=int8 or a stacked compression.quantize=int8
         self.gram_dtype = getattr(torch, config.gram_dtype)
-        self.report_dir = Path(report_dir) if report_dir else None
         self.defer_quantize = defer_quantize
         self.calib_tokens = self.heldout_tokens = self.calib_batches_used = 0
         self.rank_deficient_layers = 0
@@ -82,43 +82,27 @@ class CompressionCallback(L.Callback):
         self.calibrate_seconds = 0.0
         self.gradient_seconds = 0.0  # the calibration loss's backward passes (gradient-driven allocations)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.reports is not None:
-            return
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise RuntimeError("CompressionCallback needs a datamodule for calibration batches")
-        datamodule.setup(stage)
-        # Lightning calls setup hooks before it moves the module to its device and casts it to the
-        # precision's dtype (Strategy.setup), and every earlier run left the module on the CPU
-        # (Strategy.teardown): do both now, so calibration and factorisation run on the accelerator
-        # and on the weights the run will hold (trainer.precision=bf16-true: bf16, half the memory).
-        pl_module.to(trainer.strategy.root_device)
-        trainer.precision_plugin.convert_module(pl_module)
-        gradient_batches = (datamodule.val_dataloader() if self.takes_gradients and self.config.gradient_split == "val"
-                            else None)
-        self.compress(pl_module, datamodule.train_dataloader(), gradient_batches)
-        self._log(trainer)
-
     @property
     def takes_gradients(self) -> bool:
         """Whether the allocation ranks directions by the loss's gradient (zero_sum)."""
         return isinstance(self.kind, LowRank) and self.config.allocation in GRADIENT_ALLOCATIONS
 
-    def compress(self, pl_module: L.LightningModule, batches: Iterable[dict],
+    def compress(self, recommender: RecommenderModel, batches: Iterable[dict],
                  gradient_batches: Iterable[dict] | None = None) -> list[LayerReport]:
-        """Calibrate on ``batches`` (training sequences) and factorise the targeted layers.
+        """Calibrate on ``batches`` (training sequences) and factorise the targeted layers of
+        ``recommender.backbone`` in place, on the device it is on.
         ``gradient_batches``: evaluation batches (history, target) whose target loss a
         gradient-driven allocation differentiates instead of the calibration batches' training
         loss (``compression.gradient_split=val``); their first ``calib_batches`` are used."""
         t0 = time.perf_counter()
-        model = pl_module.model
+        model = recommender.backbone
         c = self.config
         names = select_linear_layers(model, c.include, c.exclude)
         if not names:
             raise ValueError(f"compression.include={c.include} minus compression.exclude={c.exclude} selects no layer")
-        was_training = pl_module.training
-        pl_module.eval()  # no dropout in the statistics
+        was_training = recommender.training
+        recommender.eval()  # no dropout in the statistics
+        device = next(model.parameters()).device
         if isinstance(self.kind, Quantization):
             # No factorisation or calibration: every weight is kept, in int8.
             self.reports = []
@@ -136,8 +120,7 @@ class CompressionCallback(L.Callback):
             calibration, heldout_set = split_calibration(batches, calib_n, heldout_n)
 
             def forward(b):
-                return pl_module.hidden_states(b["input_ids"].to(pl_module.device),
-                                               b["attention_mask"].to(pl_module.device))
+                return recommender.hidden_states(on_device(b, device))
 
             if len(calibration) < calib_n:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
@@ -149,7 +132,7 @@ class CompressionCallback(L.Callback):
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             gradients = None
             if self.takes_gradients:
-                gradients = self._loss_gradients(pl_module, names, calibration, gradient_batches)
+                gradients = self._loss_gradients(recommender, names, calibration, gradient_batches)
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
                                              forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype,
@@ -185,34 +168,30 @@ class CompressionCallback(L.Callback):
         self.names = names
         if self.quantize == "int8" and not self.defer_quantize:
             self.apply_quantization(model)
-        pl_module.train(was_training)
+        recommender.train(was_training)
         self.seconds = time.perf_counter() - t0
         jittered = sum(r.jitter > 0 for r in self.reports)
         if jittered:
             log.warning("%d of %d layers needed jitter for a positive-definite Gram matrix", jittered, len(names))
         return self.reports
 
-    def _loss_gradients(self, pl_module: L.LightningModule, names: list[str], calibration: list,
+    def _loss_gradients(self, recommender: RecommenderModel, names: list[str], calibration: list,
                         evaluation: Iterable[dict] | None = None) -> dict:
         """The loss's gradient per targeted weight, averaged over batches: the training loss over
         the calibration batches, or, given ``evaluation`` batches, their held-out target's loss."""
         c = self.config
         held_out = evaluation is not None
-        method = "target_loss" if held_out else "loss"
-        if not callable(getattr(pl_module, method, None)):
-            raise TypeError(f"compression.allocation={c.allocation} with compression.gradient_split="
-                            f"{c.gradient_split} needs the module's {method}(batch); {type(pl_module).__name__} "
-                            "has none")
+        loss_of = recommender.target_loss if held_out else recommender.loss
         batches = list(islice(evaluation, c.calib_batches)) if held_out else calibration
         if held_out and not batches:
             raise ValueError("compression.gradient_split=val, but the validation split holds no batches")
         t0 = time.perf_counter()
+        device = next(recommender.backbone.parameters()).device
 
         def loss(b):
-            on_device = {k: v.to(pl_module.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
-            return getattr(pl_module, method)(on_device)
+            return loss_of(on_device(b, device))
 
-        gradients = loss_gradients(pl_module.model, names, batches, loss)
+        gradients = loss_gradients(recommender.backbone, names, batches, loss)
         self.gradient_seconds = time.perf_counter() - t0
         log.info("%s loss gradients of %d layers over %d batches in %.1f s", c.gradient_split, len(names),
                  len(batches), self.gradient_seconds)
@@ -283,10 +262,17 @@ class CompressionCallback(L.Callback):
             "time/factorize_s": self.seconds - self.calibrate_seconds,
         }
 
-    def _log(self, trainer: L.Trainer) -> None:
+    def write_report(self, report_dir: str | Path | None, loggers: list) -> None:
+        """One row per layer to ``report_dir/compression_layers.csv`` and the loggers, and the
+        summary to the loggers."""
         assert self.reports is not None
         write_table([r.as_dict() for r in self.reports],
-                    self.report_dir / "compression_layers.csv" if self.report_dir is not None else None,
-                    trainer.loggers, "compression/layers_table")
-        for logger in trainer.loggers:
+                    Path(report_dir) / "compression_layers.csv" if report_dir is not None else None,
+                    loggers, "compression/layers_table")
+        for logger in loggers:
             logger.log_metrics(self.summary())
+
+
+def on_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (other entries dropped)."""
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
