@@ -46,11 +46,11 @@ ALLOC_OUT := outputs/allocation
 ALLOCATIONS ?= uniform global_relative zero_sum
 allocation-table:   ## rank allocations (uniform, global_relative, zero_sum on the training and on the validation gradient) x 0.3/0.5 x progressive on llama_tiny/ML-1M and SmolLM2/ML-100K
 	test -f $(ALLOC_OUT)/ml1m_llama_tiny/metrics.json || $(PY) train.py experiment=ml1m_llama_tiny logger=csv trainer.max_time=00:00:45:00 hydra.run.dir=$(ALLOC_OUT)/ml1m_llama_tiny
-	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny.json
-	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny_zs_val.json compression.gradient_split=val
+	$(PY) -m recsys_compress.tasks.compression_table $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny.json
+	$(PY) -m recsys_compress.tasks.compression_table $(ALLOC_OUT)/ml1m_llama_tiny --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 16 --heldout-batches 4 --out $(ALLOC_OUT)/ml1m_llama_tiny_zs_val.json compression.gradient_split=val
 	test -f $(ALLOC_OUT)/ml100k_smollm2_lora/metrics.json || $(PY) train.py experiment=ml100k_smollm2_lora logger=csv hydra.run.dir=$(ALLOC_OUT)/ml100k_smollm2_lora
-	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora.json alignment.lr=1e-4
-	$(PY) experiments/compression_table.py $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora_zs_val.json alignment.lr=1e-4 compression.gradient_split=val
+	$(PY) -m recsys_compress.tasks.compression_table $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations $(ALLOCATIONS) --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora.json alignment.lr=1e-4
+	$(PY) -m recsys_compress.tasks.compression_table $(ALLOC_OUT)/ml100k_smollm2_lora --methods odllm --ratios 0.3 0.5 --allocations uniform zero_sum --alignments none progressive --calib-batches 64 --heldout-batches 16 --out $(ALLOC_OUT)/ml100k_smollm2_lora_zs_val.json alignment.lr=1e-4 compression.gradient_split=val
 
 mra-curve:          ## the MRA curve: SmolLM2 layers x {linear, pca} probes on ML-1M
 	$(PY) train.py -m experiment=mra_curve_ml1m hydra.sweep.dir=outputs/mra_curve_ml1m/sweep
@@ -69,8 +69,8 @@ cold-seeds:         ## cold-item ML-1M, seeds 0-2: probes, ID-only, MARC, fresh 
 	$(PY) train.py -m experiment=mra_cold_ml1m probe.compressor=none probe.layer=0 seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/id_only
 	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item seed=0,1,2 hydra.sweep.dir=outputs/cold_seeds/marc
 	for s in 0 1 2; do \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/linear/$$((6 + s)) && \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_seeds/marc/$$s marc.deploy_noise=true || exit 1; \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_seeds/linear/$$((6 + s)) && \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_seeds/marc/$$s marc.deploy_noise=true || exit 1; \
 	done
 	$(PY) -m recsys_compress.reporting.report outputs/cold_seeds --out outputs/cold_seeds/report
 
@@ -80,9 +80,9 @@ cold-itembatch:     ## cold-item ML-1M, seeds 0-2: probes on random vs item-grou
 	$(PY) train.py -m experiment=mra_cold_ml1m probe.compressor=none probe.layer=0 ctr.item_id_dropout=0.5 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/id_only
 	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 seed=0,1,2 hydra.sweep.dir=outputs/cold_itembatch/marc
 	for s in 0 1 2; do \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/marc/$$s ctr.batch_by=item && \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear/$$((3 + s)) && \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_itembatch/linear_itembatch/$$((3 + s)) || exit 1; \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_itembatch/marc/$$s ctr.batch_by=item && \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_itembatch/linear/$$((3 + s)) && \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_itembatch/linear_itembatch/$$((3 + s)) || exit 1; \
 	done
 	$(PY) -m recsys_compress.reporting.report outputs/cold_itembatch --out outputs/cold_itembatch/report
 
@@ -93,11 +93,11 @@ cold-export:        ## cold-item ML-1M, seeds 0-4: MARC deployed on its 8 (or 4)
 	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 seed=0,1,2,3,4 hydra.sweep.dir=outputs/cold_export/marc
 	$(PY) train.py -m task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 marc.dim=8 seed=0,1,2 hydra.sweep.dir=outputs/cold_export/marc_dim8
 	for s in 0 1 2 3 4; do \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s ctr.batch_by=item && \
-	  for k in 4 8; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s marc.export_dims=$$k ctr.batch_by=item || exit 1; done && \
-	  $(PY) experiments/evaluate_codes.py outputs/cold_export/marc/$$s marc.export_dims=8 || exit 1; \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_export/marc/$$s ctr.batch_by=item && \
+	  for k in 4 8; do $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_export/marc/$$s marc.export_dims=$$k ctr.batch_by=item || exit 1; done && \
+	  $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_export/marc/$$s marc.export_dims=8 || exit 1; \
 	done
-	for s in 0 1 2; do $(PY) experiments/evaluate_codes.py outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
+	for s in 0 1 2; do $(PY) -m recsys_compress.tasks.evaluate_codes outputs/cold_export/marc_dim8/$$s ctr.batch_by=item || exit 1; done
 	$(PY) -m recsys_compress.reporting.report outputs/cold_export --out outputs/cold_export/report
 
 # The proxy and its settings: `make proxy-marc PROXY=mrl PROXY_ARGS=proxy.objective=mrl` for another.
@@ -113,7 +113,7 @@ proxy-marc:         ## cold-item ML-1M, seeds 0-2: a proxy fine-tunes SmolLM2, M
 	  P=$(PROXY_OUT)/$(PROXY)_s$$s M=$(PROXY_OUT)/marc_$(PROXY)_s$$s; \
 	  { test -f $$P/metrics.json || $(PY) train.py task=proxy dataset=ml_1m ctr.split_by=item $(PROXY_ARGS) seed=$$s logger=csv resume=auto hydra.run.dir=$$P; } && \
 	  { test -f $$M/metrics.json || $(PY) train.py task=marc dataset=ml_1m ctr.split_by=item ctr.item_id_dropout=0.5 representation.encoder_run=$$P seed=$$s logger=csv resume=auto hydra.run.dir=$$M; } && \
-	  { test -f "$$M/evaluate_codes/marc.export_dims=8/metrics.json" || $(PY) experiments/evaluate_codes.py $$M marc.export_dims=8; } && \
+	  { test -f "$$M/evaluate_codes/marc.export_dims=8/metrics.json" || $(PY) -m recsys_compress.tasks.evaluate_codes $$M marc.export_dims=8; } && \
 	  { test -f $(PROXY_OUT)/mra_pre_s$$s/layer30/metrics.json || $(PY) train.py experiment=mra_cold_ml1m probe.layer=30 seed=$$s logger=csv resume=auto hydra.run.dir=$(PROXY_OUT)/mra_pre_s$$s/layer30; } || exit 1; \
 	  for l in $(PROXY_LAYERS); do \
 	    test -f $(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l/metrics.json || $(PY) train.py experiment=mra_cold_ml1m probe.layer=$$l representation.encoder_run=$$P seed=$$s logger=csv resume=auto hydra.run.dir=$(PROXY_OUT)/mra_$(PROXY)_s$$s/layer$$l || exit 1; \

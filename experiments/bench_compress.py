@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsys_compress.compression.compressor import Compressor
     from recsys_compress.tasks.config import validate
-    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+    from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

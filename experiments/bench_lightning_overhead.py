@@ -25,7 +25,7 @@ import torch
 from recsys_compress.tasks.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
-from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.tasks.compose import compose_config
 
 

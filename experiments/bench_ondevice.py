@@ -147,7 +147,7 @@ def build_base(args: argparse.Namespace):
     the architecture of ``--model`` untrained / pretrained)."""
     import torch
 
-    from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+    from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
     from recsys_compress.tasks.trained_run import load_trained_base
 
     cfg, run = compose_run(args)
@@ -165,7 +165,7 @@ def quality_worker(args: argparse.Namespace) -> dict:
     Each int8 artefact whose float twin is among them is also compared with it user by user
     (``agreement``, on the scores the ranking computed): the error int8 alone adds, which
     NDCG@10 on a thousand users cannot resolve."""
-    from recsys_compress.builders import build_datamodule
+    from recsys_compress.tasks.builders import build_datamodule
     from recsys_compress.deploy.evaluate import evaluate_artefact
 
     _, run = compose_run(args)

@@ -19,7 +19,7 @@ import torch
 
 from recsys_compress.tasks.config import validate
 from recsys_compress.models.item_llm import count_parameters
-from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.tasks.compose import compose_config
 
 

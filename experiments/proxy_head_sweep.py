@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.tasks.config import validate_proxy
 from recsys_compress.representations.proxy import (CompressionHead, held_out_pairs, info_nce, proxy_texts,
                                                    proxy_token_states)

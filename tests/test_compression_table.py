@@ -1,4 +1,4 @@
-"""experiments/compression_table.py, as BENCHMARKS.md runs it, on a tiny trained run."""
+"""recsys-compression-table (recsys_compress/tasks/compression_table.py), as BENCHMARKS.md runs it, on a tiny trained run."""
 
 import json
 import subprocess
@@ -27,7 +27,7 @@ def test_the_table_composes_every_cell_through_hydra_and_pairs_allocations(train
     trained = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "table.json"
     done = subprocess.run(
-        [sys.executable, "experiments/compression_table.py", str(run_dir), "--methods", "odllm", "wanda",
+        [sys.executable, "-m", "recsys_compress.tasks.compression_table", str(run_dir), "--methods", "odllm", "wanda",
          "--ratios", "0.5", "--allocations", "uniform", "global", "zero_sum", "--alignments", "none", "progressive_lstsq",
          "--calib-batches", "2", "--heldout-batches", "1", "--out", str(out), "alignment.batches=2", cache],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -83,10 +83,9 @@ def test_the_ondevice_benchmark_tests_each_artefact_of_a_trained_run(trained_run
     for v in ("base+int8s0.5", "odllm+int8s0.5@0.5"):
         assert 0 < quality[v]["score_error"] < 0.5 and 0 < quality[v]["top_k_overlap"] <= 1
     assert "score_error" not in quality["base"] and "score_error" not in quality["odllm@0.5"]
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import agreement
 
-    from recsys_compress.builders import build_datamodule
+    from recsys_compress.tasks.builders import build_datamodule
     from recsys_compress.tasks.config import validate
     from recsys_compress.deploy.evaluate import evaluate_artefact
     from recsys_compress.tasks.trained_run import run_overrides

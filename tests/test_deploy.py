@@ -386,10 +386,6 @@ def test_pipeline_saves_exports_and_quantises_last(tmp_path, int8, smooth, monke
 def test_the_profile_attributes_every_kernel_to_its_role(artefacts):
     """On the low-rank artefacts every targeted layer is two factor matmuls; in the int8 graph
     too, whose nodes the quantiser rewrote (export carries their module paths over)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from profile_onnx import ROLES, profile
 
     _, root = artefacts

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from recsys_compress.marc.bottleneck import deployed_codes
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.tasks.compose import compose_config
 
-from conftest import REPO
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
          "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance"]
@@ -173,8 +171,7 @@ def test_marc_task_end_to_end(variant, ml100k_slice, tmp_path):
     # the deployment step again, on the exported codes, with another downstream setting
     (tmp_path / "out" / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
-    sys.path.insert(0, str(REPO / "experiments"))
-    import evaluate_codes
+    from recsys_compress.tasks import evaluate_codes
 
     changed = ["ctr.dropout=0.3", "++marc.deploy_noise=true"]  # the report reads "++" as the plain setting
     assert evaluate_codes.main([str(tmp_path / "out"), *changed]) == 0

@@ -2,7 +2,6 @@
 
 import json
 import statistics
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from recsys_compress.representations.layer_means import (
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.tasks.compose import compose_config
 
-from conftest import REPO, SMALL
+from conftest import SMALL
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children", "Heat (1995). Genres: Action, Crime, Thriller",
          "Jumanji", "Grumpier Old Men (1995). Genres: Comedy, Romance", "Item 77"]
@@ -211,8 +210,7 @@ def test_probe_task_end_to_end(compressor, ml100k_slice, tmp_path):
         else:  # a fresh CTR model on them, as for MARC's codes
             (tmp_path / "out" / ".hydra").mkdir()
             OmegaConf.save(cfg, tmp_path / "out" / ".hydra" / "config.yaml")
-            sys.path.insert(0, str(REPO / "experiments"))
-            import evaluate_codes
+            from recsys_compress.tasks import evaluate_codes
 
             assert evaluate_codes.main([str(tmp_path / "out"), "--out", str(tmp_path / "fresh")]) == 0
             fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())

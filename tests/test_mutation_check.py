@@ -3,14 +3,12 @@ exactly once and each test it names exists (checked here in a second; the faults
 run in CI's mutation check)."""
 
 import re
-import sys
 
 import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "experiments"))
-import mutation_check  # noqa: E402
+import mutation_check
 
 
 @pytest.mark.parametrize("fault", mutation_check.FAULTS, ids=lambda f: f.name)

@@ -1,7 +1,6 @@
 """The on-device benchmark's statistics on synthetic timings, and the profiler's attribution on
 real (tiny) artefacts."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ def test_paired_median_ratio_on_synthetic_timings():
 
 
 def test_benchmark_rows_pair_the_rounds():
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import pairwise, summarize
 
     def rounds(latencies, throughputs, file_mb):
@@ -79,7 +77,6 @@ def test_benchmark_rows_pair_the_rounds():
 
 
 def test_variant_names_round_trip():
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import Int8, artefact_dir, parse_variant, variant_name
 
     assert parse_variant("base") == ("base", None, 1.0, 1, "uniform")
@@ -105,7 +102,6 @@ def test_the_benchmarks_allocation_reaches_the_compressed_variants_only():
     base+int8 (no ranks to set) builds as before."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import build_variant
 
     from recsys_compress.compression.low_rank import LowRankLinear
@@ -130,7 +126,6 @@ def test_reuse_takes_only_an_artefact_exported_as_the_variant():
     the variant's export: an artefact from before ``int8_weights`` (one scale per matrix, and
     nothing said) is not the +int8 of now (per output channel), nor one from before
     ``int8_weight_bits`` (8-bit weights under onnxruntime >= 1.32)."""
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import exported_as
 
     def meta(**fields):
@@ -157,7 +152,6 @@ def test_reuse_takes_only_an_artefact_exported_as_the_variant():
 def test_int8_twins_one_setting_apart_are_compared_on_the_same_users():
     """Per channel against per matrix, smoothed against not: the ratio of mean score errors, with
     a paired interval that holds it; twins absent from the run, or without a float twin, are skipped."""
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_ondevice import score_error_pairs
 
     users = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
@@ -182,7 +176,6 @@ def test_fused_sibling_projections_compute_what_the_separate_ones_do():
     import numpy as np
     import onnxruntime as ort
 
-    sys.path.insert(0, str(REPO / "experiments"))
     from bench_factor_matmul import sibling_graph
 
     x = {"x": np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)}

@@ -5,14 +5,13 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.representations.config import ProxyConfig
 from recsys_compress.schema import ConfigError
 from recsys_compress.tasks.config import validate_marc, validate_probe
@@ -25,7 +24,6 @@ from recsys_compress.representations.token_states import llama_top
 from recsys_compress.tasks.runner import run_task
 from recsys_compress.tasks.compose import compose_config
 
-from conftest import REPO
 
 FAST = ["representation=llama_tiny", "trainer.max_epochs=1", "logger=none", "ctr.batch_size=512", "dataset=ml_100k"]
 PROXY = ["task=proxy", *FAST, "proxy.steps=30", "proxy.batch_size=32", "proxy.lr=1e-2", "proxy.llm_lr=1e-3"]
@@ -220,8 +218,7 @@ def test_mrl_trains_and_its_saved_encoder_read_through_encoder_run_gives_the_tra
         in (tmp_path / "report" / "report.md").read_text()
     # a fresh CTR model on codes of a run that read the encoder is named by that encoder too, so the
     # report pairs it with that encoder's probes
-    sys.path.insert(0, str(REPO / "experiments"))
-    import evaluate_codes
+    from recsys_compress.tasks import evaluate_codes
 
     probe_cfg = compose_config([*overrides, f"representation.encoder_run={out}", "probe.layer=2"], tmp_path / "p2")
     run_task(probe_cfg)
@@ -290,7 +287,6 @@ def test_a_runs_wandb_name_and_tags_name_what_it_is_about(task, subject, tmp_pat
 
 
 def test_the_head_sweep_script_prints_one_row_per_setting(ml100k_slice, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "experiments"))
     import proxy_head_sweep
 
     assert proxy_head_sweep.main(["--temperatures", "0.2", "--lrs", "1e-2", "--steps", "100", *FAST,

@@ -3,10 +3,10 @@ import re
 import pytest
 
 from conftest import SHARED_DATA, SMALL, head_lines
+from recsys_compress.data.formats import read_interactions
 from recsys_compress.data.readers import (
     DataFormatError,
     read_grouplens_csv,
-    read_interactions,
     read_recbole_atomic,
     read_sequence_text,
 )

@@ -5,7 +5,7 @@ import torch
 
 from conftest import SHARED_DATA
 from recsys_compress.data.lcrec import colliding_groups, read_index, write_index
-from recsys_compress.data.readers import read_interactions
+from recsys_compress.data.formats import read_interactions
 from recsys_compress.representations.layer_means import extract_layer_means, load_encoder
 from recsys_compress.tokenizers.assign import (
     assign_codes,

@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from recsys_compress.data.datamodule import EpochSeededSampler
-from recsys_compress.data.readers import ItemInfo, read_interactions
+from recsys_compress.data.formats import read_interactions
+from recsys_compress.data.readers import ItemInfo
 
 
 def _natural_key(raw: str) -> tuple[int, int | str]:

@@ -30,7 +30,7 @@ def fit_ctr(trainers: Trainers, c: CTRConfig, seed: int, dm: CTRDataModule, comp
     features, when given), select on val AUC, test, on a Trainer from ``trainers``.
     ``export_codes``: write the selected model's compressed feature of every item there
     (``mu``, as MARC exports its codes), so a fresh CTR model can be trained on them
-    (experiments/evaluate_codes.py)."""
+    (recsys-evaluate-codes)."""
     L.seed_everything(seed, workers=True)
     lit = CTRLitModule(compressor, len(dm.data.user_ids), len(dm.data.item_ids), id_dim=c.id_dim,
                        cross_layers=c.cross_layers, hidden=tuple(c.hidden), dropout=c.dropout, lr=c.lr,

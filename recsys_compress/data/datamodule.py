@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys_compress.data.preprocess import SequenceData, build_sequences
-from recsys_compress.data.readers import read_interactions
+from recsys_compress.data.formats import read_interactions
 
 
 def training_windows(sequence: list[int], max_len: int, mode: str) -> list[list[int]]:

@@ -339,28 +339,3 @@ def read_sequence_text(path: str | Path) -> RawInteractions:
             users.append(user)
             items.append(item)
     return RawInteractions(users, items, None, timestamps, {}, str(path))
-
-
-def _read_lcrec(path: str | Path, name: str | None = None) -> RawInteractions:
-    from recsys_compress.data.lcrec import read_lcrec  # its module builds on this one's types
-
-    return read_lcrec(path, name)
-
-
-READERS = {
-    "grouplens_csv": read_grouplens_csv,
-    "recbole_atomic": read_recbole_atomic,
-    "sequence_text": read_sequence_text,
-    "lcrec_json": _read_lcrec,  # data/lcrec.py: NAME.inter.json (+ NAME.item.json, NAME.index.json)
-}
-# the formats whose files are named after the dataset (dataset.file_name, else the folder's name)
-NAMED_FORMATS = ("recbole_atomic", "lcrec_json")
-
-
-def read_interactions(fmt: str, path: str | Path, name: str | None = None) -> RawInteractions:
-    """Dispatch on ``fmt`` (one of ``READERS``)."""
-    if fmt not in READERS:
-        raise ValueError(f"dataset.format={fmt!r} is not supported; allowed: {', '.join(READERS)}")
-    if fmt in NAMED_FORMATS:
-        return READERS[fmt](path, name)
-    return READERS[fmt](path)

@@ -1,4 +1,4 @@
-"""Pair the cells of two ``compression_table.py`` invocations on the same base, user by user.
+"""Pair the cells of two ``recsys-compression-table`` invocations on the same base, user by user.
 
 A table pairs each allocation with its uniform twin only within one invocation. Two invocations
 on the same run directory test the same users in the same order (``per_user``), so any cell of

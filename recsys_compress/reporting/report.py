@@ -12,7 +12,7 @@ what the runs are:
   ``mra_curve.png``;
 - ID-only probe runs (``probe/layer`` = -1), MARC runs (``marc/dim``), proxy runs (``task=proxy``:
   a fresh CTR model on the proxy's deployed code, named by the encoder it wrote) and fresh CTR models
-  on a MARC or probe run's codes (``codes/dim``, from ``evaluate_codes.py``): drawn as horizontal
+  on a MARC or probe run's codes (``codes/dim``, from ``recsys-evaluate-codes``): drawn as horizontal
   reference lines on the curve and listed in the comparison table (MARC's end-to-end model
   is listed, not drawn);
 - runs of one configuration with different seeds (``python train.py -m ... seed=0,1,2``) are
@@ -316,7 +316,7 @@ def references(runs: list[dict[str, Any]]) -> list[Reference]:
         elif "proxy/objective" in r:  # task=proxy: a fresh CTR model on the proxy's deployed code
             entries = [(f"{encoder}: its deployed code, dim {r['proxy/dim']}{_variant(r)}", r["test/auc"],
                         r["test/logloss"], True)]
-        elif "codes/dim" in r:  # experiments/evaluate_codes.py: a fresh CTR model on a MARC run's codes
+        elif "codes/dim" in r:  # recsys-evaluate-codes: a fresh CTR model on a MARC run's codes
             what = f"{r['_encoder']}, {r.get('codes/source', 'MARC')}, dim {r['codes/dim']}"
             # "+KEY=VALUE" (a key the run predates) and "KEY=VALUE" are the same setting: one row
             setting = " ".join(o.lstrip("+") for o in r.get("overrides", "").split())

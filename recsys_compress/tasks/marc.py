@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import save_file
 
-from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.models.config import LoraSettings
 from recsys_compress.schema import ConfigError
 from recsys_compress.tasks.config import validate_marc
@@ -83,7 +83,7 @@ def marc(cfg: DictConfig) -> dict[str, Any]:
     codes, logvar = codes.cpu(), logvar.cpu()
     exported, noise, kept = deployed_codes(codes, logvar, m)
     exported_kl = float(kl_to_standard_normal(codes[:, kept], logvar[:, kept]).mean())  # nats the cache holds
-    # The whole posterior is kept, so evaluate_codes.py can deploy other dimensions later.
+    # The whole posterior is kept, so recsys-evaluate-codes can deploy other dimensions later.
     save_file({"mu": codes.contiguous(), "logvar": logvar.contiguous(), "exported_dims": kept},
               str(output_dir / "item_codes.safetensors"),
               metadata={"item_ids": "\n".join(data.item_ids)[:60000], "dim": str(m.dim)})

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.schema import ConfigError
 from recsys_compress.tasks.config import ProbeRunConfig, validate_probe
 from recsys_compress.ctr.data import CTRSplits

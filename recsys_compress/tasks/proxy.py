@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from recsys_compress.builders import build_ctr_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_ctr_datamodule, build_encoder
 from recsys_compress.representations.config import proxy_encoder_identity
 from recsys_compress.schema import ConfigError
 from recsys_compress.tasks.config import validate_proxy

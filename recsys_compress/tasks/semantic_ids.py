@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from recsys_compress.builders import build_datamodule, build_encoder
+from recsys_compress.tasks.builders import build_datamodule, build_encoder
 from recsys_compress.data.lcrec import index_stats, read_index, write_index
 from recsys_compress.representations.layer_means import cached_layer_means, item_texts
 from recsys_compress.schema import ConfigError

@@ -20,7 +20,7 @@ from recsys_compress.alignment.runner import align
 from recsys_compress.compression.calibration import batch_budget
 from recsys_compress.compression.compressor import Compressor, check_allocation
 from recsys_compress.compression.serialization import save_compressed
-from recsys_compress.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
 from recsys_compress.tasks.config import RunConfig, validate
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.evaluate import evaluate_artefact

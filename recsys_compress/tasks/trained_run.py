@@ -1,6 +1,6 @@
 """A finished ``train.py`` run's trained base model, for the scripts that measure it again.
 
-The experiment scripts (``compression_table.py``, ``bench_ondevice.py --base-run``) take a run
+The tools over finished runs (``recsys-compression-table``, ``experiments/bench_ondevice.py --base-run``) take a run
 folder, compose the run's own command line (``RUN_DIR/.hydra/overrides.yaml``) and put the
 weights it trained into a freshly built model: the cached base model when the run compressed
 one (``base/cache_key`` in its metrics.json: the exact model it compressed, LoRA adapters
