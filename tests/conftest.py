@@ -110,6 +110,11 @@ class SigtermAtEpoch:
             def on_train_epoch_start(self, trainer, pl_module):
                 if trainer.current_epoch == epoch and not os.path.exists(marker):
                     open(marker, "w").close()
+                    if signal_name == "SIGINT" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                        # A process started in the background by a non-interactive shell (a suite
+                        # run with `&`) inherits SIGINT ignored, and Python then installs no
+                        # KeyboardInterrupt handler; a user's terminal has one.
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
                     os.kill(os.getpid(), getattr(signal, signal_name))
 
         return _Signal()

@@ -38,7 +38,7 @@ from recsys_compress.compression.sequential import compress_sequential
 from recsys_compress.compression.config import CompressionConfig
 from recsys_compress.schema import ConfigError
 from recsys_compress.models.blocks import layers_by_block
-from recsys_compress.models.interface import RecommenderModel
+from recsys_compress.models.interface import RecommenderModel, TokenSequence
 from recsys_compress.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,14 @@ class Compressor:
                 log.warning("the training split holds %d batches, fewer than compression.calib_batches + "
                             "compression.heldout_batches = %d: calibrating on %d and holding out %d, in their "
                             "proportion", n_batches, c.calib_batches + c.heldout_batches, calib_n, heldout_n)
-            calibration, heldout_set = split_calibration(batches, calib_n, heldout_n)
+            calibration_items, heldout_items = split_calibration(batches, calib_n, heldout_n)
+            # The statistics are over the tokens the decoder reads (an item may be several), the
+            # loss gradients over the item batches the recommender's losses take.
+            calibration, heldout_set = token_batches(recommender, calibration_items), token_batches(
+                recommender, heldout_items)
 
             def forward(b):
-                return recommender.hidden_states(on_device(b, device))
+                return recommender.decode(TokenSequence(**on_device(b, device)))
 
             if len(calibration) < calib_n:
                 log.warning("compression.calib_batches=%d, but the training split holds %d batches: calibrating "
@@ -132,7 +136,7 @@ class Compressor:
             self._check_memory(model, names, calibration + heldout_set, bool(heldout_set))
             gradients = None
             if self.takes_gradients:
-                gradients = self._loss_gradients(recommender, names, calibration, gradient_batches)
+                gradients = self._loss_gradients(recommender, names, calibration_items, gradient_batches)
             if c.sequential:
                 result = compress_sequential(model, names, self.method, self.ratio, calibration, heldout_set,
                                              forward, c.asvd_alpha, c.allocation, c.min_rank, self.gram_dtype,
@@ -271,6 +275,12 @@ class Compressor:
                     loggers, "compression/layers_table")
         for logger in loggers:
             logger.log_metrics(self.summary())
+
+
+def token_batches(recommender: RecommenderModel, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Each batch as the token sequence its recommender's decoder reads (``input_ids``,
+    ``attention_mask``, ``position_ids``): what calibration statistics count."""
+    return [vars(recommender.sequence(b)) for b in batches]
 
 
 def on_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

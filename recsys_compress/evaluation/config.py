@@ -16,6 +16,9 @@ class EvaluationConfig(Schema):
     hr_ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     ndcg_ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     popularity_baseline: bool = True  # also report the popularity baseline under the same protocol
+    # The generative recommender's constrained beam search keeps this many tuples per user: its
+    # ranked list, so at least the largest K (an item outside it counts as a miss).
+    beams: int = 20
 
     def check(self, p: str) -> None:
         for key in ("hr_ks", "ndcg_ks"):
@@ -24,3 +27,5 @@ class EvaluationConfig(Schema):
         # metrics.json promises these keys; a run without them would break reports.
         require({1, 5, 10, 20} <= set(self.hr_ks), f"{p}.hr_ks", self.hr_ks, "must include 1, 5, 10, 20")
         require({5, 10, 20} <= set(self.ndcg_ks), f"{p}.ndcg_ks", self.ndcg_ks, "must include 5, 10, 20")
+        largest = max(self.hr_ks + self.ndcg_ks)
+        require(self.beams >= largest, f"{p}.beams", self.beams, f">= the largest K of hr_ks and ndcg_ks ({largest})")

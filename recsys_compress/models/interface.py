@@ -78,6 +78,11 @@ class RecommenderModel(ABC):
         calibration runs."""
 
     @abstractmethod
+    def decode(self, sequence: TokenSequence, backbone: PreTrainedModel | None = None) -> torch.Tensor:
+        """Final (normed) hidden state at every position of a token sequence
+        (``hidden_states(batch)`` is ``decode(sequence(batch))``)."""
+
+    @abstractmethod
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective on a batch of training windows."""
 

@@ -1,0 +1,280 @@
+"""The generative recommender: every item is a tuple of code tokens (semantic IDs), the decoder
+generates the next item's tuple, and items are ranked by beam search constrained to valid tuples.
+
+This is the paradigm of TIGER and LC-Rec, the model OD-LLM compresses. The decoder is a stock
+Hugging Face LLaMA over a vocabulary of code tokens (``CodeVocabulary``), so compression,
+alignment and the block-wise tools work on it unchanged through the ``RecommenderModel`` seam.
+
+Ranking: ``constrained_beam_search`` keeps ``beams`` partial tuples per user, level by level,
+with the decoder's KV cache; at each level a beam may only be extended by a code that leads to
+at least one valid tuple the user may still be recommended (``ItemTrie``), so every beam that
+comes out is an item, and, with seen items excluded, never a seen one (the beams are still
+filled from the rest of the catalogue). Scores are the tuple's log-probability under the
+decoder's full softmax, so with ``beams`` >= the catalogue size the search is exhaustive and
+returns every item in the order of its exact log-probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from recsys_compress.evaluation.config import EvaluationConfig
+from recsys_compress.models.config import OptimConfig
+from recsys_compress.models.interface import ExportGraph, TargetRanks, TokenSequence
+from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.models.lit_base import RecLitModule
+
+PAD_TOKEN = 0
+
+
+class CodeVocabulary:
+    """Token 0 is padding; code ``c`` of level ``l`` is token ``1 + offsets[l] + c`` (each level
+    has its own tokens, as LC-Rec's ``<a_c>``, ``<b_c>``, ... and TIGER's per-level codebooks)."""
+
+    def __init__(self, codebook_sizes: Sequence[int]):
+        if not codebook_sizes or min(codebook_sizes) < 1:
+            raise ValueError(f"codebook sizes {list(codebook_sizes)}: each level needs at least one code")
+        self.sizes = tuple(int(k) for k in codebook_sizes)
+        self.offsets = tuple(1 + sum(self.sizes[:level]) for level in range(len(self.sizes)))
+        self.size = 1 + sum(self.sizes)
+
+    @property
+    def levels(self) -> int:
+        return len(self.sizes)
+
+    def tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes[..., l]`` (level l's code) -> its token."""
+        return codes + torch.as_tensor(self.offsets, dtype=codes.dtype, device=codes.device)
+
+    def level_slice(self, level: int) -> slice:
+        return slice(self.offsets[level], self.offsets[level] + self.sizes[level])
+
+
+class ItemTrie:
+    """The prefix tree of the items' code tuples, as dense per-level tables.
+
+    ``children[l][p, c]``: the id of the level-l prefix reached from level-(l-1) prefix ``p``
+    (level 0: the root, ``p = 0``) by code ``c``, or -1 where no item continues that way.
+    ``prefix_of[l][i]``: the id of item i's level-l prefix; ``items_below[l][p]``: how many items
+    share prefix ``p``; ``leaf_item[p]``: the item whose whole tuple is level-(L-1) prefix ``p``.
+    Row 0 of ``codes`` (the padding item) is no item. Every item must have its own tuple
+    (collisions are resolved when the index is built or loaded).
+    """
+
+    def __init__(self, codes: torch.Tensor, codebook_sizes: Sequence[int]):
+        codes = codes.long().cpu()
+        levels = len(codebook_sizes)
+        if codes.ndim != 2 or codes.shape[1] != levels:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (items + 1, {levels})")
+        items = codes[1:]
+        for level, size in enumerate(codebook_sizes):
+            bad = (items[:, level] < 0) | (items[:, level] >= size)
+            if bad.any():
+                item = int(bad.nonzero()[0, 0]) + 1
+                raise ValueError(f"item {item} has code {int(codes[item, level])} at level {level}, outside 0..{size - 1}")
+        self.children: list[torch.Tensor] = []
+        self.prefix_of: list[torch.Tensor] = []
+        self.items_below: list[torch.Tensor] = []
+        parent = torch.zeros(len(items), dtype=torch.long)  # every item starts at the root
+        n_parents = 1
+        for level, size in enumerate(codebook_sizes):
+            pair = parent * size + items[:, level]
+            unique, prefix = torch.unique(pair, return_inverse=True)
+            table = torch.full((n_parents, size), -1, dtype=torch.long)
+            table.view(-1)[unique] = torch.arange(len(unique))
+            self.children.append(table)
+            self.prefix_of.append(torch.cat([torch.tensor([-1]), prefix]))
+            self.items_below.append(torch.bincount(prefix, minlength=len(unique)))
+            parent, n_parents = prefix, len(unique)
+        if n_parents != len(items):
+            shared = len(items) - n_parents
+            raise ValueError(f"{len(items)} items have {n_parents} distinct code tuples ({shared} items share "
+                             "another's): resolve collisions when building or loading the index")
+        self.leaf_item = torch.empty(n_parents, dtype=torch.long)
+        self.leaf_item[parent] = torch.arange(1, len(items) + 1)
+
+    def to(self, device: torch.device | str) -> ItemTrie:
+        for tables in (self.children, self.prefix_of, self.items_below):
+            tables[:] = [t.to(device) for t in tables]
+        self.leaf_item = self.leaf_item.to(device)
+        return self
+
+    def remaining(self, banned: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """Per user and level-l prefix, the items below it the user may still be recommended
+        (``banned``: B x (items + 1), True = excluded); None when nothing is banned."""
+        if banned is None:
+            return None
+        out = []
+        for prefix, below in zip(self.prefix_of, self.items_below):
+            count = torch.zeros(banned.shape[0], len(below), dtype=torch.long, device=banned.device)
+            count.index_add_(1, prefix[1:], banned[:, 1:].long())
+            out.append(below[None, :] - count)
+        return out
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model: PreTrainedModel, vocab: CodeVocabulary, trie: ItemTrie, history: TokenSequence, beams: int,
+    banned: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``beams`` items after each history (left-padded code-token sequences), best
+    first: item indices (0 where fewer valid items remain than beams) and their tuples'
+    log-probabilities. ``banned`` (B x (items + 1), True = never recommend) masks tuples out per
+    user. Greedy in no way: deterministic top-k at every level, never sampled."""
+    batch = history.input_ids.shape[0]
+    device = history.input_ids.device
+    out = model(input_ids=history.input_ids, attention_mask=history.attention_mask,
+                position_ids=history.position_ids, use_cache=True, logits_to_keep=1)
+    cache: DynamicCache = out.past_key_values
+    log_probs = F.log_softmax(out.logits[:, -1].float(), -1)
+    remaining = trie.remaining(banned)
+    rows = torch.arange(batch, device=device)[:, None]
+    # level 0: every user's beams come from the root
+    children = trie.children[0][0].expand(batch, -1)  # B x K0
+    scores = log_probs[:, vocab.level_slice(0)]
+    prefix, score, code = _best(scores, children, remaining, 0, rows, beams, origin=None)
+    cache.batch_repeat_interleave(beams)
+    mask = history.attention_mask.repeat_interleave(beams, 0)
+    position = history.position_ids[:, -1:].repeat_interleave(beams, 0)
+    for level in range(1, vocab.levels):
+        token = (code + vocab.offsets[level - 1]).reshape(-1, 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        position = position + 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        step = F.log_softmax(out.logits[:, -1].float(), -1)[:, vocab.level_slice(level)]  # (B*W) x K
+        size = vocab.sizes[level]
+        children = trie.children[level][prefix.clamp(min=0)]  # B x W x K
+        children = torch.where(prefix[..., None] >= 0, children, torch.full_like(children, -1))
+        total = score[..., None] + step.view(batch, beams, size)
+        prefix, score, code, origin = _best(total.view(batch, -1), children.view(batch, -1), remaining, level,
+                                            rows, beams, origin=size)
+        # a user's beams share the history and its mask: only the cache follows each beam's origin
+        cache.reorder_cache((origin + rows * beams).reshape(-1))
+    items = torch.where(prefix >= 0, trie.leaf_item[prefix.clamp(min=0)], torch.zeros_like(prefix))
+    return items, torch.where(prefix >= 0, score, torch.full_like(score, float("-inf")))
+
+
+def _best(scores: torch.Tensor, children: torch.Tensor, remaining: list[torch.Tensor] | None, level: int,
+          rows: torch.Tensor, beams: int, origin: int | None):
+    """The ``beams`` best valid extensions per user: their prefix ids (-1: none left), scores and
+    codes (and, given the codebook size as ``origin``, the beam each extends)."""
+    valid = children >= 0
+    if remaining is not None:
+        valid &= remaining[level].gather(1, children.clamp(min=0)) > 0
+    scores = scores.masked_fill(~valid, float("-inf"))
+    k = min(beams, scores.shape[1])
+    best, index = scores.topk(k, dim=1)
+    if k < beams:  # fewer candidates than beams (a small first codebook): pad with dead beams
+        best = F.pad(best, (0, beams - k), value=float("-inf"))
+        index = F.pad(index, (0, beams - k), value=0)
+    prefix = children.gather(1, index).masked_fill(best == float("-inf"), -1)
+    if origin is None:
+        return prefix, best, index
+    return prefix, best, index % origin, index // origin
+
+
+class GenerativeRecLitModule(RecLitModule):
+    """Next-item generation over code tuples (``codes``: (items + 1) x L, row 0 the padding item).
+
+    Training: causal cross-entropy on every code token of every next item of a window at once
+    (``target='window'``, as the atomic model trains on every next item), or on the last item's
+    tuple only (``'last'``, one target per prefix as LC-Rec and TIGER train). Ranking:
+    ``constrained_beam_search`` with ``beams`` beams under both protocols.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        codes: torch.Tensor,
+        codebook_sizes: Sequence[int],
+        optim: OptimConfig | None = None,
+        evaluation: EvaluationConfig | None = None,
+        embedding_dropout: float = 0.0,
+        target: str = "window",
+    ):
+        super().__init__(model, optim, evaluation, embedding_dropout)
+        if target not in ("window", "last"):
+            raise ValueError(f"target={target!r}; allowed: window, last")
+        self.vocab = CodeVocabulary(codebook_sizes)
+        vocab_size = model.get_input_embeddings().num_embeddings
+        if vocab_size != self.vocab.size:
+            raise ValueError(f"the decoder has {vocab_size} tokens; codes of {self.vocab.levels} levels x "
+                             f"{list(self.vocab.sizes)} need {self.vocab.size} (padding + every code)")
+        self.trie = ItemTrie(codes, self.vocab.sizes)
+        tokens = self.vocab.tokens(codes.long())
+        tokens[0] = PAD_TOKEN
+        self.register_buffer("item_tokens", tokens, persistent=False)
+        self.target = target
+
+    @property
+    def n_items(self) -> int:
+        return self.item_tokens.shape[0] - 1
+
+    def sequence(self, batch: dict[str, torch.Tensor]) -> TokenSequence:
+        """Each item of the left-padded window as its L code tokens, in order."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        levels = self.vocab.levels
+        tokens = self.item_tokens[ids].reshape(ids.shape[0], -1)
+        token_mask = mask.repeat_interleave(levels, 1)
+        return TokenSequence(tokens, token_mask, position_ids_for(token_mask))
+
+    def _code_loss(self, batch: dict[str, torch.Tensor], last_only: bool) -> torch.Tensor:
+        seq = self.sequence(batch)
+        hidden = self.hidden_states(batch)[:, :-1]
+        has_target = seq.attention_mask[:, 1:].bool() & seq.attention_mask[:, :-1].bool()
+        if last_only:  # the last item's L tokens only
+            has_target[:, : -self.vocab.levels] = False
+        logits = self.model.get_output_embeddings()(hidden[has_target])
+        return F.cross_entropy(logits.float(), seq.input_ids[:, 1:][has_target])
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._code_loss(batch, last_only=self.target == "last")
+
+    def target_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the held-out target's tuple after each user's history."""
+        ids = torch.cat([batch["input_ids"], batch["target"][:, None]], 1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(batch["target"])[:, None]], 1)
+        return self._code_loss({"input_ids": ids, "attention_mask": mask}, last_only=True)
+
+    def predicted_logits(self, backbone: PreTrainedModel, last_hidden: torch.Tensor,
+                         sequence: TokenSequence) -> tuple[torch.Tensor, torch.Tensor]:
+        has_target = sequence.attention_mask[:, 1:].bool() & sequence.attention_mask[:, :-1].bool()
+        normed = backbone.base_model.norm(last_hidden)[:, :-1][has_target]
+        return backbone.get_output_embeddings()(normed).float(), sequence.input_ids[:, 1:][has_target]
+
+    def recommend(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top ``evaluation.beams`` items after each history, best first, and their
+        log-probabilities; seen items (except the target, as the atomic protocol keeps it
+        rankable) excluded when asked."""
+        banned = None
+        if exclude_seen:
+            banned = torch.zeros(batch["input_ids"].shape[0], self.n_items + 1, dtype=torch.bool,
+                                 device=batch["input_ids"].device)
+            banned.scatter_(1, batch["seen"], True)
+            if "target" in batch:
+                banned.scatter_(1, batch["target"][:, None], False)
+        self.trie.to(self.item_tokens.device)
+        return constrained_beam_search(self.model, self.vocab, self.trie, self.sequence(batch),
+                                       self.evaluation.beams, banned)
+
+    def rank(self, batch: dict[str, torch.Tensor]) -> TargetRanks:
+        """The target's position in the beam list (a target outside the beams counts as ranked
+        last: HR and NDCG at K <= beams are exact, MRR is truncated at the beams)."""
+        return TargetRanks(seen_excluded=self._ranks(batch, True), seen_kept=self._ranks(batch, False))
+
+    def _ranks(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        items, _ = self.recommend(batch, exclude_seen)
+        hit = items == batch["target"][:, None]
+        position = hit.long().argmax(1)
+        ahead = torch.where(hit.any(1), position, torch.full_like(position, self.n_items - 1))
+        return ahead, torch.zeros_like(ahead)
+
+    def export_graph(self, backbone: PreTrainedModel, max_len: int) -> ExportGraph:
+        raise NotImplementedError("ONNX export of the generative recommender (beam search over an exported "
+                                  "step graph) is not built yet")

@@ -1,0 +1,191 @@
+"""The generative recommender (items as code tuples) and its constrained beam search: exact
+against brute force on a catalogue small enough to enumerate, only valid tuples, seen items never
+returned, metrics from beam positions, and compression + alignment through the model seam."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import SMALL
+from recsys_compress.alignment.config import AlignmentConfig
+from recsys_compress.alignment.runner import align
+from recsys_compress.compression.compressor import Compressor
+from recsys_compress.compression.config import CompressionConfig
+from recsys_compress.compression.low_rank import LowRankLinear
+from recsys_compress.data.datamodule import NextItemDataModule
+from recsys_compress.evaluation.config import EvaluationConfig
+from recsys_compress.evaluation.ranking import FullRankingMetrics
+from recsys_compress.models.generative import CodeVocabulary, GenerativeRecLitModule, ItemTrie, constrained_beam_search
+from recsys_compress.models.item_llm import build_llama, position_ids_for
+from recsys_compress.models.interface import TokenSequence
+from recsys_compress.schema import ConfigError
+
+SIZES = (4, 3, 5)
+
+
+def unique_codes(n_items: int, sizes=SIZES, seed: int = 0) -> torch.Tensor:
+    """(n_items + 1) x L distinct random tuples (row 0: the padding item)."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.tensor(sizes).prod().item()
+    flat = torch.randperm(total, generator=g)[:n_items]
+    digits = []
+    for size in reversed(sizes):
+        digits.append(flat % size)
+        flat = flat // size
+    return torch.cat([torch.zeros(1, len(sizes), dtype=torch.long), torch.stack(digits[::-1], 1)])
+
+
+def decoder(vocab: CodeVocabulary, seed: int, hidden: int = 16):
+    torch.manual_seed(seed)
+    return build_llama(vocab.size - 1, hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=32,
+                       max_len=64, dropout=0.0).eval()
+
+
+def histories(n_items: int, codes: torch.Tensor, vocab: CodeVocabulary, batch: int, length: int, seed: int):
+    """Left-padded item windows and their code-token sequences."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, n_items + 1, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # a little padding on every row but the first
+        ids[row, :row % length] = 0
+        mask[row, :row % length] = 0
+    tokens = vocab.tokens(codes)[ids]
+    tokens[ids == 0] = 0
+    tokens = tokens.reshape(batch, -1)
+    token_mask = mask.repeat_interleave(vocab.levels, 1)
+    return ids, mask, TokenSequence(tokens, token_mask, position_ids_for(token_mask))
+
+
+def brute_force_log_probs(model, vocab: CodeVocabulary, codes: torch.Tensor, history: TokenSequence) -> torch.Tensor:
+    """B x (items + 1) log-probability of every item's whole tuple after each history, from a
+    full forward per item (no cache, no trie); item 0: -inf."""
+    batch, n = history.input_ids.shape[0], codes.shape[0] - 1
+    out = torch.full((batch, n + 1), float("-inf"))
+    tuples = vocab.tokens(codes[1:])  # n x L
+    with torch.no_grad():
+        for i in range(n):
+            tokens = torch.cat([history.input_ids, tuples[i].expand(batch, -1)], 1)
+            mask = torch.cat([history.attention_mask, torch.ones(batch, vocab.levels, dtype=torch.long)], 1)
+            logits = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids_for(mask)).logits
+            log_probs = torch.log_softmax(logits.float(), -1)
+            steps = log_probs[:, -vocab.levels - 1:-1]  # the positions that predict the tuple's tokens
+            out[:, i + 1] = steps.gather(2, tuples[i].expand(batch, -1)[..., None]).squeeze(-1).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beams_as_wide_as_the_catalogue_return_every_item_in_exact_log_probability_order(seed):
+    n = 40
+    vocab, codes = CodeVocabulary(SIZES), unique_codes(n, seed=seed)
+    model = decoder(vocab, seed)
+    _, _, history = histories(n, codes, vocab, batch=3, length=4, seed=seed)
+    items, scores = constrained_beam_search(model, vocab, ItemTrie(codes, SIZES), history, beams=n)
+    exact = brute_force_log_probs(model, vocab, codes, history)
+    expected_scores, expected_items = exact[:, 1:].sort(1, descending=True)
+    assert torch.equal(items, expected_items + 1)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_beam_ever_leaves_the_trie_and_the_beams_are_always_filled(seed):
+    """A sparse catalogue (most prefixes lead nowhere) and fewer beams than items: every beam is a
+    distinct catalogue item, the best ones by exact log-probability."""
+    n, beams = 9, 6
+    vocab, codes = CodeVocabulary(SIZES), unique_codes(n, seed=100 + seed)
+    model = decoder(vocab, seed)
+    _, _, history = histories(n, codes, vocab, batch=4, length=3, seed=seed)
+    items, scores = constrained_beam_search(model, vocab, ItemTrie(codes, SIZES), history, beams=beams)
+    assert ((items >= 1) & (items <= n)).all()
+    assert all(len(set(row.tolist())) == beams for row in items)
+    assert torch.isfinite(scores).all() and (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_seen_items_are_never_returned_and_the_beams_are_filled_from_the_rest():
+    n, beams = 30, 20
+    vocab, codes = CodeVocabulary(SIZES), unique_codes(n, seed=3)
+    model = decoder(vocab, 3)
+    ids, _, history = histories(n, codes, vocab, batch=4, length=6, seed=3)
+    banned = torch.zeros(4, n + 1, dtype=torch.bool)
+    banned.scatter_(1, ids, True)
+    items, _ = constrained_beam_search(model, vocab, ItemTrie(codes, SIZES), history, beams=beams, banned=banned)
+    exact = brute_force_log_probs(model, vocab, codes, history).masked_fill(banned, float("-inf"))
+    for row in range(4):
+        assert not banned[row, items[row]].any()
+        allowed = int((~banned[row, 1:]).sum())
+        filled = items[row][items[row] > 0]
+        assert len(filled) == min(beams, allowed)
+        assert filled.tolist() == exact[row].argsort(descending=True)[:len(filled)].tolist()
+
+
+def test_a_catalogue_with_two_items_on_one_tuple_is_refused():
+    codes = unique_codes(5)
+    codes[3] = codes[2]
+    with pytest.raises(ValueError, match="5 items have 4 distinct code tuples"):
+        ItemTrie(codes, SIZES)
+    codes = unique_codes(5)
+    codes[4, 1] = 3
+    with pytest.raises(ValueError, match="item 4 has code 3 at level 1, outside 0..2"):
+        ItemTrie(codes, SIZES)
+
+
+def test_beams_below_the_largest_k_are_refused():
+    with pytest.raises(ConfigError, match=r"evaluation.beams=10 .* >= the largest K of hr_ks and ndcg_ks \(20\)"):
+        EvaluationConfig(beams=10)
+
+
+@pytest.fixture(scope="module")
+def generative():
+    """A generative recommender trained briefly on MovieLens sequences, random unique tuples."""
+    L.seed_everything(0)
+    dm = NextItemDataModule("grouplens_csv", SMALL, max_len=10, batch_size=64, eval_batch_size=128)
+    dm.setup()
+    sizes = (32, 32, 16)
+    codes = unique_codes(dm.n_items, sizes, seed=0)
+    vocab = CodeVocabulary(sizes)
+    model = build_llama(vocab.size - 1, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_len=40)
+    lit = GenerativeRecLitModule(model, codes, sizes)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, limit_train_batches=20).fit(lit, datamodule=dm)
+    return dm, lit
+
+
+def test_ranks_are_the_targets_beam_positions_and_metrics_follow_by_hand(generative):
+    dm, lit = generative
+    lit.eval()
+    batch = next(iter(dm.test_dataloader()))
+    batch = {k: v[:8] for k, v in batch.items()}
+    items, _ = lit.recommend(batch, exclude_seen=False)
+    # make the targets: beam positions 0, 3, 19 and one item outside the beams
+    outside = next(i for i in range(1, lit.n_items + 1) if i not in items[3].tolist())
+    batch["target"] = torch.stack([items[0, 0], items[1, 3], items[2, 19], torch.tensor(outside)] +
+                                  list(items[4:8, 1]))
+    ahead, ties = lit.rank(batch).seen_kept
+    assert ahead.tolist()[:4] == [0, 3, 19, lit.n_items - 1] and not ties.any()
+    metrics = FullRankingMetrics((1, 5, 10, 20), (5, 10, 20))
+    metrics.update_ranks(ahead[:4], ties[:4])
+    values = metrics.compute()
+    assert values["hr@1"] == pytest.approx(1 / 4) and values["hr@5"] == pytest.approx(2 / 4)
+    assert values["hr@20"] == pytest.approx(3 / 4)
+    assert values["ndcg@5"] == pytest.approx((1 + 1 / torch.log2(torch.tensor(5.0)).item()) / 4)
+
+
+@pytest.mark.parametrize("sequential,alignment", [(False, "progressive"), (True, "progressive_lstsq")])
+def test_compression_and_alignment_run_on_the_generative_model_through_the_seam(generative, sequential, alignment):
+    """Calibration counts the code tokens the decoder reads (three per item), and every step
+    (whole or block-by-block compression, gradient or closed-form alignment, test) runs."""
+    dm, trained = generative
+    lit = copy.deepcopy(trained)
+    teacher = copy.deepcopy(lit.model).eval()
+    compressor = Compressor(CompressionConfig(method="odllm", calib_batches=4, heldout_batches=2,
+                                              sequential=sequential), 0.5)
+    compressor.compress(lit, dm.train_dataloader())
+    assert compressor.calib_tokens == sum(int(b["attention_mask"].sum()) * 3 for b in list(dm.train_dataloader())[:4])
+    assert all(isinstance(lit.model.get_submodule(r.name), LowRankLinear) for r in compressor.reports)
+    out = align(AlignmentConfig(method=alignment, batches=2, steps_per_layer=5, task_weight=0.1,
+                                distill_weight=0.1, checkpoint=False), lit, teacher, dm.train_dataloader())
+    assert out["align/layers"] == 2 and out["align/mean_mse_after"] <= out["align/mean_mse_before"]
+    test = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        lit, datamodule=dm, verbose=False)[0]
+    assert 0 <= test["test/ndcg@10"] <= 1 and len(lit.test_per_user) == dm.data.n_users
