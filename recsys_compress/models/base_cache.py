@@ -35,8 +35,10 @@ CACHE_VERSION = 3  # 2: epoch-seeded training order; 3: data and model file cont
 _IGNORED_CALLBACKS = {"progress_bar", "lr_monitor", "last_checkpoint"}  # they do not change the model
 
 
-def base_model_key(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
-    """Hash of the config parts that determine the trained base model, and those parts."""
+def base_model_key(cfg: DictConfig, item_codes: torch.Tensor | None = None) -> tuple[str, dict[str, Any]]:
+    """Hash of the config parts that determine the trained base model, and those parts; with
+    ``item_codes`` (item_ids=semantic), of the items' code tuples too (a rebuilt index with other
+    codes is another model, whatever setting produced it)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     cache_dir = c["paths"]["cache_dir"]
     model_files = [c["model"].get(k) for k in ("pretrained_path", "gguf_path")]
@@ -57,6 +59,9 @@ def base_model_key(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
         "data_sha256": content_fingerprint(c["dataset"]["path"], cache_dir),
         "model_files_sha256": [content_fingerprint(p, cache_dir) if p else None for p in model_files],
     }
+    if item_codes is not None:
+        material["item_ids"] = c.get("item_ids")
+        material["item_codes_sha256"] = hashlib.sha256(item_codes.cpu().numpy().tobytes()).hexdigest()
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest, material
 

@@ -67,6 +67,9 @@ class ModelConfig(Schema):
     gguf_path: str | None = None
     item_init: Literal["text", "random"] = "text"  # text: item embeddings start from the LLM's embeddings of the item text
     embedding_dropout: float = 0.1
+    # item_ids=semantic: cross-entropy on the codes of every next item of a window (window) or of
+    # its last item only (last: one target per prefix, as LC-Rec and TIGER train)
+    code_loss: Literal["window", "last"] = "window"
     # full: every weight trains. lora: the decoder is frozen and LoRA adapters train beside the
     # (always fully trained) item table; the adapters are merged after training, so the cached
     # base model, compression and export see a stock model.

@@ -54,6 +54,11 @@ class CodeVocabulary:
         return slice(self.offsets[level], self.offsets[level] + self.sizes[level])
 
 
+def codebook_sizes(codes: torch.Tensor) -> tuple[int, ...]:
+    """Codes per level that ``codes`` ((items + 1) x L, row 0 the padding item) needs."""
+    return tuple(int(k) + 1 for k in codes[1:].max(0).values)
+
+
 class ItemTrie:
     """The prefix tree of the items' code tuples, as dense per-level tables.
 
@@ -263,10 +268,12 @@ class GenerativeRecLitModule(RecLitModule):
         return constrained_beam_search(self.model, self.vocab, self.trie, self.sequence(batch),
                                        self.evaluation.beams, banned)
 
-    def rank(self, batch: dict[str, torch.Tensor]) -> TargetRanks:
+    def rank(self, batch: dict[str, torch.Tensor], exclude_seen: bool | None = None) -> TargetRanks:
         """The target's position in the beam list (a target outside the beams counts as ranked
-        last: HR and NDCG at K <= beams are exact, MRR is truncated at the beams)."""
-        return TargetRanks(seen_excluded=self._ranks(batch, True), seen_kept=self._ranks(batch, False))
+        last: HR and NDCG at K <= beams are exact, MRR is truncated at the beams); one beam
+        search per protocol asked for."""
+        return TargetRanks(seen_excluded=self._ranks(batch, True) if exclude_seen in (None, True) else None,
+                           seen_kept=self._ranks(batch, False) if exclude_seen in (None, False) else None)
 
     def _ranks(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
         items, _ = self.recommend(batch, exclude_seen)

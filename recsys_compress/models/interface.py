@@ -40,11 +40,14 @@ class TargetRanks:
     the items ranked strictly before it and those tied with it (``evaluation.ranking.metrics_from_ranks``),
     with the user's seen items excluded from the ranking and kept in it."""
 
-    seen_excluded: tuple[torch.Tensor, torch.Tensor]
-    seen_kept: tuple[torch.Tensor, torch.Tensor]
+    seen_excluded: tuple[torch.Tensor, torch.Tensor] | None
+    seen_kept: tuple[torch.Tensor, torch.Tensor] | None
 
     def protocol(self, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.seen_excluded if exclude_seen else self.seen_kept
+        ranks = self.seen_excluded if exclude_seen else self.seen_kept
+        if ranks is None:
+            raise ValueError(f"these ranks hold no {'seen_excluded' if exclude_seen else 'seen_kept'} protocol")
+        return ranks
 
 
 @dataclass
@@ -99,8 +102,9 @@ class RecommenderModel(ABC):
         task term is their cross-entropy, its distillation term the teacher's logits."""
 
     @abstractmethod
-    def rank(self, batch: dict[str, torch.Tensor]) -> TargetRanks:
-        """The held-out target's rank per user under both protocols."""
+    def rank(self, batch: dict[str, torch.Tensor], exclude_seen: bool | None = None) -> TargetRanks:
+        """The held-out target's rank per user under both protocols (``exclude_seen`` None), or
+        under the one asked for (a model whose ranking is costly need not compute the other)."""
 
     @abstractmethod
     def export_graph(self, backbone: PreTrainedModel, max_len: int) -> ExportGraph:

@@ -81,8 +81,8 @@ class RecLitModule(L.LightningModule, RecommenderModel):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: FullRankingMetrics,
                    other_protocol: FullRankingMetrics | None = None) -> None:
-        ranks = self.rank(batch)
         exclude = self.evaluation.exclude_seen
+        ranks = self.rank(batch, None if other_protocol is not None else exclude)
         metrics.update_ranks(*ranks.protocol(exclude))
         if other_protocol is not None:
             other_protocol.update_ranks(*ranks.protocol(not exclude))

@@ -102,8 +102,9 @@ class SeqRecLitModule(RecLitModule):
         normed = backbone.base_model.norm(last_hidden)[:, :-1][has_target]
         return backbone.get_output_embeddings()(normed).float(), sequence.input_ids[:, 1:][has_target]
 
-    def rank(self, batch: dict[str, torch.Tensor]) -> TargetRanks:
-        """The target's rank among all items' scores, seen items masked out or not."""
+    def rank(self, batch: dict[str, torch.Tensor], exclude_seen: bool | None = None) -> TargetRanks:
+        """The target's rank among all items' scores, seen items masked out and not (both are one
+        scoring pass: ``exclude_seen`` changes nothing)."""
         scores = self(batch["input_ids"], batch["attention_mask"]).float()
         target = batch["target"]
         return TargetRanks(seen_excluded=target_ranks(mask_scores(scores, target, batch["seen"]), target),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from recsys_compress.data.config import DatasetConfig
@@ -20,6 +21,8 @@ from recsys_compress.ctr.data import CTRDataModule, build_ctr_splits
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.models.gguf_cache import convert_gguf
 from recsys_compress.models.item_llm import build_llama, load_item_llm
+from recsys_compress.models.generative import CodeVocabulary, GenerativeRecLitModule, codebook_sizes
+from recsys_compress.models.lit_base import RecLitModule
 from recsys_compress.models.lit_seqrec import SeqRecLitModule
 from recsys_compress.representations.layer_means import Encoder, load_encoder
 from recsys_compress.representations.proxy import apply_proxy_encoder
@@ -44,9 +47,24 @@ def build_datamodule(cfg: DatasetConfig, seed: int) -> NextItemDataModule:
     return dm
 
 
-def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path) -> PreTrainedModel:
-    """A LLaMA over ``dm``'s items: from scratch, or pretrained with a new item vocabulary."""
+def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path,
+                codes: torch.Tensor | None = None) -> PreTrainedModel:
+    """A LLaMA over ``dm``'s items: from scratch, or pretrained with a new item vocabulary; given
+    the items' ``codes`` (item_ids=semantic), a LLaMA from scratch over their code tokens."""
     assert dm.data is not None
+    if codes is not None:
+        vocab = CodeVocabulary(codebook_sizes(codes))
+        return build_llama(
+            vocab.size - 1,  # build_llama adds the padding token
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_len=(dm.max_len + 1) * vocab.levels,  # a window and its target, L tokens an item
+            dropout=cfg.dropout,
+            tie_embeddings=cfg.tie_embeddings,
+        )
     if cfg.source == "scratch":
         return build_llama(
             dm.n_items,
@@ -64,8 +82,12 @@ def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path)
     return load_item_llm(path, dm.n_items, texts, cfg.item_init)
 
 
-def build_lit_module(run: RunConfig, model: PreTrainedModel) -> SeqRecLitModule:
-    """The training/evaluation LightningModule around ``model``."""
+def build_lit_module(run: RunConfig, model: PreTrainedModel, codes: torch.Tensor | None = None) -> RecLitModule:
+    """The training/evaluation LightningModule around ``model``: the atomic recommender, or given
+    the items' ``codes``, the generative one."""
+    if codes is not None:
+        return GenerativeRecLitModule(model, codes, codebook_sizes(codes), run.model.optim, run.evaluation,
+                                      run.model.embedding_dropout, run.model.code_loss)
     return SeqRecLitModule(model, run.model.optim, run.evaluation, run.model.embedding_dropout)
 
 

@@ -59,8 +59,25 @@ class RunConfig(Schema):
     alignment: AlignmentConfig
     export: ExportConfig
     resume: str | None
+    # atomic: one vocabulary token per item; semantic: a tuple of code tokens per item, generated
+    # (conf/item_ids/, which brings the semantic and representation groups the index needs)
+    item_ids: Literal["atomic", "semantic"] = "atomic"
+    semantic: SemanticIDsConfig | None = None
+    representation: RepresentationConfig | None = None
 
     def check(self, p: str) -> None:
+        if self.item_ids == "semantic":
+            if self.semantic is None or self.representation is None:
+                raise ConfigError("item_ids=semantic needs the semantic and representation groups: choose it as a "
+                                  "group (item_ids=semantic on the command line), not as a value")
+            if self.model.source != "scratch":
+                raise ConfigError(f"item_ids=semantic with model.source={self.model.source}: extending a pretrained "
+                                  "model's tokenizer with code tokens (LC-Rec's way) is not built yet; allowed: "
+                                  "model=llama_tiny (model.source=scratch)")
+            if self.export.onnx:
+                raise ConfigError("export.onnx=true with item_ids=semantic: the generative recommender's ONNX "
+                                  "artefact (beam search over an exported step graph) is not built yet; allowed: "
+                                  "export.onnx=false")
         require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")

@@ -21,7 +21,9 @@ from recsys_compress.compression.calibration import batch_budget
 from recsys_compress.compression.compressor import Compressor, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.tasks.config import RunConfig, validate
+from recsys_compress.data.lcrec import index_stats
+from recsys_compress.tasks.config import RunConfig, SemanticRunConfig, validate
+from recsys_compress.tasks.item_index import item_codes, item_index
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
@@ -37,7 +39,7 @@ from recsys_compress.models.base_cache import (
 )
 from recsys_compress.models.item_llm import count_nonzero_parameters, count_parameters, serialized_megabytes
 from recsys_compress.models.interface import RecommenderModel
-from recsys_compress.models.lit_seqrec import SeqRecLitModule
+from recsys_compress.models.lit_base import RecLitModule
 from recsys_compress.utils.callbacks import TrainingThroughput
 from recsys_compress.utils.instantiators import Trainers, instantiate_loggers, place
 from recsys_compress.utils.ddp_sweep import multi_process
@@ -54,7 +56,7 @@ def print_dataset_stats(name: str, stats: dict[str, Any]) -> None:
 
 
 def compress_and_test(
-    run: RunConfig, lit: SeqRecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path
+    run: RunConfig, lit: RecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path
 ) -> dict[str, Any]:
     """Compress the (best-validation) base model in place, test, align, save, quantise last.
 
@@ -92,7 +94,7 @@ def compress_and_test(
     return out
 
 
-def compress_on(trainer: L.Trainer, compressor: Compressor, recommender: SeqRecLitModule,
+def compress_on(trainer: L.Trainer, compressor: Compressor, recommender: RecLitModule,
                 dm: NextItemDataModule) -> None:
     """Compress ``recommender`` where ``trainer`` will test it: on its device, cast to its precision
     (bf16-true: bf16 weights, half the memory), calibrated on ``dm``'s training batches (and its
@@ -174,7 +176,7 @@ def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:
     return None
 
 
-def train_base(lit: SeqRecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path,
+def train_base(lit: RecLitModule, dm: NextItemDataModule, trainers: Trainers, output_dir: Path,
                resume: str | None = None, ckpt_path: str | None = "best") -> dict[str, Any]:
     """Fit (or resume), then test the ``ckpt_path`` checkpoint (``best``: the best-validation
     one; null: the final weights); returns test and training metrics."""
@@ -217,16 +219,25 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     stats = dm.data.stats
     print_dataset_stats(run.dataset.name, stats)
 
-    model = build_model(run.model, dm, cfg.paths.cache_dir)
+    codes, index_metrics = None, {}
+    if run.item_ids == "semantic":
+        assert run.semantic is not None and run.representation is not None  # RunConfig.check
+        index, figures, source = item_index(SemanticRunConfig(seed=run.seed, dataset=run.dataset,
+                                                              representation=run.representation,
+                                                              semantic=run.semantic), dm, cfg.paths.cache_dir)
+        codes = item_codes(index, list(dm.data.item_ids))
+        index_metrics = {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures}
+        log.info("item ids: %d items as tuples of %d codes (%s)", dm.n_items, codes.shape[1], source)
+    model = build_model(run.model, dm, cfg.paths.cache_dir, codes)
     check_allocation(run.compression, run.ratio, model)
-    lit = build_lit_module(run, model)
+    lit = build_lit_module(run, model, codes)
 
     trainers = Trainers(cfg, instantiate_loggers(cfg, data=stats))
     for lg in trainers.loggers:
         lg.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=0)
 
     compressing = run.compression.method != "none"
-    key, material = base_model_key(cfg)
+    key, material = base_model_key(cfg, codes)
     # Only a compression run reuses a cached base (a plain run is asked to train); every run
     # that trains one stores it, so `python train.py` followed by `compression=odllm` trains once.
     caching = compressing and run.base_cache
@@ -288,8 +299,12 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
             "data/n_users": dm.data.n_users,
             "data/n_items": dm.data.n_items,
             "data/n_interactions": dm.data.n_interactions,
+            "item_ids": run.item_ids,
+            **index_metrics,
         }
     )
+    if run.item_ids == "semantic":
+        metrics["evaluation/beams"] = run.evaluation.beams  # the ranked list: an item outside it is a miss
     metrics["objective"] = metrics.get("val/ndcg@10") if compressing else metrics.get("val/best_ndcg@10")
     if run.evaluation.popularity_baseline:
         pop = evaluate_popularity(

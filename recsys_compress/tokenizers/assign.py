@@ -96,3 +96,21 @@ def disambiguate_tiger(index: Mapping[str, Sequence[str]], token: str | None = N
 def code_tokens(codes: torch.Tensor) -> list[tuple[str, ...]]:
     """``[items, levels]`` codes as LC-Rec's tokens: level l's code c is ``<{a + l}_{c}>``."""
     return [tuple(f"<{chr(ord('a') + level)}_{c}>" for level, c in enumerate(row)) for row in codes.tolist()]
+
+
+def codes_from_tokens(tuples: Sequence[Sequence[str]]) -> torch.Tensor:
+    """The inverse of ``code_tokens``: LC-Rec tokens (``<a_137>``, level l's letter ``a + l``) as
+    an ``[items, levels]`` tensor of codes; every tuple must have the same levels in order."""
+    rows = []
+    for number, tokens in enumerate(tuples):
+        row = []
+        for level, token in enumerate(tokens):
+            letter, _, code = token.strip("<>").partition("_")
+            if letter != chr(ord("a") + level) or not code.isdigit():
+                raise ValueError(f"tuple {number} {tuple(tokens)}: token {level} is {token!r}, expected "
+                                 f"<{chr(ord('a') + level)}_CODE>")
+            row.append(int(code))
+        rows.append(row)
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(f"the tuples have {sorted({len(r) for r in rows})} levels: every item needs the same number")
+    return torch.tensor(rows, dtype=torch.long)
