@@ -6,7 +6,7 @@ Hugging Face LLaMA over a vocabulary of code tokens (``CodeVocabulary``), so com
 alignment and the block-wise tools work on it unchanged through the ``RecommenderModel`` seam.
 
 Ranking: ``constrained_beam_search`` keeps ``beams`` partial tuples per user, level by level,
-with the decoder's KV cache; at each level a beam may only be extended by a code that leads to
+on the history's KV cache, shared by the user's beams; at each level a beam may only be extended by a code that leads to
 at least one valid tuple the user may still be recommended (``ItemTrie``), so every beam that
 comes out is an item, and, with seen items excluded, never a seen one (the beams are still
 filled from the rest of the catalogue). Scores are the tuple's log-probability under the
@@ -129,7 +129,14 @@ def constrained_beam_search(
     """The top ``beams`` items after each history (left-padded code-token sequences), best
     first: item indices (0 where fewer valid items remain than beams) and their tuples'
     log-probabilities. ``banned`` (B x (items + 1), True = never recommend) masks tuples out per
-    user. Greedy in no way: deterministic top-k at every level, never sampled."""
+    user. Deterministic top-k at every level, never sampled.
+
+    The history is decoded once per user and its KV cache is shared by that user's beams: at
+    level l the beams' partial tuples (l tokens each) are decoded together as one query of
+    ``beams x l`` tokens whose attention mask lets each beam see the history and its own tokens
+    only, and the cache is cut back to the history afterwards. Copying the history's cache for
+    every beam (what ``generate(num_beams=...)`` does) costs ``beams`` times the memory and a
+    copy of it at every step."""
     batch = history.input_ids.shape[0]
     device = history.input_ids.device
     out = model(input_ids=history.input_ids, attention_mask=history.attention_mask,
@@ -140,27 +147,32 @@ def constrained_beam_search(
     rows = torch.arange(batch, device=device)[:, None]
     # level 0: every user's beams come from the root
     children = trie.children[0][0].expand(batch, -1)  # B x K0
-    scores = log_probs[:, vocab.level_slice(0)]
-    prefix, score, code = _best(scores, children, remaining, 0, rows, beams, origin=None)
-    cache.batch_repeat_interleave(beams)
-    mask = history.attention_mask.repeat_interleave(beams, 0)
-    position = history.position_ids[:, -1:].repeat_interleave(beams, 0)
+    prefix, score, code = _best(log_probs[:, vocab.level_slice(0)], children, remaining, 0, rows, beams, origin=None)
+    paths = code[..., None]  # B x W x l: each beam's codes so far
+    sees_history = history.attention_mask.bool()[:, None, None, :]  # B x 1 x 1 x T
+    next_position = history.position_ids[:, -1:] + 1  # B x 1
+    offsets = torch.as_tensor(vocab.offsets, device=device)
     for level in range(1, vocab.levels):
-        token = (code + vocab.offsets[level - 1]).reshape(-1, 1)
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        position = position + 1
-        out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+        tokens = (paths + offsets[:level]).reshape(batch, beams * level)
+        positions = next_position + torch.arange(level, device=device).repeat(beams)
+        beam_of = torch.arange(beams, device=device).repeat_interleave(level)
+        step_of = torch.arange(level, device=device).repeat(beams)
+        own = (beam_of[:, None] == beam_of[None, :]) & (step_of[None, :] <= step_of[:, None])  # (W*l) x (W*l)
+        mask = torch.cat([sees_history.expand(-1, -1, beams * level, -1),
+                          own[None, None].expand(batch, -1, -1, -1)], -1)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
                     use_cache=True)
         cache = out.past_key_values
-        step = F.log_softmax(out.logits[:, -1].float(), -1)[:, vocab.level_slice(level)]  # (B*W) x K
+        cache.crop(-beams * level)  # back to the history: the next level decodes the longer paths again
+        last = out.logits.view(batch, beams, level, -1)[:, :, -1].float()  # each beam's newest token
+        step = F.log_softmax(last, -1)[..., vocab.level_slice(level)]  # B x W x K
         size = vocab.sizes[level]
         children = trie.children[level][prefix.clamp(min=0)]  # B x W x K
         children = torch.where(prefix[..., None] >= 0, children, torch.full_like(children, -1))
-        total = score[..., None] + step.view(batch, beams, size)
-        prefix, score, code, origin = _best(total.view(batch, -1), children.view(batch, -1), remaining, level,
-                                            rows, beams, origin=size)
-        # a user's beams share the history and its mask: only the cache follows each beam's origin
-        cache.reorder_cache((origin + rows * beams).reshape(-1))
+        total = score[..., None] + step
+        prefix, score, code, origin = _best(total.reshape(batch, -1), children.reshape(batch, -1), remaining,
+                                            level, rows, beams, origin=size)
+        paths = torch.cat([paths[rows, origin], code[..., None]], -1)
     items = torch.where(prefix >= 0, trie.leaf_item[prefix.clamp(min=0)], torch.zeros_like(prefix))
     return items, torch.where(prefix >= 0, score, torch.full_like(score, float("-inf")))
 
