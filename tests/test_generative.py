@@ -240,3 +240,28 @@ def test_the_base_model_cache_is_keyed_by_the_items_codes():
     other[[1, 2]] = other[[2, 1]]  # two items swap their tuples: another model
     assert base_model_key(cfg, codes)[0] == same != base_model_key(cfg, other)[0]
     assert base_model_key(cfg)[0] != same
+
+
+def test_items_still_sharing_a_tuple_after_lc_recs_rounds_get_tigers_extra_code_for_the_generative_model(
+        monkeypatch):
+    """An RQ-VAE index can keep a colliding group after its re-assignment rounds (ML-100K: one);
+    the generative recommender needs one item per tuple, so there every tuple gets the extra code,
+    and task=semantic_ids (unique=False) reports the index as built."""
+    from recsys_compress.tasks import item_index as module
+    from recsys_compress.tasks.compose import compose_config
+    from recsys_compress.tasks.config import validate_semantic
+
+    dm = NextItemDataModule("grouplens_csv", SMALL, max_len=10, batch_size=64)
+    dm.setup()
+    ids = list(dm.data.item_ids)
+    built = {item: (f"<a_{i % 7}>", f"<b_{i // 7}>") for i, item in enumerate(ids)}
+    built[ids[1]] = built[ids[0]]  # one colliding pair left
+    monkeypatch.setattr(module, "build_rqvae_index", lambda *a, **k: (dict(built), {}))
+    run = validate_semantic(compose_config(["task=semantic_ids"]))
+    kept, figures, _ = module.item_index(run, dm, "unused")
+    assert kept == built and "semantic/extra_code_groups" not in figures
+    unique, figures, _ = module.item_index(run, dm, "unused", unique=True)
+    assert figures["semantic/extra_code_groups"] == 1
+    assert unique[ids[0]] == (*built[ids[0]], "<c_0>") and unique[ids[1]] == (*built[ids[0]], "<c_1>")
+    assert len(set(unique.values())) == len(ids)
+    ItemTrie(module.item_codes(unique, ids), (7, max(int(t[1][3:-1]) for t in built.values()) + 1, 2))

@@ -91,11 +91,13 @@ def build_rqvae_index(run: SemanticRunConfig, item_ids: list[str], texts: list[s
     return index, {**figures, "semantic/cache_hit": 0}
 
 
-def item_index(run: SemanticRunConfig, dm: NextItemDataModule, cache_dir: str | Path
+def item_index(run: SemanticRunConfig, dm: NextItemDataModule, cache_dir: str | Path, unique: bool = False
                ) -> tuple[dict[str, tuple[str, ...]], dict[str, Any], str]:
-    """Every item of ``dm`` (in its index order) and its code tuple, with no two items on one
-    tuple: loaded (``semantic.index_path``), random (``semantic.kind=random``) or built by the
-    RQ-VAE (cached); with the figures of its building and a line saying where it came from."""
+    """Every item of ``dm`` (in its index order) and its code tuple: loaded
+    (``semantic.index_path``), random (``semantic.kind=random``) or built by the RQ-VAE (cached);
+    with the figures of its building and a line saying where it came from. ``unique``: items that
+    still share a tuple after LC-Rec's re-assignment rounds get TIGER's extra code (a model that
+    generates tuples needs one item per tuple); ``semantic/extra_code_groups`` counts them."""
     s = run.semantic
     assert dm.data is not None
     item_ids = list(dm.data.item_ids)
@@ -128,6 +130,13 @@ def item_index(run: SemanticRunConfig, dm: NextItemDataModule, cache_dir: str | 
     if s.index_path is not None or s.kind == "random":
         figures = collisions_before(index)
         index = disambiguate_tiger(index)  # the config allows only tiger without an RQ-VAE
+    elif unique:
+        left = index_stats(index)["colliding_groups"]
+        figures["semantic/extra_code_groups"] = left
+        if left:
+            log.warning("%d groups of items still share a tuple after semantic.collision_rounds=%d: every tuple "
+                        "gets TIGER's extra code", left, s.collision_rounds)
+            index = disambiguate_tiger(index)
     return index, figures, source
 
 

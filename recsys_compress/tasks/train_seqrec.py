@@ -224,7 +224,8 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
         assert run.semantic is not None and run.representation is not None  # RunConfig.check
         index, figures, source = item_index(SemanticRunConfig(seed=run.seed, dataset=run.dataset,
                                                               representation=run.representation,
-                                                              semantic=run.semantic), dm, cfg.paths.cache_dir)
+                                                              semantic=run.semantic), dm, cfg.paths.cache_dir,
+                                            unique=True)
         codes = item_codes(index, list(dm.data.item_ids))
         index_metrics = {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures}
         log.info("item ids: %d items as tuples of %d codes (%s)", dm.n_items, codes.shape[1], source)
