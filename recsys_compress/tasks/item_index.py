@@ -19,7 +19,7 @@ from recsys_compress.tasks.builders import build_encoder
 from recsys_compress.data.lcrec import index_stats, read_index, write_index
 from recsys_compress.representations.layer_means import cached_layer_means, item_texts
 from recsys_compress.schema import ConfigError
-from recsys_compress.tasks.config import SemanticRunConfig
+from recsys_compress.tasks.config import RunConfig, SemanticRunConfig
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.tokenizers.assign import (
     assign_codes,
@@ -146,3 +146,17 @@ def item_codes(index: dict[str, tuple[str, ...]], item_ids: list[str]) -> torch.
     return torch.cat([torch.zeros(1, codes.shape[1], dtype=torch.long), codes])
 
 
+def run_item_codes(run: RunConfig, dm: NextItemDataModule, cache_dir: str | Path
+                   ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """A training run's item codes (None for item_ids=atomic: one token per item) and the index's
+    figures for its metrics."""
+    if run.item_ids == "atomic":
+        return None, {}
+    assert run.semantic is not None and run.representation is not None  # RunConfig.check
+    index, figures, source = item_index(SemanticRunConfig(seed=run.seed, dataset=run.dataset,
+                                                          representation=run.representation, semantic=run.semantic),
+                                        dm, cache_dir, unique=True)
+    assert dm.data is not None
+    codes = item_codes(index, list(dm.data.item_ids))
+    log.info("item ids: %d items as tuples of %d codes (%s)", dm.n_items, codes.shape[1], source)
+    return codes, {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures}

@@ -21,9 +21,8 @@ from recsys_compress.compression.calibration import batch_budget
 from recsys_compress.compression.compressor import Compressor, check_allocation
 from recsys_compress.compression.serialization import save_compressed
 from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
-from recsys_compress.data.lcrec import index_stats
-from recsys_compress.tasks.config import RunConfig, SemanticRunConfig, validate
-from recsys_compress.tasks.item_index import item_codes, item_index
+from recsys_compress.tasks.config import RunConfig, validate
+from recsys_compress.tasks.item_index import run_item_codes
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
@@ -219,16 +218,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     stats = dm.data.stats
     print_dataset_stats(run.dataset.name, stats)
 
-    codes, index_metrics = None, {}
-    if run.item_ids == "semantic":
-        assert run.semantic is not None and run.representation is not None  # RunConfig.check
-        index, figures, source = item_index(SemanticRunConfig(seed=run.seed, dataset=run.dataset,
-                                                              representation=run.representation,
-                                                              semantic=run.semantic), dm, cfg.paths.cache_dir,
-                                            unique=True)
-        codes = item_codes(index, list(dm.data.item_ids))
-        index_metrics = {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures}
-        log.info("item ids: %d items as tuples of %d codes (%s)", dm.n_items, codes.shape[1], source)
+    codes, index_metrics = run_item_codes(run, dm, cfg.paths.cache_dir)
     model = build_model(run.model, dm, cfg.paths.cache_dir, codes)
     check_allocation(run.compression, run.ratio, model)
     lit = build_lit_module(run, model, codes)
