@@ -56,7 +56,8 @@ def trained(item_embeddings):
     models = {}
     for levels in (1, 3):
         torch.manual_seed(0)
-        model = RQVAE(item_embeddings.shape[1], levels=levels, codebook_size=16, code_dim=32, hidden=(128,))
+        model = RQVAE(item_embeddings.shape[1], levels=levels, codebook_size=16, code_dim=32, hidden=(128,),
+                      dead_code_ratio=0.0)
         losses = fit_rqvae(model, item_embeddings, epochs=300, batch_size=len(item_embeddings), lr=3e-3, seed=0,
                            progress=False)
         assert losses[-1] < losses[0]

@@ -52,28 +52,20 @@ def build_model(cfg: ModelConfig, dm: NextItemDataModule, cache_dir: str | Path,
     """A LLaMA over ``dm``'s items: from scratch, or pretrained with a new item vocabulary; given
     the items' ``codes`` (item_ids=semantic), a LLaMA from scratch over their code tokens."""
     assert dm.data is not None
-    if codes is not None:
-        vocab = CodeVocabulary(codebook_sizes(codes))
+    if codes is not None or cfg.source == "scratch":
+        tokens, max_len = dm.n_items, dm.max_len  # one token an item
+        if codes is not None:
+            vocab = CodeVocabulary(codebook_sizes(codes))
+            # build_llama adds the padding token; a window and its target, L tokens an item
+            tokens, max_len = vocab.size - 1, (dm.max_len + 1) * vocab.levels
         return build_llama(
-            vocab.size - 1,  # build_llama adds the padding token
+            tokens,
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
             intermediate_size=cfg.intermediate_size,
-            max_len=(dm.max_len + 1) * vocab.levels,  # a window and its target, L tokens an item
-            dropout=cfg.dropout,
-            tie_embeddings=cfg.tie_embeddings,
-        )
-    if cfg.source == "scratch":
-        return build_llama(
-            dm.n_items,
-            hidden_size=cfg.hidden_size,
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_len=dm.max_len,
+            max_len=max_len,
             dropout=cfg.dropout,
             tie_embeddings=cfg.tie_embeddings,
         )

@@ -39,6 +39,7 @@ import lightning as L
 
 from recsys_compress.alignment.runner import align
 from recsys_compress.tasks.builders import build_datamodule, build_lit_module, build_model
+from recsys_compress.tasks.item_index import run_item_codes
 from recsys_compress.compression.allocation import ALLOCATIONS
 from recsys_compress.compression.compressor import Compressor
 from recsys_compress.compression.methods import LOW_RANK_METHODS, METHODS
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, run = cell()
     L.seed_everything(run.seed)
     dm = build_datamodule(run.dataset, run.seed)
-    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir))
+    codes, _ = run_item_codes(run, dm, cfg.paths.cache_dir)  # None for item_ids=atomic
+    lit = build_lit_module(run, build_model(run.model, dm, cfg.paths.cache_dir, codes), codes)
     source = load_trained_base(args.run_dir, lit, cfg.paths.cache_dir, run)
     base_model = copy.deepcopy(lit.model)
 

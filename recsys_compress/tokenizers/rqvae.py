@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import ResidualVQ
 
+from recsys_compress.schema import defaults_of
+from recsys_compress.tokenizers.config import SemanticIDsConfig
+
+# LC-Rec's shape (4 x 256, code dim 32, ...), declared once in the schema
+DEFAULTS = defaults_of(SemanticIDsConfig)
+
 
 def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     """Linear layers through ``sizes`` with ReLU between them (none after the last)."""
@@ -29,9 +35,10 @@ def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
 
 
 class RQVAE(nn.Module):
-    def __init__(self, in_dim: int, levels: int = 4, codebook_size: int = 256, code_dim: int = 32,
-                 hidden: tuple[int, ...] = (512, 256, 128), commitment: float = 0.25, kmeans_iters: int = 100,
-                 dropout: float = 0.0, dead_code_ratio: float = 0.0):
+    def __init__(self, in_dim: int, levels: int = DEFAULTS["levels"], codebook_size: int = DEFAULTS["codebook_size"],
+                 code_dim: int = DEFAULTS["code_dim"], hidden: tuple[int, ...] = tuple(DEFAULTS["hidden"]),
+                 commitment: float = DEFAULTS["commitment"], kmeans_iters: int = DEFAULTS["kmeans_iters"],
+                 dropout: float = DEFAULTS["dropout"], dead_code_ratio: float = DEFAULTS["dead_code_ratio"]):
         super().__init__()
         if levels < 1 or codebook_size < 2 or code_dim < 1:
             raise ValueError(f"levels={levels}, codebook_size={codebook_size}, code_dim={code_dim}: allowed "
