@@ -208,6 +208,10 @@ def test_item_ids_semantic_trains_then_compresses_and_aligns_from_the_cached_bas
     # 3 random levels, and TIGER's extra code that tells apart the items that drew one tuple
     assert base["item_ids"] == "semantic" and base["semantic/levels"] == 4 and base["semantic/colliding_groups"] == 0
     assert base["evaluation/beams"] == 20 and 0 <= base["test/ndcg@10"] <= base["test/hr@10"] <= 1
+    from recsys_compress.data.lcrec import read_index
+
+    written = read_index(tmp_path / "base" / "ml_latest_small.index.json")  # what it trained on, LC-Rec's format
+    assert len(written) == base["data/n_items"] and len(set(written.values())) == len(written)
     out = run_train([*common, "compression=odllm", "ratio=0.5", "alignment=progressive_lstsq",
                      f"hydra.run.dir={tmp_path / 'odllm'}"])
     assert out.returncode == 0, out.stderr[-3000:]

@@ -146,10 +146,11 @@ def item_codes(index: dict[str, tuple[str, ...]], item_ids: list[str]) -> torch.
     return torch.cat([torch.zeros(1, codes.shape[1], dtype=torch.long), codes])
 
 
-def run_item_codes(run: RunConfig, dm: NextItemDataModule, cache_dir: str | Path
+def run_item_codes(run: RunConfig, dm: NextItemDataModule, cache_dir: str | Path, write_to: Path | None = None
                    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """A training run's item codes (None for item_ids=atomic: one token per item) and the index's
-    figures for its metrics."""
+    figures for its metrics; the index is also written to ``write_to/<dataset>.index.json`` in
+    LC-Rec's format (what the run trained on, for LC-Rec/TIGER code or a later load)."""
     if run.item_ids == "atomic":
         return None, {}
     assert run.semantic is not None and run.representation is not None  # RunConfig.check
@@ -159,4 +160,6 @@ def run_item_codes(run: RunConfig, dm: NextItemDataModule, cache_dir: str | Path
     assert dm.data is not None
     codes = item_codes(index, list(dm.data.item_ids))
     log.info("item ids: %d items as tuples of %d codes (%s)", dm.n_items, codes.shape[1], source)
+    if write_to is not None:
+        write_index(Path(write_to) / f"{run.dataset.name}.index.json", index)
     return codes, {**{f"semantic/{k}": v for k, v in index_stats(index).items()}, **figures}

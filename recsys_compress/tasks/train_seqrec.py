@@ -218,7 +218,8 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     stats = dm.data.stats
     print_dataset_stats(run.dataset.name, stats)
 
-    codes, index_metrics = run_item_codes(run, dm, cfg.paths.cache_dir)
+    codes, index_metrics = run_item_codes(run, dm, cfg.paths.cache_dir,
+                                          output_dir if global_rank() == 0 else None)
     model = build_model(run.model, dm, cfg.paths.cache_dir, codes)
     check_allocation(run.compression, run.ratio, model)
     lit = build_lit_module(run, model, codes)
