@@ -130,6 +130,12 @@ def test_a_catalogue_with_two_items_on_one_tuple_is_refused():
         ItemTrie(codes, SIZES)
 
 
+def test_a_decoder_whose_vocabulary_does_not_fit_the_codes_is_refused_naming_both():
+    codes = unique_codes(10)
+    with pytest.raises(ValueError, match=r"the decoder has 14 tokens; codes of 3 levels x \[4, 3, 5\] need 13"):
+        GenerativeRecLitModule(build_llama(13, hidden_size=16, num_layers=1, num_heads=2), codes, SIZES)
+
+
 def test_beams_below_the_largest_k_are_refused():
     with pytest.raises(ConfigError, match=r"evaluation.beams=10 .* >= the largest K of hr_ks and ndcg_ks \(20\)"):
         EvaluationConfig(beams=10)
