@@ -147,7 +147,7 @@ def constrained_beam_search(
     rows = torch.arange(batch, device=device)[:, None]
     # level 0: every user's beams come from the root
     children = trie.children[0][0].expand(batch, -1)  # B x K0
-    prefix, score, code = _best(log_probs[:, vocab.level_slice(0)], children, remaining, 0, rows, beams, origin=None)
+    prefix, score, code = _best(log_probs[:, vocab.level_slice(0)], children, remaining, 0, beams, origin=None)
     paths = code[..., None]  # B x W x l: each beam's codes so far
     sees_history = history.attention_mask.bool()[:, None, None, :]  # B x 1 x 1 x T
     next_position = history.position_ids[:, -1:] + 1  # B x 1
@@ -171,14 +171,14 @@ def constrained_beam_search(
         children = torch.where(prefix[..., None] >= 0, children, torch.full_like(children, -1))
         total = score[..., None] + step
         prefix, score, code, origin = _best(total.reshape(batch, -1), children.reshape(batch, -1), remaining,
-                                            level, rows, beams, origin=size)
+                                            level, beams, origin=size)
         paths = torch.cat([paths[rows, origin], code[..., None]], -1)
     items = torch.where(prefix >= 0, trie.leaf_item[prefix.clamp(min=0)], torch.zeros_like(prefix))
     return items, torch.where(prefix >= 0, score, torch.full_like(score, float("-inf")))
 
 
 def _best(scores: torch.Tensor, children: torch.Tensor, remaining: list[torch.Tensor] | None, level: int,
-          rows: torch.Tensor, beams: int, origin: int | None):
+          beams: int, origin: int | None):
     """The ``beams`` best valid extensions per user: their prefix ids (-1: none left), scores and
     codes (and, given the codebook size as ``origin``, the beam each extends)."""
     valid = children >= 0
@@ -241,10 +241,15 @@ class GenerativeRecLitModule(RecLitModule):
         token_mask = mask.repeat_interleave(levels, 1)
         return TokenSequence(tokens, token_mask, position_ids_for(token_mask))
 
+    @staticmethod
+    def _has_target(seq: TokenSequence) -> torch.Tensor:
+        """The positions whose next token is a real one (what the decoder predicts)."""
+        return seq.attention_mask[:, 1:].bool() & seq.attention_mask[:, :-1].bool()
+
     def _code_loss(self, batch: dict[str, torch.Tensor], last_only: bool) -> torch.Tensor:
         seq = self.sequence(batch)
-        hidden = self.hidden_states(batch)[:, :-1]
-        has_target = seq.attention_mask[:, 1:].bool() & seq.attention_mask[:, :-1].bool()
+        hidden = self.decode(seq)[:, :-1]
+        has_target = self._has_target(seq)
         if last_only:  # the last item's L tokens only
             has_target[:, : -self.vocab.levels] = False
         logits = self.model.get_output_embeddings()(hidden[has_target])
@@ -261,7 +266,7 @@ class GenerativeRecLitModule(RecLitModule):
 
     def predicted_logits(self, backbone: PreTrainedModel, last_hidden: torch.Tensor,
                          sequence: TokenSequence) -> tuple[torch.Tensor, torch.Tensor]:
-        has_target = sequence.attention_mask[:, 1:].bool() & sequence.attention_mask[:, :-1].bool()
+        has_target = self._has_target(sequence)
         normed = backbone.base_model.norm(last_hidden)[:, :-1][has_target]
         return backbone.get_output_embeddings()(normed).float(), sequence.input_ids[:, 1:][has_target]
 
