@@ -17,7 +17,8 @@ from recsys_compress.compression.low_rank import LowRankLinear
 from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.evaluation.config import EvaluationConfig
 from recsys_compress.evaluation.ranking import FullRankingMetrics
-from recsys_compress.models.generative import CodeVocabulary, GenerativeRecLitModule, ItemTrie, constrained_beam_search
+from recsys_compress.models.generative import (CodeVocabulary, GenerativeRecLitModule, ItemTrie, PerLevelCodes,
+                                               constrained_beam_search)
 from recsys_compress.models.item_llm import build_llama, position_ids_for
 from recsys_compress.models.interface import TokenSequence
 from recsys_compress.schema import ConfigError
@@ -119,6 +120,35 @@ def test_seen_items_are_never_returned_and_the_beams_are_filled_from_the_rest():
         assert filled.tolist() == exact[row].argsort(descending=True)[:len(filled)].tolist()
 
 
+@pytest.mark.parametrize("exclude", [False, True])
+def test_lc_recs_per_level_decoding_ranks_every_combination_of_seen_codes_and_marks_non_items(exclude):
+    """evaluation.decoding=per_level: with beams = every tuple whose codes were seen at their
+    levels, the search returns them all in exact log-probability order, item 0 for those that are
+    no item; a banned (seen) item's tuple never comes out, a non-item's still does."""
+    n = 9
+    vocab, codes = CodeVocabulary(SIZES), unique_codes(n, seed=5)
+    model = decoder(vocab, 5)
+    ids, _, history = histories(n, codes, vocab, batch=3, length=2, seed=5)
+    combos = torch.cartesian_prod(*[codes[1:, level].unique() for level in range(vocab.levels)])
+    item_of = {tuple(codes[i].tolist()): i for i in range(1, n + 1)}
+    combo_item = torch.tensor([item_of.get(tuple(t.tolist()), 0) for t in combos])
+    assert len(combos) > n  # some tuples are no item
+    banned = None
+    exact = brute_force_log_probs(model, vocab, torch.cat([codes[:1], combos]), history)[:, 1:]
+    if exclude:
+        banned = torch.zeros(3, n + 1, dtype=torch.bool).scatter_(1, ids, True)
+        exact = exact.masked_fill(banned.gather(1, combo_item.expand(3, -1)) & (combo_item > 0), float("-inf"))
+    items, scores = constrained_beam_search(model, vocab, PerLevelCodes(codes, SIZES), history,
+                                            beams=len(combos), banned=banned)
+    expected_scores, order = exact.sort(1, descending=True)
+    returned = torch.isfinite(expected_scores)
+    assert torch.equal(items[returned], combo_item[order][returned]) and not items[~returned].any()
+    torch.testing.assert_close(scores[returned], expected_scores[returned], rtol=0, atol=1e-4)
+    assert (items[returned] == 0).sum() == (len(combos) - n) * 3
+    if exclude:
+        assert not any(banned[row, items[row][items[row] > 0]].any() for row in range(3))
+
+
 def test_a_catalogue_with_two_items_on_one_tuple_is_refused():
     codes = unique_codes(5)
     codes[3] = codes[2]
@@ -195,6 +225,18 @@ def test_compression_and_alignment_run_on_the_generative_model_through_the_seam(
     test = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
         lit, datamodule=dm, verbose=False)[0]
     assert 0 <= test["test/ndcg@10"] <= 1 and len(lit.test_per_user) == dm.data.n_users
+
+
+def test_the_test_records_the_rate_of_tuples_that_are_no_item_none_with_the_trie(generative):
+    dm, trained = generative
+    lit = copy.deepcopy(trained)
+    limited = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=2)
+    trie = L.Trainer(**limited).test(lit, datamodule=dm, verbose=False)[0]
+    lit.evaluation = lit.evaluation.model_copy(update={"decoding": "per_level"})
+    per_level = L.Trainer(**limited).test(lit, datamodule=dm, verbose=False)[0]
+    for protocol in ("seen_excluded", "seen_kept"):
+        assert trie[f"test/{protocol}/invalid_tuples"] == 0
+        assert 0 < per_level[f"test/{protocol}/invalid_tuples"] < 1
 
 
 GENERATIVE = ["item_ids=semantic", "semantic.kind=random", "semantic.collisions=tiger", "semantic.levels=3",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -19,6 +19,12 @@ class EvaluationConfig(Schema):
     # The generative recommender's constrained beam search keeps this many tuples per user: its
     # ranked list, so at least the largest K (an item outside it counts as a miss).
     beams: int = 20
+    # How the test's beam search constrains the codes: trie (only tuples that are items, the
+    # default) or per_level (LC-Rec's own decoding: each position any code seen at its level, so
+    # tuples that are no item can take places in the list; the run records their rate, for parity
+    # with LC-Rec's published figures). Validation, which selects the checkpoint, always uses the
+    # trie, so this choice does not change the trained model.
+    decoding: Literal["trie", "per_level"] = "trie"
 
     def check(self, p: str) -> None:
         for key in ("hr_ks", "ndcg_ks"):

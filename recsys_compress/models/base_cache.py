@@ -53,7 +53,8 @@ def base_model_key(cfg: DictConfig, item_codes: torch.Tensor | None = None) -> t
         "model": c["model"],
         "trainer": trainer,
         "callbacks": callbacks,
-        "evaluation": c.get("evaluation"),
+        # evaluation.decoding is a test-time choice (validation always decodes with the trie)
+        "evaluation": {k: v for k, v in (c.get("evaluation") or {}).items() if k != "decoding"},
         "seed": c.get("seed"),
         "ckpt_path": c.get("ckpt_path"),
         "data_sha256": content_fingerprint(c["dataset"]["path"], cache_dir),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from transformers import DynamicCache, PreTrainedModel
 
 from recsys_compress.evaluation.config import EvaluationConfig
@@ -120,16 +121,80 @@ class ItemTrie:
             out.append(below[None, :] - count)
         return out
 
+    def extend(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        """B x W level-(l-1) prefix ids (-1: a dead beam; ignored at level 0, the root) -> B x W x K
+        the ids of the prefixes each code leads to (-1 where no item continues that way)."""
+        if level == 0:
+            return self.children[0][0].expand(*prefix.shape, -1)
+        children = self.children[level][prefix.clamp(min=0)]
+        return torch.where(prefix[..., None] >= 0, children, torch.full_like(children, -1))
+
+    def allowed(self, level: int, children: torch.Tensor, remaining: list[torch.Tensor] | None) -> torch.Tensor:
+        """Which of the B x N candidate prefixes lead to an item the user may be recommended."""
+        valid = children >= 0  # -1: no item continues that way
+        if remaining is not None:
+            valid &= remaining[level].gather(1, children.clamp(min=0)) > 0
+        return valid
+
+    def item(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The item of each whole-tuple prefix id (0 for a dead beam)."""
+        return torch.where(prefix >= 0, self.leaf_item[prefix.clamp(min=0)], torch.zeros_like(prefix))
+
+
+class PerLevelCodes:
+    """LC-Rec's decoding constraint (``evaluation.decoding=per_level``): position l may hold any
+    code some item has at level l, whatever the codes before it, so a beam can end on a tuple
+    that is no item (``item`` gives 0 for it: a miss that takes a place in the list).
+
+    Same interface as ``ItemTrie``; a prefix id is the tuple so far as a mixed-radix number."""
+
+    def __init__(self, codes: torch.Tensor, codebook_sizes: Sequence[int]):
+        items = codes[1:].long().cpu()
+        self.sizes = tuple(int(k) for k in codebook_sizes)
+        self.seen = [torch.zeros(size, dtype=torch.bool).index_fill_(0, items[:, level], True)
+                     for level, size in enumerate(self.sizes)]
+        keys = torch.zeros(len(items), dtype=torch.long)
+        for level, size in enumerate(self.sizes):
+            keys = keys * size + items[:, level]
+        self.keys, order = keys.sort()
+        self.key_item = order + 1
+
+    def to(self, device: torch.device | str) -> PerLevelCodes:
+        self.seen = [t.to(device) for t in self.seen]
+        self.keys, self.key_item = self.keys.to(device), self.key_item.to(device)
+        return self
+
+    def remaining(self, banned: torch.Tensor | None) -> torch.Tensor | None:
+        return banned
+
+    def extend(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        codes = torch.arange(self.sizes[level], device=prefix.device)
+        children = prefix.clamp(min=0)[..., None] * self.sizes[level] + codes
+        alive = self.seen[level] & (prefix[..., None] >= 0 if level else True)
+        return torch.where(alive, children, torch.full_like(children, -1))
+
+    def allowed(self, level: int, children: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+        valid = children >= 0
+        if banned is not None and level == len(self.sizes) - 1:  # a banned item's tuple; a non-item's is not banned
+            item = self.item(children)
+            valid &= ~(banned.gather(1, item) & (item > 0))
+        return valid
+
+    def item(self, prefix: torch.Tensor) -> torch.Tensor:
+        at = torch.searchsorted(self.keys, prefix.clamp(min=0)).clamp(max=len(self.keys) - 1)
+        match = (self.keys[at] == prefix) & (prefix >= 0)
+        return torch.where(match, self.key_item[at], torch.zeros_like(prefix))
+
 
 @torch.no_grad()
 def constrained_beam_search(
-    model: PreTrainedModel, vocab: CodeVocabulary, trie: ItemTrie, history: TokenSequence, beams: int,
-    banned: torch.Tensor | None = None,
+    model: PreTrainedModel, vocab: CodeVocabulary, trie: ItemTrie | PerLevelCodes, history: TokenSequence,
+    beams: int, banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top ``beams`` items after each history (left-padded code-token sequences), best
-    first: item indices (0 where fewer valid items remain than beams) and their tuples'
-    log-probabilities. ``banned`` (B x (items + 1), True = never recommend) masks tuples out per
-    user. Deterministic top-k at every level, never sampled.
+    """The top ``beams`` tuples after each history (left-padded code-token sequences), best
+    first: their items (0 where fewer valid items remain than beams, or, under ``PerLevelCodes``,
+    for a tuple that is no item) and log-probabilities. ``banned`` (B x (items + 1), True = never
+    recommend) masks tuples out per user. Deterministic top-k at every level, never sampled.
 
     The history is decoded once per user and its KV cache is shared by that user's beams: at
     level l the beams' partial tuples (l tokens each) are decoded together as one query of
@@ -142,58 +207,48 @@ def constrained_beam_search(
     out = model(input_ids=history.input_ids, attention_mask=history.attention_mask,
                 position_ids=history.position_ids, use_cache=True, logits_to_keep=1)
     cache: DynamicCache = out.past_key_values
-    log_probs = F.log_softmax(out.logits[:, -1].float(), -1)
+    step = F.log_softmax(out.logits[:, -1:].float(), -1)  # B x 1 x V: the root, one beam per user
     remaining = trie.remaining(banned)
     rows = torch.arange(batch, device=device)[:, None]
-    # level 0: every user's beams come from the root
-    children = trie.children[0][0].expand(batch, -1)  # B x K0
-    prefix, score, code = _best(log_probs[:, vocab.level_slice(0)], children, remaining, 0, beams, origin=None)
-    paths = code[..., None]  # B x W x l: each beam's codes so far
+    prefix = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    score = torch.zeros(batch, 1, device=device)
+    paths = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)  # B x W x l: each beam's codes so far
     sees_history = history.attention_mask.bool()[:, None, None, :]  # B x 1 x 1 x T
     next_position = history.position_ids[:, -1:] + 1  # B x 1
     offsets = torch.as_tensor(vocab.offsets, device=device)
-    for level in range(1, vocab.levels):
-        tokens = (paths + offsets[:level]).reshape(batch, beams * level)
-        positions = next_position + torch.arange(level, device=device).repeat(beams)
-        beam_of = torch.arange(beams, device=device).repeat_interleave(level)
-        step_of = torch.arange(level, device=device).repeat(beams)
-        own = (beam_of[:, None] == beam_of[None, :]) & (step_of[None, :] <= step_of[:, None])  # (W*l) x (W*l)
-        mask = torch.cat([sees_history.expand(-1, -1, beams * level, -1),
-                          own[None, None].expand(batch, -1, -1, -1)], -1)
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-        cache.crop(-beams * level)  # back to the history: the next level decodes the longer paths again
-        last = out.logits.view(batch, beams, level, -1)[:, :, -1].float()  # each beam's newest token
-        step = F.log_softmax(last, -1)[..., vocab.level_slice(level)]  # B x W x K
+    for level in range(vocab.levels):
+        if level:  # decode every beam's partial tuple on the shared history cache
+            tokens = (paths + offsets[:level]).reshape(batch, beams * level)
+            positions = next_position + torch.arange(level, device=device).repeat(beams)
+            beam_of = torch.arange(beams, device=device).repeat_interleave(level)
+            step_of = torch.arange(level, device=device).repeat(beams)
+            own = (beam_of[:, None] == beam_of[None, :]) & (step_of[None, :] <= step_of[:, None])  # (W*l) x (W*l)
+            mask = torch.cat([sees_history.expand(-1, -1, beams * level, -1),
+                              own[None, None].expand(batch, -1, -1, -1)], -1)
+            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            cache.crop(-beams * level)  # back to the history: the next level decodes the longer paths again
+            step = F.log_softmax(out.logits.view(batch, beams, level, -1)[:, :, -1].float(), -1)  # each beam's newest token
         size = vocab.sizes[level]
-        children = trie.children[level][prefix.clamp(min=0)]  # B x W x K
-        children = torch.where(prefix[..., None] >= 0, children, torch.full_like(children, -1))
-        total = score[..., None] + step
-        prefix, score, code, origin = _best(total.reshape(batch, -1), children.reshape(batch, -1), remaining,
-                                            level, beams, origin=size)
+        children = trie.extend(level, prefix).reshape(batch, -1)  # B x (W x K)
+        total = (score[..., None] + step[..., vocab.level_slice(level)]).reshape(batch, -1)
+        total = total.masked_fill(~trie.allowed(level, children, remaining), float("-inf"))
+        prefix, score, code, origin = _best(total, children, beams, size)
         paths = torch.cat([paths[rows, origin], code[..., None]], -1)
-    items = torch.where(prefix >= 0, trie.leaf_item[prefix.clamp(min=0)], torch.zeros_like(prefix))
-    return items, torch.where(prefix >= 0, score, torch.full_like(score, float("-inf")))
+    return trie.item(prefix), score
 
 
-def _best(scores: torch.Tensor, children: torch.Tensor, remaining: list[torch.Tensor] | None, level: int,
-          beams: int, origin: int | None):
-    """The ``beams`` best valid extensions per user: their prefix ids (-1: none left), scores and
-    codes (and, given the codebook size as ``origin``, the beam each extends)."""
-    valid = children >= 0
-    if remaining is not None:
-        valid &= remaining[level].gather(1, children.clamp(min=0)) > 0
-    scores = scores.masked_fill(~valid, float("-inf"))
+def _best(scores: torch.Tensor, children: torch.Tensor, beams: int, size: int):
+    """The ``beams`` best of the B x (W x K) scored extensions (-inf: not allowed): their prefix
+    ids (-1: none left), scores, codes and the beam each extends."""
     k = min(beams, scores.shape[1])
     best, index = scores.topk(k, dim=1)
     if k < beams:  # fewer candidates than beams (a small first codebook): pad with dead beams
         best = F.pad(best, (0, beams - k), value=float("-inf"))
         index = F.pad(index, (0, beams - k), value=0)
     prefix = children.gather(1, index).masked_fill(best == float("-inf"), -1)
-    if origin is None:
-        return prefix, best, index
-    return prefix, best, index % origin, index // origin
+    return prefix, best, index % size, index // size
 
 
 class GenerativeRecLitModule(RecLitModule):
@@ -224,6 +279,9 @@ class GenerativeRecLitModule(RecLitModule):
             raise ValueError(f"the decoder has {vocab_size} tokens; codes of {self.vocab.levels} levels x "
                              f"{list(self.vocab.sizes)} need {self.vocab.size} (padding + every code)")
         self.trie = ItemTrie(codes, self.vocab.sizes)
+        self.per_level = PerLevelCodes(codes, self.vocab.sizes)
+        # per protocol, the share of the test's returned tuples that are no item (per_level decoding)
+        self.test_invalid = torch.nn.ModuleDict({p: MeanMetric() for p in ("seen_excluded", "seen_kept")})
         tokens = self.vocab.tokens(codes.long())
         tokens[0] = PAD_TOKEN
         self.register_buffer("item_tokens", tokens, persistent=False)
@@ -270,10 +328,12 @@ class GenerativeRecLitModule(RecLitModule):
         normed = backbone.base_model.norm(last_hidden)[:, :-1][has_target]
         return backbone.get_output_embeddings()(normed).float(), sequence.input_ids[:, 1:][has_target]
 
-    def recommend(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def recommend(self, batch: dict[str, torch.Tensor], exclude_seen: bool,
+                  decoding: str = "trie") -> tuple[torch.Tensor, torch.Tensor]:
         """The top ``evaluation.beams`` items after each history, best first, and their
         log-probabilities; seen items (except the target, as the atomic protocol keeps it
-        rankable) excluded when asked."""
+        rankable) excluded when asked. ``decoding``: see ``evaluation.decoding`` (item 0 for a
+        tuple that is no item)."""
         banned = None
         if exclude_seen:
             banned = torch.zeros(batch["input_ids"].shape[0], self.n_items + 1, dtype=torch.bool,
@@ -281,8 +341,8 @@ class GenerativeRecLitModule(RecLitModule):
             banned.scatter_(1, batch["seen"], True)
             if "target" in batch:
                 banned.scatter_(1, batch["target"][:, None], False)
-        self.trie.to(self.item_tokens.device)
-        return constrained_beam_search(self.model, self.vocab, self.trie, self.sequence(batch),
+        constraint = {"trie": self.trie, "per_level": self.per_level}[decoding].to(self.item_tokens.device)
+        return constrained_beam_search(self.model, self.vocab, constraint, self.sequence(batch),
                                        self.evaluation.beams, banned)
 
     def rank(self, batch: dict[str, torch.Tensor], exclude_seen: bool | None = None) -> TargetRanks:
@@ -293,11 +353,24 @@ class GenerativeRecLitModule(RecLitModule):
                            seen_kept=self._ranks(batch, False) if exclude_seen in (None, False) else None)
 
     def _ranks(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        items, _ = self.recommend(batch, exclude_seen)
+        trainer = self._trainer
+        testing = trainer is not None and trainer.testing
+        # validation selects the checkpoint: always on valid tuples (evaluation.decoding is the test's)
+        items, scores = self.recommend(batch, exclude_seen, self.evaluation.decoding if testing else "trie")
+        if testing:
+            returned = torch.isfinite(scores)
+            self.test_invalid["seen_excluded" if exclude_seen else "seen_kept"].update((items == 0)[returned].float())
         hit = items == batch["target"][:, None]
         position = hit.long().argmax(1)
         ahead = torch.where(hit.any(1), position, torch.full_like(position, self.n_items - 1))
         return ahead, torch.zeros_like(ahead)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        for protocol, invalid in self.test_invalid.items():
+            if invalid.update_called:
+                self.log(f"test/{protocol}/invalid_tuples", invalid.compute())
+            invalid.reset()
 
     def export_graph(self, backbone: PreTrainedModel, max_len: int) -> ExportGraph:
         raise NotImplementedError("ONNX export of the generative recommender (beam search over an exported "

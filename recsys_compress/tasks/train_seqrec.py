@@ -297,6 +297,7 @@ def train_seqrec(cfg: DictConfig) -> dict[str, Any]:
     )
     if run.item_ids == "semantic":
         metrics["evaluation/beams"] = run.evaluation.beams  # the ranked list: an item outside it is a miss
+        metrics["evaluation/decoding"] = run.evaluation.decoding
     metrics["objective"] = metrics.get("val/ndcg@10") if compressing else metrics.get("val/best_ndcg@10")
     if run.evaluation.popularity_baseline:
         pop = evaluate_popularity(
