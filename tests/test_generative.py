@@ -18,7 +18,7 @@ from recsys_compress.data.datamodule import NextItemDataModule
 from recsys_compress.evaluation.config import EvaluationConfig
 from recsys_compress.evaluation.ranking import FullRankingMetrics
 from recsys_compress.models.generative import (CodeVocabulary, GenerativeRecLitModule, ItemTrie, PerLevelCodes,
-                                               constrained_beam_search)
+                                               banned_items, constrained_beam_search)
 from recsys_compress.models.item_llm import build_llama, position_ids_for
 from recsys_compress.models.interface import TokenSequence
 from recsys_compress.schema import ConfigError
@@ -239,6 +239,43 @@ def test_the_test_records_the_rate_of_tuples_that_are_no_item_none_with_the_trie
         assert 0 < per_level[f"test/{protocol}/invalid_tuples"] < 1
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_exported_artefact_recommends_what_the_eager_model_does(generative, tmp_path, quantize):
+    """Beam search over the exported step graph (history and beams as one query, no cache) gives
+    the eager model's lists (its KV cache) under both protocols; int8 changes the weights, so there
+    the first item and the list's members mostly agree. recsys-recommend serves it; bad requests fail naming what is wrong."""
+    from recsys_compress.deploy.export import export_onnx
+    from recsys_compress.deploy.recommend import main, open_artefact
+
+    dm, lit = generative
+    lit.eval()
+    folder = export_onnx(lit, tmp_path / "onnx", dm.max_len, dm.data.item_ids, quantize=quantize)
+    artefact = open_artefact(folder)
+    batches = [b for _, b in zip(range(2), dm.test_dataloader())]
+    for exclude in (True, False):
+        for batch in batches:
+            eager, _ = lit.recommend(batch, exclude)
+            got, _ = artefact.search(batch["input_ids"], batch["attention_mask"],
+                                     banned_items(batch, lit.n_items) if exclude else None)
+            if quantize is None:
+                assert torch.equal(got, eager)
+            else:  # int8 reorders near-ties: the first item and the set of 20 mostly stay
+                overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, eager)) / got.numel()
+                assert (got[:, 0] == eager[:, 0]).float().mean() >= 0.9 and overlap >= 0.9
+    if quantize:
+        return
+    history = list(dm.data.item_ids[:3])
+    top = artefact.recommend(history, k=5)
+    ids = torch.tensor([[dm.data.item_ids.index(h) + 1 for h in history]])
+    eager, scores = lit.recommend({"input_ids": ids, "attention_mask": torch.ones_like(ids), "seen": ids}, True)
+    assert [r.item_id for r in top] == [dm.data.item_ids[i - 1] for i in eager[0, :5].tolist()]
+    assert [r.score for r in top] == pytest.approx(scores[0, :5].tolist(), abs=1e-4)
+    assert not set(history) & {r.item_id for r in top}
+    with pytest.raises(ValueError, match=r"k=21; allowed: 1..20 \(the artefact's beams\)"):
+        artefact.recommend(history, k=21)
+    assert main([str(folder), "--history", "no-such-item", "--k", "3"]) == 2
+
+
 GENERATIVE = ["item_ids=semantic", "semantic.kind=random", "semantic.collisions=tiger", "semantic.levels=3",
               "semantic.codebook_size=32", "model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=10",
               "logger=none", "trainer.max_epochs=1", "evaluation.popularity_baseline=false"]
@@ -260,21 +297,25 @@ def test_item_ids_semantic_trains_then_compresses_and_aligns_from_the_cached_bas
 
     written = read_index(tmp_path / "base" / "ml_latest_small.index.json")  # what it trained on, LC-Rec's format
     assert len(written) == base["data/n_items"] and len(set(written.values())) == len(written)
-    out = run_train([*common, "compression=odllm", "ratio=0.5", "alignment=progressive_lstsq",
+    out = run_train([*common, "compression=odllm", "ratio=0.5", "alignment=progressive_lstsq", "export.onnx=true",
                      f"hydra.run.dir={tmp_path / 'odllm'}"])
     assert out.returncode == 0, out.stderr[-3000:]
     compressed = json.loads((tmp_path / "odllm" / "metrics.json").read_text())
     assert compressed["base/cache_hit"] == 1 and compressed["base/test/ndcg@10"] == base["test/ndcg@10"]
     assert compressed["compression/layers"] == 14 and compressed["align/layers"] == 2
     assert "retention/ndcg@10" in compressed and 0 <= compressed["test/ndcg@10"] <= 1
+    # the artefact, beam search over its step graph, recommends what the eager model does
+    assert compressed["deploy/test/ndcg@10"] == pytest.approx(compressed["test/ndcg@10"], abs=1e-6)
+    assert compressed["deploy/test/seen_kept/hr@10"] == pytest.approx(compressed["test/seen_kept/hr@10"], abs=1e-6)
+    assert compressed["export/max_abs_deviation"] < 1e-4
 
 
 def test_what_the_generative_recommender_cannot_do_yet_fails_at_start_naming_the_key():
     from recsys_compress.tasks.compose import compose_config
     from recsys_compress.tasks.config import validate
 
-    with pytest.raises(ConfigError, match="export.onnx=true with item_ids=semantic: .* not built yet"):
-        validate(compose_config([*GENERATIVE, "export.onnx=true"]))
+    with pytest.raises(ConfigError, match="export.int8=static with item_ids=semantic: .* allowed: export.int8=dynamic"):
+        validate(compose_config([*GENERATIVE, "export.onnx=true", "compression=int8", "export.int8=static"]))
     with pytest.raises(ConfigError, match="item_ids=semantic with model.source=pretrained: .* not built yet"):
         validate(compose_config([*GENERATIVE, "model=smollm2_135m"]))
     assert validate(compose_config(GENERATIVE)).item_ids == "semantic"

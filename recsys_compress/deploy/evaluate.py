@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys_compress.deploy.recommend import Recommender
-from recsys_compress.evaluation.ranking import evaluate_scorer
+from recsys_compress.deploy.generative import GenerativeRecommender
+from recsys_compress.deploy.recommend import open_artefact
+from recsys_compress.evaluation.ranking import evaluate_ranker, evaluate_scorer
 
 
 def evaluate_artefact(
@@ -29,7 +30,11 @@ def evaluate_artefact(
     """Both protocols' metrics of the artefact in ``folder`` and its per-user NDCG@10; each
     batch's scores are also appended to ``scores`` when given (to compare two artefacts
     user by user without ranking the users twice)."""
-    rec = Recommender(folder, threads=threads)
+    rec = open_artefact(folder, threads=threads)
+    if isinstance(rec, GenerativeRecommender):
+        if scores is not None:
+            raise ValueError(f"{folder} is a generative artefact: it ranks by beam search and gives no scores")
+        return evaluate_ranker(rec.ranks, batches, exclude_seen, hr_ks, ndcg_ks)
 
     def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch_scores = rec.score_indices(input_ids.numpy(), attention_mask.numpy())

@@ -258,6 +258,9 @@ def export_onnx(
                      f"{t} {smoothing.outlier_ratio_before[t]:.0f}x -> {smoothing.outlier_ratio_after[t]:.1f}x"
                      for t in smoothing.outlier_ratio_before))
     graph = recommender.export_graph(exported, max_len)
+    if quantize and int8 == "static" and set(graph.inputs) != {"input_ids", "attention_mask"}:
+        raise ValueError(f"int8='static' calibrates on item histories, but this recommender's graph reads "
+                         f"{', '.join(graph.inputs)}: use int8='dynamic'")
     float_path = folder / ("model_float.onnx" if quantize else "model.onnx")
     with quiet_logs(CONVERTER_LOGGERS):
         with warnings.catch_warnings(), torch.no_grad():
@@ -269,7 +272,8 @@ def export_onnx(
             )
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        fusions = fuse_for_onnxruntime(float_path, max(max_len, 2), head_dim) if fuse else {}
+        positions = graph.meta.get("max_positions", max_len)  # a generative graph reads several tokens an item
+        fusions = fuse_for_onnxruntime(float_path, max(positions, 2), head_dim) if fuse else {}
         path = folder / "model.onnx"
         if quantize == "int8":
             quantize_graph(float_path, path, int8, max_len, calibration, int8_weights)
@@ -285,7 +289,7 @@ def export_onnx(
 
     texts = list(item_texts) if item_texts is not None else [""] * (n_items + 1)
     (folder / "items.json").write_text(json.dumps(
-        {"ids": list(item_ids), "texts": texts[1:]}, ensure_ascii=False) + "\n")
+        {"ids": list(item_ids), "texts": texts[1:], **graph.item_fields}, ensure_ascii=False) + "\n")
     (folder / "deploy.json").write_text(json.dumps({
         "format": FORMAT,
         "n_items": n_items,
@@ -299,6 +303,7 @@ def export_onnx(
         "fusions": fusions,
         "max_abs_deviation_from_eager": deviation,
         "megabytes": path.stat().st_size / 2**20,
+        **graph.meta,
         **(info or {}),
     }, indent=2) + "\n")
     log.info("exported %s (%.1f MB, max |onnx - eager| = %.2g)", path, path.stat().st_size / 2**20, deviation)

@@ -66,9 +66,9 @@ class Recommender:
         self.meta = json.loads((folder / "deploy.json").read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{folder}/deploy.json has format {self.meta.get('format')!r}, expected {FORMAT!r}: export it again with this version")
-        items = json.loads((folder / "items.json").read_text())
-        self.item_ids: list[str] = items["ids"]
-        self.texts: list[str] = items["texts"]
+        self.items = json.loads((folder / "items.json").read_text())
+        self.item_ids: list[str] = self.items["ids"]
+        self.texts: list[str] = self.items["texts"]
         self.index = {raw: i + 1 for i, raw in enumerate(self.item_ids)}
         self.max_len: int = self.meta["max_len"]
         options = ort.SessionOptions()
@@ -121,6 +121,19 @@ class Recommender:
         return [Recommendation(self.item_ids[i - 1], self.texts[i - 1], float(scores[i])) for i in top]
 
 
+def open_artefact(folder: str | Path, threads: int | None = None) -> Recommender:
+    """The runner an artefact needs: ``Recommender`` (an atomic model's scores; numpy and
+    onnxruntime only) or, for a generative model's, ``deploy.generative.GenerativeRecommender``
+    (beam search; needs torch)."""
+    meta_path = Path(folder) / "deploy.json"
+    kind = json.loads(meta_path.read_text()).get("recommender", "atomic") if meta_path.is_file() else "atomic"
+    if kind == "generative":
+        from recsys_compress.deploy.generative import GenerativeRecommender
+
+        return GenerativeRecommender(folder, threads)
+    return Recommender(folder, threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("artefact", type=Path, help="folder written by export (model.onnx, items.json, deploy.json)")
@@ -131,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
-        recs = Recommender(args.artefact, args.threads).recommend(args.history, args.k, not args.keep_seen)
+        recs = open_artefact(args.artefact, args.threads).recommend(args.history, args.k, not args.keep_seen)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

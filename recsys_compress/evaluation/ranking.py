@@ -143,6 +143,28 @@ def evaluate_scorer(
         scores, target, seen = score(batch["input_ids"], batch["attention_mask"]), batch["target"], batch["seen"]
         configured.update(scores, target, seen if exclude_seen else None)
         other.update(scores, target, None if exclude_seen else seen)
+    return _both_protocols(configured, other, exclude_seen)
+
+
+def evaluate_ranker(
+    rank: Callable[[dict[str, torch.Tensor], bool], tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
+    exclude_seen: bool = True,
+    hr_ks: Sequence[int] = (1, 5, 10, 20),
+    ndcg_ks: Sequence[int] = (5, 10, 20),
+) -> tuple[dict[str, float], torch.Tensor]:
+    """``evaluate_scorer`` for a recommender that ranks rather than scores (a beam search):
+    ``rank(batch, exclude_seen) -> (ahead, ties)`` of each target, once per protocol."""
+    configured = FullRankingMetrics(hr_ks, ndcg_ks, keep_per_example="ndcg@10")
+    other = FullRankingMetrics(hr_ks, ndcg_ks)
+    for batch in batches:
+        configured.update_ranks(*rank(batch, exclude_seen))
+        other.update_ranks(*rank(batch, not exclude_seen))
+    return _both_protocols(configured, other, exclude_seen)
+
+
+def _both_protocols(configured: FullRankingMetrics, other: FullRankingMetrics,
+                    exclude_seen: bool) -> tuple[dict[str, float], torch.Tensor]:
     first, second = configured.compute(), other.compute()
     excluded, kept = (first, second) if exclude_seen else (second, first)
     out = {k: float(v) for k, v in first.items()}

@@ -16,7 +16,7 @@ returns every item in the order of its exact log-probability.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from recsys_compress.models.config import OptimConfig
 from recsys_compress.models.interface import ExportGraph, TargetRanks, TokenSequence
 from recsys_compress.models.item_llm import position_ids_for
 from recsys_compress.models.lit_base import RecLitModule
+from recsys_compress.models.lit_seqrec import example_inputs
 
 PAD_TOKEN = 0
 
@@ -186,50 +187,105 @@ class PerLevelCodes:
         return torch.where(match, self.key_item[at], torch.zeros_like(prefix))
 
 
+def beam_query(history: TokenSequence, paths: torch.Tensor, offsets: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The beams' partial tuples (``paths``: B x W x l codes) as one query after the history:
+    their tokens and positions (B x W*l) and the attention mask (B x 1 x W*l x (T + W*l)) that lets
+    each beam see the history and its own earlier tokens only."""
+    batch, beams, level = paths.shape
+    device = paths.device
+    tokens = (paths + offsets[:level]).reshape(batch, beams * level)
+    positions = history.position_ids[:, -1:] + 1 + torch.arange(level, device=device).repeat(beams)
+    beam_of = torch.arange(beams, device=device).repeat_interleave(level)
+    step_of = torch.arange(level, device=device).repeat(beams)
+    own = (beam_of[:, None] == beam_of[None, :]) & (step_of[None, :] <= step_of[:, None])  # (W*l) x (W*l)
+    sees_history = history.attention_mask.bool()[:, None, None, :].expand(-1, -1, beams * level, -1)
+    return tokens, torch.cat([sees_history, own[None, None].expand(batch, -1, -1, -1)], -1), positions
+
+
+def full_query(history: TokenSequence, paths: torch.Tensor, offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """History and beams as one sequence, decoded without a cache (the exported step graph's
+    inputs): ``input_ids``, a 4D ``attention_mask``, ``position_ids`` and ``read``, the positions
+    whose logits predict each beam's next code (the history's last one at level 0)."""
+    ids, mask = history.input_ids, history.attention_mask.bool()
+    length = ids.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=ids.device))
+    # left-padding rows see themselves only, so no softmax row is empty
+    history_block = (causal & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=ids.device)
+    history_block = history_block[:, None]  # B x 1 x T x T
+    batch, beams, level = paths.shape
+    if level == 0:
+        return {"input_ids": ids, "attention_mask": history_block, "position_ids": history.position_ids,
+                "read": torch.tensor([length - 1], device=ids.device)}
+    tokens, beam_mask, positions = beam_query(history, paths, offsets)
+    no_future = torch.zeros(batch, 1, length, beams * level, dtype=torch.bool, device=ids.device)
+    return {"input_ids": torch.cat([ids, tokens], 1),
+            "attention_mask": torch.cat([torch.cat([history_block, no_future], -1), beam_mask], 2),
+            "position_ids": torch.cat([history.position_ids, positions], 1),
+            "read": length + torch.arange(beams, device=ids.device) * level + level - 1}
+
+
+class CachedDecoder:
+    """Next-code logits of every beam (B x W x V, ``paths``: B x W x l) from ``model``, the
+    history decoded once with its KV cache shared by the user's beams; the cache is cut back to
+    the history after each level. Copying the history's cache for every beam (what
+    ``generate(num_beams=...)`` does) costs ``beams`` times the memory and a copy at every step."""
+
+    def __init__(self, model: PreTrainedModel, history: TokenSequence):
+        out = model(input_ids=history.input_ids, attention_mask=history.attention_mask,
+                    position_ids=history.position_ids, use_cache=True, logits_to_keep=1)
+        self.model, self.history = model, history
+        self.cache: DynamicCache = out.past_key_values
+        self.root = out.logits[:, -1:]
+
+    def __call__(self, paths: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        batch, beams, level = paths.shape
+        if level == 0:
+            return self.root
+        tokens, mask, positions = beam_query(self.history, paths, offsets)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                         use_cache=True)
+        self.cache = out.past_key_values
+        self.cache.crop(-beams * level)  # back to the history: the next level decodes the longer paths again
+        return out.logits.view(batch, beams, level, -1)[:, :, -1]  # each beam's newest token
+
+
+class QueryDecoder:
+    """Next-code logits of every beam from ``run(**full_query(...))`` -> B x (reads) x V: the history and
+    the beams decoded as one query at each level, no cache (an exported step graph)."""
+
+    def __init__(self, run: Callable[..., torch.Tensor], history: TokenSequence):
+        self.run, self.history = run, history
+
+    def __call__(self, paths: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.run(**full_query(self.history, paths, offsets))
+
+
 @torch.no_grad()
 def constrained_beam_search(
-    model: PreTrainedModel, vocab: CodeVocabulary, trie: ItemTrie | PerLevelCodes, history: TokenSequence,
-    beams: int, banned: torch.Tensor | None = None,
+    model: PreTrainedModel | None, vocab: CodeVocabulary, trie: ItemTrie | PerLevelCodes, history: TokenSequence,
+    beams: int, banned: torch.Tensor | None = None, decoder: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``beams`` tuples after each history (left-padded code-token sequences), best
     first: their items (0 where fewer valid items remain than beams, or, under ``PerLevelCodes``,
     for a tuple that is no item) and log-probabilities. ``banned`` (B x (items + 1), True = never
     recommend) masks tuples out per user. Deterministic top-k at every level, never sampled.
 
-    The history is decoded once per user and its KV cache is shared by that user's beams: at
-    level l the beams' partial tuples (l tokens each) are decoded together as one query of
-    ``beams x l`` tokens whose attention mask lets each beam see the history and its own tokens
-    only, and the cache is cut back to the history afterwards. Copying the history's cache for
-    every beam (what ``generate(num_beams=...)`` does) costs ``beams`` times the memory and a
-    copy of it at every step."""
+    The beams' next-code logits come from ``decoder`` (default: ``CachedDecoder(model, history)``;
+    ``QueryDecoder`` for an exported graph): at level l the beams' partial tuples (l tokens each)
+    are decoded together as one query of ``beams x l`` tokens whose attention mask lets each beam
+    see the history and its own tokens only."""
     batch = history.input_ids.shape[0]
     device = history.input_ids.device
-    out = model(input_ids=history.input_ids, attention_mask=history.attention_mask,
-                position_ids=history.position_ids, use_cache=True, logits_to_keep=1)
-    cache: DynamicCache = out.past_key_values
-    step = F.log_softmax(out.logits[:, -1:].float(), -1)  # B x 1 x V: the root, one beam per user
+    decoder = decoder if decoder is not None else CachedDecoder(model, history)
     remaining = trie.remaining(banned)
     rows = torch.arange(batch, device=device)[:, None]
-    prefix = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    prefix = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root, one beam per user
     score = torch.zeros(batch, 1, device=device)
     paths = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)  # B x W x l: each beam's codes so far
-    sees_history = history.attention_mask.bool()[:, None, None, :]  # B x 1 x 1 x T
-    next_position = history.position_ids[:, -1:] + 1  # B x 1
     offsets = torch.as_tensor(vocab.offsets, device=device)
     for level in range(vocab.levels):
-        if level:  # decode every beam's partial tuple on the shared history cache
-            tokens = (paths + offsets[:level]).reshape(batch, beams * level)
-            positions = next_position + torch.arange(level, device=device).repeat(beams)
-            beam_of = torch.arange(beams, device=device).repeat_interleave(level)
-            step_of = torch.arange(level, device=device).repeat(beams)
-            own = (beam_of[:, None] == beam_of[None, :]) & (step_of[None, :] <= step_of[:, None])  # (W*l) x (W*l)
-            mask = torch.cat([sees_history.expand(-1, -1, beams * level, -1),
-                              own[None, None].expand(batch, -1, -1, -1)], -1)
-            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True)
-            cache = out.past_key_values
-            cache.crop(-beams * level)  # back to the history: the next level decodes the longer paths again
-            step = F.log_softmax(out.logits.view(batch, beams, level, -1)[:, :, -1].float(), -1)  # each beam's newest token
+        step = F.log_softmax(decoder(paths, offsets).float(), -1)  # B x W x V
         size = vocab.sizes[level]
         children = trie.extend(level, prefix).reshape(batch, -1)  # B x (W x K)
         total = (score[..., None] + step[..., vocab.level_slice(level)]).reshape(batch, -1)
@@ -249,6 +305,41 @@ def _best(scores: torch.Tensor, children: torch.Tensor, beams: int, size: int):
         index = F.pad(index, (0, beams - k), value=0)
     prefix = children.gather(1, index).masked_fill(best == float("-inf"), -1)
     return prefix, best, index % size, index // size
+
+
+def banned_items(batch: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
+    """B x (items + 1), True for each user's seen items, except the target (the atomic protocol
+    keeps it rankable)."""
+    banned = torch.zeros(batch["input_ids"].shape[0], n_items + 1, dtype=torch.bool, device=batch["input_ids"].device)
+    banned.scatter_(1, batch["seen"], True)
+    if "target" in batch:
+        banned.scatter_(1, batch["target"][:, None], False)
+    return banned
+
+
+def ranks_in_list(items: torch.Tensor, target: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ahead, ties)`` of each target in its ranked list (``items``: B x beams, best first): its
+    position, or the last rank when it is not in the list (HR and NDCG at K <= beams are exact,
+    MRR is truncated at the beams)."""
+    hit = items == target[:, None]
+    position = hit.long().argmax(1)
+    ahead = torch.where(hit.any(1), position, torch.full_like(position, n_items - 1))
+    return ahead, torch.zeros_like(ahead)
+
+
+class GenerativeStep(torch.nn.Module):
+    """The exported step graph: ``full_query``'s inputs -> the logits at the ``read`` positions
+    (B x reads x V); the beam search runs around it (``deploy/generative.py``)."""
+
+    def __init__(self, backbone: PreTrainedModel):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                read: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.backbone.get_output_embeddings()(hidden[:, read])
 
 
 class GenerativeRecLitModule(RecLitModule):
@@ -334,13 +425,7 @@ class GenerativeRecLitModule(RecLitModule):
         log-probabilities; seen items (except the target, as the atomic protocol keeps it
         rankable) excluded when asked. ``decoding``: see ``evaluation.decoding`` (item 0 for a
         tuple that is no item)."""
-        banned = None
-        if exclude_seen:
-            banned = torch.zeros(batch["input_ids"].shape[0], self.n_items + 1, dtype=torch.bool,
-                                 device=batch["input_ids"].device)
-            banned.scatter_(1, batch["seen"], True)
-            if "target" in batch:
-                banned.scatter_(1, batch["target"][:, None], False)
+        banned = banned_items(batch, self.n_items) if exclude_seen else None
         constraint = {"trie": self.trie, "per_level": self.per_level}[decoding].to(self.item_tokens.device)
         return constrained_beam_search(self.model, self.vocab, constraint, self.sequence(batch),
                                        self.evaluation.beams, banned)
@@ -360,10 +445,7 @@ class GenerativeRecLitModule(RecLitModule):
         if testing:
             returned = torch.isfinite(scores)
             self.test_invalid["seen_excluded" if exclude_seen else "seen_kept"].update((items == 0)[returned].float())
-        hit = items == batch["target"][:, None]
-        position = hit.long().argmax(1)
-        ahead = torch.where(hit.any(1), position, torch.full_like(position, self.n_items - 1))
-        return ahead, torch.zeros_like(ahead)
+        return ranks_in_list(items, batch["target"], self.n_items)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
@@ -372,6 +454,33 @@ class GenerativeRecLitModule(RecLitModule):
                 self.log(f"test/{protocol}/invalid_tuples", invalid.compute())
             invalid.reset()
 
+    def _longest_query(self, max_len: int) -> int:
+        """Tokens of the longest step query: a full history, then every beam's tuple but its last code
+        (onnxruntime's fused rotary embedding needs its cache that long)."""
+        return max_len * self.vocab.levels + self.evaluation.beams * (self.vocab.levels - 1)
+
     def export_graph(self, backbone: PreTrainedModel, max_len: int) -> ExportGraph:
-        raise NotImplementedError("ONNX export of the generative recommender (beam search over an exported "
-                                  "step graph) is not built yet")
+        """``GenerativeStep`` over ``backbone`` on example histories with two-code beams after them
+        (history and beams as one query, no cache); ``expected``: the logits the evaluation's
+        cached decoding gives the same beams."""
+        left_ids, left_mask = example_inputs(self.n_items, max_len)
+        history = self.sequence({"input_ids": left_ids, "attention_mask": left_mask})
+        generator = torch.Generator().manual_seed(0)
+        beams = self.evaluation.beams
+        paths = torch.stack([torch.randint(0, size, (len(left_ids), beams), generator=generator)
+                             for size in self.vocab.sizes[:2]], -1)
+        offsets = torch.as_tensor(self.vocab.offsets)
+        inputs = full_query(history, paths, offsets)
+        with torch.no_grad():
+            expected = CachedDecoder(backbone.eval(), history)(paths, offsets)
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        length = torch.export.Dim("length", min=2, max=65536)
+        reads = torch.export.Dim("reads", min=1, max=65536)
+        return ExportGraph(GenerativeStep(backbone).eval(), inputs,
+                           {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 2: length, 3: length},
+                            "position_ids": {0: batch, 1: length}, "read": {0: reads}},
+                           ["logits"], expected,
+                           meta={"recommender": "generative", "codebook_sizes": list(self.vocab.sizes),
+                                 "beams": beams, "max_positions": self._longest_query(max_len)},
+                           item_fields={"codes": self.item_tokens[1:].sub(
+                               torch.as_tensor(self.vocab.offsets)).tolist()})

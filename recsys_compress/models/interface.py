@@ -15,7 +15,7 @@ an export copy) take that ``backbone`` as an argument; ``None`` means the model'
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +61,9 @@ class ExportGraph:
     dynamic_shapes: dict[str, dict[int, Any]]
     output_names: list[str]
     expected: torch.Tensor
+    # what the artefact's runner needs beside the graph: into deploy.json and items.json
+    meta: dict[str, Any] = field(default_factory=dict)
+    item_fields: dict[str, Any] = field(default_factory=dict)
 
 
 class RecommenderModel(ABC):

@@ -123,4 +123,4 @@ class SeqRecLitModule(RecLitModule):
         self.train(was_training)
         return ExportGraph(ItemScorer(backbone).eval(), {"input_ids": ids, "attention_mask": mask},
                            {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
-                           ["scores"], expected)
+                           ["scores"], expected, meta={"recommender": "atomic"})

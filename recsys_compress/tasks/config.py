@@ -74,10 +74,10 @@ class RunConfig(Schema):
                 raise ConfigError(f"item_ids=semantic with model.source={self.model.source}: extending a pretrained "
                                   "model's tokenizer with code tokens (LC-Rec's way) is not built yet; allowed: "
                                   "model=llama_tiny (model.source=scratch)")
-            if self.export.onnx:
-                raise ConfigError("export.onnx=true with item_ids=semantic: the generative recommender's ONNX "
-                                  "artefact (beam search over an exported step graph) is not built yet; allowed: "
-                                  "export.onnx=false")
+            if self.export.onnx and self.compression.quantizes and self.export.int8 == "static":
+                raise ConfigError("export.int8=static with item_ids=semantic: static scales are calibrated on "
+                                  "the atomic graph's item histories, the generative step graph reads code-token "
+                                  "queries; allowed: export.int8=dynamic")
         require(0 < self.ratio <= 1, "ratio", self.ratio, "(0, 1] (the fraction of targeted parameters kept)")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise ConfigError(f"resume={self.resume!r}: no such checkpoint file; allowed: null, auto, or a .ckpt path")
