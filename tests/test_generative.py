@@ -276,6 +276,20 @@ def test_the_exported_artefact_recommends_what_the_eager_model_does(generative, 
     assert main([str(folder), "--history", "no-such-item", "--k", "3"]) == 2
 
 
+def test_a_checkpoint_of_other_item_codes_is_refused_even_when_the_vocabulary_fits(generative, tmp_path):
+    dm, lit = generative
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=0)
+    trainer.strategy.connect(lit)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    lit.on_load_checkpoint(checkpoint)  # its own codes: fine
+    codes = torch.cat([torch.zeros(1, 3, dtype=torch.long), lit.item_tokens[1:] - torch.tensor(lit.vocab.offsets)])
+    codes[[1, 2]] = codes[[2, 1]]  # two items swap tuples: same vocabulary, another index
+    other = GenerativeRecLitModule(copy.deepcopy(lit.model), codes, lit.vocab.sizes)
+    with pytest.raises(ValueError, match=r"trained on other item codes \(sha256 \w+\) than this run.s index"):
+        other.on_load_checkpoint(checkpoint)
+
+
 GENERATIVE = ["item_ids=semantic", "semantic.kind=random", "semantic.collisions=tiger", "semantic.levels=3",
               "semantic.codebook_size=32", "model.hidden_size=16", "model.intermediate_size=32", "dataset.max_len=10",
               "logger=none", "trainer.max_epochs=1", "evaluation.popularity_baseline=false"]

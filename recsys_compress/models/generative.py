@@ -16,6 +16,7 @@ returns every item in the order of its exact log-probability.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -446,6 +447,23 @@ class GenerativeRecLitModule(RecLitModule):
             returned = torch.isfinite(scores)
             self.test_invalid["seen_excluded" if exclude_seen else "seen_kept"].update((items == 0)[returned].float())
         return ranks_in_list(items, batch["target"], self.n_items)
+
+    def codes_fingerprint(self) -> str:
+        return hashlib.sha256(self.item_tokens.cpu().numpy().tobytes()).hexdigest()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["item_codes_sha256"] = self.codes_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint of another index can have the same vocabulary size and load without a
+        # shape error, while every item now means another tuple
+        saved = checkpoint.get("item_codes_sha256")
+        if saved is not None and saved != self.codes_fingerprint():
+            raise ValueError(f"the checkpoint was trained on other item codes (sha256 {saved[:12]}) than this run's "
+                             f"index ({self.codes_fingerprint()[:12]}): resume or test it with the index it was "
+                             "trained on (RUN_DIR/<dataset>.index.json, semantic.index_path)")
+        super().on_load_checkpoint(checkpoint)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
