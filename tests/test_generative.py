@@ -177,7 +177,7 @@ def generative():
     L.seed_everything(0)
     dm = NextItemDataModule("grouplens_csv", SMALL, max_len=10, batch_size=64, eval_batch_size=128)
     dm.setup()
-    sizes = (32, 32, 16)
+    sizes = (256, 256, 16)  # as wide as a real index's: a narrow vocabulary hid an onnxruntime head-fusion failure
     codes = unique_codes(dm.n_items, sizes, seed=0)
     vocab = CodeVocabulary(sizes)
     model = build_llama(vocab.size - 1, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_len=40)

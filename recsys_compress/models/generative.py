@@ -340,7 +340,11 @@ class GenerativeStep(torch.nn.Module):
                 read: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.backbone.get_output_embeddings()(hidden[:, read])
+        picked = hidden[:, read]
+        # the head on a 2-D input: onnxruntime fuses a tied head's transpose into FusedMatMul
+        # with batch transposes that its CPU kernel then refuses for a 3-D input
+        logits = self.backbone.get_output_embeddings()(picked.reshape(-1, picked.shape[-1]))
+        return logits.view(picked.shape[0], picked.shape[1], -1)
 
 
 class GenerativeRecLitModule(RecLitModule):
