@@ -244,12 +244,19 @@ def test_the_exported_artefact_recommends_what_the_eager_model_does(generative, 
     """Beam search over the exported step graph (history and beams as one query, no cache) gives
     the eager model's lists (its KV cache) under both protocols; int8 changes the weights, so there
     the first item and the list's members mostly agree. recsys-recommend serves it; bad requests fail naming what is wrong."""
+    import json
+
     from recsys_compress.deploy.export import export_onnx
     from recsys_compress.deploy.recommend import main, open_artefact
 
     dm, lit = generative
     lit.eval()
-    folder = export_onnx(lit, tmp_path / "onnx", dm.max_len, dm.data.item_ids, quantize=quantize)
+    smoothing = {"int8_smooth": 0.5, "calibration": [b for _, b in zip(range(2), dm.train_dataloader())]}
+    folder = export_onnx(lit, tmp_path / "onnx", dm.max_len, dm.data.item_ids, quantize=quantize,
+                         **(smoothing if quantize else {}))
+    if quantize:  # SmoothQuant's statistics count the code tokens the decoder reads, three per item
+        tokens = sum(int(b["attention_mask"][:, -dm.max_len:].sum()) * 3 for b in smoothing["calibration"])
+        assert json.loads((folder / "deploy.json").read_text())["smoothing"]["tokens"] == tokens
     artefact = open_artefact(folder)
     batches = [b for _, b in zip(range(2), dm.test_dataloader())]
     for exclude in (True, False):

@@ -35,7 +35,8 @@ from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
 from recsys_compress.deploy.fusions import fuse_for_onnxruntime
 from recsys_compress.deploy.smoothing import check_alpha, smooth_activations
-from recsys_compress.models.interface import RecommenderModel
+from recsys_compress.compression.compressor import token_batches
+from recsys_compress.models.interface import RecommenderModel, TokenSequence
 from recsys_compress.models.padding import to_right_padding
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,9 @@ def export_onnx(
         exported = copy.deepcopy(model).eval()
         was_training = recommender.training
         recommender.eval()  # no dropout in the statistics
-        smoothing = smooth_activations(exported, calibration, lambda b: recommender.hidden_states(b, exported),
-                                       int8_smooth)
+        # statistics over the tokens the decoder reads (several per item for a generative model)
+        smoothing = smooth_activations(exported, token_batches(recommender, calibration),
+                                       lambda s: recommender.decode(TokenSequence(**s), exported), int8_smooth)
         recommender.train(was_training)
         log.info("int8_smooth=%s: %d inputs, %d calibration tokens; largest input channel over the median, "
                  "before -> after: %s", int8_smooth, smoothing.inputs, smoothing.tokens, ", ".join(
