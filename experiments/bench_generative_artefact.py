@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys_compress.deploy.recommend import open_artefact, share_one_thread_pool
+from recsys_compress.deploy.recommend import share_one_thread_pool
+from recsys_compress.deploy.serve import open_artefact
 from recsys_compress.evaluation.bootstrap import paired_median_ratio
 
 

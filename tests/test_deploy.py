@@ -13,7 +13,8 @@ from conftest import odllm_on_random_statistics
 
 from recsys_compress.deploy.evaluate import evaluate_artefact
 from recsys_compress.deploy.export import export_onnx
-from recsys_compress.deploy.recommend import Recommender, main, to_right_padding
+from recsys_compress.deploy.recommend import Recommender, to_right_padding
+from recsys_compress.deploy.serve import main
 from recsys_compress.evaluation.ranking import evaluate_scorer
 from recsys_compress.models.item_llm import build_llama
 from recsys_compress.models.lit_seqrec import SeqRecLitModule

@@ -247,7 +247,7 @@ def test_the_exported_artefact_recommends_what_the_eager_model_does(generative, 
     import json
 
     from recsys_compress.deploy.export import export_onnx
-    from recsys_compress.deploy.recommend import main, open_artefact
+    from recsys_compress.deploy.serve import main, open_artefact
 
     dm, lit = generative
     lit.eval()

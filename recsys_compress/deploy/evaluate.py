@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from recsys_compress.deploy.generative import GenerativeRecommender
-from recsys_compress.deploy.recommend import open_artefact
+from recsys_compress.deploy.serve import open_artefact
 from recsys_compress.evaluation.ranking import evaluate_ranker, evaluate_scorer
 
 

@@ -1,20 +1,11 @@
-"""Top-K next items for a history, from an exported ONNX artefact (no torch needed).
-
-    python -m recsys_compress.deploy.recommend ARTEFACT_DIR --history 1 50 260 --k 10
-    recsys-recommend ARTEFACT_DIR --history 1 50 260 --k 10 --json
-
-The history is given in the dataset's raw item ids (e.g. MovieLens movieId), oldest first.
-Items of the history are excluded from the result (as in the evaluation protocol) unless
-``--keep-seen`` is given.
-"""
+"""Top-K next items for a history, from an atomic model's exported ONNX artefact (no torch
+needed); ``deploy/serve.py`` is the command line (``recsys-recommend``), for generative artefacts too."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,42 +110,3 @@ class Recommender:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [Recommendation(self.item_ids[i - 1], self.texts[i - 1], float(scores[i])) for i in top]
-
-
-def open_artefact(folder: str | Path, threads: int | None = None) -> Recommender:
-    """The runner an artefact needs: ``Recommender`` (an atomic model's scores; numpy and
-    onnxruntime only) or, for a generative model's, ``deploy.generative.GenerativeRecommender``
-    (beam search; needs torch)."""
-    meta_path = Path(folder) / "deploy.json"
-    kind = json.loads(meta_path.read_text()).get("recommender", "atomic") if meta_path.is_file() else "atomic"
-    if kind == "generative":
-        from recsys_compress.deploy.generative import GenerativeRecommender
-
-        return GenerativeRecommender(folder, threads)
-    return Recommender(folder, threads)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("artefact", type=Path, help="folder written by export (model.onnx, items.json, deploy.json)")
-    parser.add_argument("--history", nargs="+", required=True, help="raw item ids, oldest first")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--keep-seen", action="store_true", help="allow items of the history in the result")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        recs = open_artefact(args.artefact, args.threads).recommend(args.history, args.k, not args.keep_seen)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps([asdict(r) for r in recs], ensure_ascii=False, indent=2))
-    else:
-        for rank, r in enumerate(recs, 1):
-            print(f"{rank:>3}  {r.item_id:>8}  {r.score:8.3f}  {r.text}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
