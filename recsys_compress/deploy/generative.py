@@ -17,10 +17,8 @@ import numpy as np
 import torch
 
 from recsys_compress.deploy.recommend import Recommendation, Recommender
-from recsys_compress.models.generative import (PAD_TOKEN, CodeVocabulary, ItemTrie, QueryDecoder, banned_items,
-                                               constrained_beam_search, ranks_in_list)
-from recsys_compress.models.interface import TokenSequence
-from recsys_compress.models.item_llm import position_ids_for
+from recsys_compress.models.generative import (CodeVocabulary, ItemTrie, QueryDecoder, banned_items, code_sequence,
+                                               code_tokens, constrained_beam_search, ranks_in_list)
 
 
 class GenerativeRecommender(Recommender):
@@ -33,8 +31,7 @@ class GenerativeRecommender(Recommender):
         codes = torch.cat([torch.zeros(1, codes.shape[1], dtype=torch.long), codes])
         self.vocab = CodeVocabulary(self.meta["codebook_sizes"])
         self.trie = ItemTrie(codes, self.vocab.sizes)
-        self.item_tokens = self.vocab.tokens(codes)
-        self.item_tokens[0] = PAD_TOKEN
+        self.item_tokens = code_tokens(self.vocab, codes)
         self.beams: int = self.meta["beams"]
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -45,9 +42,7 @@ class GenerativeRecommender(Recommender):
                banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``beams`` best items (B x beams, 0: none left) and their tuples' log-probabilities
         after left-padded item-index histories; ``banned`` (B x (items + 1)) never recommended."""
-        tokens = self.item_tokens[input_ids].reshape(input_ids.shape[0], -1)
-        mask = attention_mask.repeat_interleave(self.vocab.levels, 1)
-        history = TokenSequence(tokens, mask, position_ids_for(mask))
+        history = code_sequence(self.item_tokens, input_ids, attention_mask)
         return constrained_beam_search(None, self.vocab, self.trie, history, self.beams, banned,
                                        decoder=QueryDecoder(self._run, history))
 
@@ -64,10 +59,7 @@ class GenerativeRecommender(Recommender):
         if not 1 <= k <= self.beams:
             raise ValueError(f"k={k}; allowed: 1..{self.beams} (the artefact's beams)")
         ids, mask = (torch.from_numpy(a) for a in self.encode([history]))
-        banned = None
-        if exclude_seen:
-            banned = torch.zeros(1, len(self.item_ids) + 1, dtype=torch.bool)
-            banned[0, ids[0]] = True
+        banned = banned_items({"input_ids": ids, "seen": ids}, len(self.item_ids)) if exclude_seen else None
         items, scores = self.search(ids, mask, banned)
         return [Recommendation(self.item_ids[i - 1], self.texts[i - 1], float(s))
                 for i, s in zip(items[0, :k].tolist(), scores[0, :k].tolist()) if i > 0]

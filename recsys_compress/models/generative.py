@@ -57,6 +57,21 @@ class CodeVocabulary:
         return slice(self.offsets[level], self.offsets[level] + self.sizes[level])
 
 
+def code_tokens(vocab: CodeVocabulary, codes: torch.Tensor) -> torch.Tensor:
+    """(items + 1) x L: every item's tuple as its tokens, row 0 (the padding item) all padding."""
+    tokens = vocab.tokens(codes.long())
+    tokens[0] = PAD_TOKEN
+    return tokens
+
+
+def code_sequence(item_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenSequence:
+    """Each item of a left-padded window as its L code tokens, in order."""
+    levels = item_tokens.shape[1]
+    tokens = item_tokens[input_ids].reshape(input_ids.shape[0], -1)
+    token_mask = attention_mask.repeat_interleave(levels, 1)
+    return TokenSequence(tokens, token_mask, position_ids_for(token_mask))
+
+
 def codebook_sizes(codes: torch.Tensor) -> tuple[int, ...]:
     """Codes per level that ``codes`` ((items + 1) x L, row 0 the padding item) needs."""
     return tuple(int(k) + 1 for k in codes[1:].max(0).values)
@@ -378,9 +393,7 @@ class GenerativeRecLitModule(RecLitModule):
         self.per_level = PerLevelCodes(codes, self.vocab.sizes)
         # per protocol, the share of the test's returned tuples that are no item (per_level decoding)
         self.test_invalid = torch.nn.ModuleDict({p: MeanMetric() for p in ("seen_excluded", "seen_kept")})
-        tokens = self.vocab.tokens(codes.long())
-        tokens[0] = PAD_TOKEN
-        self.register_buffer("item_tokens", tokens, persistent=False)
+        self.register_buffer("item_tokens", code_tokens(self.vocab, codes), persistent=False)
         self.target = target
 
     @property
@@ -389,11 +402,7 @@ class GenerativeRecLitModule(RecLitModule):
 
     def sequence(self, batch: dict[str, torch.Tensor]) -> TokenSequence:
         """Each item of the left-padded window as its L code tokens, in order."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        levels = self.vocab.levels
-        tokens = self.item_tokens[ids].reshape(ids.shape[0], -1)
-        token_mask = mask.repeat_interleave(levels, 1)
-        return TokenSequence(tokens, token_mask, position_ids_for(token_mask))
+        return code_sequence(self.item_tokens, batch["input_ids"], batch["attention_mask"])
 
     @staticmethod
     def _has_target(seq: TokenSequence) -> torch.Tensor:
